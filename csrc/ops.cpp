@@ -1,0 +1,404 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The quant_sdpa op: argument validation, input preparation and the choice
+// between the fused primitive and the dequantize fallback.
+#include <cmath>
+#include <sstream>
+
+#include "mlx/ops.h"
+
+#include "backend.h"
+#include "errors.h"
+#include "mlx_qsdpa/quant_sdpa.h"
+#include "primitive.h"
+
+#ifndef MLX_QSDPA_VERSION
+#define MLX_QSDPA_VERSION "0.0.0"
+#endif
+#ifndef MLX_QSDPA_MLX_VERSION
+#define MLX_QSDPA_MLX_VERSION "unknown"
+#endif
+
+namespace mlx_qsdpa {
+
+namespace {
+
+constexpr const char* kTag = "[quant_sdpa] ";
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    os << (i ? ", " : "") << s[i];
+  }
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype t) {
+  std::ostringstream os;
+  os << t;
+  return os.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument(kTag + msg);
+}
+
+[[noreturn]] void fail_type(const std::string& msg) {
+  throw type_error(kTag + msg);
+}
+
+bool is_float_type(mx::Dtype t) {
+  return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
+}
+
+qsdpa::QuantMode parse_mode(const std::string& mode) {
+  if (mode == "affine") {
+    return qsdpa::kAffine;
+  } else if (mode == "mxfp4") {
+    return qsdpa::kMxfp4;
+  } else if (mode == "mxfp8") {
+    return qsdpa::kMxfp8;
+  } else if (mode == "nvfp4") {
+    return qsdpa::kNvfp4;
+  }
+  fail(
+      "mode must be one of 'affine', 'mxfp4', 'mxfp8', 'nvfp4'; got '" + mode +
+      "'.");
+}
+
+const char* allowed_formats() {
+  return "allowed: mode='affine' with bits in {1, 2, 3, 4, 5, 6, 8} and "
+         "group_size in {32, 64, 128}; mode='mxfp4' with bits=4, group_size=32; "
+         "mode='mxfp8' with bits=8, group_size=32; mode='nvfp4' with bits=4, "
+         "group_size=16";
+}
+
+bool format_ok(qsdpa::QuantMode mode, int bits, int group_size) {
+  if (mode == qsdpa::kAffine) {
+    bool bits_ok = bits == 1 || bits == 2 || bits == 3 || bits == 4 ||
+        bits == 5 || bits == 6 || bits == 8;
+    bool gs_ok = group_size == 32 || group_size == 64 || group_size == 128;
+    return bits_ok && gs_ok;
+  }
+  return bits == qsdpa::fp_mode_bits(mode) &&
+      group_size == qsdpa::fp_mode_group_size(mode);
+}
+
+void check_rank4(const mx::array& a, const char* name, const char* layout) {
+  if (a.ndim() != 4) {
+    fail(
+        std::string(name) + " must have 4 dimensions " + layout + "; got shape " +
+        shape_str(a.shape()) + ".");
+  }
+}
+
+// Checks one quantized tensor triple (packed words, scales, biases) against
+// the expected [B, Hkv, Lk, D] geometry.
+void check_quantized(
+    const char* what, // "key" or "value"
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantSDPAConfig& c,
+    int B,
+    int D) {
+  std::string wname = std::string(what) + "s";
+  std::string sname = std::string(what) + "_scales";
+  std::string bname = std::string(what) + "_biases";
+  check_rank4(w, wname.c_str(), "[B, Hkv, Lk, D * bits / 32]");
+  if (w.dtype() != mx::uint32) {
+    fail_type(
+        wname + " must be uint32 (the packed words mx.quantize returns); got " +
+        dtype_str(w.dtype()) + ".");
+  }
+  if (w.shape(0) != B) {
+    fail(
+        wname + " has batch size " + std::to_string(w.shape(0)) +
+        " but queries have " + std::to_string(B) + ".");
+  }
+  int packed = qsdpa::packed_words(D, c.bits);
+  if (w.shape(3) != packed) {
+    fail(
+        wname + " last dimension must be D * bits / 32 = " + std::to_string(D) +
+        " * " + std::to_string(c.bits) + " / 32 = " + std::to_string(packed) +
+        " packed words; got shape " + shape_str(w.shape()) +
+        " (do bits/group_size/mode match the ones used by mx.quantize?).");
+  }
+  check_rank4(scales, sname.c_str(), "[B, Hkv, Lk, D / group_size]");
+  mx::Shape sshape = w.shape();
+  sshape[3] = D / c.group_size;
+  if (scales.shape() != sshape) {
+    fail(
+        sname + " must have shape " + shape_str(sshape) + " for " + wname +
+        " of shape " + shape_str(w.shape()) + " and group_size " +
+        std::to_string(c.group_size) + "; got " + shape_str(scales.shape()) +
+        ".");
+  }
+  if (c.mode == qsdpa::kAffine) {
+    if (!is_float_type(scales.dtype())) {
+      fail_type(
+          sname + " must be float16, bfloat16 or float32 for mode 'affine'; got " +
+          dtype_str(scales.dtype()) + ".");
+    }
+    if (!biases) {
+      fail(bname + " is required for mode 'affine' (mx.quantize returns it).");
+    }
+    if (biases->shape() != sshape) {
+      fail(
+          bname + " must have the shape of " + sname + " " + shape_str(sshape) +
+          "; got " + shape_str(biases->shape()) + ".");
+    }
+    if (biases->dtype() != scales.dtype()) {
+      fail_type(
+          bname + " must have the dtype of " + sname + " (" +
+          dtype_str(scales.dtype()) + "); got " + dtype_str(biases->dtype()) +
+          ".");
+    }
+  } else {
+    if (scales.dtype() != mx::uint8) {
+      fail_type(
+          sname + " must be uint8 (the 8-bit scale codes mx.quantize returns for "
+                  "the fp modes); got " +
+          dtype_str(scales.dtype()) + ".");
+    }
+    if (biases) {
+      fail(bname + " must be None for the fp modes (they have no bias).");
+    }
+  }
+}
+
+} // namespace
+
+bool is_supported_format(const std::string& mode, int bits, int group_size) {
+  qsdpa::QuantMode m;
+  if (mode == "affine") {
+    m = qsdpa::kAffine;
+  } else if (mode == "mxfp4") {
+    m = qsdpa::kMxfp4;
+  } else if (mode == "mxfp8") {
+    m = qsdpa::kMxfp8;
+  } else if (mode == "nvfp4") {
+    m = qsdpa::kNvfp4;
+  } else {
+    return false;
+  }
+  return format_ok(m, bits, group_size);
+}
+
+const char* version() {
+  return MLX_QSDPA_VERSION;
+}
+
+const char* mlx_build_version() {
+  return MLX_QSDPA_MLX_VERSION;
+}
+
+namespace {
+
+std::vector<mx::array> quant_sdpa_impl(
+    const mx::array& queries,
+    const mx::array& keys,
+    const mx::array& key_scales,
+    const std::optional<mx::array>& key_biases,
+    const mx::array& values,
+    const mx::array& value_scales,
+    const std::optional<mx::array>& value_biases,
+    float scale,
+    const std::string& mask_mode,
+    const std::optional<mx::array>& mask_arr,
+    const std::optional<mx::array>& sinks,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    bool return_lse,
+    mx::StreamOrDevice s) {
+  QuantSDPAConfig c;
+  c.scale = scale;
+  c.group_size = group_size;
+  c.bits = bits;
+  c.mode = parse_mode(mode);
+  c.has_sinks = sinks.has_value();
+  c.return_lse = return_lse;
+
+  if (!format_ok(c.mode, bits, group_size)) {
+    fail(
+        "unsupported format (mode='" + mode + "', bits=" + std::to_string(bits) +
+        ", group_size=" + std::to_string(group_size) + "); " +
+        allowed_formats() + ".");
+  }
+  if (!std::isfinite(scale)) {
+    fail("scale must be a finite float; got " + std::to_string(scale) + ".");
+  }
+
+  // Queries.
+  check_rank4(queries, "queries", "[B, Hq, Lq, D]");
+  if (!is_float_type(queries.dtype())) {
+    fail_type(
+        "queries must be float16, bfloat16 or float32; got " +
+        dtype_str(queries.dtype()) + ".");
+  }
+  int B = queries.shape(0);
+  int Hq = queries.shape(1);
+  int Lq = queries.shape(2);
+  int D = queries.shape(3);
+  if (D <= 0 || D % group_size != 0) {
+    fail(
+        "the head dimension D (last axis of queries) must be a positive "
+        "multiple of group_size=" +
+        std::to_string(group_size) + "; got D=" + std::to_string(D) + ".");
+  }
+
+  // Keys and values.
+  check_quantized("key", keys, key_scales, key_biases, c, B, D);
+  check_quantized("value", values, value_scales, value_biases, c, B, D);
+  int Hkv = keys.shape(1);
+  int Lk = keys.shape(2);
+  if (values.shape(1) != Hkv || values.shape(2) != Lk) {
+    fail(
+        "keys and values must have the same [B, Hkv, Lk]; got keys " +
+        shape_str(keys.shape()) + " and values " + shape_str(values.shape()) +
+        ".");
+  }
+  if (Hkv <= 0 || Hq % Hkv != 0) {
+    fail(
+        "the number of query heads (" + std::to_string(Hq) +
+        ") must be a multiple of the number of key/value heads (" +
+        std::to_string(Hkv) + ").");
+  }
+
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {queries, keys, key_scales};
+  if (c.has_biases()) {
+    inputs.push_back(*key_biases);
+  }
+  inputs.push_back(values);
+  inputs.push_back(value_scales);
+  if (c.has_biases()) {
+    inputs.push_back(*value_biases);
+  }
+
+  // Mask.
+  if (mask_mode.empty()) {
+    if (mask_arr) {
+      fail("mask_arr was given but mask_mode is '' (use mask_mode='array').");
+    }
+    c.mask = MaskKind::None;
+  } else if (mask_mode == "causal") {
+    if (mask_arr) {
+      fail("mask_mode 'causal' takes no mask array.");
+    }
+    c.mask = MaskKind::Causal;
+  } else if (mask_mode == "array") {
+    if (!mask_arr) {
+      fail("mask_mode 'array' needs a mask array.");
+    }
+    const auto& m = *mask_arr;
+    if (m.dtype() != mx::bool_ && !is_float_type(m.dtype())) {
+      fail_type(
+          "mask must be None, 'causal', a bool array (True = attend) or an "
+          "additive float16/bfloat16/float32 array; got an array of dtype " +
+          dtype_str(m.dtype()) + ".");
+    }
+    mx::Shape target = {B, Hq, Lq, Lk};
+    bool ok = m.ndim() <= 4;
+    for (int i = 1; ok && i <= static_cast<int>(m.ndim()); ++i) {
+      int md = m.shape(-i);
+      ok = md == 1 || md == target[4 - i];
+    }
+    if (!ok) {
+      fail(
+          "mask of shape " + shape_str(m.shape()) +
+          " does not broadcast to [B, Hq, Lq, Lk] = " + shape_str(target) + ".");
+    }
+    c.mask = m.dtype() == mx::bool_ ? MaskKind::Bool : MaskKind::Additive;
+    auto mm = c.mask == MaskKind::Additive ? mx::astype(m, mx::float32, stream) : m;
+    // A strided view with zero strides on broadcast axes: no copy.
+    inputs.push_back(mx::broadcast_to(mm, target, stream));
+  } else {
+    fail(
+        "mask must be None, 'causal' or an array; got mask mode '" + mask_mode +
+        "'.");
+  }
+
+  // Sinks.
+  if (sinks) {
+    if (sinks->ndim() != 1 || sinks->shape(0) != Hq) {
+      fail(
+          "sinks must have shape [Hq] = (" + std::to_string(Hq) + ",); got " +
+          shape_str(sinks->shape()) + ".");
+    }
+    if (!is_float_type(sinks->dtype())) {
+      fail_type(
+          "sinks must be float16, bfloat16 or float32; got " +
+          dtype_str(sinks->dtype()) + ".");
+    }
+    inputs.push_back(mx::astype(*sinks, mx::float32, stream));
+  }
+
+  if (stream.device == mx::Device::gpu && !gpu_kernel_supports(c, D, Lq)) {
+    return dequantized_attention(c, inputs, stream);
+  }
+
+  std::vector<mx::Shape> shapes = {queries.shape()};
+  std::vector<mx::Dtype> dtypes = {queries.dtype()};
+  if (return_lse) {
+    shapes.push_back({B, Hq, Lq});
+    dtypes.push_back(mx::float32);
+  }
+  return mx::array::make_arrays(
+      std::move(shapes),
+      std::move(dtypes),
+      std::make_shared<QuantSDPA>(stream, c),
+      std::move(inputs));
+}
+
+} // namespace
+
+mx::array quant_sdpa(
+    const mx::array& queries,
+    const mx::array& keys,
+    const mx::array& key_scales,
+    const std::optional<mx::array>& key_biases,
+    const mx::array& values,
+    const mx::array& value_scales,
+    const std::optional<mx::array>& value_biases,
+    float scale,
+    const std::string& mask_mode,
+    const std::optional<mx::array>& mask_arr,
+    const std::optional<mx::array>& sinks,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    mx::StreamOrDevice s) {
+  return quant_sdpa_impl(
+      queries, keys, key_scales, key_biases, values, value_scales,
+      value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
+      /* return_lse= */ false, s)[0];
+}
+
+std::pair<mx::array, mx::array> quant_sdpa_with_lse(
+    const mx::array& queries,
+    const mx::array& keys,
+    const mx::array& key_scales,
+    const std::optional<mx::array>& key_biases,
+    const mx::array& values,
+    const mx::array& value_scales,
+    const std::optional<mx::array>& value_biases,
+    float scale,
+    const std::string& mask_mode,
+    const std::optional<mx::array>& mask_arr,
+    const std::optional<mx::array>& sinks,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    mx::StreamOrDevice s) {
+  auto outs = quant_sdpa_impl(
+      queries, keys, key_scales, key_biases, values, value_scales,
+      value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
+      /* return_lse= */ true, s);
+  return {outs[0], outs[1]};
+}
+
+} // namespace mlx_qsdpa

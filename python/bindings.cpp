@@ -1,0 +1,139 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// nanobind bindings of the C++ op. The Python-facing signature (mask as
+// None / "causal" / array, return_lse) lives in mlx_qsdpa/_api.py; this
+// module exposes the C++ functions one to one.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx_qsdpa/formats.h"
+#include "mlx_qsdpa/quant_sdpa.h"
+
+#include "backend.h"
+#include "errors.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+// Decodes every code of a format through formats.h, for the tests that
+// hold each backend's decoders against mx.dequantize.
+std::vector<float> decode_table(const std::string& what) {
+  std::vector<float> out;
+  if (what == "fp4_e2m1") {
+    for (uint32_t i = 0; i < 16; ++i) {
+      out.push_back(qsdpa::fp4_e2m1_to_float(i));
+    }
+  } else if (what == "fp8_e4m3") {
+    for (uint32_t i = 0; i < 256; ++i) {
+      out.push_back(qsdpa::fp8_e4m3_to_float(i));
+    }
+  } else if (what == "e8m0") {
+    for (uint32_t i = 0; i < 256; ++i) {
+      out.push_back(qsdpa::e8m0_to_float(i));
+    }
+  } else if (what == "float16") {
+    for (uint32_t i = 0; i < 65536; ++i) {
+      out.push_back(qsdpa::half_bits_to_float(i));
+    }
+  } else if (what == "bfloat16") {
+    for (uint32_t i = 0; i < 65536; ++i) {
+      out.push_back(qsdpa::bf16_bits_to_float(i));
+    }
+  } else {
+    throw std::invalid_argument("unknown table " + what);
+  }
+  return out;
+}
+
+// Unpacks a row of packed words with formats.h's unpack_element.
+std::vector<uint32_t> unpack_row(const std::vector<uint32_t>& words, int bits) {
+  int n = static_cast<int>(words.size()) * 32 / bits;
+  std::vector<uint32_t> out(n);
+  for (int i = 0; i < n; ++i) {
+    switch (bits) {
+      case 1: out[i] = qsdpa::unpack_element<1>(words.data(), i); break;
+      case 2: out[i] = qsdpa::unpack_element<2>(words.data(), i); break;
+      case 3: out[i] = qsdpa::unpack_element<3>(words.data(), i); break;
+      case 4: out[i] = qsdpa::unpack_element<4>(words.data(), i); break;
+      case 5: out[i] = qsdpa::unpack_element<5>(words.data(), i); break;
+      case 6: out[i] = qsdpa::unpack_element<6>(words.data(), i); break;
+      case 8: out[i] = qsdpa::unpack_element<8>(words.data(), i); break;
+      default: throw std::invalid_argument("bits must be 1, 2, 3, 4, 5, 6 or 8");
+    }
+  }
+  return out;
+}
+
+} // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "mlx-qsdpa: fused attention over a quantized KV cache (C++ core).";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const mlx_qsdpa::type_error& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  m.def(
+      "quant_sdpa",
+      [](const mx::array& q,
+         const mx::array& k,
+         const mx::array& ks,
+         const std::optional<mx::array>& kb,
+         const mx::array& v,
+         const mx::array& vs,
+         const std::optional<mx::array>& vb,
+         float scale,
+         const std::string& mask_mode,
+         const std::optional<mx::array>& mask_arr,
+         const std::optional<mx::array>& sinks,
+         int group_size,
+         int bits,
+         const std::string& mode,
+         bool return_lse,
+         mx::StreamOrDevice s) -> nb::object {
+        if (return_lse) {
+          auto [o, lse] = mlx_qsdpa::quant_sdpa_with_lse(
+              q, k, ks, kb, v, vs, vb, scale, mask_mode, mask_arr, sinks,
+              group_size, bits, mode, s);
+          return nb::make_tuple(o, lse);
+        }
+        return nb::cast(mlx_qsdpa::quant_sdpa(
+            q, k, ks, kb, v, vs, vb, scale, mask_mode, mask_arr, sinks,
+            group_size, bits, mode, s));
+      },
+      "queries"_a,
+      "keys"_a,
+      "key_scales"_a,
+      "key_biases"_a.none(),
+      "values"_a,
+      "value_scales"_a,
+      "value_biases"_a.none(),
+      "scale"_a,
+      "mask_mode"_a,
+      "mask_arr"_a.none(),
+      "sinks"_a.none(),
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "return_lse"_a,
+      "stream"_a.none(),
+      "The C++ op; use mlx_qsdpa.quant_sdpa.");
+
+  m.def("is_supported_format", &mlx_qsdpa::is_supported_format, "mode"_a, "bits"_a, "group_size"_a);
+  m.def("version", &mlx_qsdpa::version);
+  m.def("mlx_build_version", &mlx_qsdpa::mlx_build_version);
+  m.def("gpu_backend", &mlx_qsdpa::gpu_backend_name);
+  m.def("_decode_table", &decode_table, "what"_a);
+  m.def("_unpack_row", &unpack_row, "words"_a, "bits"_a);
+}

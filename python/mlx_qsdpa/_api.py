@@ -1,0 +1,133 @@
+"""Python-facing signature of the op; the checks and the work are in C++."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+
+from . import _ext
+
+# (mode, bits, group_size) triples that mx.quantize (MLX 0.32.4) produces.
+SUPPORTED_FORMATS = tuple(
+    [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
+    + [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
+)
+
+
+def is_supported_format(mode: str, bits: int, group_size: int) -> bool:
+    """Whether ``quant_sdpa`` accepts K/V quantized with these parameters."""
+    return bool(_ext.is_supported_format(mode, bits, group_size))
+
+
+def quant_sdpa(
+    queries: mx.array,
+    keys: mx.array,
+    key_scales: mx.array,
+    key_biases: Optional[mx.array],
+    values: mx.array,
+    value_scales: mx.array,
+    value_biases: Optional[mx.array],
+    *,
+    scale: float,
+    mask: Union[None, str, mx.array] = None,
+    sinks: Optional[mx.array] = None,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    return_lse: bool = False,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> Union[mx.array, Tuple[mx.array, mx.array]]:
+    """Scaled-dot-product attention over a quantized K/V cache, fused.
+
+    Computes ``softmax(scale * q @ k.T + mask) @ v`` where ``k`` and ``v``
+    are ``mx.dequantize(...)`` of the given quantized arrays, without ever
+    materialising them: the packed words are read, decoded in registers and
+    fed to an online softmax in float32.
+
+    Args:
+        queries: ``[B, Hq, Lq, D]``, float16, bfloat16 or float32.
+        keys, key_scales, key_biases: ``mx.quantize(k, group_size, bits, mode)``
+            of keys ``[B, Hkv, Lk, D]``; ``key_biases`` is ``None`` for the fp
+            modes. Views along the sequence axis of a larger cache
+            (``cache[..., :Lk, :]``) are read in place.
+        values, value_scales, value_biases: the same for the values.
+        scale: multiplies ``q @ k.T`` (typically ``D ** -0.5``).
+        mask: ``None``; ``"causal"`` (aligned bottom-right: query ``i`` sees
+            keys ``j <= Lk - Lq + i``); a bool array (True = attend) or an
+            additive float array, broadcastable to ``[B, Hq, Lq, Lk]``.
+        sinks: ``None`` or ``[Hq]`` logits of a virtual key with a zero value
+            (attention sinks, as ``mx.fast.scaled_dot_product_attention``).
+        group_size, bits, mode: the quantization of keys and values: affine
+            with bits 1/2/3/4/5/6/8 and group_size 32/64/128; ``"mxfp4"``
+            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16).
+        return_lse: also return ``lse`` ``[B, Hq, Lq]`` float32, the natural
+            log of the softmax denominator (sink included), so attention over
+            disjoint key ranges can be merged exactly.
+        stream: stream or device to run on (default: the default device).
+
+    Returns:
+        ``out`` ``[B, Hq, Lq, D]`` in the queries' dtype, or ``(out, lse)``.
+        A query row that sees no key returns zeros (and ``lse = -inf``).
+
+    Raises:
+        ValueError: shapes that do not agree, an unsupported format, a mask
+            that does not broadcast, biases given or missing for the mode.
+        TypeError: arguments of the wrong dtype or Python type.
+    """
+    if mask is None:
+        mask_mode, mask_arr = "", None
+    elif isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(
+                f"[quant_sdpa] mask must be None, 'causal' or an mx.array; got the string {mask!r}."
+            )
+        mask_mode, mask_arr = "causal", None
+    elif isinstance(mask, mx.array):
+        mask_mode, mask_arr = "array", mask
+    else:
+        raise TypeError(
+            "[quant_sdpa] mask must be None, 'causal' or an mx.array; "
+            f"got {type(mask).__name__}."
+        )
+    for name, val in (("scale", scale),):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"[quant_sdpa] {name} must be a float; got {type(val).__name__}.")
+    for name, val in (("group_size", group_size), ("bits", bits)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"[quant_sdpa] {name} must be an int; got {type(val).__name__}.")
+    if not isinstance(mode, str):
+        raise TypeError(f"[quant_sdpa] mode must be a str; got {type(mode).__name__}.")
+    arrays = (
+        ("queries", queries),
+        ("keys", keys),
+        ("key_scales", key_scales),
+        ("values", values),
+        ("value_scales", value_scales),
+    )
+    for name, val in arrays:
+        if not isinstance(val, mx.array):
+            raise TypeError(f"[quant_sdpa] {name} must be an mx.array; got {type(val).__name__}.")
+    for name, val in (("key_biases", key_biases), ("value_biases", value_biases), ("sinks", sinks)):
+        if val is not None and not isinstance(val, mx.array):
+            raise TypeError(
+                f"[quant_sdpa] {name} must be an mx.array or None; got {type(val).__name__}."
+            )
+    return _ext.quant_sdpa(
+        queries,
+        keys,
+        key_scales,
+        key_biases,
+        values,
+        value_scales,
+        value_biases,
+        float(scale),
+        mask_mode,
+        mask_arr,
+        sinks,
+        int(group_size),
+        int(bits),
+        mode,
+        bool(return_lse),
+        stream,
+    )
