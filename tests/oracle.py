@@ -1,0 +1,111 @@
+"""The correctness oracle shared by every backend's tests.
+
+K and V are decoded with ``mx.dequantize`` (MLX's own definition of each
+format) and attention is computed in float64 with NumPy. Nothing here uses
+mlx_qsdpa, so a bug in our format decoding cannot hide in the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mlx.core as mx
+
+
+def make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=mx.float16, seed=0):
+    """Random queries and float K/V (before quantization), evaluated."""
+    key = mx.random.key(seed)
+    k1, k2, k3 = mx.random.split(key, 3)
+    q = mx.random.normal((B, Hq, Lq, D), key=k1).astype(dtype)
+    k = mx.random.normal((B, Hkv, Lk, D), key=k2).astype(dtype)
+    v = mx.random.normal((B, Hkv, Lk, D), key=k3).astype(dtype)
+    mx.eval(q, k, v)
+    return q, k, v
+
+
+def quantize(x, group_size, bits, mode):
+    """mx.quantize, always returned as a (w, scales, biases-or-None) triple."""
+    out = mx.quantize(x, group_size=group_size, bits=bits, mode=mode)
+    w, s = out[0], out[1]
+    b = out[2] if mode == "affine" else None
+    mx.eval(w, s, *( [b] if b is not None else []))
+    return w, s, b
+
+
+def dequantize64(w, s, b, group_size, bits, mode):
+    """MLX's decoding of a quantized triple, as float64 NumPy."""
+    x = mx.dequantize(w, s, b, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+    return np.array(x).astype(np.float64)
+
+
+def attention64(q, k, v, scale, mask=None, sinks=None):
+    """Float64 attention. q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (NumPy float64).
+
+    mask: None, "causal" (bottom-right aligned), or a NumPy bool (True =
+    attend) / float (additive) array broadcastable to [B,Hq,Lq,Lk].
+    Returns (out [B,Hq,Lq,D], lse [B,Hq,Lq]); rows that see no key (and
+    have no sink) give zeros and lse = -inf.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    k = np.repeat(k, G, axis=1)
+    v = np.repeat(v, G, axis=1)
+    s = scale * (q @ np.swapaxes(k, -1, -2))
+    if isinstance(mask, str):
+        assert mask == "causal"
+        vis = (np.arange(Lq)[:, None] + (Lk - Lq)) >= np.arange(Lk)[None, :]
+        s = np.where(vis, s, -np.inf)
+    elif mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == np.bool_:
+            s = np.where(mask, s, -np.inf)
+        else:
+            s = s + mask.astype(np.float64)
+    m = s.max(axis=-1, keepdims=True) if Lk > 0 else np.full((B, Hq, Lq, 1), -np.inf)
+    if sinks is not None:
+        sk = np.asarray(sinks, dtype=np.float64)[None, :, None, None]
+        m = np.maximum(m, sk)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        l = l + np.exp(sk - m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o = np.where(l > 0, (p @ v) / np.where(l > 0, l, 1.0), 0.0)
+        lse = (np.log(l) + m)[..., 0]
+    return o, lse
+
+
+def reference(q, kq, vq, scale, group_size, bits, mode, mask=None, sinks=None):
+    """The oracle for quant_sdpa's inputs: mx arrays in, float64 NumPy out."""
+    k = dequantize64(*kq, group_size, bits, mode)
+    v = dequantize64(*vq, group_size, bits, mode)
+    qn = np.array(q.astype(mx.float32)).astype(np.float64)
+    if isinstance(mask, mx.array):
+        mask = np.array(mask.astype(mx.float32)) if mask.dtype != mx.bool_ else np.array(mask)
+    sk = None if sinks is None else np.array(sinks.astype(mx.float32)).astype(np.float64)
+    return attention64(qn, k, v, scale, mask, sk)
+
+
+# Relative tolerance on max|out - ref| / max|ref| by output dtype: float32
+# accumulation lands far below these; the output rounding dominates.
+RTOL = {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+def assert_close(out, ref, dtype, what=""):
+    out = np.array(out.astype(mx.float32)).astype(np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert np.all(np.isfinite(out)), f"{what}: non-finite output"
+    scale = max(np.abs(ref).max(), 1e-6)
+    err = np.abs(out - ref).max() / scale
+    assert err <= RTOL[dtype], f"{what}: relative error {err:.3e} > {RTOL[dtype]:.1e}"
+
+
+def assert_lse_close(lse, ref_lse, what=""):
+    lse = np.array(lse).astype(np.float64)
+    assert lse.shape == ref_lse.shape
+    inf_ref = np.isneginf(ref_lse)
+    assert np.array_equal(np.isneginf(lse), inf_ref), f"{what}: -inf rows differ"
+    if (~inf_ref).any():
+        err = np.abs(lse[~inf_ref] - ref_lse[~inf_ref]).max()
+        assert err <= 1e-4 * max(1.0, np.abs(ref_lse[~inf_ref]).max()), f"{what}: lse error {err:.3e}"
