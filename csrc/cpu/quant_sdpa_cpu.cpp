@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mlx/allocator.h"
@@ -93,6 +94,43 @@ inline float to_float(BF16Bits x) {
   return qsdpa::bf16_bits_to_float(x.bits);
 }
 
+// 16-lane vectors (GCC/Clang vector extensions: AVX-512 registers on x86
+// with -march=native, pairs or quads of registers elsewhere).
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+// Codes of elements [kBase, kBase + 16) of a run of 32 elements whose BITS
+// packed words are the first lanes of `w` (at most 8: BITS <= 8). Word and shift of each lane come
+// from formats.h (element_word / element_shift), so the layout is defined
+// once; they are compile-time constants, so this is two lane permutations,
+// shifts and a mask, without a scalar extraction per element.
+template <int BITS, int kBase, size_t... L>
+inline u32x16 unpack16(u32x8 w, std::index_sequence<L...>) {
+  constexpr u32x16 sh = {uint32_t(qsdpa::element_shift(kBase + int(L), BITS))...};
+  u32x16 v = __builtin_shufflevector(w, w, qsdpa::element_word(kBase + int(L), BITS)...) >> sh;
+  if constexpr (BITS == 3 || BITS == 5 || BITS == 6) {
+    // Elements straddling two words take their high bits from the next word.
+    u32x16 hi = __builtin_shufflevector(w, w, (qsdpa::element_word(kBase + int(L), BITS) + 1)...);
+    v |= (hi << 1) << (31 - sh);
+  }
+  return v & uint32_t((1u << BITS) - 1u);
+}
+
+// Decoded values (before the scale) of every code of the fp element types,
+// tabulated once from formats.h.
+template <int MODE>
+const float* code_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      t[i] = qsdpa::decode_code<MODE>(i);
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 // Decodes keys [j0, j0 + nk) of (batch b, kv head h) into dst[nk][D].
 using DecodeFn = void (*)(const QuantView&, int, int, int, int, int, float*);
 
@@ -105,21 +143,25 @@ void decode_block(
     int nk,
     int D,
     float* dst) {
-  // Elements per scale step: a whole group or 32 elements (whichever is
-  // smaller); 32 elements of any width fill exactly BITS words.
-  constexpr int kUnit = MODE == qsdpa::kNvfp4 ? 16 : 32;
-  constexpr int kUnitWords = kUnit * BITS / 32;
+  // A step covers 16 elements: they share one scale (every group size is a
+  // multiple of 16), and the 32-element run holding them fills exactly
+  // BITS words.
   const int gs = qv.group_size;
   const int words_per_row = D * BITS / 32;
-  uint32_t row_buf[256 * 8 / 32];
+  const float* table = MODE == qsdpa::kAffine ? nullptr : code_table<MODE>();
+  // Each packed row is copied into a zero-padded local buffer first: then
+  // a whole 8-word vector can be loaded at any run without reading past the
+  // end of the cache, and strided rows are handled by the same copy.
+  alignas(64) uint32_t row_buf[256 * 8 / 32 + 8] = {};
   for (int j = 0; j < nk; ++j) {
     const int64_t key = j0 + j;
     const uint32_t* w = qv.w + b * qv.ws[0] + h * qv.ws[1] + key * qv.ws[2];
-    if (qv.ws[3] != 1) {
+    if (qv.ws[3] == 1) {
+      std::memcpy(row_buf, w, sizeof(uint32_t) * words_per_row);
+    } else {
       for (int t = 0; t < words_per_row; ++t) {
         row_buf[t] = w[t * qv.ws[3]];
       }
-      w = row_buf;
     }
     const ST* sp = static_cast<const ST*>(qv.scales) + b * qv.ss[0] +
         h * qv.ss[1] + key * qv.ss[2];
@@ -129,11 +171,7 @@ void decode_block(
           key * qv.bs[2];
     }
     float* out = dst + static_cast<int64_t>(j) * D;
-    const int n_units = D / kUnit;
-    for (int u = 0; u < n_units; ++u) {
-      const int e0 = u * kUnit;
-      const int g = e0 / gs;
-      const uint32_t* uw = w + u * kUnitWords;
+    for (int g = 0; g < D / gs; ++g) {
       float scale, bias = 0.0f;
       if constexpr (MODE == qsdpa::kAffine) {
         scale = to_float(sp[g * qv.ss[3]]);
@@ -141,14 +179,22 @@ void decode_block(
       } else {
         scale = qsdpa::decode_fp_scale<MODE>(sp[g * qv.ss[3]]);
       }
-      float vals[kUnit];
-#pragma GCC unroll 32
-      for (int e = 0; e < kUnit; ++e) {
-        vals[e] = qsdpa::decode_code<MODE>(qsdpa::unpack_element<BITS>(uw, e));
-      }
-#pragma GCC unroll 32
-      for (int e = 0; e < kUnit; ++e) {
-        out[e0 + e] = vals[e] * scale + bias;
+      for (int e0 = g * gs; e0 < (g + 1) * gs; e0 += 16) {
+        // The 32-element run holding e0 (BITS words), and which half.
+        u32x8 words;
+        std::memcpy(&words, row_buf + (e0 / 32) * BITS, sizeof(words));
+        const u32x16 codes = (e0 % 32)
+            ? unpack16<BITS, 16>(words, std::make_index_sequence<16>())
+            : unpack16<BITS, 0>(words, std::make_index_sequence<16>());
+        f32x16 vals;
+        if constexpr (MODE == qsdpa::kAffine) {
+          vals = __builtin_convertvector(codes, f32x16) * scale + bias;
+        } else {
+          for (int l = 0; l < 16; ++l) {
+            vals[l] = table[codes[l]] * scale;
+          }
+        }
+        std::memcpy(out + e0, &vals, sizeof(vals));
       }
     }
   }
@@ -228,52 +274,74 @@ inline float exp2_nonpos(float x) {
   return p * two_n * 1.4142135623730951f;
 }
 
-// S[t][j] = dot(Q[t], K[j]) for t < kRowTile, j < nk.
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Sum of the 16 lanes as a tree (halving the vector), not a serial chain.
+inline float hsum(f32x16 v) {
+  typedef float f32x8 __attribute__((vector_size(32)));
+  typedef float f32x4 __attribute__((vector_size(16)));
+  f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static_assert(kRowTile == 4, "dot_tile and pv_tile are written for 4 rows");
+
+// S[t][j] = dot(Q[t], K[j]) for t < 4, j < nk. Two keys per step share the
+// query loads; 8 accumulators stay in registers.
 inline void dot_tile(const float* Q, const float* K, int nk, int D, float* S) {
-  for (int j = 0; j < nk; ++j) {
-    const float* kr = K + static_cast<int64_t>(j) * D;
-    float acc[kRowTile][kLanes] = {};
-    for (int d0 = 0; d0 < D; d0 += kLanes) {
-      for (int t = 0; t < kRowTile; ++t) {
-        const float* qr = Q + t * D + d0;
-        for (int e = 0; e < kLanes; ++e) {
-          acc[t][e] += qr[e] * kr[d0 + e];
-        }
-      }
+  const float *q0 = Q, *q1 = Q + D, *q2 = Q + 2 * D, *q3 = Q + 3 * D;
+  int j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    const float* ka = K + static_cast<int64_t>(j) * D;
+    const float* kb = ka + D;
+    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    for (int d = 0; d < D; d += kLanes) {
+      const f32x16 x = load16(ka + d), y = load16(kb + d);
+      const f32x16 r0 = load16(q0 + d), r1 = load16(q1 + d), r2 = load16(q2 + d), r3 = load16(q3 + d);
+      a0 += r0 * x, a1 += r1 * x, a2 += r2 * x, a3 += r3 * x;
+      b0 += r0 * y, b1 += r1 * y, b2 += r2 * y, b3 += r3 * y;
     }
-    for (int t = 0; t < kRowTile; ++t) {
-      float s = 0.0f;
-      for (int e = 0; e < kLanes; ++e) {
-        s += acc[t][e];
-      }
-      S[t * kKeyBlock + j] = s;
+    S[j] = hsum(a0), S[kKeyBlock + j] = hsum(a1), S[2 * kKeyBlock + j] = hsum(a2),
+    S[3 * kKeyBlock + j] = hsum(a3);
+    S[j + 1] = hsum(b0), S[kKeyBlock + j + 1] = hsum(b1), S[2 * kKeyBlock + j + 1] = hsum(b2),
+    S[3 * kKeyBlock + j + 1] = hsum(b3);
+  }
+  for (; j < nk; ++j) {
+    const float* ka = K + static_cast<int64_t>(j) * D;
+    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int d = 0; d < D; d += kLanes) {
+      const f32x16 x = load16(ka + d);
+      a0 += load16(q0 + d) * x, a1 += load16(q1 + d) * x;
+      a2 += load16(q2 + d) * x, a3 += load16(q3 + d) * x;
     }
+    S[j] = hsum(a0), S[kKeyBlock + j] = hsum(a1), S[2 * kKeyBlock + j] = hsum(a2),
+    S[3 * kKeyBlock + j] = hsum(a3);
   }
 }
 
-// O[t] += sum_j P[t][j] * V[j] for t < kRowTile.
+// O[t] += sum_j P[t][j] * V[j] for t < 4; the 4 output chunks stay in
+// registers over the whole key block.
 inline void pv_tile(const float* P, const float* V, int nk, int D, float* O) {
-  for (int d0 = 0; d0 < D; d0 += kLanes) {
-    float acc[kRowTile][kLanes];
-    for (int t = 0; t < kRowTile; ++t) {
-      for (int e = 0; e < kLanes; ++e) {
-        acc[t][e] = O[t * D + d0 + e];
-      }
-    }
+  for (int d = 0; d < D; d += kLanes) {
+    f32x16 o0 = load16(O + d), o1 = load16(O + D + d), o2 = load16(O + 2 * D + d),
+           o3 = load16(O + 3 * D + d);
     for (int j = 0; j < nk; ++j) {
-      const float* vr = V + static_cast<int64_t>(j) * D + d0;
-      for (int t = 0; t < kRowTile; ++t) {
-        const float p = P[t * kKeyBlock + j];
-        for (int e = 0; e < kLanes; ++e) {
-          acc[t][e] += p * vr[e];
-        }
-      }
+      const f32x16 v = load16(V + static_cast<int64_t>(j) * D + d);
+      o0 += P[j] * v, o1 += P[kKeyBlock + j] * v;
+      o2 += P[2 * kKeyBlock + j] * v, o3 += P[3 * kKeyBlock + j] * v;
     }
-    for (int t = 0; t < kRowTile; ++t) {
-      for (int e = 0; e < kLanes; ++e) {
-        O[t * D + d0 + e] = acc[t][e];
-      }
-    }
+    store16(O + d, o0), store16(O + D + d, o1), store16(O + 2 * D + d, o2),
+        store16(O + 3 * D + d, o3);
   }
 }
 

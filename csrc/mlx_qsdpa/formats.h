@@ -142,20 +142,48 @@ QSDPA_FUNC QSDPA_CONSTEXPR int packed_words(int n, int bits) {
   return n * bits / 32;
 }
 
+// Where element i of a row lives: word element_word(i) of the row, from bit
+// element_shift(i) of that word (continuing into the next word when
+// element_shift(i) + bits > 32).
+QSDPA_FUNC QSDPA_CONSTEXPR int element_word(int i, int bits) {
+  return (i * bits) >> 5;
+}
+QSDPA_FUNC QSDPA_CONSTEXPR int element_shift(int i, int bits) {
+  return (i * bits) & 31;
+}
+
 // The element of the bit stream that starts at `words` with index `i`.
 // `WordPtr` is any pointer (or array) of 32-bit words in any address space.
 // With `BITS` and `i` known at compile time this folds to a shift and a mask
 // (two shifts and an or for the 3/5/6-bit elements that straddle words).
 template <int BITS, typename WordPtr>
 QSDPA_FUNC u32_t unpack_element(WordPtr words, int i) {
-  const int bit = i * BITS;
-  const int w = bit >> 5;
-  const int sh = bit & 31;
+  const int w = element_word(i, BITS);
+  const int sh = element_shift(i, BITS);
   u32_t v = u32_t(words[w]) >> sh;
   if (sh + BITS > 32) {
     v |= u32_t(words[w + 1]) << (32 - sh);
   }
   return v & ((1u << BITS) - 1u);
+}
+
+// The same stream seen as MLX's packs: pack p of a row starts at byte
+// p * kPackBytes and holds kPackElems elements, little-endian, element k at
+// bit k * BITS of the pack. (3 and 5 bits: 8 elements in 3 and 5 bytes; 6
+// bits: 4 elements in 3 bytes; 1/2/4/8 bits: one 32-bit word.) Decoding a
+// whole pack from one integer gives vector-friendly code (one load, constant
+// shifts) where unpack_element's per-element word choice does not.
+template <int BITS>
+struct PackGeometry {
+  static constexpr int kPackElems =
+      (BITS == 3 || BITS == 5) ? 8 : (BITS == 6 ? 4 : 32 / BITS);
+  static constexpr int kPackBytes = kPackElems * BITS / 8;
+};
+
+// Element k of a pack already loaded into an integer (32 or 64 bits wide).
+template <int BITS, typename PackInt>
+QSDPA_FUNC u32_t unpack_from_pack(PackInt pack, int k) {
+  return u32_t(pack >> (k * BITS)) & ((1u << BITS) - 1u);
 }
 
 // ---------------------------------------------------------------------------

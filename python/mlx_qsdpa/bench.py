@@ -1,0 +1,318 @@
+"""``python -m mlx_qsdpa bench``: quant_sdpa against what MLX users run today.
+
+For each context length it times, on one device and in one run:
+
+* ``quant_sdpa``      -- this package, reading the packed cache directly;
+* ``fp16_sdpa``       -- ``mx.fast.scaled_dot_product_attention`` on an
+                         unquantized cache of the queries' dtype;
+* ``qmm_path``        -- mlx-lm's quantized-cache attention
+                         (``quantized_matmul`` -> softmax -> ``quantized_matmul``);
+* ``dequant_sdpa``    -- ``mx.dequantize`` then ``mx.fast.scaled_dot_product_attention``.
+
+Each timed evaluation runs ``--layers`` independent attention calls (one per
+layer of a model, each with its own cache, so caches do not stay hot) in one
+``mx.eval``; the reported time is the median over repeats divided by the
+number of calls. Effective bandwidth counts the bytes a call must read: the
+packed K and V words plus scales and biases for the quantized methods, the
+float K and V for fp16_sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ._api import quant_sdpa
+
+METHODS = ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+# ---------------------------------------------------------------------------
+# The baselines
+# ---------------------------------------------------------------------------
+
+
+def qmm_attention(q, kq, vq, scale, group_size, bits, mode):
+    """mlx-lm's quantized-KV attention (models.base.quantized_scaled_dot_product_attention)."""
+    B, Hq, L, D = q.shape
+    Hkv = kq[0].shape[1]
+    G = Hq // Hkv
+    q = q * scale
+    kq = [x for x in kq if x is not None]
+    vq = [x for x in vq if x is not None]
+    if G > 1:
+        q = q.reshape(B, Hkv, G, L, D)
+        kq = [mx.expand_dims(x, -3) for x in kq]
+        vq = [mx.expand_dims(x, -3) for x in vq]
+    scores = mx.quantized_matmul(q, *kq, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    scores = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(scores, *vq, transpose=False, group_size=group_size, bits=bits, mode=mode)
+    return out.reshape(B, Hq, L, D) if G > 1 else out
+
+
+def dequant_attention(q, kq, vq, scale, group_size, bits, mode):
+    k = mx.dequantize(*kq, group_size=group_size, bits=bits, mode=mode, dtype=q.dtype)
+    v = mx.dequantize(*vq, group_size=group_size, bits=bits, mode=mode, dtype=q.dtype)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    batch: int = 1
+    heads: int = 32
+    kv_heads: int = 8
+    dim: int = 128
+    lq: int = 1
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    dtype: str = "float16"
+    layers: int = 1
+
+
+@dataclass
+class Row:
+    ctx: int
+    method: str
+    us_per_call: float
+    bytes_per_call: int
+    gbps: float
+    speedup_of_quant_sdpa: float  # time(method) / time(quant_sdpa)
+    max_abs_diff: Optional[float] = None  # vs dequant_sdpa, for quant_sdpa only
+    repeats: int = 0
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str):
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 28
+        filled = int(width * self.done / max(self.total, 1))
+        el = time.perf_counter() - self.t0
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {el:5.1f}s {label:<28}"
+        )
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def time_calls(fn: Callable[[], List[mx.array]], min_time: float, max_reps: int) -> (float, int):
+    """Median seconds of one evaluation of fn() (after one warm-up)."""
+    mx.eval(fn())
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps:
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t)
+        if len(times) >= 3 and time.perf_counter() - start > min_time:
+            break
+    return statistics.median(times), len(times)
+
+
+def nbytes(arrays) -> int:
+    return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, progress) -> List[Row]:
+    dtype = DTYPES[cfg.dtype]
+    scale = cfg.dim ** -0.5
+    B, Hq, Hkv, D, Lq = cfg.batch, cfg.heads, cfg.kv_heads, cfg.dim, cfg.lq
+    layers = []
+    with mx.stream(device):
+        for i in range(cfg.layers):
+            key = mx.random.key(1000 + i)
+            k1, k2, k3 = mx.random.split(key, 3)
+            q = mx.random.normal((B, Hq, Lq, D), key=k1).astype(dtype)
+            k = mx.random.normal((B, Hkv, ctx, D), key=k2).astype(dtype)
+            v = mx.random.normal((B, Hkv, ctx, D), key=k3).astype(dtype)
+            kq = mx.quantize(k, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)
+            vq = mx.quantize(v, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)
+            if cfg.mode != "affine":
+                kq, vq = (kq[0], kq[1], None), (vq[0], vq[1], None)
+            layer = {"q": q, "kq": tuple(kq), "vq": tuple(vq)}
+            if "fp16_sdpa" in methods:
+                layer["k"], layer["v"] = k, v
+            mx.eval(q, *[a for a in kq if a is not None], *[a for a in vq if a is not None])
+            if "fp16_sdpa" in methods:
+                mx.eval(k, v)
+            layers.append(layer)
+
+        def ours():
+            return [
+                quant_sdpa(L["q"], *L["kq"], *L["vq"], scale=scale, group_size=cfg.group_size,
+                           bits=cfg.bits, mode=cfg.mode)
+                for L in layers
+            ]
+
+        fns = {
+            "quant_sdpa": ours,
+            "fp16_sdpa": lambda: [
+                mx.fast.scaled_dot_product_attention(L["q"], L["k"], L["v"], scale=scale) for L in layers
+            ],
+            "qmm_path": lambda: [
+                qmm_attention(L["q"], L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
+                for L in layers
+            ],
+            "dequant_sdpa": lambda: [
+                dequant_attention(L["q"], L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
+                for L in layers
+            ],
+        }
+        packed = nbytes(layers[0]["kq"]) + nbytes(layers[0]["vq"])
+        dense = B * Hkv * ctx * D * 2 * np.dtype(np.float16 if dtype != mx.float32 else np.float32).itemsize
+
+        # Correctness at a glance: our output against dequantize + SDPA.
+        diff = None
+        if "quant_sdpa" in methods:
+            L0 = layers[0]
+            a = quant_sdpa(L0["q"], *L0["kq"], *L0["vq"], scale=scale, group_size=cfg.group_size,
+                           bits=cfg.bits, mode=cfg.mode)
+            b = dequant_attention(L0["q"], L0["kq"], L0["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
+            diff = float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item())
+
+        times: Dict[str, (float, int)] = {}
+        for m in methods:
+            t, n = time_calls(fns[m], min_time, max_reps)
+            times[m] = (t / cfg.layers, n)
+            progress.step(f"ctx={ctx} {m}")
+
+    rows = []
+    t_ours = times.get("quant_sdpa", (math.nan, 0))[0]
+    for m in methods:
+        t, n = times[m]
+        b = dense if m == "fp16_sdpa" else packed
+        rows.append(
+            Row(ctx=ctx, method=m, us_per_call=t * 1e6, bytes_per_call=b, gbps=b / t / 1e9,
+                speedup_of_quant_sdpa=t / t_ours if t_ours == t_ours else math.nan,
+                max_abs_diff=diff if m == "quant_sdpa" else None, repeats=n)
+        )
+    return rows
+
+
+def format_table(cfg: Config, device, rows: List[Row]) -> str:
+    head = (
+        f"quant_sdpa bench on {device} ({platform.machine()}, mlx {mx.__version__}): "
+        f"B={cfg.batch} Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.dim} Lq={cfg.lq} "
+        f"{cfg.mode} bits={cfg.bits} gs={cfg.group_size} {cfg.dtype}, {cfg.layers} call(s) per eval"
+    )
+    lines = [head, ""]
+    lines.append(f"{'ctx':>8} {'method':<13} {'us/call':>11} {'GB/s':>8} {'x vs ours':>10} {'reps':>5}  note")
+    for r in rows:
+        note = f"max|ours - dequant_sdpa| = {r.max_abs_diff:.2e}" if r.max_abs_diff is not None else ""
+        sp = "" if r.method == "quant_sdpa" else f"{r.speedup_of_quant_sdpa:9.1f}x"
+        lines.append(
+            f"{r.ctx:>8} {r.method:<13} {r.us_per_call:>11.1f} {r.gbps:>8.1f} {sp:>10} {r.repeats:>5}  {note}"
+        )
+    lines.append("")
+    lines.append("x vs ours: how many times longer the method takes than quant_sdpa.")
+    lines.append("GB/s: bytes the call must read (packed K/V + scales + biases; fp16_sdpa: its float K/V) / time.")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Row], cfg: Config, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in METHODS:
+        pts = [(r.ctx, r.us_per_call) for r in rows if r.method == m]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (keys)")
+    ax.set_ylabel("µs per attention call")
+    ax.set_title(f"{cfg.mode} {cfg.bits}-bit gs{cfg.group_size}, Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.dim}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--ctx", default=None, help="comma-separated context lengths (default: 2048,8192 on the CPU; 4096,16384,32768,131072 on a GPU)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=128, help="head dimension D")
+    p.add_argument("--lq", type=int, default=1, help="query tokens per call (1 = decoding)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default: MLX's default device")
+    p.add_argument("--layers", type=int, default=None, help="attention calls per mx.eval (default: 1 on the CPU, 16 on a GPU)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--min-time", type=float, default=None, help="seconds to spend timing each method at least (default 1 CPU, 0.5 GPU)")
+    p.add_argument("--max-reps", type=int, default=50)
+    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--plot", default=None, help="write a PNG plot to this file (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = {"cpu": mx.cpu, "gpu": mx.gpu, None: mx.default_device()}[args.device]
+    if isinstance(device, mx.Device):
+        dev = device
+    else:
+        dev = mx.Device(device)
+    on_gpu = dev.type == mx.DeviceType.gpu
+    if args.ctx is None:
+        ctxs = [4096, 16384, 32768, 131072] if on_gpu else [2048, 8192]
+    else:
+        ctxs = [int(c) for c in str(args.ctx).split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    cfg = Config(
+        batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim, lq=args.lq,
+        bits=args.bits, group_size=args.group_size, mode=args.mode, dtype=args.dtype,
+        layers=args.layers if args.layers else (16 if on_gpu else 1),
+    )
+    min_time = args.min_time if args.min_time is not None else (0.5 if on_gpu else 1.0)
+    progress = Progress(len(ctxs) * len(methods), enabled=not args.no_progress and sys.stderr.isatty())
+    rows: List[Row] = []
+    for ctx in ctxs:
+        rows += run_context(cfg, ctx, dev, methods, min_time, args.max_reps, progress)
+    print(format_table(cfg, dev, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"config": asdict(cfg), "device": str(dev), "machine": platform.platform(),
+                 "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]},
+                f, indent=2,
+            )
+    if args.plot:
+        plot(rows, cfg, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
