@@ -18,9 +18,12 @@ cmake -S "$root" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -Dnanobind_DIR="$("$py" -m nanobind --cmake_dir)" \
   -DMLX_DIR="$mlx_cmake" "$@" >"$bdir.configure.log" 2>&1 || { cat "$bdir.configure.log"; exit 1; }
 cmake --build "$bdir" -j"$(nproc)"
+# The install tree has the wheel's layout: <prefix>/mlx_qsdpa/{_ext, lib,
+# include, share/cmake, metallib}. The .py files are linked from the source.
+rm -rf "$bdir/pkg"
+cmake --install "$bdir" --prefix "$bdir/pkg" >/dev/null
 pkg="$bdir/pkg/mlx_qsdpa"
-rm -rf "$bdir/pkg" && mkdir -p "$pkg"
-for f in "$root"/python/mlx_qsdpa/*; do ln -s "$f" "$pkg/"; done
-cp "$bdir"/*.so "$pkg/"
-[ -f "$bdir/mlx_qsdpa.metallib" ] && cp "$bdir/mlx_qsdpa.metallib" "$pkg/"
+for f in "$root"/python/mlx_qsdpa/*.py "$root"/python/mlx_qsdpa/*.pyi "$root"/python/mlx_qsdpa/py.typed; do
+  [ -e "$f" ] && ln -sf "$f" "$pkg/"
+done
 echo "dev_build: PYTHONPATH=$bdir/pkg"
