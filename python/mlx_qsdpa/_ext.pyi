@@ -1,0 +1,31 @@
+"""Type stubs of the compiled core (nanobind module ``mlx_qsdpa._ext``)."""
+
+from typing import List, Optional, Tuple, Union
+
+import mlx.core as mx
+
+def quant_sdpa(
+    queries: mx.array,
+    keys: mx.array,
+    key_scales: mx.array,
+    key_biases: Optional[mx.array],
+    values: mx.array,
+    value_scales: mx.array,
+    value_biases: Optional[mx.array],
+    scale: float,
+    mask_mode: str,
+    mask_arr: Optional[mx.array],
+    sinks: Optional[mx.array],
+    group_size: int,
+    bits: int,
+    mode: str,
+    return_lse: bool,
+    stream: Union[None, mx.Stream, mx.Device],
+) -> Union[mx.array, Tuple[mx.array, mx.array]]: ...
+def is_supported_format(mode: str, bits: int, group_size: int) -> bool: ...
+def version() -> str: ...
+def mlx_build_version() -> str: ...
+def gpu_backend() -> str:
+    """'metal', 'cuda' or 'none': the GPU kernels compiled into this build."""
+def _decode_table(what: str) -> List[float]: ...
+def _unpack_row(words: List[int], bits: int) -> List[int]: ...
