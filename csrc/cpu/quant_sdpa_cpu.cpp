@@ -249,31 +249,6 @@ DecodeFn pick_decoder(qsdpa::QuantMode mode, int bits, ElemType st) {
 // Float helpers of the softmax loop.
 // ---------------------------------------------------------------------------
 
-// 2^x for x <= 0 (scores minus their running max), -inf -> 0 exactly.
-// Polynomial on the fractional part so the loops vectorise; relative error
-// ~2e-7, below float32 rounding of the sums it feeds.
-inline float exp2_nonpos(float x) {
-  if (!(x > -126.0f)) {
-    return 0.0f; // -inf, NaN-free masked scores, and underflow
-  }
-  float fl = std::floor(x);
-  float f = x - fl - 0.5f; // in [-0.5, 0.5)
-  float y = f * kLn2;
-  // e^y, Taylor to degree 6 (|y| <= 0.347: truncation error ~1.2e-7).
-  float p = 1.0f / 720.0f;
-  p = p * y + 1.0f / 120.0f;
-  p = p * y + 1.0f / 24.0f;
-  p = p * y + 1.0f / 6.0f;
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  int n = static_cast<int>(fl);
-  uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n * 1.4142135623730951f;
-}
-
 inline f32x16 load16(const float* p) {
   f32x16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -292,6 +267,48 @@ inline float hsum(f32x16 v) {
       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// 2^x for the 16 lanes of x <= 0 (scores minus their running max): lanes at
+// or below -126 (and -inf, masked keys) give exactly 0. Truncation (which
+// rounds up for x <= 0) splits x = n + f with f in (-1, 0]; 2^f is a degree-6
+// Taylor series of e^y, y = (f + 1/2) ln 2 in (-0.35, 0.35] (truncation error
+// ~1.2e-7), times 2^-1/2.
+inline f32x16 exp2_nonpos(f32x16 x) {
+  const i32x16 live = x > -126.0f; // -1 where the result is not 0
+  const f32x16 xc = x > -126.0f ? x : f32x16{} - 126.0f;
+  const i32x16 n = __builtin_convertvector(xc, i32x16);
+  const f32x16 y = (xc - __builtin_convertvector(n, f32x16) + 0.5f) * kLn2;
+  f32x16 p = y * (1.0f / 720.0f) + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  const i32x16 two_n = (n + 127) << 23;
+  f32x16 two_nf;
+  std::memcpy(&two_nf, &two_n, sizeof(two_nf));
+  const f32x16 r = p * two_nf * 0.70710678118654752f;
+  i32x16 ri;
+  std::memcpy(&ri, &r, sizeof(ri));
+  ri &= live;
+  f32x16 out;
+  std::memcpy(&out, &ri, sizeof(out));
+  return out;
+}
+
+inline f32x16 max16(f32x16 a, f32x16 b) {
+  return a > b ? a : b;
+}
+
+inline float hmax(f32x16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) {
+    m = std::max(m, v[i]);
+  }
+  return m;
 }
 
 static_assert(kRowTile == 4, "dot_tile and pv_tile are written for 4 rows");
@@ -556,24 +573,31 @@ void run_item(const Problem& p, int item, Partials& partials) {
             }
           }
         }
-        float bm = kNegInf;
-        for (int j = 0; j < nk; ++j) {
-          bm = std::max(bm, st[j]);
+        // Keys past nk of a short last block are -inf (probability 0), so
+        // the row is always processed as whole 16-lane vectors.
+        for (int j = nk; j < kKeyBlock; ++j) {
+          st[j] = kNegInf;
         }
+        f32x16 vmax = load16(st);
+        for (int j = 16; j < kKeyBlock; j += 16) {
+          vmax = max16(vmax, load16(st + j));
+        }
+        const float bm = hmax(vmax);
         const float m_new = std::max(sc.m[r], bm);
         if (m_new == kNegInf || std::isnan(m_new)) {
           // Nothing visible yet (or a NaN additive mask, which stays
           // excluded): probabilities are zero, state unchanged.
-          std::fill(st, st + nk, 0.0f);
+          std::fill(st, st + kKeyBlock, 0.0f);
           continue;
         }
-        const float corr = exp2_nonpos(sc.m[r] - m_new);
-        float sum = 0.0f;
-        for (int j = 0; j < nk; ++j) {
-          const float e = exp2_nonpos(st[j] - m_new);
-          st[j] = e;
-          sum += e;
+        const float corr = sc.m[r] == kNegInf ? 0.0f : std::exp2(sc.m[r] - m_new);
+        f32x16 vsum = {};
+        for (int j = 0; j < kKeyBlock; j += 16) {
+          const f32x16 e = exp2_nonpos(load16(st + j) - m_new);
+          store16(st + j, e);
+          vsum += e;
         }
+        const float sum = hsum(vsum);
         sc.l[r] = sc.l[r] * corr + sum;
         sc.m[r] = m_new;
         if (corr != 1.0f) {
