@@ -1,0 +1,275 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+#include "metal/dispatch_plan.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <stdexcept>
+
+#include "quant_sdpa_params.h"
+
+namespace mlx_qsdpa::metal_plan {
+
+// The parameter structs are shared with MSL: their layout must be the one
+// the Metal compiler gives them (64-bit members first, no padding).
+static_assert(sizeof(qsdpa::DecodeParams) == 8 * 4 * 8 + 12 * 4, "DecodeParams layout");
+static_assert(offsetof(qsdpa::DecodeParams, B) == 8 * 4 * 8, "DecodeParams layout");
+static_assert(offsetof(qsdpa::DecodeParams, scale_log2) == 8 * 4 * 8 + 10 * 4, "DecodeParams layout");
+static_assert(sizeof(qsdpa::MergeParams) == 6 * 4, "MergeParams layout");
+
+namespace {
+
+int ceil_div(int a, int b) {
+  return (a + b - 1) / b;
+}
+
+// Pad a threadgroup memory length to the 16 bytes Metal requires.
+size_t pad16(size_t n) {
+  return (n + 15) / 16 * 16;
+}
+
+KeySplit forced_split(int Lk, int blocks) {
+  if (Lk <= 0) {
+    return {1, 0};
+  }
+  const int kpb = ceil_div(Lk, std::min(blocks, Lk));
+  return {ceil_div(Lk, kpb), kpb};
+}
+
+std::string format_name(qsdpa::QuantMode mode, int bits) {
+  switch (mode) {
+    case qsdpa::kMxfp4:
+      return "mxfp4";
+    case qsdpa::kMxfp8:
+      return "mxfp8";
+    case qsdpa::kNvfp4:
+      return "nvfp4";
+    default:
+      return "affine" + std::to_string(bits);
+  }
+}
+
+template <typename T>
+std::vector<uint8_t> as_bytes(const T& v) {
+  std::vector<uint8_t> out(sizeof(T));
+  std::memcpy(out.data(), &v, sizeof(T));
+  return out;
+}
+
+void copy_strides(int64_t (&dst)[4], const Strides4& src) {
+  for (int i = 0; i < 4; ++i) {
+    dst[i] = src[i];
+  }
+}
+
+// Every function constant of the library (a kernel ignores the ones it does
+// not read; setting all of them keeps one rule for both kernels).
+std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, bool merge) {
+  const bool final_output = merge || !two_pass;
+  return {
+      {qsdpa::kFcQueryType, false, p.query_type},
+      {qsdpa::kFcScaleType, false, p.mode == qsdpa::kAffine ? p.scale_type : 0},
+      {qsdpa::kFcGroupSize, false, p.group_size},
+      {qsdpa::kFcHasBiases, true, p.mode == qsdpa::kAffine},
+      {qsdpa::kFcCausal, true, p.mask == MaskMode::Causal},
+      {qsdpa::kFcBoolMask, true, p.mask == MaskMode::Bool},
+      {qsdpa::kFcFloatMask, true, p.mask == MaskMode::Additive},
+      // The sink and lse belong to the final normalisation (pass 2 when
+      // there are two).
+      {qsdpa::kFcHasSinks, true, p.has_sinks && final_output},
+      {qsdpa::kFcWriteLse, true, p.return_lse && final_output},
+      {qsdpa::kFcWriteFinal, true, !merge && !two_pass},
+      {qsdpa::kFcWritePartials, true, !merge && two_pass},
+  };
+}
+
+std::string pipeline_key(const std::string& kernel, const std::vector<ConstantValue>& cs) {
+  std::string key = kernel;
+  for (const auto& c : cs) {
+    key += "_" + std::to_string(c.value);
+  }
+  return key;
+}
+
+} // namespace
+
+KeySplit choose_key_split(int threadgroups, int Lk, int D, int gpu_cores) {
+  if (Lk <= 0 || threadgroups <= 0) {
+    return {1, std::max(Lk, 0)};
+  }
+  const int target = kThreadgroupsPerCore * std::max(gpu_cores, 1);
+  int blocks = ceil_div(target, threadgroups);
+  blocks = std::min({blocks, Lk / kMinKeysPerBlock, kMaxBlocks});
+  if (blocks <= 1) {
+    return {1, Lk};
+  }
+  const int tile = qsdpa::keys_per_tile(D);
+  const int kpb = ceil_div(ceil_div(Lk, blocks), tile) * tile;
+  blocks = ceil_div(Lk, kpb);
+  if (blocks <= 1) {
+    return {1, Lk};
+  }
+  return {blocks, kpb};
+}
+
+int gpu_core_estimate(const std::string& architecture) {
+  const char size_class = architecture.empty() ? '?' : architecture.back();
+  switch (size_class) {
+    case 'g': // phone and tablet chips
+    case 'p': // base M chips
+      return 10;
+    case 's':
+      return 16;
+    case 'c':
+      return 32;
+    case 'd': // Ultra: two dies
+      return 64;
+    default:
+      return 16;
+  }
+}
+
+bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D) {
+  bool format_ok = false;
+  if (mode == qsdpa::kAffine) {
+    format_ok = bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 5 ||
+        bits == 6 || bits == 8;
+  } else {
+    format_ok = bits == qsdpa::fp_mode_bits(mode);
+  }
+  if (!format_ok) {
+    return false;
+  }
+  if (D == 64 || D == 96 || D == 128 || D == 256) {
+    return true;
+  }
+  // 80 is not a multiple of 32: only nvfp4 (group size 16) quantizes it.
+  return D == 80 && mode == qsdpa::kNvfp4;
+}
+
+bool kernels_cover(qsdpa::QuantMode mode, int bits, int group_size, int D, int Lq) {
+  return decode_kernel_exists(mode, bits, D) && D % group_size == 0 && Lq >= 1 &&
+      Lq <= kMaxQueryRows;
+}
+
+std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D) {
+  return "qsdpa_decode_" + format_name(mode, bits) + "_d" + std::to_string(D);
+}
+
+DecodePlan plan_decode(const DecodeProblem& p) {
+  if (!kernels_cover(p.mode, p.bits, p.group_size, p.D, p.Lq) || p.Hkv <= 0 ||
+      p.Hq % p.Hkv != 0 || p.B <= 0) {
+    throw std::invalid_argument("[quant_sdpa] plan_decode: call not covered by the Metal kernels");
+  }
+  const int G = p.Hq / p.Hkv;
+  const int rows = G * p.Lq;
+  const int row_blocks = ceil_div(rows, qsdpa::kRowsPerThreadgroup);
+  const KeySplit split = p.force_blocks > 0
+      ? forced_split(p.Lk, p.force_blocks)
+      : choose_key_split(p.B * p.Hkv * row_blocks, p.Lk, p.D, p.gpu_cores);
+  const bool two_pass = split.blocks > 1;
+
+  DecodePlan plan;
+  plan.blocks = split.blocks;
+  plan.keys_per_block = split.keys_per_block;
+
+  qsdpa::DecodeParams dp{};
+  copy_strides(dp.q_strides, p.q);
+  copy_strides(dp.k_strides, p.k);
+  copy_strides(dp.k_scale_strides, p.k_scales);
+  copy_strides(dp.k_bias_strides, p.k_biases);
+  copy_strides(dp.v_strides, p.v);
+  copy_strides(dp.v_scale_strides, p.v_scales);
+  copy_strides(dp.v_bias_strides, p.v_biases);
+  copy_strides(dp.mask_strides, p.mask_strides);
+  dp.B = p.B;
+  dp.Hq = p.Hq;
+  dp.Hkv = p.Hkv;
+  dp.Lq = p.Lq;
+  dp.Lk = p.Lk;
+  dp.G = G;
+  dp.rows = rows;
+  dp.row_blocks = row_blocks;
+  dp.keys_per_block = split.keys_per_block;
+  dp.blocks = split.blocks;
+  dp.scale_log2 = p.scale * 1.4426950408889634f;
+
+  KernelLaunch decode;
+  decode.kernel = decode_kernel_name(p.mode, p.bits, p.D);
+  decode.constants = constants_for(p, two_pass, /* merge= */ false);
+  decode.pipeline_key = pipeline_key(decode.kernel, decode.constants);
+  auto& db = decode.buffers;
+  db.push_back({qsdpa::kDecodeQueries, Operand::Queries, false});
+  db.push_back({qsdpa::kDecodeKeys, Operand::Keys, false});
+  db.push_back({qsdpa::kDecodeKeyScales, Operand::KeyScales, false});
+  db.push_back({qsdpa::kDecodeValues, Operand::Values, false});
+  db.push_back({qsdpa::kDecodeValueScales, Operand::ValueScales, false});
+  if (p.mode == qsdpa::kAffine) {
+    db.push_back({qsdpa::kDecodeKeyBiases, Operand::KeyBiases, false});
+    db.push_back({qsdpa::kDecodeValueBiases, Operand::ValueBiases, false});
+  }
+  if (p.mask == MaskMode::Bool) {
+    db.push_back({qsdpa::kDecodeBoolMask, Operand::Mask, false});
+  } else if (p.mask == MaskMode::Additive) {
+    db.push_back({qsdpa::kDecodeFloatMask, Operand::Mask, false});
+  }
+  if (two_pass) {
+    db.push_back({qsdpa::kDecodePartialOut, Operand::PartialOut, true});
+    db.push_back({qsdpa::kDecodePartialStats, Operand::PartialStats, true});
+  } else {
+    if (p.has_sinks) {
+      db.push_back({qsdpa::kDecodeSinks, Operand::Sinks, false});
+    }
+    db.push_back({qsdpa::kDecodeOut, Operand::Out, true});
+    if (p.return_lse) {
+      db.push_back({qsdpa::kDecodeLse, Operand::Lse, true});
+    }
+  }
+  decode.params_index = qsdpa::kDecodeParams;
+  decode.params = as_bytes(dp);
+  decode.grid = {
+      static_cast<uint32_t>(split.blocks),
+      static_cast<uint32_t>(p.Hkv * row_blocks),
+      static_cast<uint32_t>(p.B)};
+  decode.threads = {qsdpa::kThreadsPerGroup, 1, 1};
+  decode.threadgroup_memory = pad16(sizeof(float) * qsdpa::decode_threadgroup_floats(p.D));
+  plan.launches.push_back(std::move(decode));
+
+  if (!two_pass) {
+    return plan;
+  }
+  const int64_t out_rows = int64_t(p.B) * p.Hq * p.Lq;
+  plan.partial_out_elems = out_rows * split.blocks * p.D;
+  plan.partial_stats_elems = out_rows * split.blocks * 2;
+
+  qsdpa::MergeParams mp{};
+  mp.rows = static_cast<int>(out_rows);
+  mp.Hq = p.Hq;
+  mp.Lq = p.Lq;
+  mp.D = p.D;
+  mp.blocks = split.blocks;
+
+  KernelLaunch merge;
+  merge.kernel = "qsdpa_merge";
+  merge.constants = constants_for(p, two_pass, /* merge= */ true);
+  merge.pipeline_key = pipeline_key(merge.kernel, merge.constants);
+  auto& mb = merge.buffers;
+  mb.push_back({qsdpa::kMergePartialOut, Operand::PartialOut, false});
+  mb.push_back({qsdpa::kMergePartialStats, Operand::PartialStats, false});
+  if (p.has_sinks) {
+    mb.push_back({qsdpa::kMergeSinks, Operand::Sinks, false});
+  }
+  mb.push_back({qsdpa::kMergeOut, Operand::Out, true});
+  if (p.return_lse) {
+    mb.push_back({qsdpa::kMergeLse, Operand::Lse, true});
+  }
+  merge.params_index = qsdpa::kMergeParams;
+  merge.params = as_bytes(mp);
+  merge.grid = {static_cast<uint32_t>(ceil_div(mp.rows, qsdpa::kMergeSimdgroups)), 1, 1};
+  merge.threads = {qsdpa::kMergeSimdgroups * qsdpa::kSimdWidth, 1, 1};
+  merge.threadgroup_memory = 0;
+  plan.launches.push_back(std::move(merge));
+  return plan;
+}
+
+} // namespace mlx_qsdpa::metal_plan

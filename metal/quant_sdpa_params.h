@@ -1,0 +1,154 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The interface between the Metal kernels and the code that launches them:
+// buffer and function-constant indices, the parameter structs passed with
+// set_bytes, and the geometry both sides must agree on. Included by the
+// kernels (MSL), by the host plan (C++, csrc/metal/dispatch_plan.cpp) and by
+// the simulator, so every number here exists once.
+//
+// Layout rule for the structs: 64-bit members first, then 32-bit ones, so
+// that MSL and C++ lay them out identically (checked by static_asserts in
+// dispatch_plan.cpp).
+#pragma once
+
+#include "mlx_qsdpa/formats.h"
+
+#if !defined(__METAL_VERSION__)
+#include <cstdint>
+#endif
+
+namespace qsdpa {
+
+// ---------------------------------------------------------------------------
+// Geometry
+// ---------------------------------------------------------------------------
+enum DecodeGeometry : int {
+  kSimdWidth = 32,
+  // Simdgroups of a decode threadgroup (256 threads).
+  kSimdgroups = 8,
+  kThreadsPerGroup = kSimdgroups * kSimdWidth,
+  // Query rows a simdgroup keeps in registers (q, running max/sum, output).
+  kRowsPerSimdgroup = 4,
+  // Query rows one threadgroup covers; more rows take more threadgroups.
+  kRowsPerThreadgroup = kSimdgroups * kRowsPerSimdgroup,
+  // The decoded K and V tiles hold kTileElems floats each (8 KiB).
+  kTileElems = 2048,
+  // Rows of partial results exchanged when key splits of a threadgroup
+  // merge (at most kSimdgroups / 2 splits hand over kRowsPerSimdgroup rows
+  // each, per row group; see quant_sdpa_decode.h).
+  kMergeRows = (kSimdgroups / 2) * kRowsPerSimdgroup,
+  // Simdgroups (rows) of a merge threadgroup.
+  kMergeSimdgroups = 8,
+};
+
+// Keys decoded per tile for head dim D (both tiles fit in 16 KiB).
+QSDPA_FUNC QSDPA_CONSTEXPR int keys_per_tile(int D) {
+  return kTileElems / D;
+}
+
+// Floats of threadgroup memory a decode threadgroup needs: the K and V
+// tiles, later reused for the exchange of partial results between key
+// splits (kMergeRows output rows, then their max and sum).
+QSDPA_FUNC QSDPA_CONSTEXPR int decode_threadgroup_floats(int D) {
+  return (2 * keys_per_tile(D) * D > kMergeRows * (D + 2))
+      ? 2 * keys_per_tile(D) * D
+      : kMergeRows * (D + 2);
+}
+
+// ---------------------------------------------------------------------------
+// Element types of queries/outputs and of affine scales/biases.
+// ---------------------------------------------------------------------------
+enum ElemType : int {
+  kElemFloat32 = 0,
+  kElemFloat16 = 1,
+  kElemBFloat16 = 2,
+};
+
+// ---------------------------------------------------------------------------
+// Function constants (values set per pipeline by the host).
+// ---------------------------------------------------------------------------
+enum FunctionConstantIndex : int {
+  kFcQueryType = 0, // int, ElemType of queries and output
+  kFcScaleType = 1, // int, ElemType of affine scales and biases
+  kFcGroupSize = 2, // int
+  kFcHasBiases = 3, // bool, affine mode
+  kFcCausal = 4, // bool
+  kFcBoolMask = 5, // bool
+  kFcFloatMask = 6, // bool, additive float32 mask
+  kFcHasSinks = 7, // bool
+  kFcWriteLse = 8, // bool, this launch writes lse
+  kFcWriteFinal = 9, // bool, 1-pass: normalised output
+  kFcWritePartials = 10, // bool, 2-pass pass 1: partial output, max, sum
+};
+
+// ---------------------------------------------------------------------------
+// Buffers of the decode kernel (1-pass, or pass 1 of 2).
+// ---------------------------------------------------------------------------
+enum DecodeBufferIndex : int {
+  kDecodeQueries = 0,
+  kDecodeKeys = 1,
+  kDecodeKeyScales = 2,
+  kDecodeKeyBiases = 3,
+  kDecodeValues = 4,
+  kDecodeValueScales = 5,
+  kDecodeValueBiases = 6,
+  kDecodeBoolMask = 7,
+  kDecodeFloatMask = 8,
+  kDecodeSinks = 9,
+  kDecodeOut = 10,
+  kDecodeLse = 11,
+  kDecodePartialOut = 12,
+  kDecodePartialStats = 13,
+  kDecodeParams = 14,
+};
+
+// Strides are in elements of each array (uint32 words for the packed K/V,
+// scale elements for scales and biases), for the axes [B, H, L, last].
+struct DecodeParams {
+  int64_t q_strides[4];
+  int64_t k_strides[4];
+  int64_t k_scale_strides[4];
+  int64_t k_bias_strides[4];
+  int64_t v_strides[4];
+  int64_t v_scale_strides[4];
+  int64_t v_bias_strides[4];
+  int64_t mask_strides[4];
+  int B;
+  int Hq;
+  int Hkv;
+  int Lq;
+  int Lk;
+  int G; // Hq / Hkv
+  int rows; // G * Lq query rows per (batch, kv head); row r = (i = r / G, g = r % G)
+  int row_blocks; // threadgroups along the rows: ceil(rows / kRowsPerThreadgroup)
+  int keys_per_block; // keys a threadgroup covers
+  int blocks; // key blocks (1 for the 1-pass kernel)
+  float scale_log2; // scale * log2(e): scores are kept in base 2
+  int pad0;
+};
+
+// ---------------------------------------------------------------------------
+// Buffers of the merge kernel (pass 2 of 2).
+// ---------------------------------------------------------------------------
+enum MergeBufferIndex : int {
+  kMergePartialOut = 0,
+  kMergePartialStats = 1,
+  kMergeSinks = 2,
+  kMergeOut = 3,
+  kMergeLse = 4,
+  kMergeParams = 5,
+};
+
+// Partial results of pass 1, for output row R = (b * Hq + h) * Lq + i:
+//   partial_out[R][block][D]    unnormalised output (float32)
+//   partial_stats[R][block][2]  running max (base 2) and sum
+struct MergeParams {
+  int rows; // B * Hq * Lq
+  int Hq;
+  int Lq;
+  int D;
+  int blocks;
+  int pad0;
+};
+
+} // namespace qsdpa

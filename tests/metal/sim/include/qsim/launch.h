@@ -1,0 +1,28 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The simulator's C launch interface (runtime.cpp), for ctypes and for the
+// plan runner.
+#pragma once
+
+#include <cstdint>
+
+extern "C" {
+const char* qsim_last_error();
+void qsim_reset();
+int64_t qsim_alloc(int64_t nbytes, int initialized, const char* name);
+void qsim_free(int64_t id);
+void* qsim_data(int64_t id);
+int qsim_kernel_names(char* out, int len);
+int qsim_launch(
+    const char* kernel,
+    int n_constants,
+    const int* constant_index,
+    const int64_t* constant_value,
+    int n_bindings,
+    const int* binding_index,
+    const int64_t* binding_buffer,
+    const int64_t* binding_offset,
+    const uint32_t* grid,
+    const uint32_t* threads,
+    int64_t threadgroup_bytes);
+}
