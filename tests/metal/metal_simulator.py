@@ -386,6 +386,7 @@ class Library:
         lib.qsim_data.restype = ctypes.c_void_p
         lib.qsim_data.argtypes = [ctypes.c_int64]
         lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.qsim_launch.argtypes = [
             ctypes.c_char_p,
             ctypes.c_int,
@@ -405,6 +406,14 @@ class Library:
         buf = ctypes.create_string_buffer(n)
         self.lib.qsim_kernel_names(buf, n)
         return buf.value.decode().split()
+
+    def function_constants(self) -> dict[int, tuple[str, str]]:
+        """{index: (type, name)} of the library's function constants."""
+        n = self.lib.qsim_function_constants(None, 0)
+        buf = ctypes.create_string_buffer(n)
+        self.lib.qsim_function_constants(buf, n)
+        rows = [line.split() for line in buf.value.decode().splitlines()]
+        return {int(i): (t, name) for i, t, name in rows}
 
     def error(self) -> str:
         return _symbolize(self.lib.qsim_last_error().decode())

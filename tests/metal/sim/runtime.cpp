@@ -379,23 +379,38 @@ void run_simdgroup(unsigned sg) {
       at = &g_fibers[t];
     }
   }
-  std::vector<unsigned> callers;
-  std::string others;
+  // The other lanes, grouped by what they do instead.
+  std::vector<unsigned> callers, returned;
+  std::vector<std::pair<const Fiber*, std::vector<unsigned>>> elsewhere;
   for (unsigned t = first; t < last; ++t) {
     const Fiber& f = g_fibers[t];
     if (f.state == State::AtSimd && same_site(f, *at)) {
       callers.push_back(f.lane);
     } else if (f.state == State::Done) {
-      others += format("; lane %u had returned", f.lane);
+      returned.push_back(f.lane);
     } else {
-      others += format("; lane %u waits at %s", f.lane, site(f).c_str());
+      auto it = std::find_if(elsewhere.begin(), elsewhere.end(), [&](const auto& e) {
+        return same_site(*e.first, f);
+      });
+      if (it == elsewhere.end()) {
+        elsewhere.push_back({&f, {f.lane}});
+      } else {
+        it->second.push_back(f.lane);
+      }
     }
+  }
+  std::string others;
+  if (!returned.empty()) {
+    others += "; lanes " + index_list(returned) + " had returned";
+  }
+  for (const auto& e : elsewhere) {
+    others += "; lanes " + index_list(e.second) + " wait at " + site(*e.first);
   }
   fail(format(
       "SIMD-group function %s called by only some lanes of simdgroup %u of %s: "
       "lanes %s of %u%s (every lane of the simdgroup must call it together)",
       site(*at).c_str(), sg, group_name().c_str(), index_list(callers).c_str(),
-      last - first, others.substr(0, 600).c_str()));
+      last - first, others.c_str()));
 }
 
 void run_threadgroup() {
@@ -756,6 +771,21 @@ int qsim_kernel_names(char* out, int len) {
   for (int i = 0; i < n; ++i) {
     s += table[i].name;
     s += '\n';
+  }
+  if (out && len > 0) {
+    std::snprintf(out, static_cast<size_t>(len), "%s", s.c_str());
+  }
+  return static_cast<int>(s.size()) + 1;
+}
+
+// The library's function constants, one "index type name" line each.
+int qsim_function_constants(char* out, int len) {
+  int n = 0;
+  const qsim::FunctionConstantInfo* table = qsim_function_constant_table(&n);
+  std::string s;
+  for (int i = 0; i < n; ++i) {
+    s += std::to_string(table[i].index) + (table[i].type == qsim::FunctionConstantInfo::Bool ? " bool " : " int ") +
+        table[i].name + "\n";
   }
   if (out && len > 0) {
     std::snprintf(out, static_cast<size_t>(len), "%s", s.c_str());

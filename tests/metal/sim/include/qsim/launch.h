@@ -13,6 +13,7 @@ int64_t qsim_alloc(int64_t nbytes, int initialized, const char* name);
 void qsim_free(int64_t id);
 void* qsim_data(int64_t id);
 int qsim_kernel_names(char* out, int len);
+int qsim_function_constants(char* out, int len);
 int qsim_launch(
     const char* kernel,
     int n_constants,

@@ -1,0 +1,129 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Deliberately broken kernels: each has exactly one defect that the Metal
+// simulator must report (tests/metal/test_metal_sim_detectors.py). They are
+// never part of the metallib. `well_formed` uses the same features
+// correctly and must run clean.
+#include <metal_stdlib>
+
+using namespace metal;
+
+constant bool fc_never_set [[function_constant(7)]];
+
+// Control: barrier, threadgroup memory, SIMD-group functions, all correct.
+[[kernel]] void well_formed(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint3 tpg [[threads_per_threadgroup]]) {
+  tg[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float neighbour = tg[(tid + 1) % tpg.x];
+  out[tid] = simd_sum(neighbour) + float(lane);
+}
+
+// Threads 0..15 return before the barrier that the others wait at.
+[[kernel]] void early_return_before_barrier(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  if (tid < 16) {
+    return;
+  }
+  tg[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tg[tid];
+}
+
+// Even and odd simdgroups wait at two different barriers.
+[[kernel]] void mismatched_barriers(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sgid [[simdgroup_index_in_threadgroup]]) {
+  if (sgid % 2 == 0) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  out[tid] = 1.0f;
+}
+
+// simd_sum under a lane-dependent condition: only lanes 0..15 call it.
+[[kernel]] void divergent_simd_sum(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  float x = float(lane);
+  if (lane < 16) {
+    x = simd_sum(x);
+  }
+  out[tid] = x;
+}
+
+// Off by one: the last thread reads one element past the end of `in`.
+[[kernel]] void read_past_end(
+    const device float* in [[buffer(0)]],
+    device float* out [[buffer(1)]],
+    constant uint& n [[buffer(2)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid < n) {
+    out[gid] = in[gid] + in[gid + 1];
+  }
+}
+
+// Off by one: thread n writes one element past the end of `out`.
+[[kernel]] void write_past_end(
+    device float* out [[buffer(0)]],
+    constant uint& n [[buffer(1)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid <= n) {
+    out[gid] = 1.0f;
+  }
+}
+
+// The last element of threadgroup memory is never written, and read.
+[[kernel]] void read_unwritten_threadgroup(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint3 tpg [[threads_per_threadgroup]]) {
+  if (tid + 1 < tpg.x) {
+    tg[tid] = float(tid);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tg[(tid + 1) % tpg.x];
+}
+
+// No barrier between the writes of one simdgroup and the reads of another.
+[[kernel]] void missing_barrier(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint3 tpg [[threads_per_threadgroup]]) {
+  tg[tid] = float(tid);
+  out[tid] = tg[(tid + 32) % tpg.x];
+}
+
+// Threadgroup memory indexed one past the length the host set.
+[[kernel]] void threadgroup_past_end(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  tg[tid + 1] = float(tid);
+  out[tid] = 0.0f;
+}
+
+// Reads a function constant that the launch does not set.
+[[kernel]] void reads_unset_constant(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]]) {
+  out[gid] = fc_never_set ? 1.0f : 2.0f;
+}
+
+// Accumulates into an output that nothing initialised.
+[[kernel]] void accumulates_into_unwritten_output(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]]) {
+  out[gid] += 1.0f;
+}
