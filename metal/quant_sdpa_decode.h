@@ -50,7 +50,9 @@ struct DecodeBuffers {
 };
 
 // Elements e0 .. e0 + 3 of key/value row `key` (all in one quantization
-// group: every group size is a multiple of 4), decoded with formats.h.
+// group: every group size is a multiple of 4), decoded with formats.h. Their
+// 4 * BITS bits are loaded once, as one word or (3, 5 and 6 bits, when they
+// straddle) two, and taken apart like one of MLX's packs.
 template <int MODE, int BITS>
 inline float4 decode4(
     const device uint* words,
@@ -64,6 +66,14 @@ inline float4 decode4(
     int key,
     int e0) {
   const PackedRow row = {words + offset4(w_strides, b, h, key, 0), w_strides[3]};
+  const int w0 = element_word(e0, BITS);
+  const int shift = element_shift(e0, BITS);
+  ulong bits4 = row[w0];
+  if (shift + 4 * BITS > 32) {
+    bits4 |= ulong(row[w0 + 1]) << 32; // never past the row: groups end on a word
+  }
+  bits4 >>= shift;
+
   const int g = e0 / fc_group_size;
   const int64_t s_at = offset4(s_strides, b, h, key, g);
   float scale;
@@ -78,7 +88,7 @@ inline float4 decode4(
   }
   float4 v;
   for (int k = 0; k < 4; ++k) {
-    v[k] = decode_code<MODE>(unpack_element<BITS>(row, e0 + k)) * scale + bias;
+    v[k] = decode_code<MODE>(unpack_from_pack<BITS>(bits4, k)) * scale + bias;
   }
   return v;
 }

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Downloads the macOS wheel of mlx-metal (same version as the MLX we build
-# against) and unpacks it into build/mlx-metal-<version>/. It carries the
-# headers the Metal host code compiles against: mlx/backend/metal/*.h and
-# metal-cpp. Used by the Linux compile check of csrc/metal/*.cpp
-# (tests/metal/test_host_compile.py). Idempotent: does nothing when the
-# headers are already there.
+# Downloads the macOS wheel of mlx-metal of the MLX version we build against
+# (the installed mlx, else 0.32.4; MLX_METAL_VERSION overrides) and unpacks
+# its headers into build/mlx-metal-<version>/: mlx/backend/metal/*.h and
+# metal-cpp, which the Linux compile check of the Metal host code
+# (tests/metal/test_metal_host_compile.py) compiles csrc/metal/*.cpp
+# against. Idempotent: does nothing when the headers are already there.
 #
 #   bash tools/fetch_metal_headers.sh            # prints the unpacked directory
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-version=${MLX_METAL_VERSION:-0.32.4}
+py=${PYTHON:-python3}
+installed=$("$py" -c "import mlx.core as mx; print(mx.__version__)" 2>/dev/null || true)
+version=${MLX_METAL_VERSION:-${installed:-0.32.4}}
 dest="$root/build/mlx-metal-$version"
 marker="$dest/mlx/include/mlx/backend/metal/device.h"
 if [ -f "$marker" ] && [ -d "$dest/mlx/include/metal_cpp" ]; then
   echo "$dest"
   exit 0
 fi
-py=${PYTHON:-python3}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$py" -m pip download -q --no-deps --only-binary=:all: \

@@ -15,18 +15,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import metal_simulator as sim  # noqa: E402
+from metal_requirements import require  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HERE = Path(__file__).resolve().parent
-
-
-def require(condition: bool, reason: str) -> None:
-    """Fails on CI, skips elsewhere, when a prerequisite is missing."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(reason + " (required on CI)")
-    pytest.skip(reason)
 
 
 def _require_simulator():

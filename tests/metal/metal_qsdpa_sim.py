@@ -174,7 +174,8 @@ class QuantSDPASim:
     ):
         """Runs the plan. k, v: (words, scales, biases-or-None) Views.
         Returns (out as float32 [B, Hq, Lq, D], lse or None, (blocks,
-        keys_per_block, launches))."""
+        keys_per_block, launches)); self.bytes_read then holds the bytes the
+        kernels loaded from each input operand."""
         B, Hq, Hkv, Lq, Lk, D = shape
         lib = self.lib
         ids = [-1] * len(OPERANDS)
@@ -233,6 +234,7 @@ class QuantSDPASim:
                 raise SimulatorError(lib.error())
             raw_out = lib.download(out_id, out_elem, n_out)
             lse = lib.download(lse_id, np.float32, B * Hq * Lq).reshape(B, Hq, Lq) if return_lse else None
+            self.bytes_read = {name: lib.bytes_read(ids[i]) for i, name in enumerate(OPERANDS[:9]) if ids[i] >= 0}
         finally:
             for bid in owned:
                 lib.free(bid)

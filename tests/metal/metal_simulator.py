@@ -385,6 +385,8 @@ class Library:
         lib.qsim_free.argtypes = [ctypes.c_int64]
         lib.qsim_data.restype = ctypes.c_void_p
         lib.qsim_data.argtypes = [ctypes.c_int64]
+        lib.qsim_bytes_read.restype = ctypes.c_int64
+        lib.qsim_bytes_read.argtypes = [ctypes.c_int64]
         lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.qsim_launch.argtypes = [
@@ -439,6 +441,10 @@ class Library:
         if out.nbytes:
             ctypes.memmove(out.ctypes.data, self.lib.qsim_data(bid), out.nbytes)
         return out
+
+    def bytes_read(self, bid: int) -> int:
+        """Bytes the kernels have loaded from buffer `bid`."""
+        return self.lib.qsim_bytes_read(bid)
 
     def free(self, bid: int) -> None:
         self.lib.qsim_free(bid)

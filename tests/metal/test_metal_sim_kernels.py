@@ -248,3 +248,41 @@ def test_empty_key_range(qsdpa_sim):
         assert np.all(out == 0.0)
         expected = np.full((B, Hq, Lq), -np.inf) if sinks is None else np.broadcast_to(sinks[None, :, None], (B, Hq, Lq))
         np.testing.assert_allclose(lse, expected, rtol=1e-6)
+
+
+def _sweep() -> list[Case]:
+    """Every format at every head dim it can quantize (D % group == 0)."""
+    cases = []
+    for i, (mode, bits, gs) in enumerate(FORMATS):
+        for j, D in enumerate((64, 80, 96, 128, 256)):
+            if D % gs or (D == 80 and mode != "nvfp4"):
+                continue
+            cases.append(
+                Case(
+                    mode=mode, bits=bits, gs=gs, D=D, Hq=2, Hkv=1, Lq=1 + (i + j) % 3, Lk=33 + 7 * j,
+                    dtype=(F16, BF16, F32)[(i + j) % 3], blocks=(0, 2)[(i + j) % 2],
+                    mask=(None, "causal", "additive_bcast")[(i + 2 * j) % 3], seed=i + j,
+                )
+            )  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("case", _sweep(), ids=str)
+def test_every_format_at_every_head_dim(qsdpa_sim, case):
+    test_kernel_matches_oracle(qsdpa_sim, case)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_kv_words_are_read_once_per_kv_head(qsdpa_sim, bits, blocks):
+    """GQA: the query heads of a group share each K/V load. The bytes the
+    kernels load from K and V do not grow with G: every word is loaded once
+    per 4-element decode step it holds (once at 8 bits, twice at 4)."""
+    loads = {}
+    for G in (1, 2, 4, 8):
+        c = Case(Hq=2 * G, Hkv=2, Lq=1, Lk=96, D=128, bits=bits, gs=64, blocks=blocks)
+        run_case(qsdpa_sim, c)
+        loads[G] = (qsdpa_sim.bytes_read["keys"], qsdpa_sim.bytes_read["values"])
+    assert len(set(loads.values())) == 1, loads
+    words_bytes = 1 * 2 * 96 * (128 * bits // 32) * 4
+    assert loads[1] == ((32 // bits // 4) * words_bytes,) * 2

@@ -104,6 +104,7 @@ struct Region {
   uint64_t size = 0;
   uint64_t mapped = 0; // bytes made accessible (whole pages)
   std::vector<uint8_t> written; // shadow: 1 where a byte holds a value
+  uint64_t bytes_read = 0; // by kernel loads, over every launch
 };
 
 uint8_t* g_arena = nullptr;
@@ -556,6 +557,9 @@ void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
         static_cast<unsigned long long>(r.size), who(pc).c_str()));
   }
   uint8_t* sh = r.written.data() + off;
+  if (!write) {
+    r.bytes_read += n;
+  }
   if (write) {
     std::memset(sh, 1, n);
     return;
@@ -757,6 +761,11 @@ void qsim_free(int64_t id) {
   if (id >= kFirstBufferSlot && id < kMaxSlots && g_regions[id].used) {
     unmap_region(static_cast<int>(id));
   }
+}
+
+// Bytes the kernels loaded from buffer `id` so far.
+int64_t qsim_bytes_read(int64_t id) {
+  return static_cast<int64_t>(qsim::g_regions[id].bytes_read);
 }
 
 void* qsim_data(int64_t id) {

@@ -51,6 +51,8 @@
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
+typedef unsigned long ulong; // 64-bit, as in MSL (LP64 hosts)
+static_assert(sizeof(ulong) == 8, "MSL ulong is 64-bit");
 
 // ---------------------------------------------------------------------------
 // half and bfloat

@@ -12,6 +12,7 @@ void qsim_reset();
 int64_t qsim_alloc(int64_t nbytes, int initialized, const char* name);
 void qsim_free(int64_t id);
 void* qsim_data(int64_t id);
+int64_t qsim_bytes_read(int64_t id);
 int qsim_kernel_names(char* out, int len);
 int qsim_function_constants(char* out, int len);
 int qsim_launch(

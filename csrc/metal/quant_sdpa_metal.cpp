@@ -1,0 +1,212 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The Metal implementation of the GPU hooks (backend.h). Everything that
+// decides what runs (kernels, function constants, buffers, parameters,
+// grids, the 1-pass / 2-pass choice) is in dispatch_plan.cpp, which the
+// Linux test suite executes in the Metal simulator; this file only turns
+// such a plan into MLX command-encoder calls, with the kernels of
+// mlx_qsdpa.metallib (installed next to this library).
+#include <dlfcn.h>
+
+#include <climits>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/metal/device.h"
+
+#include "backend.h"
+#include "metal/dispatch_plan.h"
+#include "quant_sdpa_params.h"
+
+namespace mlx_qsdpa {
+
+namespace {
+
+namespace plan = metal_plan;
+
+// The directory of the binary holding this code: mlx_qsdpa.metallib is
+// installed next to it (cmake/metal.cmake).
+const std::string& binary_dir() {
+  static const std::string dir = [] {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&binary_dir), &info) || !info.dli_fname) {
+      throw std::runtime_error("[quant_sdpa] cannot locate the mlx_qsdpa library (dladdr failed).");
+    }
+    return std::filesystem::path(info.dli_fname).parent_path().string();
+  }();
+  return dir;
+}
+
+int elem_type(mx::Dtype t) {
+  if (t == mx::float32) {
+    return qsdpa::kElemFloat32;
+  } else if (t == mx::float16) {
+    return qsdpa::kElemFloat16;
+  } else if (t == mx::bfloat16) {
+    return qsdpa::kElemBFloat16;
+  }
+  throw std::invalid_argument("[quant_sdpa] Metal kernels take float32, float16 or bfloat16 queries and scales.");
+}
+
+plan::Strides4 strides4(const mx::array& a) {
+  return {a.strides(0), a.strides(1), a.strides(2), a.strides(3)};
+}
+
+// A float32 temporary of n elements, released when the command buffer
+// completes.
+mx::array temporary(int64_t n, mx::metal::CommandEncoder& enc) {
+  if (n > INT_MAX) {
+    throw std::runtime_error("[quant_sdpa] the 2-pass partial results exceed 2^31 elements.");
+  }
+  mx::array a({static_cast<int>(n)}, mx::float32, nullptr, {});
+  a.set_data(mx::allocator::malloc(a.nbytes()));
+  enc.add_temporary(a);
+  return a;
+}
+
+} // namespace
+
+bool gpu_kernel_supports(const QuantSDPAConfig& c, int head_dim, int q_len) {
+  return plan::kernels_cover(c.mode, c.bits, c.group_size, head_dim, q_len);
+}
+
+void eval_gpu_kernel(
+    const QuantSDPAConfig& c,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    mx::Stream stream) {
+  InputSlots in(c);
+  const mx::array& q = inputs[in.q];
+  mx::array& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (c.return_lse) {
+    outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
+  }
+  if (out.size() == 0) {
+    return;
+  }
+
+  auto& d = mx::metal::device(stream.device);
+  plan::DecodeProblem p;
+  p.B = q.shape(0);
+  p.Hq = q.shape(1);
+  p.Lq = q.shape(2);
+  p.D = q.shape(3);
+  p.Hkv = inputs[in.k].shape(1);
+  p.Lk = inputs[in.k].shape(2);
+  p.mode = c.mode;
+  p.bits = c.bits;
+  p.group_size = c.group_size;
+  p.query_type = elem_type(q.dtype());
+  p.scale_type = c.has_biases() ? elem_type(inputs[in.k_scales].dtype()) : 0;
+  p.mask = c.mask == MaskKind::Causal ? plan::MaskMode::Causal
+      : c.mask == MaskKind::Bool      ? plan::MaskMode::Bool
+      : c.mask == MaskKind::Additive  ? plan::MaskMode::Additive
+                                      : plan::MaskMode::None;
+  p.has_sinks = c.has_sinks;
+  p.return_lse = c.return_lse;
+  p.scale = c.scale;
+  p.q = strides4(q);
+  p.k = strides4(inputs[in.k]);
+  p.k_scales = strides4(inputs[in.k_scales]);
+  p.v = strides4(inputs[in.v]);
+  p.v_scales = strides4(inputs[in.v_scales]);
+  if (c.has_biases()) {
+    p.k_biases = strides4(inputs[in.k_biases]);
+    p.v_biases = strides4(inputs[in.v_biases]);
+  }
+  if (in.mask >= 0) {
+    p.mask_strides = strides4(inputs[in.mask]);
+  }
+  p.gpu_cores = plan::gpu_core_estimate(d.get_architecture());
+  if (const char* blocks = std::getenv("QSDPA_METAL_BLOCKS")) {
+    p.force_blocks = std::atoi(blocks);
+  }
+  const plan::DecodePlan dp = plan::plan_decode(p);
+
+  auto& enc = mx::metal::get_command_encoder(stream);
+  std::optional<mx::array> partial_out, partial_stats;
+  if (dp.partial_out_elems > 0) {
+    partial_out = temporary(dp.partial_out_elems, enc);
+    partial_stats = temporary(dp.partial_stats_elems, enc);
+  }
+  auto operand = [&](plan::Operand o) -> mx::array& {
+    switch (o) {
+      case plan::Operand::Out:
+        return outputs[0];
+      case plan::Operand::Lse:
+        return outputs[1];
+      case plan::Operand::PartialOut:
+        return *partial_out;
+      case plan::Operand::PartialStats:
+        return *partial_stats;
+      default:
+        break;
+    }
+    // An input: the plan only binds it with set_input_array (read), the
+    // const_cast just lets one lambda serve both kinds of operand.
+    const int slot = o == plan::Operand::Queries ? in.q
+        : o == plan::Operand::Keys               ? in.k
+        : o == plan::Operand::KeyScales          ? in.k_scales
+        : o == plan::Operand::KeyBiases          ? in.k_biases
+        : o == plan::Operand::Values             ? in.v
+        : o == plan::Operand::ValueScales        ? in.v_scales
+        : o == plan::Operand::ValueBiases        ? in.v_biases
+        : o == plan::Operand::Mask               ? in.mask
+                                                 : in.sinks;
+    return const_cast<mx::array&>(inputs[slot]);
+  };
+
+  auto* lib = d.get_library("mlx_qsdpa", binary_dir());
+  for (const auto& l : dp.launches) {
+    // The constant values must outlive get_kernel (it reads them there).
+    const size_t n = l.constants.size();
+    std::unique_ptr<bool[]> bools(new bool[n]);
+    std::unique_ptr<int[]> ints(new int[n]);
+    mx::metal::MTLFCList constants;
+    for (size_t i = 0; i < n; ++i) {
+      const auto& fc = l.constants[i];
+      if (fc.is_bool) {
+        bools[i] = fc.value != 0;
+        constants.emplace_back(&bools[i], MTL::DataType::DataTypeBool, fc.index);
+      } else {
+        ints[i] = fc.value;
+        constants.emplace_back(&ints[i], MTL::DataType::DataTypeInt, fc.index);
+      }
+    }
+    auto* kernel = d.get_kernel(l.kernel, lib, l.pipeline_key, constants);
+    const size_t threads = size_t(l.threads[0]) * l.threads[1] * l.threads[2];
+    if (kernel->maxTotalThreadsPerThreadgroup() < threads) {
+      throw std::runtime_error(
+          "[quant_sdpa] Metal kernel " + l.kernel + " runs at most " +
+          std::to_string(kernel->maxTotalThreadsPerThreadgroup()) +
+          " threads per threadgroup on this GPU; it needs " + std::to_string(threads) + ".");
+    }
+    enc.set_compute_pipeline_state(kernel);
+    for (const auto& b : l.buffers) {
+      if (b.written) {
+        enc.set_output_array(operand(b.operand), b.index);
+      } else {
+        enc.set_input_array(operand(b.operand), b.index);
+      }
+    }
+    enc.set_bytes(l.params.data(), static_cast<int>(l.params.size()), l.params_index);
+    if (l.threadgroup_memory > 0) {
+      enc.set_threadgroup_memory_length(l.threadgroup_memory, 0);
+    }
+    enc.dispatch_threadgroups(
+        MTL::Size(l.grid[0], l.grid[1], l.grid[2]),
+        MTL::Size(l.threads[0], l.threads[1], l.threads[2]));
+  }
+}
+
+const char* gpu_backend_name() {
+  return "metal";
+}
+
+} // namespace mlx_qsdpa
