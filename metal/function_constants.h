@@ -9,7 +9,8 @@
 #include "quant_sdpa_params.h"
 
 constant int fc_query_type [[function_constant(qsdpa::kFcQueryType)]];
-constant int fc_scale_type [[function_constant(qsdpa::kFcScaleType)]];
+constant int fc_key_scale_type [[function_constant(qsdpa::kFcKeyScaleType)]];
+constant int fc_value_scale_type [[function_constant(qsdpa::kFcValueScaleType)]];
 constant int fc_group_size [[function_constant(qsdpa::kFcGroupSize)]];
 constant bool fc_has_biases [[function_constant(qsdpa::kFcHasBiases)]];
 constant bool fc_causal [[function_constant(qsdpa::kFcCausal)]];

@@ -61,6 +61,7 @@ inline float4 decode4(
     const constant int64_t* w_strides,
     const constant int64_t* s_strides,
     const constant int64_t* b_strides,
+    int scale_type,
     int b,
     int h,
     int key,
@@ -79,9 +80,9 @@ inline float4 decode4(
   float scale;
   float bias = 0.0f;
   if (MODE == kAffine) {
-    scale = load_elem(scales, s_at, fc_scale_type);
+    scale = load_elem(scales, s_at, scale_type);
     if (fc_has_biases) {
-      bias = load_elem(biases, offset4(b_strides, b, h, key, g), fc_scale_type);
+      bias = load_elem(biases, offset4(b_strides, b, h, key, g), scale_type);
     }
   } else {
     scale = decode_fp_scale<MODE>(scales[s_at]);
@@ -170,10 +171,10 @@ inline void quant_sdpa_decode(
       const int e0 = (u % kQuads) * 4;
       *((threadgroup float4*)(k_tile + j * D + e0)) = decode4<MODE, BITS>(
           buf.keys, buf.key_scales, buf.key_biases, p.k_strides, p.k_scale_strides,
-          p.k_bias_strides, b, kvh, t0 + j, e0);
+          p.k_bias_strides, fc_key_scale_type, b, kvh, t0 + j, e0);
       *((threadgroup float4*)(v_tile + j * D + e0)) = decode4<MODE, BITS>(
           buf.values, buf.value_scales, buf.value_biases, p.v_strides, p.v_scale_strides,
-          p.v_bias_strides, b, kvh, t0 + j, e0);
+          p.v_bias_strides, fc_value_scale_type, b, kvh, t0 + j, e0);
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 
@@ -294,7 +295,7 @@ inline void quant_sdpa_decode(
       float c = 1.0f;
       if (fc_has_sinks) {
         // The sink: one more key with logit sinks[head] and a zero value.
-        const float s2 = buf.sinks[head[rr]] * log2e();
+        const float s2 = buf.sinks[head[rr] * p.sink_stride] * log2e();
         const float m_new = metal::max(mm, s2);
         c = metal::exp2(mm - m_new);
         ll = ll * c + metal::exp2(s2 - m_new);

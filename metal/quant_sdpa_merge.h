@@ -37,7 +37,7 @@ inline void quant_sdpa_merge(
   m = metal::simd_max(m);
   float sink = 0.0f;
   if (fc_has_sinks) {
-    sink = sinks[head] * log2e();
+    sink = sinks[head * p.sink_stride] * log2e();
     m = metal::max(m, sink);
   }
   // Blocks that saw no key have max -inf and contribute nothing (and m is

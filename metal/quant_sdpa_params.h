@@ -69,16 +69,17 @@ enum ElemType : int {
 // ---------------------------------------------------------------------------
 enum FunctionConstantIndex : int {
   kFcQueryType = 0, // int, ElemType of queries and output
-  kFcScaleType = 1, // int, ElemType of affine scales and biases
-  kFcGroupSize = 2, // int
-  kFcHasBiases = 3, // bool, affine mode
-  kFcCausal = 4, // bool
-  kFcBoolMask = 5, // bool
-  kFcFloatMask = 6, // bool, additive float32 mask
-  kFcHasSinks = 7, // bool
-  kFcWriteLse = 8, // bool, this launch writes lse
-  kFcWriteFinal = 9, // bool, 1-pass: normalised output
-  kFcWritePartials = 10, // bool, 2-pass pass 1: partial output, max, sum
+  kFcKeyScaleType = 1, // int, ElemType of the affine key scales and biases
+  kFcValueScaleType = 2, // int, ElemType of the affine value scales and biases
+  kFcGroupSize = 3, // int
+  kFcHasBiases = 4, // bool, affine mode
+  kFcCausal = 5, // bool
+  kFcBoolMask = 6, // bool
+  kFcFloatMask = 7, // bool, additive float32 mask
+  kFcHasSinks = 8, // bool
+  kFcWriteLse = 9, // bool, this launch writes lse
+  kFcWriteFinal = 10, // bool, 1-pass: normalised output
+  kFcWritePartials = 11, // bool, 2-pass pass 1: partial output, max, sum
 };
 
 // ---------------------------------------------------------------------------
@@ -124,7 +125,7 @@ struct DecodeParams {
   int keys_per_block; // keys a threadgroup covers
   int blocks; // key blocks (1 for the 1-pass kernel)
   float scale_log2; // scale * log2(e): scores are kept in base 2
-  int pad0;
+  int sink_stride; // elements between consecutive sinks
 };
 
 // ---------------------------------------------------------------------------
@@ -148,7 +149,7 @@ struct MergeParams {
   int Lq;
   int D;
   int blocks;
-  int pad0;
+  int sink_stride; // elements between consecutive sinks
 };
 
 } // namespace qsdpa

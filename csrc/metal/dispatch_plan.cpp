@@ -15,6 +15,7 @@ namespace mlx_qsdpa::metal_plan {
 static_assert(sizeof(qsdpa::DecodeParams) == 8 * 4 * 8 + 12 * 4, "DecodeParams layout");
 static_assert(offsetof(qsdpa::DecodeParams, B) == 8 * 4 * 8, "DecodeParams layout");
 static_assert(offsetof(qsdpa::DecodeParams, scale_log2) == 8 * 4 * 8 + 10 * 4, "DecodeParams layout");
+static_assert(offsetof(qsdpa::DecodeParams, sink_stride) == 8 * 4 * 8 + 11 * 4, "DecodeParams layout");
 static_assert(sizeof(qsdpa::MergeParams) == 6 * 4, "MergeParams layout");
 
 namespace {
@@ -68,7 +69,8 @@ std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, 
   const bool final_output = merge || !two_pass;
   return {
       {qsdpa::kFcQueryType, false, p.query_type},
-      {qsdpa::kFcScaleType, false, p.mode == qsdpa::kAffine ? p.scale_type : 0},
+      {qsdpa::kFcKeyScaleType, false, p.mode == qsdpa::kAffine ? p.key_scale_type : 0},
+      {qsdpa::kFcValueScaleType, false, p.mode == qsdpa::kAffine ? p.value_scale_type : 0},
       {qsdpa::kFcGroupSize, false, p.group_size},
       {qsdpa::kFcHasBiases, true, p.mode == qsdpa::kAffine},
       {qsdpa::kFcCausal, true, p.mask == MaskMode::Causal},
@@ -193,6 +195,7 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   dp.keys_per_block = split.keys_per_block;
   dp.blocks = split.blocks;
   dp.scale_log2 = p.scale * 1.4426950408889634f;
+  dp.sink_stride = static_cast<int>(p.sink_stride);
 
   KernelLaunch decode;
   decode.kernel = decode_kernel_name(p.mode, p.bits, p.D);
@@ -248,6 +251,7 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   mp.Lq = p.Lq;
   mp.D = p.D;
   mp.blocks = split.blocks;
+  mp.sink_stride = static_cast<int>(p.sink_stride);
 
   KernelLaunch merge;
   merge.kernel = "qsdpa_merge";

@@ -29,12 +29,14 @@ struct DecodeProblem {
   int bits = 4;
   int group_size = 64;
   int query_type = 0; // qsdpa::ElemType of queries and output
-  int scale_type = 0; // qsdpa::ElemType of affine scales/biases (fp modes: unused)
+  int key_scale_type = 0; // qsdpa::ElemType of the affine key scales/biases
+  int value_scale_type = 0; // ... of the value scales/biases (fp modes: unused)
   MaskMode mask = MaskMode::None;
   bool has_sinks = false;
   bool return_lse = false;
   float scale = 1.0f;
   Strides4 q{}, k{}, k_scales{}, k_biases{}, v{}, v_scales{}, v_biases{}, mask_strides{};
+  int64_t sink_stride = 1;
   // Size hint of the GPU (gpu_core_estimate); decides the key split.
   int gpu_cores = 16;
   // > 0: split the keys into this many blocks exactly as far as Lk allows

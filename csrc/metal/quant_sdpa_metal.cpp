@@ -103,7 +103,10 @@ void eval_gpu_kernel(
   p.bits = c.bits;
   p.group_size = c.group_size;
   p.query_type = elem_type(q.dtype());
-  p.scale_type = c.has_biases() ? elem_type(inputs[in.k_scales].dtype()) : 0;
+  if (c.has_biases()) {
+    p.key_scale_type = elem_type(inputs[in.k_scales].dtype());
+    p.value_scale_type = elem_type(inputs[in.v_scales].dtype());
+  }
   p.mask = c.mask == MaskKind::Causal ? plan::MaskMode::Causal
       : c.mask == MaskKind::Bool      ? plan::MaskMode::Bool
       : c.mask == MaskKind::Additive  ? plan::MaskMode::Additive
@@ -122,6 +125,9 @@ void eval_gpu_kernel(
   }
   if (in.mask >= 0) {
     p.mask_strides = strides4(inputs[in.mask]);
+  }
+  if (in.sinks >= 0) {
+    p.sink_stride = inputs[in.sinks].strides(0);
   }
   p.gpu_cores = plan::gpu_core_estimate(d.get_architecture());
   if (const char* blocks = std::getenv("QSDPA_METAL_BLOCKS")) {

@@ -128,13 +128,15 @@ class QuantSDPASim:
         return buf.value.decode()
 
     @staticmethod
-    def _dims(shape, *, mode, bits, group_size, query_dtype, scale_dtype, mask_mode, sinks, return_lse, gpu_cores, force_blocks):
+    def _dims(shape, *, mode, bits, group_size, query_dtype, scale_dtype, mask_mode, sinks, return_lse, gpu_cores, force_blocks,
+              value_scale_dtype=None, sink_stride=1):  # fmt: skip
         B, Hq, Hkv, Lq, Lk, D = shape
-        return (ctypes.c_int32 * 16)(
+        value_scale_dtype = value_scale_dtype or scale_dtype
+        return (ctypes.c_int32 * 18)(
             B, Hq, Hkv, Lq, Lk, D,
             MODES[mode], bits, group_size,
-            ELEM_TYPES[query_dtype], ELEM_TYPES.get(scale_dtype, 0),
-            MASK_MODES[mask_mode], int(sinks), int(return_lse), gpu_cores, force_blocks,
+            ELEM_TYPES[query_dtype], ELEM_TYPES.get(scale_dtype, 0), ELEM_TYPES.get(value_scale_dtype, 0),
+            MASK_MODES[mask_mode], int(sinks), int(return_lse), gpu_cores, force_blocks, sink_stride,
         )  # fmt: skip
 
     def describe_plan(self, shape, *, scale=1.0, strides=None, **kw) -> tuple[dict, list[dict]]:
@@ -165,9 +167,10 @@ class QuantSDPASim:
         bits: int,
         mode: str,
         scale_dtype=None,
+        value_scale_dtype=None,
         mask_mode=None,
         mask: View | None = None,
-        sinks: np.ndarray | None = None,
+        sinks: View | np.ndarray | None = None,
         return_lse: bool = False,
         gpu_cores: int = 16,
         force_blocks: int = 0,
@@ -200,8 +203,12 @@ class QuantSDPASim:
                 put(name, view, slot)
         if mask is not None:
             put("mask", mask, 7)
+        sink_stride = 1
         if sinks is not None:
-            put("sinks", View(np.asarray(sinks, np.float32), 0, (Hq,), (1,)))
+            if not isinstance(sinks, View):
+                sinks = View(np.asarray(sinks, np.float32), 0, (Hq,), (1,))
+            put("sinks", sinks)
+            sink_stride = sinks.strides[0]
         out_elem = np.float32 if q_dtype == mx.float32 else np.uint16
         n_out = B * Hq * Lq * D
         out_id = lib.alloc(n_out * np.dtype(out_elem).itemsize, "out", False)
@@ -215,8 +222,9 @@ class QuantSDPASim:
 
         dims = self._dims(
             shape, mode=mode, bits=bits, group_size=group_size, query_dtype=q_dtype,
-            scale_dtype=scale_dtype, mask_mode=mask_mode, sinks=sinks is not None,
-            return_lse=return_lse, gpu_cores=gpu_cores, force_blocks=force_blocks,
+            scale_dtype=scale_dtype, value_scale_dtype=value_scale_dtype, mask_mode=mask_mode,
+            sinks=sinks is not None, return_lse=return_lse, gpu_cores=gpu_cores, force_blocks=force_blocks,
+            sink_stride=sink_stride,
         )  # fmt: skip
         info = (ctypes.c_int32 * 3)()
         try:

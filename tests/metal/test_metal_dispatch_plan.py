@@ -10,16 +10,17 @@ from metal_qsdpa_sim import OPERANDS
 
 FC = {
     "query_type": 0,
-    "scale_type": 1,
-    "group_size": 2,
-    "has_biases": 3,
-    "causal": 4,
-    "bool_mask": 5,
-    "float_mask": 6,
-    "has_sinks": 7,
-    "write_lse": 8,
-    "write_final": 9,
-    "write_partials": 10,
+    "key_scale_type": 1,
+    "value_scale_type": 2,
+    "group_size": 3,
+    "has_biases": 4,
+    "causal": 5,
+    "bool_mask": 6,
+    "float_mask": 7,
+    "has_sinks": 8,
+    "write_lse": 9,
+    "write_final": 10,
+    "write_partials": 11,
 }
 FORMATS = [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
     ("mxfp4", 4, 32),
@@ -107,7 +108,7 @@ def test_function_constant_types_match_the_kernels(qsdpa_sim):
         for item in launch["constants"].split(","):
             index = int(item.split(":")[0])
             assert index in declared
-    ints = {FC["query_type"], FC["scale_type"], FC["group_size"]}
+    ints = {FC["query_type"], FC["key_scale_type"], FC["value_scale_type"], FC["group_size"]}
     assert {i for i, (t, _) in declared.items() if t == "int"} == ints
     assert {i for i, (t, _) in declared.items() if t == "bool"} == set(FC.values()) - ints
 

@@ -48,8 +48,10 @@ class Case:
     # bfloat16-scaled values to bfloat16 twice, the kernels decode in
     # float32, and the difference exceeds the float16/float32 tolerances.
     kv_dtype: object = None
+    v_dtype: object = None  # V's own dtype before quantization; default: kv_dtype
     mask: str | None = None  # None, causal, bool, bool_bcast, bool_empty, additive, additive_bcast
     sinks: bool = False
+    strided_sinks: bool = False  # sinks as every other element of a longer array
     lse: bool = True
     blocks: int = 0  # forced key blocks (0: the plan decides)
     cores: int = 16
@@ -61,7 +63,7 @@ class Case:
         parts = []
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("dtype", "kv_dtype"):
+            if f.name in ("dtype", "kv_dtype", "v_dtype"):
                 if v is not f.default:
                     parts.append(f"{f.name}={DTYPE_NAMES[v]}")
             elif v != f.default:
@@ -126,6 +128,11 @@ def _cases() -> list[Case]:
     # Long context: the plan's own split (several blocks), and 64 blocks.
     cases.append(Case(Hq=2, Hkv=1, D=64, Lk=2048, mode="affine", bits=4, gs=64))
     cases.append(Case(Hq=4, Hkv=1, D=64, Lk=1024, blocks=64, mask="causal", Lq=2, mode="mxfp4", bits=4, gs=32))
+    # K and V with different scale dtypes; sinks as a strided view.
+    cases.append(Case(dtype=F32, kv_dtype=F32, v_dtype=F16, Lq=2, Lk=60, gs=32))
+    cases.append(Case(dtype=F32, kv_dtype=F16, v_dtype=F32, Lq=2, Lk=60, blocks=2, sinks=True))
+    cases.append(Case(sinks=True, strided_sinks=True, Lq=2, Lk=50, mask="causal"))
+    cases.append(Case(sinks=True, strided_sinks=True, Lq=2, Lk=50, blocks=3))
     # Without lse.
     cases.append(Case(lse=False, Lq=2, Lk=50))
     cases.append(Case(lse=False, Lq=2, Lk=50, blocks=2, sinks=True))
@@ -155,10 +162,9 @@ def _make_mask(c: Case):
     return mx.array(m), broadcast(m, shape), "additive"
 
 
-def _quantized_kv(c: Case, x: mx.array):
+def _quantized_kv(c: Case, x: mx.array, dtype):
     """(oracle triple, simulator Views) of K or V in the case's layout."""
-    kv_dtype = c.kv_dtype or c.dtype
-    x = x.astype(kv_dtype)
+    x = x.astype(dtype)
     if c.layout == "seq_major":
         # The cache is stored [B, L, H, D]; the op gets its [B, H, L, D] transpose.
         stored = oracle.quantize(mx.swapaxes(x, 1, 2), c.gs, c.bits, c.mode)
@@ -179,8 +185,9 @@ def run_case(qsdpa_sim, c: Case):
     extra = 0 if c.layout in ("contiguous", "seq_major") else 24
     q, _, _ = oracle.make_qkv(c.B, c.Hq, c.Hkv, c.Lq, 1, c.D, dtype=c.dtype, seed=c.seed)
     _, k, v = oracle.make_qkv(c.B, c.Hq, c.Hkv, 1, c.Lk + extra, c.D, dtype=F32, seed=c.seed + 1)
-    kq, k_sim = _quantized_kv(c, k)
-    vq, v_sim = _quantized_kv(c, v)
+    k_dtype = c.kv_dtype or c.dtype
+    kq, k_sim = _quantized_kv(c, k, k_dtype)
+    vq, v_sim = _quantized_kv(c, v, c.v_dtype or k_dtype)
     if c.q_layout == "transposed":
         # Stored [B, Lq, Hq, D], seen as [B, Hq, Lq, D].
         stored = mx.contiguous(mx.swapaxes(q, 1, 2))
@@ -190,15 +197,22 @@ def run_case(qsdpa_sim, c: Case):
     else:
         q_sim = whole(q)
     mask_ref, mask_sim, mask_mode = _make_mask(c)
-    sinks = mx.random.normal((c.Hq,), key=mx.random.key(c.seed + 3)) if c.sinks else None
+    sinks = sinks_sim = None
+    if c.sinks:
+        sinks_all = mx.random.normal((2 * c.Hq,), key=mx.random.key(c.seed + 3))
+        if c.strided_sinks:
+            sinks = sinks_all[1::2]
+            sinks_sim = derived(sinks_all, lambda n: n[1::2])
+        else:
+            sinks = sinks_all[: c.Hq]
+            sinks_sim = np.array(sinks)
     scale = c.D**-0.5
 
     out, lse, info = qsdpa_sim.run(
         q_sim, c.dtype, k_sim, v_sim,
         shape=(c.B, c.Hq, c.Hkv, c.Lq, c.Lk, c.D), scale=scale,
         group_size=c.gs, bits=c.bits, mode=c.mode, scale_dtype=kq[1].dtype,
-        mask_mode=mask_mode, mask=mask_sim,
-        sinks=None if sinks is None else np.array(sinks),
+        value_scale_dtype=vq[1].dtype, mask_mode=mask_mode, mask=mask_sim, sinks=sinks_sim,
         return_lse=c.lse, gpu_cores=c.cores, force_blocks=c.blocks,
     )  # fmt: skip
     ref, ref_lse = oracle.reference(q, kq, vq, scale, c.gs, c.bits, c.mode, mask=mask_ref, sinks=sinks)
@@ -215,7 +229,10 @@ def test_kernel_matches_oracle(qsdpa_sim, case):
     assert launches == (2 if blocks > 1 else 1), info
     # mx.dequantize rounds affine values to the scale dtype (see oracle):
     # the output is compared at the coarser of that and its own dtype.
-    cache_dtype = (case.kv_dtype or case.dtype) if case.mode == "affine" else None
+    cache_dtype = None
+    if case.mode == "affine":
+        k_dtype = case.kv_dtype or case.dtype
+        cache_dtype = max((k_dtype, case.v_dtype or k_dtype), key=lambda d: oracle.RTOL[d])
     tol_dtype = max((case.dtype, cache_dtype or F32), key=lambda d: oracle.RTOL[d])
     oracle.assert_close(mx.array(out), ref, tol_dtype, what=str(case))
     if case.lse:

@@ -30,12 +30,14 @@ enum Dim {
   kBits,
   kGroupSize,
   kQueryType,
-  kScaleType,
+  kKeyScaleType,
+  kValueScaleType,
   kMask, // MaskMode
   kHasSinks,
   kReturnLse,
   kGpuCores,
   kForceBlocks,
+  kSinkStride,
   kNumDims,
 };
 
@@ -53,12 +55,14 @@ DecodeProblem problem_from(const int32_t* dims, float scale, const int64_t* stri
   p.bits = dims[kBits];
   p.group_size = dims[kGroupSize];
   p.query_type = dims[kQueryType];
-  p.scale_type = dims[kScaleType];
+  p.key_scale_type = dims[kKeyScaleType];
+  p.value_scale_type = dims[kValueScaleType];
   p.mask = static_cast<MaskMode>(dims[kMask]);
   p.has_sinks = dims[kHasSinks] != 0;
   p.return_lse = dims[kReturnLse] != 0;
   p.gpu_cores = dims[kGpuCores];
   p.force_blocks = dims[kForceBlocks];
+  p.sink_stride = dims[kSinkStride];
   p.scale = scale;
   Strides4* all[8] = {&p.q, &p.k, &p.k_scales, &p.k_biases, &p.v, &p.v_scales, &p.v_biases, &p.mask_strides};
   for (int a = 0; a < 8; ++a) {
