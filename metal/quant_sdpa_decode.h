@@ -139,7 +139,11 @@ inline void quant_sdpa_decode(
     const int r = r0 + lr;
     pos[rr] = valid ? r / p.G : 0;
     head[rr] = valid ? kvh * p.G + r % p.G : 0;
-    limit[rr] = !valid ? 0 : fc_causal ? metal::clamp(p.Lk - p.Lq + pos[rr] + 1, 0, p.Lk) : p.Lk;
+    limit[rr] = 0;
+    if (valid) {
+      // Causal, aligned bottom-right: position i sees keys j <= Lk - Lq + i.
+      limit[rr] = fc_causal ? metal::clamp(p.Lk - p.Lq + pos[rr] + 1, 0, p.Lk) : p.Lk;
+    }
     m[rr] = -INFINITY;
     l[rr] = 0.0f;
     const int64_t q_row = offset4(p.q_strides, b, head[rr], pos[rr], 0);

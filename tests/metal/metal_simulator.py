@@ -344,6 +344,11 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
         shutil.copy(gen, out_dir / gen.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # Older builds of the same source are stale now (a process that loaded
+    # one keeps its mapping).
+    for old in BUILD.glob(f"{metal.stem}-*"):
+        if old.is_dir() and old != out_dir and len(old.name) == len(out_dir.name):
+            shutil.rmtree(old, ignore_errors=True)
     return lib
 
 
