@@ -694,20 +694,17 @@ void __sanitizer_cov_8bit_counters_init(char*, char*) {}
 }
 
 // ---------------------------------------------------------------------------
-// Conversions of clang's __fp16 (the simulator's half): clang calls these
-// compiler-rt helpers, which libgcc does not provide. Round to nearest even.
+// Conversions of clang's __fp16 (the simulator's half). clang 14 calls these
+// helpers with the half in an integer register, and libgcc does not provide
+// them; newer clang calls __extendhfsf2 / __truncsfhf2 with _Float16 in SSE
+// registers, which libgcc 12+ and compiler-rt provide. Round to nearest even.
 // ---------------------------------------------------------------------------
+#if defined(__clang__) && __clang_major__ < 15
 extern "C" {
 float __gnu_h2f_ieee(uint16_t h) {
   return qsim::half_bits_to_float(h);
 }
 uint16_t __gnu_f2h_ieee(float f) {
-  return qsim::float_to_half_bits(f);
-}
-float __extendhfsf2(uint16_t h) {
-  return qsim::half_bits_to_float(h);
-}
-uint16_t __truncsfhf2(float f) {
   return qsim::float_to_half_bits(f);
 }
 // double -> half goes through float (the two roundings can differ from one
@@ -716,6 +713,7 @@ uint16_t __truncdfhf2(double d) {
   return qsim::float_to_half_bits(static_cast<float>(d));
 }
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // The launch interface (C, for ctypes and the plan runner)
