@@ -1,0 +1,394 @@
+"""mlx-lm drop-in (mlx_qsdpa.mlx_lm), end to end, without downloads.
+
+Small randomly initialised models built with mlx-lm's own classes generate
+greedily with a ``QuantizedKVCache``; with the patch every quantized
+attention call goes through quant_sdpa, without it through mlx-lm's
+``quantized_matmul`` path. The greedy tokens must agree for 64 steps and
+the log-probabilities within ``LOGPROB_TOL``.
+
+Why a tolerance at all, in float32: quant_sdpa accumulates the softmax in
+float32 in another order than mlx-lm, so the attention outputs differ in
+the last bits; keys and values of the next layers and tokens are computed
+from them and then *quantized*, and a last-bit difference occasionally
+moves an element across a rounding boundary, a full quantization step.
+Over 64 steps that grows to ~1e-3 in the log-probabilities (measured over
+these models with seeds 0-4, kv_bits 4 and 8: at most 4.3e-3). A wrong attention is far outside it: the models are
+initialised so that a 2 % error in the softmax scale changes greedy tokens
+within a few steps and the log-probabilities by ~3 (checked by
+``test_the_comparison_can_fail``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import mlx.core as mx
+import pytest
+
+mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'mlx-qsdpa[mlx-lm]')")
+
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models import base, cache as cache_mod, gpt_oss, llama  # noqa: E402
+
+import mlx_qsdpa.mlx_lm as qlm  # noqa: E402
+
+STEPS = 64  # greedy decode steps compared
+PROMPT = 150  # prompt tokens: more than two prefill chunks
+CHUNK = 64  # prefill_step_size
+VOCAB = 512
+LOGPROB_TOL = 1e-2  # float32 models; see the module docstring
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched():
+    """Every test starts and ends with mlx-lm's own functions."""
+    qlm.unpatch()
+    qlm.reset_stats()
+    yield
+    qlm.unpatch()
+
+
+def _sharpen(model, factor=3.0):
+    """Scale q/k projections so attention is peaked and position dependent.
+
+    With mlx-lm's default init the attention of a random model is nearly
+    uniform and greedy decoding falls into short token cycles that barely
+    depend on it; scaled, the tokens vary and a small attention error
+    changes them (test_the_comparison_can_fail).
+    """
+    for layer in model.layers:
+        a = layer.self_attn
+        a.q_proj.weight = a.q_proj.weight * factor
+        a.k_proj.weight = a.k_proj.weight * factor
+
+
+def make_llama(sliding_window=None, seed=0, dtype=mx.float32):
+    """A 2-layer Llama with GQA (Hq=4, Hkv=2, D=64); with a window, layer 0 slides."""
+    mx.random.seed(seed)
+    layer_types = ["sliding_attention", "full_attention"] if sliding_window else None
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+        vocab_size=VOCAB, tie_word_embeddings=False, layer_types=layer_types,
+        sliding_window=sliding_window,
+    )
+    model = llama.Model(args)
+    _sharpen(model)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def make_gpt_oss(seed=0):
+    """A 2-layer gpt-oss (sinks, sliding window 40 on layer 0, GQA 4/2, MoE 4 experts)."""
+    mx.random.seed(seed)
+    args = gpt_oss.ModelArgs(
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB,
+        hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=40,
+    )
+    model = gpt_oss.Model(args)
+    _sharpen(model)
+    for layer in model.layers:
+        # mlx-lm initialises sinks to zeros; random sinks make them matter.
+        layer.self_attn.sinks = 2.0 * mx.random.normal((args.num_attention_heads,))
+    mx.eval(model.parameters())
+    return model
+
+
+def prompt_tokens(batch=None, seed=1):
+    shape = (PROMPT,) if batch is None else (batch, PROMPT)
+    return mx.random.randint(0, VOCAB, shape, key=mx.random.key(seed))
+
+
+def generate(model, prompt, **kwargs):
+    """mlx-lm's generate_step, greedy: (tokens, stacked log-probabilities)."""
+    toks, lps = [], []
+    for tok, lp in generate_step(prompt, model, max_tokens=STEPS, prefill_step_size=CHUNK, **kwargs):
+        toks.append(tok)
+        lps.append(lp)
+    return toks, mx.stack(lps)
+
+
+def quantized_cache(model, bits, group_size=64):
+    return [cache_mod.QuantizedKVCache(group_size=group_size, bits=bits) for _ in model.layers]
+
+
+def assert_same_generation(a, b, tol=LOGPROB_TOL):
+    toks_a, lp_a = a
+    toks_b, lp_b = b
+    # The reference must not be degenerate, or equal tokens would prove little.
+    assert len(toks_a) == STEPS and len({str(t) for t in toks_a}) > 16, "degenerate reference generation"
+    assert toks_a == toks_b
+    diff = float(mx.abs(lp_a - lp_b).max())
+    assert diff <= tol, f"max |logprob difference| = {diff:.3g} > {tol}"
+
+
+def assert_routed_only():
+    s = qlm.stats()
+    assert s["routed"] > 0 and s["fallback"] == 0, s
+
+
+# ---------------------------------------------------------------------------
+# Installing and removing the patch
+# ---------------------------------------------------------------------------
+
+
+def test_patch_rebinds_every_model_module_and_unpatch_restores():
+    orig, orig_q = base.scaled_dot_product_attention, base.quantized_scaled_dot_product_attention
+    assert llama.scaled_dot_product_attention is orig  # bound at import time
+    qlm.patch()
+    assert qlm.is_patched()
+    for mod in (base, llama, gpt_oss):
+        assert mod.scaled_dot_product_attention is qlm.scaled_dot_product_attention
+    assert base.quantized_scaled_dot_product_attention is qlm.quantized_scaled_dot_product_attention
+    # A model module imported while patched takes the replacement from base.
+    name = "mlx_lm.models.qwen2"
+    sys.modules.pop(name, None)
+    qwen2 = importlib.import_module(name)
+    assert qwen2.scaled_dot_product_attention is qlm.scaled_dot_product_attention
+    qlm.patch()  # idempotent
+    qlm.unpatch()
+    assert not qlm.is_patched()
+    for mod in (base, llama, gpt_oss, qwen2):
+        assert mod.scaled_dot_product_attention is orig
+    assert base.quantized_scaled_dot_product_attention is orig_q
+    # Our own module keeps its functions (it is skipped when rebinding), and
+    # a replacement captured while patched behaves as the original after.
+    assert qlm.scaled_dot_product_attention is not orig
+    q, kq, vq = _qkv()
+    c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
+    got = qlm.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+    assert mx.array_equal(got, orig(q * 1, kq, vq, c, scale=0.1, mask=None))
+    assert qlm.stats() == {"routed": 0, "fallback": 0}
+    qlm.unpatch()  # idempotent
+    assert base.scaled_dot_product_attention is orig
+
+
+def test_context_manager_nests():
+    with qlm.patched():
+        assert llama.scaled_dot_product_attention is qlm.scaled_dot_product_attention
+    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    assert not qlm.is_patched()
+    qlm.patch()
+    with qlm.patched():
+        pass
+    assert qlm.is_patched()  # it was on before the block: left on
+
+
+# ---------------------------------------------------------------------------
+# End to end: greedy generation agrees
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_llama_kv_bits_generation_matches(bits):
+    """The path of ``mlx_lm.generate --kv-bits``: KVCache converted to QuantizedKVCache."""
+    model = make_llama()
+    prompt = prompt_tokens()
+    kw = dict(kv_bits=bits, kv_group_size=64, quantized_kv_start=0)
+    ref = generate(model, prompt, **kw)
+    with qlm.patched():
+        out = generate(model, prompt, **kw)
+    assert_routed_only()
+    assert_same_generation(ref, out)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64)])
+def test_llama_sliding_window_generation_matches(bits, group_size):
+    """Window masks (bool arrays from QuantizedKVCache.make_mask), prefill and decode."""
+    model = make_llama(sliding_window=40)
+    prompt = prompt_tokens()
+    ref = generate(model, prompt, prompt_cache=quantized_cache(model, bits, group_size))
+    with qlm.patched():
+        out = generate(model, prompt, prompt_cache=quantized_cache(model, bits, group_size))
+    assert_routed_only()
+    assert_same_generation(ref, out)
+
+
+def _reference_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    """Sinks over a quantized cache as mlx-lm does them over a float cache:
+    mx.dequantize, then mx.fast.scaled_dot_product_attention."""
+    if hasattr(cache, "bits"):
+        q = dict(group_size=cache.group_size, bits=cache.bits, dtype=queries.dtype)
+        keys, values = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpt_oss_sinks_generation_matches(bits, monkeypatch):
+    """Sinks, which mlx-lm rejects for quantized caches, go through quant_sdpa."""
+    model = make_gpt_oss()
+    prompt = prompt_tokens()
+    with pytest.raises(ValueError, match="sinks"):
+        generate(model, prompt, prompt_cache=quantized_cache(model, bits))
+    with monkeypatch.context() as m:
+        m.setattr(gpt_oss, "scaled_dot_product_attention", _reference_sdpa)
+        ref = generate(model, prompt, prompt_cache=quantized_cache(model, bits))
+    with qlm.patched():
+        out = generate(model, prompt, prompt_cache=quantized_cache(model, bits))
+    assert_routed_only()
+    assert_same_generation(ref, out)
+
+
+def greedy_batch(model, prompts, cache, steps=STEPS, chunk=CHUNK):
+    """Greedy decoding of a batch of equal-length prompts (what QuantizedKVCache
+    supports for B > 1; mlx-lm's BatchGenerator has no quantized cache)."""
+    L = prompts.shape[1]
+    for i in range(0, L - 1, chunk):
+        model(prompts[:, i : min(i + chunk, L - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    y = prompts[:, L - 1 :]
+    toks, lps = [], []
+    for _ in range(steps):
+        logits = model(y, cache=cache)[:, -1, :]
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = mx.argmax(lp, axis=-1)[:, None]
+        mx.eval(y, lp)
+        toks.append(y[:, 0].tolist())
+        lps.append(lp)
+    return toks, mx.stack(lps)
+
+
+def test_batch_generation_matches():
+    model = make_llama(sliding_window=40)
+    prompts = prompt_tokens(batch=3)
+    ref = greedy_batch(model, prompts, quantized_cache(model, 4))
+    with qlm.patched():
+        out = greedy_batch(model, prompts, quantized_cache(model, 4))
+    assert_routed_only()
+    assert_same_generation(ref, out)
+    # The rows are different sequences, not one repeated.
+    rows = list(zip(*ref[0]))
+    assert len(set(rows)) == 3
+
+
+def _float32_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    """Attention over the dequantized cache in float32, rounded to the queries' dtype."""
+    q = dict(group_size=cache.group_size, bits=cache.bits, dtype=mx.float32)
+    k, v = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
+    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+        mask = mask.astype(mx.float32)
+    out = mx.fast.scaled_dot_product_attention(
+        queries.astype(mx.float32), k, v, scale=scale, mask=mask, sinks=sinks
+    )
+    return out.astype(queries.dtype)
+
+
+def test_bfloat16_model_at_least_as_accurate(monkeypatch):
+    """A bfloat16 model (what mlx-lm checkpoints are), teacher-forced so that
+    every run sees the same tokens. In bfloat16 the whole model rounds (and
+    the cache quantization amplifies it), so neither path matches a float32
+    attention closely; the patched logits must be at least as close to it as
+    mlx-lm's own (measured, seeds 0-2: mean error 0.6x of mlx-lm's)."""
+    model = make_llama(sliding_window=40, dtype=mx.bfloat16)
+    prompts = prompt_tokens(batch=1)
+    forced = mx.random.randint(0, VOCAB, (1, 16), key=mx.random.key(7))
+
+    def run():
+        cache = quantized_cache(model, 4)
+        model(prompts, cache=cache)
+        out = []
+        for i in range(forced.shape[1]):
+            out.append(model(forced[:, i : i + 1], cache=cache)[:, -1, :].astype(mx.float32))
+        return mx.stack(out)
+
+    theirs = run()
+    with qlm.patched():
+        ours = run()
+    assert_routed_only()
+    with monkeypatch.context() as m:
+        m.setattr(llama, "scaled_dot_product_attention", _float32_attention)
+        ref = run()
+    err_ours = float(mx.abs(ours - ref).mean())
+    err_theirs = float(mx.abs(theirs - ref).mean())
+    assert err_ours <= err_theirs, (err_ours, err_theirs)
+    assert float(mx.abs(ours - ref).max()) <= 0.15 * float(mx.abs(ref).max())
+
+
+def test_the_comparison_can_fail():
+    """A 2 % error in the attention scale is caught by the same comparison."""
+    model = make_llama()
+    prompt = prompt_tokens()
+    kw = dict(kv_bits=4, quantized_kv_start=0)
+    ref = generate(model, prompt, **kw)
+    route = qlm._route
+
+    def wrong(queries, q_keys, q_values, scale, *rest):
+        return route(queries, q_keys, q_values, scale * 1.02, *rest)
+
+    with qlm.patched():
+        qlm._route = wrong
+        try:
+            out = generate(model, prompt, **kw)
+        finally:
+            qlm._route = route
+    with pytest.raises(AssertionError):
+        assert_same_generation(ref, out)
+
+
+# ---------------------------------------------------------------------------
+# Fallback to mlx-lm for what quant_sdpa does not take
+# ---------------------------------------------------------------------------
+
+
+def _qkv(B=1, Hq=4, Hkv=2, L=1, Lk=70, Dk=64, Dv=64, bits=4, group_size=64):
+    """Queries and a quantized cache for direct calls. The calls pass ``q * 1``:
+    mlx-lm's quantized path does ``queries *= scale``, which scales the
+    caller's array in place (MLX arrays update in place)."""
+    keys = mx.random.key(3)
+    k1, k2, k3 = mx.random.split(keys, 3)
+    q = mx.random.normal((B, Hq, L, Dk), key=k1)
+    kq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dk), key=k2), group_size=group_size, bits=bits)
+    vq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dv), key=k3), group_size=group_size, bits=bits)
+    return q, kq, vq
+
+
+def test_value_head_dim_other_than_key_falls_back():
+    # Hq == Hkv: mlx-lm's own function reshapes GQA outputs to the key head
+    # dimension and cannot take Dv != Dk with GQA either.
+    q, kq, vq = _qkv(Hq=2, Hkv=2, Dk=128, Dv=64)
+    c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
+    want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+    with qlm.patched():
+        got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+    assert qlm.stats() == {"routed": 0, "fallback": 1}
+    assert mx.array_equal(want, got)
+
+
+def test_per_kv_head_mask_falls_back():
+    """A [B, Hkv, L, Lk] mask is valid for mlx-lm's quantized path but not
+    broadcastable to [B, Hq, L, Lk]: mlx-lm's function handles it."""
+    q, kq, vq = _qkv(L=3)
+    mask = mx.random.uniform(shape=(1, 2, 3, 70), key=mx.random.key(5)) > 0.3
+    c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
+    want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
+    with qlm.patched():
+        got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
+    assert qlm.stats()["fallback"] >= 1 and qlm.stats()["routed"] == 0
+    assert mx.array_equal(want, got)
+
+
+def test_masks_as_mlx_lm_passes_them():
+    """Direct calls with each mask kind mlx-lm builds agree with its function."""
+    q, kq, vq = _qkv(L=5, Lk=70)
+    c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
+    window = base.create_causal_mask(5, offset=65, window_size=16)  # [5, 70] bool
+    additive = mx.where(window, 0.0, -1e9).astype(mx.float32)
+    for mask in (None, "causal", window, additive, window[None, None]):
+        want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.125, mask=mask)
+        with qlm.patched():
+            got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.125, mask=mask)
+        assert float(mx.abs(want - got).max()) < 1e-5, mask if isinstance(mask, str) else "array"
+    assert qlm.stats() == {"routed": 5, "fallback": 0}
+
+
+def test_float_cache_is_left_to_mlx_lm():
+    q, _, _ = _qkv()
+    k = mx.random.normal((1, 2, 70, 64))
+    with qlm.patched():
+        out = base.scaled_dot_product_attention(q, k, k, cache_mod.KVCache(), scale=0.1, mask=None)
+    assert qlm.stats() == {"routed": 0, "fallback": 0}
+    assert mx.array_equal(out, mx.fast.scaled_dot_product_attention(q, k, k, scale=0.1))
