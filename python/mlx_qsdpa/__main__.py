@@ -1,6 +1,7 @@
 """Command line of mlx-qsdpa.
 
     python -m mlx_qsdpa bench [options]   # the benchmark (see bench --help)
+    python -m mlx_qsdpa bench --e2e       # mlx-lm decoding with/without the patch
     python -m mlx_qsdpa --cmake-dir        # where find_package(mlx_qsdpa) looks
     python -m mlx_qsdpa --include-dir      # the C++ headers
     python -m mlx_qsdpa info               # versions and backends

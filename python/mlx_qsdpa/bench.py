@@ -276,9 +276,16 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot to this file (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
+    from . import e2e
+
+    e2e.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "e2e", False):
+        from . import e2e
+
+        return e2e.main(args)
     device = {"cpu": mx.cpu, "gpu": mx.gpu, None: mx.default_device()}[args.device]
     if isinstance(device, mx.Device):
         dev = device
