@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import sys
 
 import mlx.core as mx
@@ -424,3 +425,37 @@ def test_bench_e2e_with_local_model(kind, tmp_path, capsys):
     else:
         assert all(float(r[2]) > 0 for r in rows) and "x" in rows[1][-1]
         assert "greedy tokens at ctx 200, mlx-lm vs quant_sdpa: all 4 agree." in out
+
+
+def test_generate_command_patched(tmp_path):
+    """``python -m mlx_qsdpa.mlx_lm`` is mlx-lm's generate command, patched:
+    same text as ``python -m mlx_lm.generate`` on a saved model with a
+    word-level tokenizer."""
+    import json
+    import subprocess
+
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = make_llama()
+    save_model(tmp_path, model)
+    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    save_config({**config, "eos_token_id": 0}, tmp_path / "config.json")
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0", "unk_token": "t1"})
+    )
+    prompt = " ".join(f"t{2 + (i * 37) % (VOCAB - 2)}" for i in range(PROMPT))
+    args = ["--model", str(tmp_path), "--prompt", prompt, "--kv-bits", "4", "--quantized-kv-start", "0",
+            "--max-tokens", "24", "--ignore-chat-template"]
+    texts = []
+    for module in ("mlx_lm.generate", "mlx_qsdpa.mlx_lm"):
+        r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        texts.append(r.stdout.split("==========")[1].strip())
+    # The patched command reports its calls on stderr: some, all routed.
+    assert re.search(r"mlx_qsdpa: [1-9][0-9]* quantized-KV attention calls through quant_sdpa, 0 through", r.stderr)
+    assert len(set(texts[0].split())) > 8
+    assert texts[0] == texts[1]

@@ -10,6 +10,9 @@
     with mlx_qsdpa.mlx_lm.patched():  # or only inside a block
         mlx_lm.generate(model, tokenizer, prompt, kv_bits=4)
 
+    python -m mlx_qsdpa.mlx_lm --model ... --kv-bits 4 --prompt ...
+                                      # mlx-lm's generate command, patched
+
 How mlx-lm (0.32) reaches its quantized attention: every model module does
 ``from .base import scaled_dot_product_attention`` and calls it with the
 layer's cache; that function sends a cache with a ``bits`` attribute
@@ -326,3 +329,21 @@ def reset_stats() -> None:
     """Zero the counters of ``stats()``."""
     with _lock:
         _stats["routed"] = _stats["fallback"] = 0
+
+
+if __name__ == "__main__":
+    # ``python -m mlx_qsdpa.mlx_lm [mlx_lm.generate arguments]``: mlx-lm's
+    # generate command with the patch on. Patch through the package's module,
+    # not this __main__ copy of it, so that there is one patch state.
+    import mlx_qsdpa.mlx_lm as _this
+    from mlx_lm.generate import main as _generate
+
+    _this.patch()
+    _generate()
+    # On stderr, so that the command's output stays mlx-lm's.
+    _s = _this.stats()
+    print(
+        f"mlx_qsdpa: {_s['routed']} quantized-KV attention calls through quant_sdpa, "
+        f"{_s['fallback']} through mlx-lm's own path",
+        file=sys.stderr,
+    )
