@@ -11,7 +11,7 @@ import pytest
 from mlx_qsdpa import SUPPORTED_FORMATS, quant_sdpa
 import oracle
 from qsdpa_case import (
-    BF16, DTYPES, F16, F32, Case, check_case, dtype_id, fmt_id, run, assert_matches,
+    BF16, DTYPES, F16, F32, Case, build, check_case, dtype_id, fmt_id, run, assert_matches,
 )
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -24,7 +24,22 @@ A4 = ("affine", 4, 64)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("fmt", SUPPORTED_FORMATS, ids=fmt_id)
 def test_format_and_dtype(device, fmt, dtype):
-    check_case(Case(fmt=fmt, dtype=dtype, Lq=3, Lk=100, D=128, mask="causal", seed=1), device)
+    c = Case(fmt=fmt, dtype=dtype, Lq=3, Lk=100, D=128, mask="causal", seed=1)
+    q, kq, vq, _, _ = build(c)
+    # The cache is quantized from data of the queries' dtype: affine scales
+    # and biases carry that dtype, the fp modes' scales are uint8 codes.
+    assert kq[1].dtype == (dtype if fmt[0] == "affine" else mx.uint8)
+    out, lse, ref, ref_lse = run(c, device, (q, kq, vq, "causal", None))
+    assert_matches(c, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("Lq", [33, 100])
+@pytest.mark.parametrize("fmt", SUPPORTED_FORMATS, ids=fmt_id)
+def test_format_many_queries(device, fmt, Lq):
+    # More than one block of query rows, GQA 4, a per-head bool mask.
+    i = SUPPORTED_FORMATS.index(fmt)
+    c = Case(Hq=8, Hkv=2, Lq=Lq, Lk=150, D=128, fmt=fmt, dtype=DTYPES[i % 3], mask="bool:HQK", seed=Lq + i)
+    check_case(c, device)
 
 
 # --- every format x every head dim it divides ----------------------------
@@ -117,8 +132,6 @@ def test_batch(device, B, mask, sinks):
 def test_batches_are_independent(device):
     # Item b of a batched call equals the call on batch item b alone.
     c = Case(B=3, Hq=4, Hkv=2, Lq=4, Lk=150, D=64, mask="causal", dtype=F32, seed=3)
-    from qsdpa_case import build
-
     q, kq, vq, mask, sinks = build(c)
     full, _, _, _ = run(c, device, (q, kq, vq, mask, sinks))
     for b in range(c.B):
@@ -140,8 +153,6 @@ def test_sinks(device, sinks, mask):
 
 
 def _three_way(device, c, sinks):
-    from qsdpa_case import build
-
     q, kq, vq, mask, _ = build(c)
     mode, bits, gs = c.fmt
     return quant_sdpa(
@@ -198,8 +209,6 @@ def test_empty_dimensions(device, B, Hq, Hkv, Lq, Lk):
 def test_repeated_calls_are_bitwise_equal(device):
     # The key split across threads and its merge must not depend on timing.
     c = Case(Hq=8, Hkv=2, Lq=5, Lk=3000, D=128, dtype=F32, mask="causal", seed=12)
-    from qsdpa_case import build
-
     inputs = build(c)
     o1, l1, _, _ = run(c, device, inputs)
     o2, l2, _, _ = run(c, device, inputs)
@@ -213,7 +222,9 @@ MASK_DIMS = ["QK", "11QK", "B1QK", "BHQK", "HQK", "H1K", "1K", "K", "Q1", "B11K"
 LAYOUTS = ["contiguous", "prefix", "seq_major", "seq_major_prefix"]
 
 
-def random_cases(n=60, seed=20260):
+def random_cases(n=60, seed=20260, long_keys=False):
+    """n seeded random configurations; long_keys: Lk from 2000 to 40000
+    (the CPU kernel then splits the keys across threads) with few heads."""
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(n):
@@ -224,6 +235,10 @@ def random_cases(n=60, seed=20260):
         B = int(rng.choice([1, 1, 2, 3]))
         Lq = int(rng.choice([1, 1, 2, 3, 7, 16, 32, 33, 64, 100]))
         Lk = int(np.exp(rng.uniform(0, np.log(5000))))
+        if long_keys:
+            Hkv, Hq, B = 1, int(rng.integers(1, 5)), 1
+            Lq = int(rng.choice([1, 2, 5, 40]))
+            Lk = int(np.exp(rng.uniform(np.log(2000), np.log(40000))))
         while B * Hq * Lq * Lk * D > 3e7:
             Lk = max(1, Lk // 2)
         kind = rng.choice(["none", "causal", "bool", "add"])
@@ -243,7 +258,7 @@ def random_cases(n=60, seed=20260):
                 layout=str(rng.choice(LAYOUTS)),
                 q_layout="seq_major" if rng.random() < 0.2 else "contiguous",
                 scale=None if rng.random() < 0.8 else float(rng.uniform(0.02, 1.0)),
-                seed=100 + i,
+                seed=(300 if long_keys else 100) + i,
             )  # fmt: skip
         )
     return cases
@@ -266,4 +281,12 @@ def test_random_sweep_covers_the_factors():
 
 @pytest.mark.parametrize("case", RANDOM_CASES, ids=[f"r{i:02d}-{c}" for i, c in enumerate(RANDOM_CASES)])
 def test_random_sweep(device, case):
+    check_case(case, device)
+
+
+LONG_CASES = random_cases(12, seed=4242, long_keys=True)
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=[f"long{i:02d}-{c}" for i, c in enumerate(LONG_CASES)])
+def test_random_long_keys(device, case):
     check_case(case, device)
