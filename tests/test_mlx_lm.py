@@ -29,7 +29,11 @@ import sys
 import mlx.core as mx
 import pytest
 
-mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'mlx-qsdpa[mlx-lm]')")
+# Skipped only when mlx-lm is not installed; an installed but broken mlx-lm
+# (any other ImportError) is an error, so that CI cannot skip by accident.
+mlx_lm = pytest.importorskip(
+    "mlx_lm", reason="mlx-lm is not installed (pip install 'mlx-qsdpa[mlx-lm]')", exc_type=ModuleNotFoundError
+)
 
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models import base, cache as cache_mod, gpt_oss, llama  # noqa: E402
