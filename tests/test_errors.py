@@ -247,7 +247,8 @@ def test_biases_shape(device, affine, name):
 
 def test_heads_not_divisible(device):
     arrays = _inputs(hkv=3)  # Hq = 4
-    with pytest.raises(ValueError, match=r"number of query heads \(4\) must be a multiple of the number of key/value heads \(3\)"):
+    msg = r"number of query heads \(4\) must be a multiple of the number of key/value heads \(3\)"
+    with pytest.raises(ValueError, match=msg):
         call(arrays, device)
 
 
@@ -261,9 +262,8 @@ def test_more_kv_heads_than_query_heads(device):
 def test_batch_mismatch(device, affine, name):
     one = _inputs(b=1)
     prefix = name[:-1]
-    arrays = replaced(
-        affine, **{name: one[name], f"{prefix}_scales": one[f"{prefix}_scales"], f"{prefix}_biases": one[f"{prefix}_biases"]}
-    )
+    names = (name, f"{prefix}_scales", f"{prefix}_biases")
+    arrays = replaced(affine, **{n: one[n] for n in names})
     with pytest.raises(ValueError, match=rf"{name} has batch size 1 but queries have 2"):
         call(arrays, device)
 
@@ -271,12 +271,17 @@ def test_batch_mismatch(device, affine, name):
 @pytest.mark.parametrize("what", ["length", "heads"])
 def test_keys_values_shape_mismatch(device, affine, what):
     other = _inputs(lk=LK + 1) if what == "length" else _inputs(hkv=1)
-    arrays = replaced(affine, values=other["values"], value_scales=other["value_scales"], value_biases=other["value_biases"])
+    names = ("values", "value_scales", "value_biases")
+    arrays = replaced(affine, **{n: other[n] for n in names})
     with pytest.raises(ValueError, match=r"keys and values must have the same \[B, Hkv, Lk\]"):
         call(arrays, device)
 
 
-@pytest.mark.parametrize("d,mode,bits,gs", [(80, "affine", 4, 32), (80, "mxfp4", 4, 32), (80, "affine", 4, 64), (96, "affine", 4, 64), (96, "affine", 8, 128), (40, "nvfp4", 4, 16)])
+@pytest.mark.parametrize(
+    "d,mode,bits,gs",
+    [(80, "affine", 4, 32), (80, "mxfp4", 4, 32), (80, "affine", 4, 64), (96, "affine", 4, 64),
+     (96, "affine", 8, 128), (40, "nvfp4", 4, 16)],
+)  # fmt: skip
 def test_head_dim_not_divisible_by_group_size(device, d, mode, bits, gs):
     # D=80 exists in the matrix only for nvfp4 (gs 16): 80 % 32 != 0.
     q = mx.random.normal((B, HQ, LQ, d)).astype(F16)
@@ -303,20 +308,23 @@ def test_mask_wrong_type(device, affine, mask):
 @pytest.mark.parametrize("dtype", [mx.int32, mx.uint8, mx.int8, mx.float64, mx.uint32])
 def test_mask_wrong_dtype(device, affine, dtype):
     mask = mx.ones((LQ, LK)).astype(dtype)
-    with pytest.raises(TypeError, match=r"mask must be .* a bool array .* or an additive float16/bfloat16/float32 array; got an array of dtype"):
+    msg = r"mask must be .* a bool array .* or an additive float16/bfloat16/float32 array; got an array of dtype"
+    with pytest.raises(TypeError, match=msg):
         call(affine, device, mask=mask)
 
 
 @pytest.mark.parametrize(
     "shape",
-    [(LQ, LK + 1), (LQ + 1, LK), (LK,) * 1 + (2,), (3, LQ, LK), (B + 1, 1, LQ, LK), (B, HQ, LQ, LK, 1), (1, 1, 1, LQ, LK), (HKV, LQ, LK)],
+    [(LQ, LK + 1), (LQ + 1, LK), (LK, 2), (3, LQ, LK), (B + 1, 1, LQ, LK), (B, HQ, LQ, LK, 1),
+     (1, 1, 1, LQ, LK), (HKV, LQ, LK)],  # fmt: skip
 )
 def test_mask_not_broadcastable(device, affine, shape):
     # 5-D masks are refused too (at most [B, Hq, Lq, Lk]); a mask per KV
     # head [Hkv, Lq, Lk] does not broadcast to Hq = 4 heads.
     for dtype in (mx.bool_, F32):
         mask = mx.ones(shape).astype(dtype)
-        with pytest.raises(ValueError, match=r"mask of shape .* does not broadcast to \[B, Hq, Lq, Lk\] = \(2, 4, 3, 10\)"):
+        msg = r"mask of shape .* does not broadcast to \[B, Hq, Lq, Lk\] = \(2, 4, 3, 10\)"
+        with pytest.raises(ValueError, match=msg):
             call(affine, device, mask=mask)
 
 

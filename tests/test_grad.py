@@ -161,7 +161,8 @@ def test_jvp_queries(device):
     q, kq, vq, mask, sinks, _, _ = _setup(c)
     t = mx.array(np.random.default_rng(11).normal(size=q.shape).astype(np.float32))
     mode, bits, gs = c.fmt
-    f = lambda x: quant_sdpa(x, *kq, *vq, scale=c.D**-0.5, mask=mask, sinks=sinks, group_size=gs, bits=bits, mode=mode, stream=device)
+    opts = dict(scale=c.D**-0.5, mask=mask, sinks=sinks, group_size=gs, bits=bits, mode=mode, stream=device)
+    f = lambda x: quant_sdpa(x, *kq, *vq, **opts)
     k, v = _deq(kq, c.fmt), _deq(vq, c.fmt)
     ref = lambda x: mx_attention(x, k, v, c.D**-0.5, mask, sinks)[0]
     (_,), (j1,) = mx.jvp(f, [q], [t])

@@ -7,9 +7,11 @@ import pytest
 
 from mlx_qsdpa import quant_sdpa
 import oracle
-from qsdpa_case import F16, F32, Case, assert_matches, check_case, dtype_id, fmt_id, run, DTYPES
+from qsdpa_case import DTYPES, F16, Case, assert_matches, check_case, dtype_id, fmt_id, run
 
-VIEW_FORMATS = [("affine", 4, 64), ("affine", 3, 32), ("affine", 6, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
+VIEW_FORMATS = [
+    ("affine", 4, 64), ("affine", 3, 32), ("affine", 6, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("Lq", [1, 8])
