@@ -79,12 +79,17 @@ def add_arguments(p: argparse.ArgumentParser):
     """The --e2e flags. --ctx, --bits, --group-size, --device, --json and
     --no-progress of the kernel bench apply too (--ctx: prompt lengths)."""
     g = p.add_argument_group("end to end (--e2e): mlx-lm decoding, patched vs not")
-    g.add_argument("--e2e", action="store_true", help="time mlx-lm decoding with and without mlx_qsdpa.mlx_lm (needs mlx-lm); --ctx: prompt lengths (default 8192)")
-    g.add_argument("--model", default=None, metavar="PATH", help="local mlx-lm model directory (default: a random Llama-style model)")
-    g.add_argument("--model-dtype", default=None, choices=list(DTYPES), help="dtype of the random model (default bfloat16; --model keeps its own unless given)")
+    g.add_argument("--e2e", action="store_true",
+                   help="time mlx-lm decoding with and without mlx_qsdpa.mlx_lm (needs mlx-lm); "
+                        "--ctx: prompt lengths (default 8192)")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="local mlx-lm model directory (default: a random Llama-style model)")
+    g.add_argument("--model-dtype", default=None, choices=list(DTYPES),
+                   help="dtype of the random model (default bfloat16; --model keeps its own unless given)")
     g.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per timed run (default 32)")
     g.add_argument("--repeats", type=int, default=2, help="timed runs per method, alternating (default 2)")
-    g.add_argument("--prefill-step", type=int, default=2048, help="prompt tokens per forward pass (mlx-lm's prefill_step_size)")
+    g.add_argument("--prefill-step", type=int, default=2048,
+                   help="prompt tokens per forward pass (mlx-lm's prefill_step_size)")
     g.add_argument("--seed", type=int, default=0)
 
 
