@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One GPU round on the remote H100: build against MLX's CUDA build, check,
+# test, sanitize, benchmark. Run from the repo root after the two staging
+# commands of ../shared/tools/gpu-stage.sh (source /tmp/gpu/env.sh first).
+#
+#   bash benchmarks/cuda/run_gpu.sh STEP...   (build smoke tests sanitizer bench)
+#
+# Logs go to $OUT (or /tmp/qsdpa-out); a short summary is printed last.
+set -uo pipefail
+out=${OUT:-/tmp/qsdpa-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+pkg=build/cuda/pkg
+summary=()
+
+step_build() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$out/gpu.txt" 2>&1
+  python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" >> "$out/gpu.txt" 2>&1
+  local t0=$SECONDS
+  if PYTHON=python3 bash tools/dev_build.sh cuda > "$out/build.log" 2>&1; then
+    summary+=("build: ok ($((SECONDS - t0)) s)")
+  else
+    summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
+  fi
+  PYTHONPATH=$pkg python3 -c "import mlx_qsdpa as q; print('backend', q.gpu_backend())" >> "$out/gpu.txt" 2>&1
+  grep -E "registers|spill" "$out/build.log" | sort | uniq -c | sort -rn | head -5 >> "$out/gpu.txt"
+}
+
+step_smoke() {
+  PYTHONPATH=$pkg timeout 300 python3 benchmarks/cuda/smoke.py > "$out/smoke.log" 2>&1
+  summary+=("smoke: $(tail -1 "$out/smoke.log")")
+  grep FAIL "$out/smoke.log" | head -8
+}
+
+step_tests() {
+  local t0=$SECONDS
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 420 python3 -m pytest tests -q --maxfail=40 -p no:cacheprovider \
+    -n 8 --timeout 300 --ignore=tests/metal > "$out/tests_gpu.log" 2>&1
+  summary+=("tests (QSDPA_DEVICE=gpu): $(tail -1 "$out/tests_gpu.log") [$((SECONDS - t0)) s]")
+  grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
+}
+
+step_tests_simt() {
+  local t0=$SECONDS
+  QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 300 python3 -m pytest \
+    tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py -q --maxfail=20 \
+    -p no:cacheprovider -n 8 --timeout 300 > "$out/tests_simt.log" 2>&1
+  summary+=("tests, generic kernel forced: $(tail -1 "$out/tests_simt.log") [$((SECONDS - t0)) s]")
+}
+
+step_sanitizer() {
+  local t0=$SECONDS
+  # A representative subset: both kernels, one and two passes, masks,
+  # sinks, strided views, every format family.
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_views.py tests/test_masks.py \
+    -k "not peak" > "$out/sanitizer.log" 2>&1
+  local rc=$?
+  summary+=("compute-sanitizer memcheck: rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/sanitizer.log" | tail -1); pytest: $(grep -E 'passed|failed' "$out/sanitizer.log" | tail -1) [$((SECONDS - t0)) s]")
+}
+
+bench() { # name, extra args
+  local name=$1; shift
+  PYTHONPATH=$pkg timeout 300 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
+    --json "$out/bench_$name.json" "$@" > "$out/bench_$name.txt" 2>&1
+  echo "== $name: python -m mlx_qsdpa bench --device gpu --layers 16 $*" >> "$out/bench_all.txt"
+  cat "$out/bench_$name.txt" >> "$out/bench_all.txt"
+}
+
+step_bench() {
+  : > "$out/bench_all.txt"
+  bench main --ctx 4096,16384,32768,131072
+  bench b8 --batch 8 --ctx 4096,32768
+  bench bits8 --bits 8 --ctx 32768,131072
+  bench mxfp4 --mode mxfp4 --bits 4 --group-size 32 --ctx 32768,131072
+  bench lq4 --lq 4 --ctx 32768,131072
+  summary+=("bench: $out/bench_all.txt")
+}
+
+step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
+  : > "$out/tune.txt"
+  for minb in 2 3; do for s in 0 16 32 64 128; do
+    env QSDPA_CUDA_MINB=$minb ${s:+QSDPA_CUDA_SPLITS=$s} PYTHONPATH=$pkg python3 -m mlx_qsdpa bench --device gpu \
+      --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
+      awk -v m=$minb -v s=$s '/quant_sdpa/ {print "minb=" m " splits=" s " " $0}' >> "$out/tune.txt"
+  done; done
+  summary+=("tune: $out/tune.txt")
+}
+
+for s in "$@"; do
+  "step_$s" || true
+done
+echo "==== summary ===="
+printf '%s\n' "${summary[@]}"
+[ -f "$out/bench_all.txt" ] && grep -E "^==|quant_sdpa|fp16_sdpa|qmm_path|dequant" "$out/bench_all.txt" | cut -c1-90
+exit 0

@@ -1,0 +1,289 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// GPU hooks of MLX's CUDA build: picks a decode kernel (cuda/*.cu), splits
+// the keys so that one wave of blocks fills the GPU, and records the kernels
+// into MLX's CUDA command encoder (a CUDA graph).
+//
+// Three things differ from MLX's own CUDA primitives, because this library is
+// outside libmlx (../shared GPU notes): libmlx links the CUDA runtime
+// statically, so kernels are handed over as driver handles
+// (cudaGetFuncBySymbol through this library's own, shared, runtime);
+// memory comes from allocator::malloc (MLX's async allocation is not
+// exported); and mlx/primitives.h is included explicitly (primitive.h).
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+
+#include "backend.h"
+#include "cuda/params.h"
+
+namespace mlx_qsdpa {
+
+namespace {
+
+namespace cu = mlx_qsdpa::cuda;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(
+        std::string("[quant_sdpa] CUDA error in ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+int elem_type(mx::Dtype t) {
+  if (t == mx::float32) {
+    return cu::kF32;
+  } else if (t == mx::float16) {
+    return cu::kF16;
+  } else if (t == mx::bfloat16) {
+    return cu::kBF16;
+  }
+  return cu::kU8;
+}
+
+void copy_strides(int64_t (&dst)[4], const mx::array& a) {
+  for (int i = 0; i < 4; ++i) {
+    dst[i] = a.strides()[i];
+  }
+}
+
+cu::QuantTensor quant_tensor(const mx::array& w, const mx::array& s, const mx::array* b) {
+  cu::QuantTensor t{};
+  t.w = mx::gpu_ptr<uint32_t>(w);
+  copy_strides(t.ws, w);
+  t.scales = mx::gpu_ptr<void>(s);
+  copy_strides(t.ss, s);
+  t.scale_type = elem_type(s.dtype());
+  if (b) {
+    t.biases = mx::gpu_ptr<void>(*b);
+    copy_strides(t.bs, *b);
+  }
+  return t;
+}
+
+// Per kernel: the driver handle and how many blocks fit on one SM.
+struct KernelInfo {
+  CUfunction function;
+  int blocks_per_sm;
+};
+
+const KernelInfo& kernel_info(const void* kernel) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, KernelInfo> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(kernel);
+  if (it == cache.end()) {
+    KernelInfo info{};
+    cudaFunction_t f;
+    check(cudaGetFuncBySymbol(&f, kernel), "cudaGetFuncBySymbol");
+    info.function = reinterpret_cast<CUfunction>(f);
+    check(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, cu::kThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    it = cache.emplace(kernel, info).first;
+  }
+  return it->second;
+}
+
+int sm_count(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int n = 0;
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    it = cache.emplace(device, n).first;
+  }
+  return it->second;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : fallback;
+}
+
+bool aligned(const mx::array& a, int bytes) {
+  if (bytes <= 1) {
+    return true;
+  }
+  const auto addr = reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(a));
+  if (addr % bytes != 0) {
+    return false;
+  }
+  const int64_t esz = a.itemsize();
+  for (int i = 0; i < 3; ++i) {
+    if ((a.strides()[i] * esz) % bytes != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The tensor-core kernel loads each thread's run of a key row (a quarter of a
+// K row, an eighth of a V row) with one vector load: those must be aligned
+// and the last axis contiguous.
+bool mma_layout_ok(const mx::array& k, const mx::array& v, int D, int bits) {
+  const int kb = std::min(D / 4 * bits / 8, 16);
+  const int vb = std::min(D / 8 * bits / 8, 16);
+  return k.strides()[3] == 1 && v.strides()[3] == 1 && aligned(k, kb) && aligned(v, vb);
+}
+
+constexpr int kMinKeysPerSplit = 2 * cu::kKeysPerBlockStep;
+constexpr int kMaxSplits = 1024; // merge kernel's shared factor table
+
+} // namespace
+
+bool gpu_kernel_supports(const QuantSDPAConfig&, int head_dim, int q_len) {
+  // Every format (validated before this), head dims up to 256 (a multiple of
+  // the group size, so of 16), query lengths 1..32.
+  return head_dim >= 16 && head_dim <= cu::kMaxHeadDim && q_len >= 1 && q_len <= cu::kMaxQueryLen;
+}
+
+void eval_gpu_kernel(
+    const QuantSDPAConfig& c,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    mx::Stream stream) {
+  InputSlots in(c);
+  const mx::array& q = inputs[in.q];
+  mx::array& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (c.return_lse) {
+    outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
+  }
+  if (out.size() == 0) {
+    return;
+  }
+
+  cu::Params p{};
+  p.B = q.shape(0);
+  p.Hq = q.shape(1);
+  p.Lq = q.shape(2);
+  p.D = q.shape(3);
+  p.Hkv = inputs[in.k].shape(1);
+  p.Lk = inputs[in.k].shape(2);
+  p.G = p.Hq / p.Hkv;
+  p.rows = p.G * p.Lq;
+  p.group_size = c.group_size;
+  p.scale_log2 = c.scale * 1.4426950408889634f;
+  p.q = mx::gpu_ptr<void>(q);
+  copy_strides(p.qs, q);
+  p.q_type = elem_type(q.dtype());
+  const mx::array* kb = in.k_biases >= 0 ? &inputs[in.k_biases] : nullptr;
+  const mx::array* vb = in.v_biases >= 0 ? &inputs[in.v_biases] : nullptr;
+  p.k = quant_tensor(inputs[in.k], inputs[in.k_scales], kb);
+  p.v = quant_tensor(inputs[in.v], inputs[in.v_scales], vb);
+  p.mask_type = c.mask == MaskKind::Causal ? cu::kMaskCausal
+      : c.mask == MaskKind::Bool           ? cu::kMaskBool
+      : c.mask == MaskKind::Additive       ? cu::kMaskAdditive
+                                           : cu::kMaskNone;
+  if (in.mask >= 0) {
+    p.mask = mx::gpu_ptr<void>(inputs[in.mask]);
+    copy_strides(p.ms, inputs[in.mask]);
+  }
+  if (in.sinks >= 0) {
+    p.sinks = mx::gpu_ptr<float>(inputs[in.sinks]);
+    p.sink_stride = inputs[in.sinks].strides()[0];
+  }
+  p.out = mx::gpu_ptr<void>(out);
+  p.out_type = p.q_type;
+  p.lse = c.return_lse ? mx::gpu_ptr<float>(outputs[1]) : nullptr;
+
+  // The kernel: tensor cores for fp16/bf16 queries where a kernel exists for
+  // the format and head dim and the cache layout allows vector loads; the
+  // generic kernel otherwise. QSDPA_CUDA_KERNEL=simt forces the generic one.
+  const char* force = std::getenv("QSDPA_CUDA_KERNEL");
+  const bool force_simt = force && std::string(force) == "simt";
+  const void* kernel = nullptr;
+  int rows_per_block = cu::kSimtRows;
+  if (!force_simt && mma_layout_ok(inputs[in.k], inputs[in.v], p.D, c.bits)) {
+    kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D);
+    rows_per_block = cu::kMmaRows;
+    if (kernel && env_int("QSDPA_CUDA_MINB", 2) == 3 && p.q_type == cu::kF16 &&
+        c.mode == qsdpa::kAffine && c.bits == 4 && c.group_size == 64 && p.D == 128) {
+      kernel = cu::mma_kernel_tuned_minb3();
+    }
+  }
+  if (!kernel) {
+    kernel = cu::simt_kernel(c.mode, c.bits);
+    rows_per_block = cu::kSimtRows;
+  }
+  if (!kernel) {
+    throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
+  }
+
+  auto& encoder = mx::cu::get_command_encoder(stream);
+  const int device = mx::cu::device(stream.device).cuda_device();
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const KernelInfo& info = kernel_info(kernel);
+
+  // Split the keys until one wave of blocks fills the GPU (at least
+  // kMinKeysPerSplit keys per block, so that each warp streams a few tiles).
+  const int row_tiles = (p.rows + rows_per_block - 1) / rows_per_block;
+  const int64_t base_blocks = int64_t(p.B) * p.Hkv * row_tiles;
+  const int64_t wave = int64_t(std::max(info.blocks_per_sm, 1)) * sm_count(device);
+  int64_t splits = (wave + base_blocks - 1) / base_blocks;
+  splits = std::min<int64_t>(splits, (p.Lk + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  splits = env_int("QSDPA_CUDA_SPLITS", int(std::min<int64_t>(splits, kMaxSplits)));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
+  // The partials are indexed with int shapes: keep them well inside.
+  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
+  while (splits > 1 && splits * n_rows * p.D > (int64_t(1) << 30)) {
+    splits /= 2;
+  }
+  const int step = cu::kKeysPerBlockStep;
+  int kps = int((p.Lk + splits - 1) / splits);
+  kps = std::max(step, (kps + step - 1) / step * step);
+  p.keys_per_split = kps;
+  p.n_splits = std::max(1, (p.Lk + kps - 1) / kps);
+
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  const dim3 grid(p.n_splits, p.Hkv * row_tiles, p.B);
+  const dim3 block(cu::kThreads);
+  if (p.n_splits == 1) {
+    for (auto& o : outputs) {
+      encoder.set_output_array(o);
+    }
+    encoder.add_kernel_node(info.function, grid, block, p);
+    return;
+  }
+
+  // Two passes: partials of every split, then their exact merge. The
+  // partials are temporaries of the encoder, alive until the graph ran.
+  mx::array part_o({int(p.n_splits * n_rows * p.D)}, mx::float32, nullptr, {});
+  mx::array part_ml({int(p.n_splits * n_rows * 2)}, mx::float32, nullptr, {});
+  part_o.set_data(mx::allocator::malloc(part_o.nbytes()));
+  part_ml.set_data(mx::allocator::malloc(part_ml.nbytes()));
+  encoder.add_temporary(part_o);
+  encoder.add_temporary(part_ml);
+  p.part_o = mx::gpu_ptr<float>(part_o);
+  p.part_ml = mx::gpu_ptr<float>(part_ml);
+  encoder.set_output_array(part_o);
+  encoder.set_output_array(part_ml);
+  encoder.add_kernel_node(info.function, grid, block, p);
+
+  const KernelInfo& merge = kernel_info(cu::merge_kernel());
+  encoder.set_input_array(part_o);
+  encoder.set_input_array(part_ml);
+  for (auto& o : outputs) {
+    encoder.set_output_array(o);
+  }
+  encoder.add_kernel_node(merge.function, dim3(unsigned(n_rows)), block, p);
+}
+
+const char* gpu_backend_name() {
+  return "cuda";
+}
+
+} // namespace mlx_qsdpa

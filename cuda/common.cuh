@@ -1,0 +1,219 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Device code shared by the decode kernels and the merge kernel: element
+// loads/stores by run-time dtype, masks, and the block epilogue that merges
+// the four warps of a block and writes either the final rows (one pass) or
+// the split-K partials (two passes).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "mlx_qsdpa/formats.h"
+#include "params.h"
+
+namespace mlx_qsdpa::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float neg_inf() {
+  return -__int_as_float(0x7f800000);
+}
+
+// A value of a run-time element type (queries, sinks, affine scales).
+__device__ __forceinline__ float load_as_float(const void* base, int64_t i, int type) {
+  switch (type) {
+    case kF32:
+      return static_cast<const float*>(base)[i];
+    case kF16:
+      return __half2float(static_cast<const __half*>(base)[i]);
+    case kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default:
+      return float(static_cast<const uint8_t*>(base)[i]);
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, int64_t i, float x, int type) {
+  switch (type) {
+    case kF32:
+      static_cast<float*>(base)[i] = x;
+      break;
+    case kF16:
+      static_cast<__half*>(base)[i] = __float2half_rn(x);
+      break;
+    default:
+      static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
+      break;
+  }
+}
+
+// The raw bits of a scale or bias (loaded now, decoded later, so that the
+// load of the next key tile can be in flight while this one is decoded).
+__device__ __forceinline__ uint32_t load_raw(const void* base, int64_t i, int type) {
+  switch (type) {
+    case kF32:
+      return static_cast<const uint32_t*>(base)[i];
+    case kF16:
+    case kBF16:
+      return static_cast<const uint16_t*>(base)[i];
+    default:
+      return static_cast<const uint8_t*>(base)[i];
+  }
+}
+
+// A raw affine scale/bias as float.
+__device__ __forceinline__ float raw_to_float(uint32_t raw, int type) {
+  switch (type) {
+    case kF32:
+      return __uint_as_float(raw);
+    case kF16:
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+    default:
+      return __uint_as_float(raw << 16); // bfloat16: the top half of a float
+  }
+}
+
+// Decoded scale of a key group: the affine scale, or the fp modes' 8-bit code
+// through formats.h.
+template <int MODE>
+__device__ __forceinline__ float decode_scale(uint32_t raw, int type) {
+  if constexpr (MODE == qsdpa::kAffine) {
+    return raw_to_float(raw, type);
+  } else {
+    return qsdpa::decode_fp_scale<MODE>(raw);
+  }
+}
+
+// Where row r (of the G * Lq rows of one kv head) lives.
+struct RowRef {
+  int i; // query position
+  int h; // query head
+  int64_t out_row; // (b * Hq + h) * Lq + i
+  int causal_limit; // keys j <= causal_limit are visible (causal mask)
+};
+
+__device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r) {
+  RowRef ref;
+  ref.i = r / p.G;
+  ref.h = kvh * p.G + r % p.G;
+  ref.out_row = (int64_t(b) * p.Hq + ref.h) * p.Lq + ref.i;
+  ref.causal_limit = p.Lk - p.Lq + ref.i;
+  return ref;
+}
+
+// The array mask's contribution to the base-2 score of (row, key j): 0,
+// -inf, or the additive value times log2(e).
+__device__ __forceinline__ float array_mask(const Params& p, int b, const RowRef& ref, int j) {
+  const int64_t off = int64_t(b) * p.ms[0] + int64_t(ref.h) * p.ms[1] +
+      int64_t(ref.i) * p.ms[2] + int64_t(j) * p.ms[3];
+  if (p.mask_type == kMaskBool) {
+    return static_cast<const uint8_t*>(p.mask)[off] ? 0.0f : neg_inf();
+  }
+  return static_cast<const float*>(p.mask)[off] * kLog2e;
+}
+
+// The key range [k_begin, k_end) of this block's split, cut at the last key
+// any row of the tile can see under the causal mask.
+__device__ __forceinline__ void split_range(
+    const Params& p, int split, int last_row, int& k_begin, int& k_end) {
+  k_begin = split * p.keys_per_split;
+  k_end = min(p.Lk, k_begin + p.keys_per_split);
+  if (p.mask_type == kMaskCausal) {
+    const int i_max = last_row / p.G;
+    k_end = min(k_end, p.Lk - p.Lq + i_max + 1);
+  }
+}
+
+// The final normalisation of one row: the sink joins as a key of value 0,
+// then out = o / l and lse = ln(l) + max. A row that sees nothing (l = 0 and
+// no sink) gives zeros and lse = -inf.
+struct Finalized {
+  float mult; // out = o * mult
+  float lse;
+};
+
+__device__ __forceinline__ Finalized finalize_row(const Params& p, int h, float m, float l) {
+  if (p.sinks) {
+    const float s2 = p.sinks[int64_t(h) * p.sink_stride] * kLog2e;
+    const float mm = fmaxf(m, s2);
+    const float c = m == neg_inf() ? 0.0f : exp2f(m - mm);
+    l = l * c + exp2f(s2 - mm);
+    return {c / l, (mm + log2f(l)) * kLn2};
+  }
+  if (!(l > 0.0f)) {
+    return {0.0f, neg_inf()};
+  }
+  return {1.0f / l, (m + log2f(l)) * kLn2};
+}
+
+// Shared memory of the block epilogue for RT rows.
+template <int RT>
+struct EpilogueSmem {
+  float m[4][RT]; // each warp's running max per row
+  float l[4][RT]; // each warp's sum per row
+  float M[RT]; // the block's max per row
+  float L[RT]; // the block's sum per row
+  float o[RT][kMaxHeadDim]; // the block's output rows (not normalised)
+};
+
+// Step 1 (after every warp wrote its m and l): the block's max and sum.
+template <int RT>
+__device__ __forceinline__ void epilogue_reduce_stats(EpilogueSmem<RT>& s) {
+  __syncthreads();
+  if (threadIdx.x < RT) {
+    const int r = threadIdx.x;
+    float M = neg_inf();
+    for (int w = 0; w < 4; ++w) {
+      M = fmaxf(M, s.m[w][r]);
+    }
+    float L = 0.0f;
+    if (M != neg_inf()) {
+      for (int w = 0; w < 4; ++w) {
+        L += s.m[w][r] == neg_inf() ? 0.0f : s.l[w][r] * exp2f(s.m[w][r] - M);
+      }
+    }
+    s.M[r] = M;
+    s.L[r] = L;
+  }
+  __syncthreads();
+}
+
+// The factor that brings warp w's row r to the block's max.
+template <int RT>
+__device__ __forceinline__ float epilogue_factor(const EpilogueSmem<RT>& s, int w, int r) {
+  const float m = s.m[w][r];
+  return m == neg_inf() ? 0.0f : exp2f(m - s.M[r]);
+}
+
+// Step 3 (after the warps summed their outputs into s.o): write the rows.
+template <int RT>
+__device__ __forceinline__ void epilogue_write(
+    const Params& p, const EpilogueSmem<RT>& s, int b, int kvh, int r0, int nr, int split) {
+  const int D = p.D;
+  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
+  for (int idx = threadIdx.x; idx < nr * D; idx += blockDim.x) {
+    const int r = idx / D;
+    const int d = idx - r * D;
+    const RowRef ref = row_ref(p, b, kvh, r0 + r);
+    if (p.n_splits == 1) {
+      const Finalized f = finalize_row(p, ref.h, s.M[r], s.L[r]);
+      store_from_float(p.out, ref.out_row * D + d, s.o[r][d] * f.mult, p.out_type);
+      if (d == 0 && p.lse) {
+        p.lse[ref.out_row] = f.lse;
+      }
+    } else {
+      const int64_t prow = split * n_rows + ref.out_row;
+      p.part_o[prow * D + d] = s.o[r][d];
+      if (d == 0) {
+        p.part_ml[prow * 2] = s.M[r];
+        p.part_ml[prow * 2 + 1] = s.L[r];
+      }
+    }
+  }
+}
+
+} // namespace mlx_qsdpa::cuda

@@ -1,0 +1,12 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Tensor-core decode kernels for bf16 queries, head dim 128 (decode_mma.cuh).
+#include "decode_mma.cuh"
+
+namespace mlx_qsdpa::cuda {
+
+const void* mma_kernel_bf16_d128(int mode, int bits, int group_size) {
+  return mma_kernel_for<__nv_bfloat16, 128>(mode, bits, group_size);
+}
+
+} // namespace mlx_qsdpa::cuda

@@ -1,0 +1,16 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Tensor-core decode kernels for f16 queries, head dim 128 (decode_mma.cuh).
+#include "decode_mma.cuh"
+
+namespace mlx_qsdpa::cuda {
+
+const void* mma_kernel_f16_d128(int mode, int bits, int group_size) {
+  return mma_kernel_for<__half, 128>(mode, bits, group_size);
+}
+
+const void* mma_kernel_f16_d128_a4g64_minb3() {
+  return reinterpret_cast<const void*>(&qsdpa_decode_mma<__half, qsdpa::kAffine, 4, 64, 128, 3>);
+}
+
+} // namespace mlx_qsdpa::cuda

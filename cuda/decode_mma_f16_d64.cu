@@ -1,0 +1,12 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Tensor-core decode kernels for f16 queries, head dim 64 (decode_mma.cuh).
+#include "decode_mma.cuh"
+
+namespace mlx_qsdpa::cuda {
+
+const void* mma_kernel_f16_d64(int mode, int bits, int group_size) {
+  return mma_kernel_for<__half, 64>(mode, bits, group_size);
+}
+
+} // namespace mlx_qsdpa::cuda

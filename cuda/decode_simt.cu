@@ -1,0 +1,247 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The generic decode kernel: float32 arithmetic on CUDA cores, every format
+// of formats.h, any head dim up to 256, any strides (the last axis of the
+// packed words too). It serves float32 queries (whose accuracy the tensor
+// cores' fp16/bf16 operands would not keep) and every call the tensor-core
+// kernel (decode_mma.cuh) does not take.
+//
+// A block of 4 warps handles up to kSimtRows query rows of one (batch, kv
+// head) over one key range; warp w takes keys w, w + 4, ... of the range.
+// Lane l holds head-dim elements d = l + 32 e (e < 8): a warp's word loads
+// of one key row are contiguous, and every query row of the GQA group uses
+// each decoded element (K and V are read once per kv head). Each warp keeps
+// its own online softmax; the block merges the four at the end.
+#include "common.cuh"
+
+namespace mlx_qsdpa::cuda {
+
+namespace {
+
+constexpr int kMaxE = kMaxHeadDim / 32;
+
+// Packed words with a stride between consecutive words (formats.h's
+// unpack_element indexes any such "pointer").
+struct StridedWords {
+  const uint32_t* p;
+  int64_t s;
+  __device__ __forceinline__ uint32_t operator[](int i) const {
+    return p[i * s];
+  }
+};
+
+// Element d of one key row of `t`, decoded (scale and bias applied).
+template <int MODE, int BITS>
+__device__ __forceinline__ float decode_element(
+    const QuantTensor& t,
+    const StridedWords& row,
+    const uint8_t* scale_row,
+    const uint8_t* bias_row,
+    int d,
+    int group_size) {
+  const uint32_t code = qsdpa::unpack_element<BITS>(row, d);
+  const int g = d / group_size;
+  const float scale = decode_scale<MODE>(load_raw(scale_row, g * t.ss[3], t.scale_type), t.scale_type);
+  if constexpr (MODE == qsdpa::kAffine) {
+    const float bias = raw_to_float(load_raw(bias_row, g * t.bs[3], t.scale_type), t.scale_type);
+    return fmaf(qsdpa::decode_code<MODE>(code), scale, bias);
+  } else {
+    return qsdpa::decode_code<MODE>(code) * scale;
+  }
+}
+
+// Pointers to key j's row of packed words, scales and biases.
+struct KeyRow {
+  StridedWords w;
+  const uint8_t* scales;
+  const uint8_t* biases;
+};
+
+__device__ __forceinline__ int elem_bytes(int type) {
+  return type == kF32 ? 4 : (type == kU8 ? 1 : 2);
+}
+
+__device__ __forceinline__ KeyRow key_row(const QuantTensor& t, int b, int kvh, int j) {
+  KeyRow r;
+  r.w.p = t.w + int64_t(b) * t.ws[0] + int64_t(kvh) * t.ws[1] + int64_t(j) * t.ws[2];
+  r.w.s = t.ws[3];
+  const int es = elem_bytes(t.scale_type);
+  r.scales = static_cast<const uint8_t*>(t.scales) +
+      (int64_t(b) * t.ss[0] + int64_t(kvh) * t.ss[1] + int64_t(j) * t.ss[2]) * es;
+  r.biases = t.biases == nullptr
+      ? nullptr
+      : static_cast<const uint8_t*>(t.biases) +
+          (int64_t(b) * t.bs[0] + int64_t(kvh) * t.bs[1] + int64_t(j) * t.bs[2]) * es;
+  return r;
+}
+
+template <int MODE, int BITS>
+__device__ __forceinline__ void decode_row(
+    const QuantTensor& t, const KeyRow& row, int lane, int D, int group_size, float (&x)[kMaxE]) {
+#pragma unroll
+  for (int e = 0; e < kMaxE; ++e) {
+    const int d = lane + 32 * e;
+    x[e] = d < D ? decode_element<MODE, BITS>(t, row.w, row.scales, row.biases, d, group_size) : 0.0f;
+  }
+}
+
+template <int MODE, int BITS>
+__global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_constant__ Params p) {
+  constexpr int RT = kSimtRows;
+  __shared__ EpilogueSmem<RT> smem;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y % p.Hkv;
+  const int r0 = (blockIdx.y / p.Hkv) * RT;
+  const int b = blockIdx.z;
+  const int nr = min(RT, p.rows - r0);
+  const int D = p.D;
+
+  // The tile's query rows, pre-scaled into base-2 units.
+  float q[RT][kMaxE];
+  RowRef refs[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    refs[r] = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+    const int64_t base = int64_t(b) * p.qs[0] + int64_t(refs[r].h) * p.qs[1] + int64_t(refs[r].i) * p.qs[2];
+#pragma unroll
+    for (int e = 0; e < kMaxE; ++e) {
+      const int d = lane + 32 * e;
+      q[r][e] = (r < nr && d < D) ? load_as_float(p.q, base + d * p.qs[3], p.q_type) * p.scale_log2 : 0.0f;
+    }
+  }
+
+  float o[RT][kMaxE];
+  float m[RT], l[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    m[r] = neg_inf();
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kMaxE; ++e) {
+      o[r][e] = 0.0f;
+    }
+  }
+
+  int k_begin, k_end;
+  split_range(p, split, r0 + nr - 1, k_begin, k_end);
+  for (int j = k_begin + warp; j < k_end; j += 4) {
+    float x[kMaxE];
+    decode_row<MODE, BITS>(p.k, key_row(p.k, b, kvh, j), lane, D, p.group_size, x);
+    float s[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int e = 0; e < kMaxE; ++e) {
+        acc = fmaf(q[r][e], x[e], acc);
+      }
+      s[r] = acc;
+    }
+    // Butterfly sums: every lane ends with the same (bitwise) total, so the
+    // branches below are uniform across the warp.
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        s[r] += __shfl_xor_sync(0xffffffffu, s[r], off);
+      }
+    }
+    float pr[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      float sc = s[r];
+      if (r >= nr || (p.mask_type == kMaskCausal && j > refs[r].causal_limit)) {
+        sc = neg_inf();
+      } else if (p.mask_type == kMaskBool || p.mask_type == kMaskAdditive) {
+        sc += array_mask(p, b, refs[r], j);
+      }
+      if (sc != sc) {
+        sc = neg_inf(); // a NaN score (NaN additive mask) attends nothing
+      }
+      if (sc > m[r]) {
+        const float c = exp2f(m[r] - sc); // 0 while m is -inf
+        l[r] *= c;
+#pragma unroll
+        for (int e = 0; e < kMaxE; ++e) {
+          o[r][e] *= c;
+        }
+        m[r] = sc;
+      }
+      pr[r] = sc == neg_inf() ? 0.0f : exp2f(sc - m[r]);
+      l[r] += pr[r];
+    }
+    decode_row<MODE, BITS>(p.v, key_row(p.v, b, kvh, j), lane, D, p.group_size, x);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+#pragma unroll
+      for (int e = 0; e < kMaxE; ++e) {
+        o[r][e] = fmaf(pr[r], x[e], o[r][e]);
+      }
+    }
+  }
+
+  // Merge the four warps.
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      smem.m[warp][r] = m[r];
+      smem.l[warp][r] = l[r];
+    }
+  }
+  epilogue_reduce_stats<RT>(smem);
+  for (int w = 0; w < 4; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const float f = epilogue_factor<RT>(smem, w, r);
+#pragma unroll
+        for (int e = 0; e < kMaxE; ++e) {
+          const int d = lane + 32 * e;
+          if (d < D) {
+            smem.o[r][d] = (w == 0 ? 0.0f : smem.o[r][d]) + o[r][e] * f;
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  epilogue_write<RT>(p, smem, b, kvh, r0, nr, split);
+}
+
+} // namespace
+
+const void* simt_kernel(int mode, int bits) {
+  switch (mode) {
+    case qsdpa::kMxfp4:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kMxfp4, 4>);
+    case qsdpa::kMxfp8:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kMxfp8, 8>);
+    case qsdpa::kNvfp4:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kNvfp4, 4>);
+    default:
+      break;
+  }
+  switch (bits) {
+    case 1:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 1>);
+    case 2:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 2>);
+    case 3:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 3>);
+    case 4:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 4>);
+    case 5:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 5>);
+    case 6:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 6>);
+    case 8:
+      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 8>);
+    default:
+      return nullptr;
+  }
+}
+
+} // namespace mlx_qsdpa::cuda

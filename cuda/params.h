@@ -1,0 +1,94 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The interface between the CUDA kernels (cuda/*.cu) and their host code
+// (csrc/cuda/quant_sdpa_cuda.cpp): the parameter block every kernel takes by
+// value, and the functions that hand out the kernels' addresses. Plain C++:
+// the host side is compiled by the C++ compiler, not nvcc.
+#pragma once
+
+#include <cstdint>
+
+namespace mlx_qsdpa::cuda {
+
+// Element types of the arrays the kernels read or write. For the queries,
+// the output and the affine scales/biases; kU8 is the code type of the
+// scales of the fp modes.
+enum ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kU8 = 3 };
+
+enum MaskType : int { kMaskNone = 0, kMaskCausal = 1, kMaskBool = 2, kMaskAdditive = 3 };
+
+// One quantized tensor: packed words [B, Hkv, Lk, D * bits / 32], scales and
+// biases [B, Hkv, Lk, D / group_size], each a strided view (element strides,
+// possibly negative or zero).
+struct QuantTensor {
+  const uint32_t* w;
+  int64_t ws[4];
+  const void* scales;
+  int64_t ss[4];
+  const void* biases; // nullptr for the fp modes
+  int64_t bs[4];
+  int scale_type; // ElemType of scales and biases
+};
+
+// Query rows: the G * Lq rows that share a kv head are numbered
+// r = i * G + g (i: query position, g: head within the group), as the CPU
+// kernel does. A block handles a tile of consecutive rows of one
+// (batch, kv head) and one range of keys (a split).
+struct Params {
+  int B, Hq, Hkv, Lq, Lk, D, G;
+  int rows; // G * Lq
+  int group_size;
+  int n_splits; // key ranges; 1: the kernel writes the final output
+  int keys_per_split; // a multiple of kKeysPerBlockStep
+  float scale_log2; // scale * log2(e): scores live in base-2 units
+
+  const void* q;
+  int64_t qs[4];
+  int q_type;
+
+  QuantTensor k, v;
+
+  int mask_type;
+  const void* mask; // [B, Hq, Lq, Lk] strided view: bool or float32
+  int64_t ms[4];
+
+  const float* sinks; // [Hq] (strided) or nullptr
+  int64_t sink_stride;
+
+  void* out; // [B, Hq, Lq, D] row contiguous, q's dtype
+  int out_type;
+  float* lse; // [B, Hq, Lq] or nullptr
+
+  // Split-K partials, n_splits > 1 only: o [n_splits][B*Hq*Lq][D] (not
+  // normalised) and (m, l) [n_splits][B*Hq*Lq][2] in base-2 units.
+  float* part_o;
+  float* part_ml;
+};
+
+// Keys a block advances per step of its four warps: every split starts at a
+// multiple of it.
+constexpr int kKeysPerBlockStep = 64;
+constexpr int kThreads = 128; // 4 warps per block, every decode kernel
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxQueryLen = 32;
+
+// Rows per block of the two decode kernels.
+constexpr int kSimtRows = 8;
+constexpr int kMmaRows = 16;
+
+// The generic decode kernel (fp32 arithmetic, any format, any head dim up to
+// kMaxHeadDim, any last-axis stride): never null for a valid format.
+const void* simt_kernel(int mode, int bits);
+
+// The tensor-core decode kernel for fp16/bf16 queries (q_type kF16/kBF16),
+// or nullptr where none is built for this format / head dim.
+const void* mma_kernel(int q_type, int mode, int bits, int group_size, int D);
+
+// The fp16 / affine 4-bit / group 64 / D 128 kernel with a tighter register
+// cap (3 blocks per SM), for tuning (QSDPA_CUDA_MINB=3).
+const void* mma_kernel_tuned_minb3();
+
+// The exact merge of the split-K partials.
+const void* merge_kernel();
+
+} // namespace mlx_qsdpa::cuda
