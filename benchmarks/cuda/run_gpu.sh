@@ -77,6 +77,12 @@ step_bench() {
   summary+=("bench: $out/bench_all.txt")
 }
 
+step_quickbench() {
+  : > "$out/bench_all.txt"
+  bench quick --ctx 4096,32768,131072
+  bench quick_lq4 --lq 4 --ctx 32768 --methods quant_sdpa,fp16_sdpa
+}
+
 step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
   : > "$out/tune.txt"
   for minb in 2 3; do for s in 0 16 32 64 128; do
