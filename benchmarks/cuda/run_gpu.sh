@@ -11,6 +11,7 @@ out=${OUT:-/tmp/qsdpa-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 pkg=build/cuda/pkg
+mkdir -p build
 summary=()
 
 step_build() {
@@ -22,19 +23,19 @@ step_build() {
   else
     summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
   fi
-  PYTHONPATH=$pkg python3 -c "import mlx_qsdpa as q; print('backend', q.gpu_backend())" >> "$out/gpu.txt" 2>&1
+  PYTHONPATH=$pkg:$PYTHONPATH python3 -c "import mlx_qsdpa as q; print('backend', q.gpu_backend())" >> "$out/gpu.txt" 2>&1
   grep -E "registers|spill" "$out/build.log" | sort | uniq -c | sort -rn | head -5 >> "$out/gpu.txt"
 }
 
 step_smoke() {
-  PYTHONPATH=$pkg timeout 300 python3 benchmarks/cuda/smoke.py > "$out/smoke.log" 2>&1
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 benchmarks/cuda/smoke.py > "$out/smoke.log" 2>&1
   summary+=("smoke: $(tail -1 "$out/smoke.log")")
   grep FAIL "$out/smoke.log" | head -8
 }
 
 step_tests() {
   local t0=$SECONDS
-  QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 420 python3 -m pytest tests -q --maxfail=40 -p no:cacheprovider \
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 python3 -m pytest tests -q --maxfail=40 -p no:cacheprovider \
     -n 8 --timeout 300 --ignore=tests/metal > "$out/tests_gpu.log" 2>&1
   summary+=("tests (QSDPA_DEVICE=gpu): $(tail -1 "$out/tests_gpu.log") [$((SECONDS - t0)) s]")
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
@@ -42,7 +43,7 @@ step_tests() {
 
 step_tests_simt() {
   local t0=$SECONDS
-  QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 300 python3 -m pytest \
+  QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest \
     tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py -q --maxfail=20 \
     -p no:cacheprovider -n 8 --timeout 300 > "$out/tests_simt.log" 2>&1
   summary+=("tests, generic kernel forced: $(tail -1 "$out/tests_simt.log") [$((SECONDS - t0)) s]")
@@ -52,7 +53,7 @@ step_sanitizer() {
   local t0=$SECONDS
   # A representative subset: both kernels, one and two passes, masks,
   # sinks, strided views, every format family.
-  QSDPA_DEVICE=gpu PYTHONPATH=$pkg timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -q -p no:cacheprovider tests/test_views.py tests/test_masks.py \
     -k "not peak" > "$out/sanitizer.log" 2>&1
   local rc=$?
@@ -61,7 +62,7 @@ step_sanitizer() {
 
 bench() { # name, extra args
   local name=$1; shift
-  PYTHONPATH=$pkg timeout 300 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
     --json "$out/bench_$name.json" "$@" > "$out/bench_$name.txt" 2>&1
   echo "== $name: python -m mlx_qsdpa bench --device gpu --layers 16 $*" >> "$out/bench_all.txt"
   cat "$out/bench_$name.txt" >> "$out/bench_all.txt"
@@ -86,7 +87,7 @@ step_quickbench() {
 step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
   : > "$out/tune.txt"
   for minb in 2 3; do for s in 0 16 32 64 128; do
-    env QSDPA_CUDA_MINB=$minb ${s:+QSDPA_CUDA_SPLITS=$s} PYTHONPATH=$pkg python3 -m mlx_qsdpa bench --device gpu \
+    env QSDPA_CUDA_MINB=$minb ${s:+QSDPA_CUDA_SPLITS=$s} PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
       --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
       awk -v m=$minb -v s=$s '/quant_sdpa/ {print "minb=" m " splits=" s " " $0}' >> "$out/tune.txt"
   done; done
