@@ -6,9 +6,13 @@
 # the shared one (libmlx links its runtime statically; a kernel registered in
 # a static runtime of ours would be unknown to MLX's graph).
 
-if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-  # Ampere and Hopper machine code, plus Hopper PTX that newer GPUs JIT.
-  set(CMAKE_CUDA_ARCHITECTURES "80-real;90-real;90-virtual")
+# Ampere and Hopper machine code, plus Hopper PTX that newer GPUs JIT.
+# The target exists before this file runs, so the property is set on it
+# directly (CMAKE_CUDA_ARCHITECTURES, when given, still wins).
+if(CMAKE_CUDA_ARCHITECTURES)
+  set(MLX_QSDPA_CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
+else()
+  set(MLX_QSDPA_CUDA_ARCHITECTURES "80-real;90-real;90-virtual")
 endif()
 enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
@@ -22,7 +26,8 @@ target_include_directories(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT})
 target_link_libraries(mlx_qsdpa PRIVATE CUDA::cudart)
 set_target_properties(
   mlx_qsdpa
-  PROPERTIES CUDA_RUNTIME_LIBRARY Shared
+  PROPERTIES CUDA_ARCHITECTURES "${MLX_QSDPA_CUDA_ARCHITECTURES}"
+             CUDA_RUNTIME_LIBRARY Shared
              CUDA_STANDARD 20
              CUDA_STANDARD_REQUIRED ON)
 # -lineinfo: compute-sanitizer and profilers map findings to source lines.
