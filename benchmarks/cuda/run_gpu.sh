@@ -86,6 +86,14 @@ step_quickbench() {
   bench quick_lq4 --lq 4 --ctx 32768 --methods quant_sdpa,fp16_sdpa
 }
 
+step_profile() { # kernel times and limits under Nsight Compute
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 300 ncu --kernel-name regex:qsdpa --launch-skip 0 --launch-count 12 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+    --section LaunchStats python3 benchmarks/cuda/profile.py 4096,32768,131072 > "$out/ncu.txt" 2>&1
+  grep -E "qsdpa_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Stall|Grid Size|Waves Per SM|One or More" "$out/ncu.txt" | head -150 > "$out/ncu_summary.txt"
+  summary+=("profile: $out/ncu_summary.txt")
+}
+
 step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
   : > "$out/tune.txt"
   for minb in 2 3; do for s in 0 16 32 64 128; do
