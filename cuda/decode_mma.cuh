@@ -153,37 +153,163 @@ struct MmaDecode {
     return (start + e) / GS;
   }
 
-  static __device__ __forceinline__ void load_tile(
-      const Params& p, int b, int kvh, int key0, int k_last, int g, int t, Raw& raw) {
+  // ---- the shared-memory ring of tiles in flight ----
+  //
+  // Each warp streams its tiles through NS stages of shared memory with
+  // cp.async: the copies of NS - 1 tiles are in flight while one is decoded,
+  // without holding registers (a register double buffer left too few bytes
+  // in flight to cover HBM latency). Each thread copies exactly the bytes it
+  // later reads itself, so no barrier is needed between copy and use. Scales
+  // and biases (2 or 1 bytes) travel as the aligned 4-byte word that holds
+  // them (cp.async moves 4, 8 or 16 bytes), with their byte offsets kept.
+  static constexpr int KBP = KB; // >= 4
+  static constexpr int VBP = VB >= 4 ? VB : 4;
+  static constexpr int NSC = 2 * NGK * (MODE == qsdpa::kAffine ? 2 : 1) +
+      4 * NGV * (MODE == qsdpa::kAffine ? 2 : 1); // scale words per thread
+  static_assert(NSC <= 16, "scale byte offsets must fit one word");
+  struct Stage {
+    uint32_t k[2][32][KBP / 4];
+    uint32_t v[4][32][VBP / 4];
+    uint32_t sc[NSC][32];
+    uint32_t shifts[32];
+  };
+  static constexpr int kStageBytes = int(sizeof(Stage));
+  static constexpr int NS = kStageBytes <= 4096 ? 4 : 3;
+  static constexpr int kRingBytes = 4 * NS * kStageBytes; // 4 warps
+  static constexpr int kSmemBytes =
+      kRingBytes > int(sizeof(EpilogueSmem<kMmaRows>)) ? kRingBytes : int(sizeof(EpilogueSmem<kMmaRows>));
+
+  static __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  }
+
+  template <int BYTES>
+  static __device__ __forceinline__ void cp_async(void* dst, const void* src) {
+    if constexpr (BYTES == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(BYTES)
+                   : "memory");
+    }
+  }
+
+  // BYTES (a multiple of 4, or 2) from global p into shared dst.
+  template <int BYTES>
+  static __device__ __forceinline__ void copy_run(uint32_t* dst, const uint8_t* p) {
+    if constexpr (BYTES >= 16) {
+#pragma unroll
+      for (int i = 0; i < BYTES / 16; ++i) {
+        cp_async<16>(dst + 4 * i, p + 16 * i);
+      }
+    } else if constexpr (BYTES == 2) {
+      // A half word: the aligned word holding it (the reader shifts).
+      cp_async<4>(dst, reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3)));
+    } else {
+      cp_async<BYTES>(dst, p);
+    }
+  }
+
+  // Copies the words and raw scales of the tile at key0 into `st`.
+  static __device__ __forceinline__ void issue_tile(
+      const Params& p, int b, int kvh, int key0, int k_last, int g, int t, int lane, Stage& st) {
     const QuantTensor& K = p.k;
     const QuantTensor& V = p.v;
-    const bool affine = MODE == qsdpa::kAffine;
+    constexpr bool affine = MODE == qsdpa::kAffine;
+    uint32_t shifts = 0;
+    int si = 0;
+    auto scale_word = [&](const void* base, int64_t idx, int type) {
+      const int esz = type == kF32 ? 4 : (type == kU8 ? 1 : 2);
+      const uintptr_t a = reinterpret_cast<uintptr_t>(base) + uintptr_t(idx * esz);
+      cp_async<4>(&st.sc[si][lane], reinterpret_cast<const void*>(a & ~uintptr_t(3)));
+      shifts |= uint32_t(a & 3u) << (2 * si);
+      ++si;
+    };
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int key = min(key0 + 8 * nt + g, k_last);
       const int64_t row = int64_t(b) * K.ws[0] + int64_t(kvh) * K.ws[1] + int64_t(key) * K.ws[2];
-      mma_detail::load_bytes<KB>(reinterpret_cast<const uint8_t*>(K.w + row) + KB * t, raw.k[nt]);
+      copy_run<KB>(st.k[nt][lane], reinterpret_cast<const uint8_t*>(K.w + row) + KB * t);
       const int64_t srow = int64_t(b) * K.ss[0] + int64_t(kvh) * K.ss[1] + int64_t(key) * K.ss[2];
       const int64_t brow = int64_t(b) * K.bs[0] + int64_t(kvh) * K.bs[1] + int64_t(key) * K.bs[2];
 #pragma unroll
       for (int gi = 0; gi < NGK; ++gi) {
         const int grp = group_of(RK * t, gi * GS);
-        raw.ks[nt][gi] = load_raw(K.scales, srow + grp * K.ss[3], K.scale_type);
-        raw.kb[nt][gi] = affine ? load_raw(K.biases, brow + grp * K.bs[3], K.scale_type) : 0u;
+        scale_word(K.scales, srow + grp * K.ss[3], K.scale_type);
+        if constexpr (affine) {
+          scale_word(K.biases, brow + grp * K.bs[3], K.scale_type);
+        }
       }
     }
 #pragma unroll
     for (int kp = 0; kp < 4; ++kp) {
       const int key = min(key0 + 2 * t + (kp & 1) + 8 * (kp >> 1), k_last);
       const int64_t row = int64_t(b) * V.ws[0] + int64_t(kvh) * V.ws[1] + int64_t(key) * V.ws[2];
-      mma_detail::load_bytes<VB>(reinterpret_cast<const uint8_t*>(V.w + row) + VB * g, raw.v[kp]);
+      copy_run<VB>(st.v[kp][lane], reinterpret_cast<const uint8_t*>(V.w + row) + VB * g);
       const int64_t srow = int64_t(b) * V.ss[0] + int64_t(kvh) * V.ss[1] + int64_t(key) * V.ss[2];
       const int64_t brow = int64_t(b) * V.bs[0] + int64_t(kvh) * V.bs[1] + int64_t(key) * V.bs[2];
 #pragma unroll
       for (int gi = 0; gi < NGV; ++gi) {
         const int grp = group_of(RV * g, gi * GS);
-        raw.vs[kp][gi] = load_raw(V.scales, srow + grp * V.ss[3], V.scale_type);
-        raw.vb[kp][gi] = affine ? load_raw(V.biases, brow + grp * V.bs[3], V.scale_type) : 0u;
+        scale_word(V.scales, srow + grp * V.ss[3], V.scale_type);
+        if constexpr (affine) {
+          scale_word(V.biases, brow + grp * V.bs[3], V.scale_type);
+        }
+      }
+    }
+    st.shifts[lane] = shifts; // an ordinary store: read back by this thread only
+  }
+
+  // The raw value (bits of its element type) of a copied scale word.
+  static __device__ __forceinline__ uint32_t scale_raw(uint32_t word, uint32_t shifts, int si, int type) {
+    const uint32_t v = word >> (8 * ((shifts >> (2 * si)) & 3u));
+    return type == kF32 ? word : (type == kU8 ? (v & 0xffu) : (v & 0xffffu));
+  }
+
+  // The tile of `st` as registers (the layout the decode below reads).
+  static __device__ __forceinline__ void read_tile(
+      const Params& p, const Stage& st, int g, int lane, Raw& raw) {
+    constexpr bool affine = MODE == qsdpa::kAffine;
+    const uint32_t shifts = st.shifts[lane];
+    int si = 0;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int w = 0; w < KW; ++w) {
+        raw.k[nt][w] = st.k[nt][lane][w];
+      }
+#pragma unroll
+      for (int gi = 0; gi < NGK; ++gi) {
+        raw.ks[nt][gi] = scale_raw(st.sc[si][lane], shifts, si, p.k.scale_type);
+        ++si;
+        if constexpr (affine) {
+          raw.kb[nt][gi] = scale_raw(st.sc[si][lane], shifts, si, p.k.scale_type);
+          ++si;
+        } else {
+          raw.kb[nt][gi] = 0u;
+        }
+      }
+    }
+#pragma unroll
+    for (int kp = 0; kp < 4; ++kp) {
+#pragma unroll
+      for (int w = 0; w < VW; ++w) {
+        raw.v[kp][w] = st.v[kp][lane][w];
+      }
+      if constexpr (VB == 2) {
+        // The run of thread g is the (g & 1) half of the word copied (rows
+        // start on word boundaries, runs at 2 g bytes).
+        raw.v[kp][0] = (g & 1) ? (raw.v[kp][0] >> 16) : (raw.v[kp][0] & 0xffffu);
+      }
+#pragma unroll
+      for (int gi = 0; gi < NGV; ++gi) {
+        raw.vs[kp][gi] = scale_raw(st.sc[si][lane], shifts, si, p.v.scale_type);
+        ++si;
+        if constexpr (affine) {
+          raw.vb[kp][gi] = scale_raw(st.sc[si][lane], shifts, si, p.v.scale_type);
+          ++si;
+        } else {
+          raw.vb[kp][gi] = 0u;
+        }
       }
     }
   }
@@ -237,7 +363,9 @@ struct MmaDecode {
 
   static __device__ void run(const Params& p) {
     constexpr int RT = kMmaRows;
-    __shared__ EpilogueSmem<RT> smem;
+    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    Stage* ring = reinterpret_cast<Stage*>(dyn_smem) + (threadIdx.x / 32) * NS;
+    EpilogueSmem<RT>& smem = *reinterpret_cast<EpilogueSmem<RT>*>(dyn_smem); // after the loop
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -299,17 +427,26 @@ struct MmaDecode {
     const int k_last = k_end - 1;
     const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
 
-    int key0 = k_begin + 16 * warp;
-    Raw cur;
-    if (key0 < k_end) {
-      load_tile(p, b, kvh, key0, k_last, g, t, cur);
-    }
-    for (; key0 < k_end; key0 += 64) {
-      Raw nxt;
-      const bool more = key0 + 64 < k_end;
-      if (more) {
-        load_tile(p, b, kvh, key0 + 64, k_last, g, t, nxt);
+    // This warp's tiles start at key k_begin + 16 warp + 64 i.
+    const int first = k_begin + 16 * warp;
+    const int n_tiles = first < k_end ? (k_end - first + 63) / 64 : 0;
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) {
+      if (i < n_tiles) {
+        issue_tile(p, b, kvh, first + 64 * i, k_last, g, t, lane, ring[i]);
       }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    for (int i = 0; i < n_tiles; ++i) {
+      const int key0 = first + 64 * i;
+      if (i + NS - 1 < n_tiles) {
+        issue_tile(p, b, kvh, key0 + 64 * (NS - 1), k_last, g, t, lane, ring[(i + NS - 1) % NS]);
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      // Tile i's group is complete once at most NS - 1 newer ones pend.
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(NS - 1) : "memory");
+      Raw cur;
+      read_tile(p, ring[i % NS], g, lane, cur);
 
       // ---- S = Q K^T over this tile's 16 keys ----
       float s[2][4];
@@ -446,10 +583,10 @@ struct MmaDecode {
         mma_detail::mma_16816<T>(o[j], pa, vf[0], vf[1]);
       }
 
-      if (more) {
-        cur = nxt;
-      }
     }
+    // The ring is reused by the epilogue: no copy may still be landing.
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncthreads();
 
     // ---- merge the four warps ----
 #pragma unroll
@@ -496,10 +633,12 @@ __global__ void __launch_bounds__(kThreads, MINB) qsdpa_decode_mma(const __grid_
   MmaDecode<T, MODE, BITS, GS, D>::run(p);
 }
 
-// The kernels of one (query type, head dim), by format; nullptr where none.
+// The kernels of one (query type, head dim), by format; {nullptr, 0} where
+// none. The dynamic shared memory each needs comes with it.
 template <typename T, int D>
-const void* mma_kernel_for(int mode, int bits, int group_size) {
-#define QSDPA_MMA(M, BITS, GS) reinterpret_cast<const void*>(&qsdpa_decode_mma<T, M, BITS, GS, D>)
+KernelRef mma_kernel_for(int mode, int bits, int group_size) {
+#define QSDPA_MMA(M, BITS, GS) \
+  KernelRef{reinterpret_cast<const void*>(&qsdpa_decode_mma<T, M, BITS, GS, D>), MmaDecode<T, M, BITS, GS, D>::kSmemBytes}
   switch (mode) {
     case qsdpa::kMxfp4:
       return QSDPA_MMA(qsdpa::kMxfp4, 4, 32);
@@ -519,7 +658,7 @@ const void* mma_kernel_for(int mode, int bits, int group_size) {
     case 128:                                    \
       return QSDPA_MMA(qsdpa::kAffine, BITS, 128); \
     default:                                     \
-      return nullptr;                            \
+      return KernelRef{nullptr, 0};              \
   }
   switch (bits) {
     case 2:
@@ -529,7 +668,7 @@ const void* mma_kernel_for(int mode, int bits, int group_size) {
     case 8:
       QSDPA_MMA_GS(8)
     default:
-      return nullptr;
+      return KernelRef{nullptr, 0};
   }
 #undef QSDPA_MMA_GS
 #undef QSDPA_MMA
@@ -537,14 +676,14 @@ const void* mma_kernel_for(int mode, int bits, int group_size) {
 
 // One translation unit per (query type, head dim) so that the build runs
 // them in parallel; each defines one of these.
-const void* mma_kernel_f16_d64(int mode, int bits, int group_size);
-const void* mma_kernel_f16_d128(int mode, int bits, int group_size);
-const void* mma_kernel_f16_d256(int mode, int bits, int group_size);
-const void* mma_kernel_bf16_d64(int mode, int bits, int group_size);
-const void* mma_kernel_bf16_d128(int mode, int bits, int group_size);
-const void* mma_kernel_bf16_d256(int mode, int bits, int group_size);
+KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size);
+KernelRef mma_kernel_f16_d128(int mode, int bits, int group_size);
+KernelRef mma_kernel_f16_d256(int mode, int bits, int group_size);
+KernelRef mma_kernel_bf16_d64(int mode, int bits, int group_size);
+KernelRef mma_kernel_bf16_d128(int mode, int bits, int group_size);
+KernelRef mma_kernel_bf16_d256(int mode, int bits, int group_size);
 // A variant for tuning: fp16, affine 4-bit, group 64, D 128, capped at the
 // registers of 3 blocks per SM (QSDPA_CUDA_MINB=3).
-const void* mma_kernel_f16_d128_a4g64_minb3();
+KernelRef mma_kernel_f16_d128_a4g64_minb3();
 
 } // namespace mlx_qsdpa::cuda

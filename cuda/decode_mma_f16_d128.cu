@@ -5,12 +5,14 @@
 
 namespace mlx_qsdpa::cuda {
 
-const void* mma_kernel_f16_d128(int mode, int bits, int group_size) {
+KernelRef mma_kernel_f16_d128(int mode, int bits, int group_size) {
   return mma_kernel_for<__half, 128>(mode, bits, group_size);
 }
 
-const void* mma_kernel_f16_d128_a4g64_minb3() {
-  return reinterpret_cast<const void*>(&qsdpa_decode_mma<__half, qsdpa::kAffine, 4, 64, 128, 3>);
+KernelRef mma_kernel_f16_d128_a4g64_minb3() {
+  return KernelRef{
+      reinterpret_cast<const void*>(&qsdpa_decode_mma<__half, qsdpa::kAffine, 4, 64, 128, 3>),
+      MmaDecode<__half, qsdpa::kAffine, 4, 64, 128>::kSmemBytes};
 }
 
 } // namespace mlx_qsdpa::cuda

@@ -5,7 +5,7 @@
 
 namespace mlx_qsdpa::cuda {
 
-const void* mma_kernel_f16_d256(int mode, int bits, int group_size) {
+KernelRef mma_kernel_f16_d256(int mode, int bits, int group_size) {
   return mma_kernel_for<__half, 256>(mode, bits, group_size);
 }
 

@@ -5,7 +5,7 @@
 
 namespace mlx_qsdpa::cuda {
 
-const void* mma_kernel_f16_d64(int mode, int bits, int group_size) {
+KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size) {
   return mma_kernel_for<__half, 64>(mode, bits, group_size);
 }
 

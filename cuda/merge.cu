@@ -76,14 +76,14 @@ const void* merge_kernel() {
   return reinterpret_cast<const void*>(&qsdpa_merge);
 }
 
-const void* mma_kernel_tuned_minb3() {
+KernelRef mma_kernel_tuned_minb3() {
   return mma_kernel_f16_d128_a4g64_minb3();
 }
 
-const void* mma_kernel(int q_type, int mode, int bits, int group_size, int D) {
+KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D) {
   const bool f16 = q_type == kF16;
   if (q_type != kF16 && q_type != kBF16) {
-    return nullptr;
+    return KernelRef{nullptr, 0};
   }
   switch (D) {
     case 64:
@@ -93,7 +93,7 @@ const void* mma_kernel(int q_type, int mode, int bits, int group_size, int D) {
     case 256:
       return f16 ? mma_kernel_f16_d256(mode, bits, group_size) : mma_kernel_bf16_d256(mode, bits, group_size);
     default:
-      return nullptr;
+      return KernelRef{nullptr, 0};
   }
 }
 

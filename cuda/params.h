@@ -80,13 +80,19 @@ constexpr int kMmaRows = 16;
 // kMaxHeadDim, any last-axis stride): never null for a valid format.
 const void* simt_kernel(int mode, int bits);
 
+// A kernel and the dynamic shared memory (bytes) it is launched with.
+struct KernelRef {
+  const void* fn;
+  int smem_bytes;
+};
+
 // The tensor-core decode kernel for fp16/bf16 queries (q_type kF16/kBF16),
-// or nullptr where none is built for this format / head dim.
-const void* mma_kernel(int q_type, int mode, int bits, int group_size, int D);
+// or {nullptr, 0} where none is built for this format / head dim.
+KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D);
 
 // The fp16 / affine 4-bit / group 64 / D 128 kernel with a tighter register
 // cap (3 blocks per SM), for tuning (QSDPA_CUDA_MINB=3).
-const void* mma_kernel_tuned_minb3();
+KernelRef mma_kernel_tuned_minb3();
 
 // The exact merge of the split-K partials.
 const void* merge_kernel();

@@ -72,23 +72,55 @@ cu::QuantTensor quant_tensor(const mx::array& w, const mx::array& s, const mx::a
 // Per kernel: the driver handle and how many blocks fit on one SM.
 struct KernelInfo {
   CUfunction function;
+  int smem_bytes;
   int blocks_per_sm;
 };
 
-const KernelInfo& kernel_info(const void* kernel) {
+const KernelInfo& kernel_info(cu::KernelRef ref) {
   static std::mutex mutex;
   static std::unordered_map<const void*, KernelInfo> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(kernel);
+  auto it = cache.find(ref.fn);
   if (it == cache.end()) {
     KernelInfo info{};
     cudaFunction_t f;
-    check(cudaGetFuncBySymbol(&f, kernel), "cudaGetFuncBySymbol");
+    check(cudaGetFuncBySymbol(&f, ref.fn), "cudaGetFuncBySymbol");
     info.function = reinterpret_cast<CUfunction>(f);
+    info.smem_bytes = ref.smem_bytes;
+    if (ref.smem_bytes > 48 * 1024) {
+      // The function's attribute, so it holds for MLX's graph launches too.
+      check(
+          cudaFuncSetAttribute(ref.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, ref.smem_bytes),
+          "cudaFuncSetAttribute");
+    }
     check(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, cu::kThreads, 0),
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, ref.fn, cu::kThreads, ref.smem_bytes),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    it = cache.emplace(kernel, info).first;
+    it = cache.emplace(ref.fn, info).first;
+  }
+  return it->second;
+}
+
+// Device memory for the split-K partials, from a stream-ordered pool of this
+// library. allocator::malloc would give unified (managed) memory, which the
+// kernels reached at host-link speed on the H100 machine (a 0.5 MB partial
+// write took ~30 us); MLX's own device allocation is not exported.
+cudaMemPool_t partials_pool(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, cudaMemPool_t> pools;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = pools.find(device);
+  if (it == pools.end()) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool;
+    check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+    // Keep freed blocks for the next call instead of returning them.
+    uint64_t keep = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+    it = pools.emplace(device, pool).first;
   }
   return it->second;
 }
@@ -203,21 +235,21 @@ void eval_gpu_kernel(
   // generic kernel otherwise. QSDPA_CUDA_KERNEL=simt forces the generic one.
   const char* force = std::getenv("QSDPA_CUDA_KERNEL");
   const bool force_simt = force && std::string(force) == "simt";
-  const void* kernel = nullptr;
+  cu::KernelRef kernel{nullptr, 0};
   int rows_per_block = cu::kSimtRows;
   if (!force_simt && mma_layout_ok(inputs[in.k], inputs[in.v], p.D, c.bits)) {
     kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D);
     rows_per_block = cu::kMmaRows;
-    if (kernel && env_int("QSDPA_CUDA_MINB", 2) == 3 && p.q_type == cu::kF16 &&
+    if (kernel.fn && env_int("QSDPA_CUDA_MINB", 2) == 3 && p.q_type == cu::kF16 &&
         c.mode == qsdpa::kAffine && c.bits == 4 && c.group_size == 64 && p.D == 128) {
       kernel = cu::mma_kernel_tuned_minb3();
     }
   }
-  if (!kernel) {
-    kernel = cu::simt_kernel(c.mode, c.bits);
+  if (!kernel.fn) {
+    kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
     rows_per_block = cu::kSimtRows;
   }
-  if (!kernel) {
+  if (!kernel.fn) {
     throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
   }
 
@@ -255,27 +287,40 @@ void eval_gpu_kernel(
     for (auto& o : outputs) {
       encoder.set_output_array(o);
     }
-    encoder.add_kernel_node(info.function, grid, block, p);
+    encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
     return;
   }
 
   // Two passes: partials of every split, then their exact merge. The
-  // partials are temporaries of the encoder, alive until the graph ran.
-  mx::array part_o({int(p.n_splits * n_rows * p.D)}, mx::float32, nullptr, {});
-  mx::array part_ml({int(p.n_splits * n_rows * 2)}, mx::float32, nullptr, {});
-  part_o.set_data(mx::allocator::malloc(part_o.nbytes()));
-  part_ml.set_data(mx::allocator::malloc(part_ml.nbytes()));
-  encoder.add_temporary(part_o);
-  encoder.add_temporary(part_ml);
-  p.part_o = mx::gpu_ptr<float>(part_o);
-  p.part_ml = mx::gpu_ptr<float>(part_ml);
-  encoder.set_output_array(part_o);
-  encoder.set_output_array(part_ml);
-  encoder.add_kernel_node(info.function, grid, block, p);
+  // partials live in device memory allocated in stream order on the
+  // encoder's stream (before the graph that uses them is launched there) and
+  // freed in stream order once that graph has completed. Both kernels are
+  // recorded with no array between them, so the merge node is made to
+  // depend on the decode node through the output arrays: the decode node
+  // "writes" them first (it does not touch them), the merge node then
+  // reads-and-writes them.
+  const size_t o_bytes = size_t(p.n_splits) * n_rows * p.D * sizeof(float);
+  const size_t ml_bytes = size_t(p.n_splits) * n_rows * 2 * sizeof(float);
+  cudaStream_t cuda_stream = encoder.stream();
+  void* scratch = nullptr;
+  check(
+      cudaMallocFromPoolAsync(&scratch, o_bytes + ml_bytes, partials_pool(device), cuda_stream),
+      "cudaMallocFromPoolAsync");
+  encoder.add_completed_handler([scratch, cuda_stream, device]() {
+    cudaSetDevice(device);
+    cudaFreeAsync(scratch, cuda_stream);
+  });
+  p.part_o = static_cast<float*>(scratch);
+  p.part_ml = reinterpret_cast<float*>(static_cast<char*>(scratch) + o_bytes);
+  for (auto& o : outputs) {
+    encoder.set_output_array(o);
+  }
+  encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
 
-  const KernelInfo& merge = kernel_info(cu::merge_kernel());
-  encoder.set_input_array(part_o);
-  encoder.set_input_array(part_ml);
+  const KernelInfo& merge = kernel_info(cu::KernelRef{cu::merge_kernel(), 0});
+  for (auto& o : outputs) {
+    encoder.set_input_array(o);
+  }
   for (auto& o : outputs) {
     encoder.set_output_array(o);
   }
