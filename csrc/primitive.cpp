@@ -161,7 +161,12 @@ std::vector<mx::array> dequantized_attention(
   o = astype(reshape(o, {B, Hq, Lq, D}, s), q.dtype(), s);
   std::vector<array> outs = {o};
   if (c.return_lse) {
-    auto lse = add(log(l, s), safe_max, s); // log(0) = -inf for empty rows
+    // -inf for empty rows, without log(0) (whose gradient is NaN).
+    auto lse = where(
+        positive,
+        add(log(where(positive, l, ones_like(l, s), s), s), safe_max, s),
+        array(-std::numeric_limits<float>::infinity()),
+        s);
     outs.push_back(reshape(lse, {B, Hq, Lq}, s));
   }
   return outs;

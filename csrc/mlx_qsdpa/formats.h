@@ -115,9 +115,12 @@ QSDPA_FUNC float fp4_e2m1_to_float(u32_t nib) {
   return (nib & 8u) ? -mag : mag;
 }
 
-// fp8 e4m3 (OCP "fn" variant, bias 7) -> float. Code 0x7f/0xff decodes to
-// +-480 exactly as MLX's own converter does (mx.quantize never emits it).
+// fp8 e4m3 (OCP "fn" variant, bias 7) -> float. Codes 0x7f/0xff are NaN,
+// as in mx.dequantize (mx.quantize never emits them).
 QSDPA_FUNC float fp8_e4m3_to_float(u32_t b) {
+  if ((b & 0x7fu) == 0x7fu) {
+    return bits_to_float(0x7fc00000u); // NaN, as mx.dequantize gives
+  }
   u32_t e = (b >> 3) & 15u;
   u32_t m = b & 7u;
   float mag = e == 0 ? float(m) * 0.001953125f /* 2^-9 */
