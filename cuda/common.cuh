@@ -150,14 +150,22 @@ __device__ __forceinline__ Finalized finalize_row(const Params& p, int h, float 
   return {1.0f / l, (m + log2f(l)) * kLn2};
 }
 
-// Shared memory of the block epilogue for RT rows.
+// Shared memory of the block epilogue for RT rows. The output rows are
+// padded (one float after every 32, and a row stride of 4 mod 32 banks):
+// the tensor-core kernel's accumulators put a warp's 32 lanes on rows g and
+// columns 32 t + j, which without padding all fall in one bank.
+constexpr int kORow = kMaxHeadDim + kMaxHeadDim / 32 + 28; // 292 = 4 (mod 32)
+__device__ __forceinline__ int oidx(int r, int d) {
+  return r * kORow + d + d / 32;
+}
+
 template <int RT>
 struct EpilogueSmem {
   float m[4][RT]; // each warp's running max per row
   float l[4][RT]; // each warp's sum per row
   float M[RT]; // the block's max per row
   float L[RT]; // the block's sum per row
-  float o[RT][kMaxHeadDim]; // the block's output rows (not normalised)
+  float o[RT * kORow]; // the block's output rows (not normalised), oidx(r, d)
 };
 
 // Step 1 (after every warp wrote its m and l): the block's max and sum.
@@ -201,13 +209,13 @@ __device__ __forceinline__ void epilogue_write(
     const RowRef ref = row_ref(p, b, kvh, r0 + r);
     if (p.n_splits == 1) {
       const Finalized f = finalize_row(p, ref.h, s.M[r], s.L[r]);
-      store_from_float(p.out, ref.out_row * D + d, s.o[r][d] * f.mult, p.out_type);
+      store_from_float(p.out, ref.out_row * D + d, s.o[oidx(r, d)] * f.mult, p.out_type);
       if (d == 0 && p.lse) {
         p.lse[ref.out_row] = f.lse;
       }
     } else {
       const int64_t prow = split * n_rows + ref.out_row;
-      p.part_o[prow * D + d] = s.o[r][d];
+      p.part_o[prow * D + d] = s.o[oidx(r, d)];
       if (d == 0) {
         p.part_ml[prow * 2] = s.M[r];
         p.part_ml[prow * 2 + 1] = s.L[r];

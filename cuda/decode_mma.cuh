@@ -612,7 +612,7 @@ struct MmaDecode {
             const int r = g + 8 * (e / 2);
             const int d = RV * (2 * t + (e & 1)) + j;
             const float val = o[j][e] * (e < 2 ? f0 : f1);
-            smem.o[r][d] = w == 0 ? val : smem.o[r][d] + val;
+            smem.o[oidx(r, d)] = w == 0 ? val : smem.o[oidx(r, d)] + val;
           }
         }
       }
@@ -626,9 +626,11 @@ struct MmaDecode {
 
 namespace mlx_qsdpa::cuda {
 
-// Register cap: MINB blocks of 4 warps per SM at the least, so that enough
-// tiles are in flight to keep HBM busy.
-template <typename T, int MODE, int BITS, int GS, int D, int MINB = 2>
+// Register cap: MINB blocks of 4 warps per SM at the least. A warp's tile
+// is a chain of dependent steps (MMA, shuffles, exp2, MMA), so HBM is kept
+// busy only with several warps per scheduler: 3 blocks for D <= 128 (no
+// spills), 2 for D = 256 (whose 64 accumulators per thread need the room).
+template <typename T, int MODE, int BITS, int GS, int D, int MINB = (D <= 128 ? 3 : 2)>
 __global__ void __launch_bounds__(kThreads, MINB) qsdpa_decode_mma(const __grid_constant__ Params p) {
   MmaDecode<T, MODE, BITS, GS, D>::run(p);
 }
@@ -683,7 +685,7 @@ KernelRef mma_kernel_bf16_d64(int mode, int bits, int group_size);
 KernelRef mma_kernel_bf16_d128(int mode, int bits, int group_size);
 KernelRef mma_kernel_bf16_d256(int mode, int bits, int group_size);
 // A variant for tuning: fp16, affine 4-bit, group 64, D 128, capped at the
-// registers of 3 blocks per SM (QSDPA_CUDA_MINB=3).
-KernelRef mma_kernel_f16_d128_a4g64_minb3();
+// registers of 2 blocks per SM (QSDPA_CUDA_MINB=2).
+KernelRef mma_kernel_f16_d128_a4g64_minb2();
 
 } // namespace mlx_qsdpa::cuda

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
         for (int e = 0; e < kMaxE; ++e) {
           const int d = lane + 32 * e;
           if (d < D) {
-            smem.o[r][d] = (w == 0 ? 0.0f : smem.o[r][d]) + o[r][e] * f;
+            smem.o[oidx(r, d)] = (w == 0 ? 0.0f : smem.o[oidx(r, d)]) + o[r][e] * f;
           }
         }
       }

@@ -56,12 +56,26 @@ __global__ void __launch_bounds__(kThreads) qsdpa_merge(const __grid_constant__ 
   L = block_reduce<false>(L, scratch); // (its barrier also publishes factor[])
 
   const Finalized fin = finalize_row(p, h, M, L);
+  // Splits whose rows saw nothing hold zeros (factor 0): no branch, so that
+  // the loads of several splits are in flight together.
+  const int64_t split_stride = n_rows * p.D;
   for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
+    const float* src = p.part_o + row * p.D + d;
     float acc = 0.0f;
-    for (int s = 0; s < n; ++s) {
-      if (factor[s] != 0.0f) {
-        acc = fmaf(factor[s], p.part_o[(s * n_rows + row) * p.D + d], acc);
+    int s = 0;
+    for (; s + 8 <= n; s += 8) {
+      float x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        x[u] = src[(s + u) * split_stride];
       }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        acc = fmaf(factor[s + u], x[u], acc);
+      }
+    }
+    for (; s < n; ++s) {
+      acc = fmaf(factor[s], src[s * split_stride], acc);
     }
     store_from_float(p.out, row * p.D + d, acc * fin.mult, p.out_type);
   }
@@ -76,8 +90,8 @@ const void* merge_kernel() {
   return reinterpret_cast<const void*>(&qsdpa_merge);
 }
 
-KernelRef mma_kernel_tuned_minb3() {
-  return mma_kernel_f16_d128_a4g64_minb3();
+KernelRef mma_kernel_tuned_minb2() {
+  return mma_kernel_f16_d128_a4g64_minb2();
 }
 
 KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D) {

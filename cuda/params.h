@@ -90,9 +90,9 @@ struct KernelRef {
 // or {nullptr, 0} where none is built for this format / head dim.
 KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D);
 
-// The fp16 / affine 4-bit / group 64 / D 128 kernel with a tighter register
-// cap (3 blocks per SM), for tuning (QSDPA_CUDA_MINB=3).
-KernelRef mma_kernel_tuned_minb3();
+// The fp16 / affine 4-bit / group 64 / D 128 kernel with the looser register
+// cap of 2 blocks per SM, for comparison (QSDPA_CUDA_MINB=2).
+KernelRef mma_kernel_tuned_minb2();
 
 // The exact merge of the split-K partials.
 const void* merge_kernel();

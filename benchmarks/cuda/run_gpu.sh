@@ -96,7 +96,7 @@ step_profile() { # kernel times and limits under Nsight Compute
 
 step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
   : > "$out/tune.txt"
-  for minb in 2 3; do for s in 0 16 32 64 128; do
+  for minb in 3 2; do for s in 0 8 16 32 64; do
     env QSDPA_CUDA_MINB=$minb ${s:+QSDPA_CUDA_SPLITS=$s} PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
       --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
       awk -v m=$minb -v s=$s '/quant_sdpa/ {print "minb=" m " splits=" s " " $0}' >> "$out/tune.txt"

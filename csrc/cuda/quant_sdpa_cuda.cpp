@@ -169,7 +169,9 @@ bool mma_layout_ok(const mx::array& k, const mx::array& v, int D, int bits) {
   return k.strides()[3] == 1 && v.strides()[3] == 1 && aligned(k, kb) && aligned(v, vb);
 }
 
-constexpr int kMinKeysPerSplit = 2 * cu::kKeysPerBlockStep;
+// Each split pays a block epilogue and a share of the merge: keep at least
+// 8 tiles per warp.
+constexpr int kMinKeysPerSplit = 8 * cu::kKeysPerBlockStep;
 constexpr int kMaxSplits = 1024; // merge kernel's shared factor table
 
 } // namespace
@@ -240,9 +242,9 @@ void eval_gpu_kernel(
   if (!force_simt && mma_layout_ok(inputs[in.k], inputs[in.v], p.D, c.bits)) {
     kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D);
     rows_per_block = cu::kMmaRows;
-    if (kernel.fn && env_int("QSDPA_CUDA_MINB", 2) == 3 && p.q_type == cu::kF16 &&
+    if (kernel.fn && env_int("QSDPA_CUDA_MINB", 3) == 2 && p.q_type == cu::kF16 &&
         c.mode == qsdpa::kAffine && c.bits == 4 && c.group_size == 64 && p.D == 128) {
-      kernel = cu::mma_kernel_tuned_minb3();
+      kernel = cu::mma_kernel_tuned_minb2();
     }
   }
   if (!kernel.fn) {
