@@ -70,7 +70,6 @@ struct Params {
 constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
-constexpr int kMaxQueryLen = 32;
 
 // Rows per block of the two decode kernels.
 constexpr int kSimtRows = 8;

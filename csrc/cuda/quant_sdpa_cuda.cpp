@@ -178,8 +178,12 @@ constexpr int kMaxSplits = 1024; // merge kernel's shared factor table
 
 bool gpu_kernel_supports(const QuantSDPAConfig&, int head_dim, int q_len) {
   // Every format (validated before this), head dims up to 256 (a multiple of
-  // the group size, so of 16), query lengths 1..32.
-  return head_dim >= 16 && head_dim <= cu::kMaxHeadDim && q_len >= 1 && q_len <= cu::kMaxQueryLen;
+  // the group size, so of 16), any query length from 1: the kernels tile the
+  // G * Lq rows of a kv head (decode and speculative decode are what they
+  // are tuned for; longer Lq stays correct and exact in float32, whereas
+  // the dequantize fallback's float32 matmuls run in TF32 on MLX's CUDA
+  // build and miss float32 accuracy).
+  return head_dim >= 16 && head_dim <= cu::kMaxHeadDim && q_len >= 1;
 }
 
 void eval_gpu_kernel(
