@@ -11,7 +11,7 @@
 
 namespace mlx_qsdpa {
 
-// The fused CPU kernel. Allocates and fills `outputs`.
+// The fused CPU kernel. Fills `outputs` (allocated by the primitive).
 void eval_cpu_kernel(
     const QuantSDPAConfig& config,
     const std::vector<mx::array>& inputs,
@@ -22,7 +22,7 @@ void eval_cpu_kernel(
 // The op routes calls they do not cover to dequantized_attention on the GPU.
 bool gpu_kernel_supports(const QuantSDPAConfig& config, int head_dim, int q_len);
 
-// The fused GPU kernels. Allocates and fills `outputs`.
+// The fused GPU kernels. Fill `outputs` (allocated by the primitive).
 void eval_gpu_kernel(
     const QuantSDPAConfig& config,
     const std::vector<mx::array>& inputs,

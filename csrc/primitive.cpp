@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "mlx/allocator.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
@@ -15,15 +16,28 @@
 
 namespace mlx_qsdpa {
 
+namespace {
+
+// Every backend writes row-contiguous outputs: allocate them once here.
+void allocate_outputs(std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+}
+
+} // namespace
+
 void QuantSDPA::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
+  allocate_outputs(outputs);
   eval_cpu_kernel(config_, inputs, outputs, stream());
 }
 
 void QuantSDPA::eval_gpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
+  allocate_outputs(outputs);
   eval_gpu_kernel(config_, inputs, outputs, stream());
 }
 

@@ -83,10 +83,6 @@ void eval_gpu_kernel(
   InputSlots in(c);
   const mx::array& q = inputs[in.q];
   mx::array& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  if (c.return_lse) {
-    outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
-  }
   if (out.size() == 0) {
     return;
   }
