@@ -171,17 +171,32 @@ QSDPA_FUNC u32_t unpack_element(WordPtr words, int i) {
 }
 
 // The same stream seen as MLX's packs: pack p of a row starts at byte
-// p * kPackBytes and holds kPackElems elements, little-endian, element k at
-// bit k * BITS of the pack. (3 and 5 bits: 8 elements in 3 and 5 bytes; 6
-// bits: 4 elements in 3 bytes; 1/2/4/8 bits: one 32-bit word.) Decoding a
-// whole pack from one integer gives vector-friendly code (one load, constant
-// shifts) where unpack_element's per-element word choice does not.
+// p * pack_bytes(bits) and holds pack_elems(bits) elements, little-endian,
+// element k at bit k * bits of the pack. (3 and 5 bits: 8 elements in 3 and
+// 5 bytes; 6 bits: 4 elements in 3 bytes; 1/2/4/8 bits: one 32-bit word.)
+// Decoding a whole pack from one integer gives vector-friendly code (one
+// load, constant shifts) where unpack_element's per-element word choice
+// does not. Constexpr functions, not static data members: those are
+// program-scope data, which MSL only allows in the constant address space
+// (and an ODR-used static constexpr member needs a definition under MSL's
+// C++14); tests/metal/msl_rules.py rejects them in everything the Metal
+// kernels include.
+QSDPA_FUNC QSDPA_CONSTEXPR int pack_elems(int bits) {
+  return (bits == 3 || bits == 5) ? 8 : (bits == 6 ? 4 : 32 / bits);
+}
+QSDPA_FUNC QSDPA_CONSTEXPR int pack_bytes(int bits) {
+  return pack_elems(bits) * bits / 8;
+}
+
+#if !defined(__METAL_VERSION__)
+// The same numbers as the compile-time constants of the public C++/CUDA
+// header (kept for its users; the Metal kernels call the functions above).
 template <int BITS>
 struct PackGeometry {
-  static constexpr int kPackElems =
-      (BITS == 3 || BITS == 5) ? 8 : (BITS == 6 ? 4 : 32 / BITS);
-  static constexpr int kPackBytes = kPackElems * BITS / 8;
+  static constexpr int kPackElems = pack_elems(BITS);
+  static constexpr int kPackBytes = pack_bytes(BITS);
 };
+#endif
 
 // Element k of a pack already loaded into an integer (32 or 64 bits wide).
 template <int BITS, typename PackInt>

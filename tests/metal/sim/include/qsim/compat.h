@@ -45,8 +45,19 @@
 
 #define device __attribute__((address_space(1)))
 #define constant __attribute__((address_space(2)))
+#if defined(QSIM_MSL_RULES)
+// The compile of tests/metal/msl_rules.py, which sees the source with
+// `[[threadgroup(i)]]` renamed: threadgroup is a real address space there
+// (a thread or device pointer passed as a threadgroup one fails, as in
+// MSL), and `thread` an attribute clang ignores but keeps in the printed
+// type ('thread float *'), so that a pointer declared without an address
+// space can be told from one in thread space.
+#define threadgroup __attribute__((address_space(3)))
+#define thread __attribute__((btf_type_tag("thread")))
+#else
 #define threadgroup __unaligned
 #define thread
+#endif
 
 typedef unsigned int uint;
 typedef unsigned short ushort;
@@ -92,7 +103,8 @@ QSIM_VECTOR_TYPES(uchar, uchar)
 #undef QSIM_VECTOR_TYPES
 
 // ---------------------------------------------------------------------------
-// as_type: reinterpretation of the bits of a value of the same size.
+// as_type: reinterpretation of the bits of a value of the same size
+// (unqualified, as in MSL).
 // ---------------------------------------------------------------------------
 template <typename T, typename U>
 inline T as_type(U x) {
@@ -113,7 +125,9 @@ inline T as_type(U x) {
 
 namespace metal {
 
-using ::as_type;
+// No `using ::as_type` here: MSL's as_type is a language operator written
+// unqualified (as MLX's kernels write it); `metal::as_type` is reported not
+// to compile with Apple's compiler, so the simulator rejects it as well.
 
 // ---------------------------------------------------------------------------
 // Math (float; half and bfloat convert to float first).
@@ -168,18 +182,18 @@ inline float max(float a, float b) {
 inline float min(float a, float b) {
   return std::fmin(a, b);
 }
-template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
 inline T max(T a, T b) {
   return a > b ? a : b;
 }
-template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
 inline T min(T a, T b) {
   return a < b ? a : b;
 }
 inline float clamp(float x, float lo, float hi) {
   return min(max(x, lo), hi);
 }
-template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
 inline T clamp(T x, T lo, T hi) {
   return min(max(x, lo), hi);
 }
@@ -448,7 +462,7 @@ namespace qsim {
 template <typename T>
 inline T builtin_value(const ThreadContext& c, Builtin b) {
   const uint32_t* v = c.values[int(b)];
-  if constexpr (std::is_arithmetic_v<T>) {
+  if constexpr (std::is_arithmetic<T>::value) {
     return T(v[0]);
   } else {
     T r = T(0);

@@ -1,0 +1,109 @@
+"""The detectors on the real decode kernel: a copy of metal/ with four
+realistic bugs, each switched on by itself at run time, is run through
+the dispatch plan; the simulator reports each bug with the detector it
+belongs to, and with every bug off the copy matches the oracle.
+
+test_metal_sim_detectors.py proves each detector on small purpose-written
+kernels; this shows that they also fire inside quant_sdpa_decode, where
+a bug hides among 256 threads, 8 simdgroups and nested loops. The copy
+instantiates one decode kernel (affine 4-bit, D = 64) and the merge kernel,
+to keep its build short.
+"""
+
+import ctypes
+import re
+
+import mlx.core as mx
+import pytest
+
+import oracle
+from metal_qsdpa_sim import QuantSDPASim
+from metal_simulator import BUILD, ROOT, Library, SimulatorError, build_library
+from test_metal_sim_kernels import Case, run_case
+
+BARRIER = "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);"
+
+# mutant id: (anchor in quant_sdpa_decode.h, replacement, expected report)
+MUTANTS = {
+    # The barrier between decoding a tile and reading it, left out.
+    1: (
+        f"    {BARRIER}\n\n    for (int j = split; j < nk; j += n_splits) {{",
+        f"    if (qsim_mutant != 1) {{\n      {BARRIER}\n    }}\n\n    for (int j = split; j < nk; j += n_splits) {{",
+        r"read of threadgroup memory never written: 4 bytes at byte offset \d+ .*quant_sdpa_decode\.h",
+    ),
+    # The barrier after the handover of the key splits, reached only by
+    # the splits that take part in this round.
+    2: (
+        f"    {BARRIER}\n    if (split < half_n) {{",
+        f"    if (qsim_mutant != 2 || split < 2 * half_n) {{\n      {BARRIER}\n    }}\n    if (split < half_n) {{",
+        r"deadlock: threads of threadgroup \(0,0,0\) wait at different barriers",
+    ),
+    # A lane-dependent causal limit: some lanes skip the score's simd_sum.
+    3: (
+        "        if (key >= limit[rr]) {",
+        "        if (key >= limit[rr] - (qsim_mutant == 3 ? int(lane & 1) : 0)) {",
+        r"SIMD-group function simd_sum at quant_sdpa_decode\.h:\d+ called by only some lanes",
+    ),
+    # One key past the end of the range.
+    4: (
+        "  for (int t0 = k_begin; t0 < k_end; t0 += BK) {",
+        "  if (qsim_mutant == 4) {\n    k_end += 1;\n  }\n  for (int t0 = k_begin; t0 < k_end; t0 += BK) {",
+        r"out-of-bounds read of \d+ bytes at byte offset \d+ of buffer 'keys'",
+    ),
+}
+
+CASE = Case(Hq=4, Hkv=2, Lq=2, Lk=64, D=64, mode="affine", bits=4, gs=64, mask="causal")
+
+
+def _write_mutant_sources():
+    """build/metal-sim/mutants/: metal/*.h with the mutations, and a
+    .metal with the two kernels CASE needs. Returns the .metal path."""
+    out = BUILD / "mutants"
+    out.mkdir(parents=True, exist_ok=True)
+    for h in (ROOT / "metal").glob("*.h"):
+        text = h.read_text()
+        if h.name == "quant_sdpa_decode.h":
+            for mid, (anchor, replacement, _) in MUTANTS.items():
+                assert text.count(anchor) == 1, f"mutant {mid}: its anchor is not (once) in quant_sdpa_decode.h; update MUTANTS"
+                text = text.replace(anchor, replacement)
+            text = text.replace("#pragma once\n", '#pragma once\n\nextern "C" int qsim_mutant; // which bug is on (0: none)\n', 1)
+        if not (out / h.name).exists() or (out / h.name).read_text() != text:
+            (out / h.name).write_text(text)
+    metal = (ROOT / "metal" / "quant_sdpa.metal").read_text()
+    metal, n = re.subn(r"^QSDPA_DECODE_KERNELS?\(.*\)\n", "", metal, flags=re.M)
+    assert n >= 1, "quant_sdpa.metal has no QSDPA_DECODE_KERNELS lines; update the mutant builder"
+    metal += '\nextern "C" int qsim_mutant = 0;\nQSDPA_DECODE_KERNEL(qsdpa_decode_affine4_d64, qsdpa::kAffine, 4, 64)\n'
+    path = out / "quant_sdpa_mutants.metal"
+    if not path.exists() or path.read_text() != metal:
+        path.write_text(metal)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mutant(qsdpa_sim):  # qsdpa_sim: the prerequisites (clang, Linux)
+    lib = Library(build_library(_write_mutant_sources(), plan_runner=True))
+    switch = ctypes.c_int.in_dll(lib.lib, "qsim_mutant")
+    yield QuantSDPASim(lib), switch
+    switch.value = 0
+
+
+def test_unmutated_copy_matches_the_oracle(mutant):
+    sim, switch = mutant
+    switch.value = 0
+    out, lse, _, ref, ref_lse = run_case(sim, CASE)
+    oracle.assert_close(mx.array(out), ref, CASE.dtype)
+    oracle.assert_lse_close(lse, ref_lse, dtype=CASE.dtype)
+
+
+@pytest.mark.parametrize("mid", sorted(MUTANTS), ids=["missing_barrier", "divergent_barrier", "divergent_simd_sum", "key_past_end"])
+def test_bug_in_the_decode_kernel_is_reported(mutant, mid):
+    sim, switch = mutant
+    switch.value = mid
+    try:
+        with pytest.raises(SimulatorError, match=MUTANTS[mid][2]):
+            run_case(sim, CASE)
+    finally:
+        switch.value = 0
+    # The library is usable again afterwards.
+    out, _, _, ref, _ = run_case(sim, CASE)
+    oracle.assert_close(mx.array(out), ref, CASE.dtype)
