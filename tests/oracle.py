@@ -3,6 +3,13 @@
 K and V are decoded with ``mx.dequantize`` (MLX's own definition of each
 format) and attention is computed in float64 with NumPy. Nothing here uses
 mlx_qsdpa, so a bug in our format decoding cannot hide in the reference.
+
+Everything here runs on MLX's CPU stream, whatever the test device
+(QSDPA_DEVICE, conftest.py): the test inputs (random data, ``mx.quantize``)
+and the reference (``mx.dequantize``) must not depend on a GPU backend's own
+quantize/dequantize (MLX-CUDA 0.32.4 has no 1-bit kernels and crashes on an
+empty ``mx.quantize``). Only the op under test runs on the test device; it
+takes the CPU-made arrays as they are (unified memory on Metal and CUDA).
 """
 
 from __future__ import annotations
@@ -11,20 +18,25 @@ import numpy as np
 import mlx.core as mx
 
 
+# The stream of every input and reference computation (see the docstring).
+CPU = mx.cpu
+
+
 def make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=mx.float16, seed=0):
     """Random queries and float K/V (before quantization), evaluated."""
-    key = mx.random.key(seed)
-    k1, k2, k3 = mx.random.split(key, 3)
-    q = mx.random.normal((B, Hq, Lq, D), key=k1).astype(dtype)
-    k = mx.random.normal((B, Hkv, Lk, D), key=k2).astype(dtype)
-    v = mx.random.normal((B, Hkv, Lk, D), key=k3).astype(dtype)
-    mx.eval(q, k, v)
+    with mx.stream(CPU):
+        key = mx.random.key(seed)
+        k1, k2, k3 = mx.random.split(key, 3)
+        q = mx.random.normal((B, Hq, Lq, D), key=k1).astype(dtype)
+        k = mx.random.normal((B, Hkv, Lk, D), key=k2).astype(dtype)
+        v = mx.random.normal((B, Hkv, Lk, D), key=k3).astype(dtype)
+        mx.eval(q, k, v)
     return q, k, v
 
 
 def quantize(x, group_size, bits, mode):
-    """mx.quantize, always returned as a (w, scales, biases-or-None) triple."""
-    out = mx.quantize(x, group_size=group_size, bits=bits, mode=mode)
+    """mx.quantize on the CPU, always returned as a (w, scales, biases-or-None) triple."""
+    out = mx.quantize(x, group_size=group_size, bits=bits, mode=mode, stream=CPU)
     w, s = out[0], out[1]
     b = out[2] if mode == "affine" else None
     mx.eval(w, s, *( [b] if b is not None else []))
@@ -32,9 +44,24 @@ def quantize(x, group_size, bits, mode):
 
 
 def dequantize64(w, s, b, group_size, bits, mode):
-    """MLX's decoding of a quantized triple, as float64 NumPy."""
-    x = mx.dequantize(w, s, b, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+    """MLX's decoding of a quantized triple (on the CPU), as float64 NumPy."""
+    x = mx.dequantize(w, s, b, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32, stream=CPU)
     return np.array(x).astype(np.float64)
+
+
+def evaluated(*trees):
+    """Evaluates arrays made on the CPU stream (None and nested tuples are
+    fine) before they go to the op on the test device, and returns them, so
+    that the op never waits on pending CPU work of another stream."""
+    mx.eval(*[t for t in trees if t is not None])
+    return trees[0] if len(trees) == 1 else trees
+
+
+def to_numpy(x, dtype=np.float64):
+    """An mx array (any device, any float dtype) as NumPy, converted on the CPU."""
+    if x.dtype == mx.bool_:
+        return np.array(x)
+    return np.array(x.astype(mx.float32, stream=CPU)).astype(dtype)
 
 
 def attention64(q, k, v, scale, mask=None, sinks=None):
@@ -80,10 +107,10 @@ def reference(q, kq, vq, scale, group_size, bits, mode, mask=None, sinks=None):
     """The oracle for quant_sdpa's inputs: mx arrays in, float64 NumPy out."""
     k = dequantize64(*kq, group_size, bits, mode)
     v = dequantize64(*vq, group_size, bits, mode)
-    qn = np.array(q.astype(mx.float32)).astype(np.float64)
+    qn = to_numpy(q)
     if isinstance(mask, mx.array):
-        mask = np.array(mask.astype(mx.float32)) if mask.dtype != mx.bool_ else np.array(mask)
-    sk = None if sinks is None else np.array(sinks.astype(mx.float32)).astype(np.float64)
+        mask = to_numpy(mask, np.float32)
+    sk = None if sinks is None else to_numpy(sinks)
     return attention64(qn, k, v, scale, mask, sk)
 
 
@@ -93,7 +120,7 @@ RTOL = {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
 
 
 def assert_close(out, ref, dtype, what=""):
-    out = np.array(out.astype(mx.float32)).astype(np.float64)
+    out = to_numpy(out)
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert np.all(np.isfinite(out)), f"{what}: non-finite output"
     scale = max(np.abs(ref).max(), 1e-6)

@@ -3,7 +3,9 @@
 The top-level test files describe what they cover as Cases (shapes,
 format, dtype, mask, sinks, cache layout) and call `check_case`, which
 builds seeded random inputs, runs the op on the test device and compares
-the output (and the lse) with the float64 oracle of oracle.py.
+the output (and the lse) with the float64 oracle of oracle.py. The inputs
+(quantization, views, masks, sinks) and the reference are computed on the
+CPU stream whatever the test device; only quant_sdpa runs on it.
 
 Mask specs are strings:
   None, "causal",
@@ -33,6 +35,7 @@ import oracle
 from mlx_qsdpa import quant_sdpa
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32
+CPU = oracle.CPU
 DTYPES = (F16, BF16, F32)
 DTYPE_BY_NAME = {"f16": F16, "bf16": BF16, "f32": F32}
 DTYPE_NAME = {F16: "f16", BF16: "bf16", F32: "f32"}
@@ -125,7 +128,12 @@ def quantized(x, c: Case, layout: str):
 
 
 def build(c: Case):
-    """Inputs of the case: (q, kq triple, vq triple, mask, sinks)."""
+    """Inputs of the case: (q, kq triple, vq triple, mask, sinks), made on the CPU."""
+    with mx.stream(CPU):
+        return oracle.evaluated(*_build(c))
+
+
+def _build(c: Case):
     mode, bits, gs = c.fmt
     rows = c.Lk + (EXTRA_ROWS if c.layout.endswith("prefix") else 0)
     q, k, v = oracle.make_qkv(c.B, c.Hq, c.Hkv, c.Lq, rows, c.D, dtype=c.dtype, seed=c.seed)
@@ -176,10 +184,12 @@ def exact_scales(triple):
 
 
 def reference(c: Case, q, kq, vq, mask, sinks):
+    """The float64 oracle of the case (computed on the CPU)."""
     mode, bits, gs = c.fmt
-    return oracle.reference(
-        q, exact_scales(kq), exact_scales(vq), scale_of(c), gs, bits, mode, mask=mask, sinks=sinks
-    )
+    with mx.stream(CPU):
+        return oracle.reference(
+            q, exact_scales(kq), exact_scales(vq), scale_of(c), gs, bits, mode, mask=mask, sinks=sinks
+        )
 
 
 def cache_dtype(c: Case):
@@ -200,7 +210,7 @@ def assert_matches(c: Case, out, lse, ref, ref_lse):
     empty = np.isneginf(ref_lse)
     if empty.any():
         # A row that sees no key (and has no sink) is exactly zero.
-        o = np.array(out.astype(F32))
+        o = oracle.to_numpy(out, np.float32)
         assert np.all(o[empty] == 0.0), f"{c}: fully masked rows are not zero"
     if lse is not None:
         assert lse.shape == (c.B, c.Hq, c.Lq) and lse.dtype == F32, (str(c), lse.shape, lse.dtype)

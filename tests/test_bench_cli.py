@@ -2,35 +2,93 @@
 
 No timing is asserted (timings belong in benchmarks/RESULTS.md); this checks
 the command, the table, the JSON, and that quant_sdpa's output agrees with
-dequantize + SDPA inside the benchmark.
+dequantize + SDPA inside the benchmark. The bench runs on the suite's device
+(QSDPA_DEVICE, conftest.py). A baseline MLX cannot run there (MLX-CUDA's
+quantized_matmul has no kernel for some small shapes) is reported as n/a
+with MLX's error; that report is checked on any device by making the
+baseline fail on purpose.
 """
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 
-def test_bench_small_run(tmp_path):
-    out_json = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "-m", "mlx_qsdpa", "bench", "--ctx", "128,320", "--heads", "4", "--kv-heads", "2",
-        "--dim", "64", "--layers", "2", "--min-time", "0", "--max-reps", "3", "--no-progress",
-        "--json", str(out_json),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    for method in ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa"):
-        assert method in r.stdout
-    data = json.loads(out_json.read_text())
-    rows = data["rows"]
-    assert {(row["ctx"], row["method"]) for row in rows} == {
-        (c, m) for c in (128, 320) for m in ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
-    }
+from mlx_qsdpa import bench
+from mlx_qsdpa.__main__ import main
+
+DEVICE = os.environ.get("QSDPA_DEVICE", "cpu").lower()  # the suite's device (conftest.py)
+METHODS = ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
+SMALL = ["--ctx", "128,320", "--heads", "4", "--kv-heads", "2", "--dim", "64", "--layers", "2",
+         "--min-time", "0", "--max-reps", "3", "--no-progress", "--device", DEVICE]  # fmt: skip
+
+
+def _check_rows(rows, may_be_unavailable=()):
+    """Every (ctx, method) once; timed rows sane; unavailable ones only among
+    `may_be_unavailable`, with a reason and no timings."""
+    assert {(row["ctx"], row["method"]) for row in rows} == {(c, m) for c in (128, 320) for m in METHODS}
     for row in rows:
+        if row["unavailable"] is not None:
+            assert row["method"] in may_be_unavailable, row
+            assert row["unavailable"].strip(), row
+            assert row["us_per_call"] is None and row["gbps"] is None and row["repeats"] == 0, row
+            continue
         assert row["us_per_call"] > 0 and row["gbps"] > 0 and row["repeats"] >= 3
         if row["method"] == "quant_sdpa":
             # float16 output vs dequantize + fp16 SDPA
             assert row["max_abs_diff"] < 5e-3
+
+
+def test_bench_small_run(tmp_path):
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mlx_qsdpa", "bench", *SMALL, "--json", str(out_json)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for method in METHODS:
+        assert method in r.stdout
+    data = json.loads(out_json.read_text())
+    # On the CPU every baseline runs; on a GPU, MLX-CUDA's quantized_matmul
+    # may have no kernel for these shapes (then the row says so).
+    _check_rows(data["rows"], may_be_unavailable=() if DEVICE == "cpu" else ("qmm_path",))
+
+
+def test_unavailable_baseline_is_reported(tmp_path, capsys, monkeypatch):
+    # The qmm baseline raises as MLX-CUDA's quantized_matmul does for a shape
+    # it has no kernel for (the bench calls and evaluates it in one place, so
+    # an error from building the graph and one from evaluating it take the
+    # same path).
+    def fail(*args, **kwargs):
+        raise RuntimeError("[quantized_matmul] no kernel for this shape (injected by the test)")
+
+    monkeypatch.setattr(bench, "qmm_attention", fail)
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["rows"]
+    _check_rows(rows, may_be_unavailable=("qmm_path",))
+    qmm = [row for row in rows if row["method"] == "qmm_path"]
+    assert all(
+        row["unavailable"] == "RuntimeError: [quantized_matmul] no kernel for this shape (injected by the test)"
+        for row in qmm
+    )
+    # Every other method was timed.
+    assert all(row["unavailable"] is None for row in rows if row["method"] != "qmm_path")
+    table = [line.split() for line in out.splitlines() if line.split()[:2] in (["128", "qmm_path"], ["320", "qmm_path"])]
+    assert len(table) == 2
+    for line in table:
+        assert line[2:5] == ["n/a", "n/a", "n/a"] and "unavailable:" in line
+    assert "n/a: MLX could not run that baseline" in out
+
+
+def test_a_failure_of_quant_sdpa_is_not_hidden(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("quant_sdpa broke (injected by the test)")
+
+    monkeypatch.setattr(bench, "quant_sdpa", broken)
+    with pytest.raises(RuntimeError, match="injected by the test"):
+        main(["bench", *SMALL])
 
 
 def test_bench_rejects_unknown_method():

@@ -136,8 +136,10 @@ def test_batches_are_independent(device):
     full, _, _, _ = run(c, device, (q, kq, vq, mask, sinks))
     for b in range(c.B):
         one = c.replace(B=1)
-        pick = lambda t: tuple(None if a is None else a[b : b + 1] for a in t)
-        out, _, ref, ref_lse = run(one, device, (q[b : b + 1], pick(kq), pick(vq), mask, sinks))
+        with mx.stream(oracle.CPU):  # the inputs: views of batch item b
+            pick = lambda t: tuple(None if a is None else a[b : b + 1] for a in t)
+            item = oracle.evaluated(q[b : b + 1], pick(kq), pick(vq), mask, sinks)
+        out, _, ref, ref_lse = run(one, device, item)
         assert_matches(one, out, None, ref, ref_lse)
         alone = np.array(out).astype(np.float64)
         oracle.assert_close(full[b : b + 1], alone, F32, what=f"batch item {b}")
@@ -164,7 +166,7 @@ def _three_way(device, c, sinks):
 def test_sink_of_minus_inf_is_no_sink(device):
     c = Case(Hq=4, Hkv=2, Lq=3, Lk=50, D=64, dtype=F32, mask="causal", seed=8)
     o0, l0 = _three_way(device, c, None)
-    o1, l1 = _three_way(device, c, mx.full((4,), -np.inf))
+    o1, l1 = _three_way(device, c, oracle.evaluated(mx.full((4,), -np.inf, stream=oracle.CPU)))
     assert np.array_equal(np.array(o0), np.array(o1))
     assert np.array_equal(np.array(l0), np.array(l1))
 
@@ -193,7 +195,9 @@ def test_scale(device, scale):
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk", [(1, 2, 1, 3, 0), (1, 2, 1, 0, 5), (0, 2, 1, 2, 5), (2, 0, 1, 2, 5)])
 def test_empty_dimensions(device, B, Hq, Hkv, Lq, Lk):
     # No keys: every row is empty (zeros, lse = -inf); other empty axes: an
-    # empty result of the right shape.
+    # empty result of the right shape. The inputs are made and quantized on
+    # the CPU (oracle.py); only quant_sdpa sees the zero-size arrays on the
+    # test device.
     q, k, v = oracle.make_qkv(B, Hq, Hkv, Lq, Lk, 64, dtype=F32, seed=11)
     kq, vq = oracle.quantize(k, 64, 4, "affine"), oracle.quantize(v, 64, 4, "affine")
     out, lse = quant_sdpa(q, *kq, *vq, scale=0.125, return_lse=True, stream=device)

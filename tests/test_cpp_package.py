@@ -1,6 +1,10 @@
 """The C++ API as a native user gets it: the CMake package installed with
 the wheel (``python -m mlx_qsdpa --cmake-dir``), a program built against it
-with find_package, run, and its result checked."""
+with find_package, run, and its result checked.
+
+The program (tests/cpp/consumer.cpp) runs the op on the suite's device
+(QSDPA_DEVICE, passed on) and computes its inputs and reference on the CPU;
+it prints one line per check and names the ones that failed."""
 
 import os
 import shutil
@@ -12,6 +16,7 @@ import pytest
 import mlx_qsdpa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICE = os.environ.get("QSDPA_DEVICE", "cpu").lower()  # the suite's device (conftest.py)
 
 
 def test_cmake_dir_cli_matches_package():
@@ -36,7 +41,9 @@ def test_cpp_consumer_builds_and_runs(tmp_path):
     r = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     exe = build / "consumer"
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, QSDPA_DEVICE=DEVICE)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, env=env)
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK" in r.stdout
+    assert f"op device: {DEVICE}" in r.stdout
+    assert "FAILED" not in r.stdout and r.stdout.rstrip().endswith("OK")

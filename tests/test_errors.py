@@ -1,5 +1,10 @@
 """Every bad input raises ValueError or TypeError naming the argument (and
-what is allowed), at call time, never a crash."""
+what is allowed), at call time, never a crash.
+
+Every input here (random data, mx.quantize, and the bad variants made with
+astype, slices, reshapes, mx.zeros/ones) is built on the CPU stream (the
+autouse fixture below and oracle.py); only quant_sdpa runs on the test
+device, through the explicit ``stream=device`` of every call."""
 
 import re
 
@@ -13,6 +18,13 @@ from qsdpa_case import F16, F32
 
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 3, 10, 64
 ARGS = ("queries", "keys", "key_scales", "key_biases", "values", "value_scales", "value_biases")
+
+
+@pytest.fixture(autouse=True)
+def _inputs_on_the_cpu():
+    """Ops that build inputs inside a test run on the CPU stream."""
+    with mx.stream(oracle.CPU):
+        yield
 
 
 def _inputs(mode="affine", bits=4, gs=64, d=D, lk=LK, hkv=HKV, b=B, dtype=F16, seed=0):

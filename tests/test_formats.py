@@ -5,13 +5,18 @@
 formats.h. They are held against mx.dequantize on crafted inputs (and
 NumPy's float16). The last tests push every code through the kernel
 itself: with one key, lse = scale * q . k, and with an identity mask
-out = v, so one-hot queries read the decoded K and V back exactly."""
+out = v, so one-hot queries read the decoded K and V back exactly.
+
+MLX's side (mx.quantize, mx.dequantize, its dtype conversions) and every
+input run on the CPU whatever the test device (see oracle.py); the kernel
+tests run only quant_sdpa on the test device."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlx_qsdpa import SUPPORTED_FORMATS, _ext, quant_sdpa
+from oracle import CPU, evaluated, to_numpy
 from qsdpa_case import F16, BF16, F32, DTYPES, dtype_id, fmt_id
 
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -28,7 +33,9 @@ def pack_codes(codes, bits):
 
 def dequant(words, scales, biases, group_size, bits, mode):
     b = None if biases is None else mx.array(biases)
-    out = mx.dequantize(mx.array(words), mx.array(scales), b, group_size=group_size, bits=bits, mode=mode, dtype=F32)
+    out = mx.dequantize(
+        mx.array(words), mx.array(scales), b, group_size=group_size, bits=bits, mode=mode, dtype=F32, stream=CPU
+    )
     return np.array(out)
 
 
@@ -56,7 +63,7 @@ def test_pack_codes_is_what_mx_quantize_writes(bits):
     x = rng.integers(0, 2**bits, size=(4, 128))
     x[:, ::32] = 0
     x[:, 1::32] = 2**bits - 1
-    w, s, b = mx.quantize(mx.array(x.astype(np.float32)), group_size=32, bits=bits)
+    w, s, b = mx.quantize(mx.array(x.astype(np.float32)), group_size=32, bits=bits, stream=CPU)
     s, b = np.repeat(np.array(s), 32, axis=1), np.repeat(np.array(b), 32, axis=1)
     assert np.all(np.abs(s) == 1.0)
     codes = np.rint((x - b) / s).astype(np.int64)
@@ -148,14 +155,14 @@ def test_float16_every_code():
     want = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     assert_same_floats(table("float16"), want, "float16")
     # And MLX's own float16 -> float32 conversion agrees.
-    mlx = np.array(mx.array(np.arange(65536).astype(np.uint16)).view(F16).astype(F32))
+    mlx = np.array(mx.array(np.arange(65536).astype(np.uint16)).view(F16, stream=CPU).astype(F32, stream=CPU))
     assert_same_floats(table("float16"), mlx, "float16 (mx)")
 
 
 def test_bfloat16_every_code():
     want = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
     assert_same_floats(table("bfloat16"), want, "bfloat16")
-    mlx = np.array(mx.array(np.arange(65536).astype(np.uint16)).view(BF16).astype(F32))
+    mlx = np.array(mx.array(np.arange(65536).astype(np.uint16)).view(BF16, stream=CPU).astype(F32, stream=CPU))
     assert_same_floats(table("bfloat16"), mlx, "bfloat16 (mx)")
 
 
@@ -182,9 +189,9 @@ def crafted_cache(fmt, H, R, D, dtype, rng, narrow_scales=False):
     w = mx.array(pack_codes(codes, bits))
     G = D // gs
     if mode == "affine":
-        s = mx.array(rng.uniform(-0.5, 0.5, (1, H, R, G)).astype(np.float32)).astype(dtype)
-        b = mx.array(rng.normal(size=(1, H, R, G)).astype(np.float32)).astype(dtype)
-        return w, s, b
+        s = mx.array(rng.uniform(-0.5, 0.5, (1, H, R, G)).astype(np.float32)).astype(dtype, stream=CPU)
+        b = mx.array(rng.normal(size=(1, H, R, G)).astype(np.float32)).astype(dtype, stream=CPU)
+        return evaluated(w, s, b)
     if narrow_scales:
         scale_pool = np.arange(0x20, 0x58) if mode == "nvfp4" else np.arange(123, 132)
     elif mode == "nvfp4":
@@ -203,9 +210,10 @@ def decoded(triple, fmt):
     kernels decode in float32; see qsdpa_case.exact_scales)."""
     mode, bits, gs = fmt
     w, s, b = triple
-    if b is not None:
-        s, b = s.astype(F32), b.astype(F32)
-    return np.array(mx.dequantize(w, s, b, group_size=gs, bits=bits, mode=mode, dtype=F32))
+    with mx.stream(CPU):
+        if b is not None:
+            s, b = s.astype(F32), b.astype(F32)
+        return np.array(mx.dequantize(w, s, b, group_size=gs, bits=bits, mode=mode, dtype=F32))
 
 
 def assert_rows_close(got, want, eps, what):
@@ -231,12 +239,12 @@ def test_kernel_decodes_every_value_code(device, fmt, dtype):
     # (float16 output: scales narrowed so that every value fits float16)
     vq = crafted_cache(fmt, H, R, D, dtype, rng, narrow_scales=dtype == F16)
     kq = crafted_cache(fmt, H, R, D, dtype, rng)
-    q = mx.array(rng.normal(size=(1, H, R, D)).astype(np.float32)).astype(dtype)
+    q = evaluated(mx.array(rng.normal(size=(1, H, R, D)).astype(np.float32)).astype(dtype, stream=CPU))
     mask = mx.array(np.eye(R, dtype=bool))
     out = quant_sdpa(q, *kq, *vq, scale=0.1, mask=mask, group_size=gs, bits=bits, mode=mode, stream=device)
     want = decoded(vq, fmt)
     assert np.isfinite(want).all()
-    assert_rows_close(np.array(out.astype(F32)), want, EPS[dtype], f"{fmt_id(fmt)} values")
+    assert_rows_close(to_numpy(out, np.float32), want, EPS[dtype], f"{fmt_id(fmt)} values")
 
 
 @pytest.mark.parametrize("fmt", KERNEL_FORMATS, ids=fmt_id)
@@ -249,7 +257,8 @@ def test_kernel_decodes_every_key_code(device, fmt):
     H, D = 16, 256 if mode == "mxfp8" else 128
     kq = crafted_cache(fmt, H, 1, D, F32, rng, narrow_scales=True)
     vq = crafted_cache(fmt, H, 1, D, F32, rng)
-    q = mx.broadcast_to(mx.eye(D)[None, None], (1, H, D, D))
+    with mx.stream(CPU):
+        q = evaluated(mx.broadcast_to(mx.eye(D)[None, None], (1, H, D, D)))
     out, lse = quant_sdpa(q, *kq, *vq, scale=0.5, group_size=gs, bits=bits, mode=mode, return_lse=True, stream=device)
     k = decoded(kq, fmt)[0, :, 0, :]  # [H, D]
     got = np.array(lse)[0]  # [H, D]

@@ -19,7 +19,7 @@ def _call(c, device, q, kq, vq, mask=None, sinks=None):
         group_size=gs, bits=bits, mode=mode, return_lse=True, stream=device,
     )  # fmt: skip
     mx.eval(out, lse)
-    return np.array(out.astype(F32)).astype(np.float64), np.array(lse).astype(np.float64)
+    return oracle.to_numpy(out), np.array(lse).astype(np.float64)
 
 
 def merge(parts):
@@ -37,7 +37,9 @@ def merge(parts):
 
 
 def _split(triple, a, b):
-    return tuple(None if t is None else t[..., a:b, :] for t in triple)
+    """Keys a..b of a cache triple (views taken on the CPU, like every input)."""
+    with mx.stream(oracle.CPU):
+        return oracle.evaluated(tuple(None if t is None else t[..., a:b, :] for t in triple))
 
 
 @pytest.mark.parametrize("fmt", MERGE_FORMATS, ids=fmt_id)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mlx_qsdpa import quant_sdpa
-from qsdpa_case import BF16, DTYPES, F16, F32, Case, assert_matches, build, check_case, dtype_id, run
+from oracle import evaluated, to_numpy
+from qsdpa_case import BF16, CPU, DTYPES, F16, F32, Case, assert_matches, build, check_case, dtype_id, run
 
 # [Lq, Lk], [1, 1, Lq, Lk], [B, 1, Lq, Lk], [B, Hq, Lq, Lk], [Hq, 1, Lk], ...
 MASK_DIMS = ["QK", "11QK", "B1QK", "BHQK", "HQK", "H1K", "1K", "K", "Q1", "B11K", "1H11", "BH1K", "1111", "1"]
@@ -61,11 +62,14 @@ def test_strided_and_broadcast_mask_arrays(device):
     q, kq, vq, _, _ = build(c)
     rng = np.random.default_rng(6)
     wide = mx.array(rng.random((c.B, c.Hq, c.Lq, c.Lk + 13)) < 0.7)
-    for mask in (
-        wide[..., 5 : 5 + c.Lk],
-        mx.swapaxes(mx.array(rng.random((c.B, c.Hq, c.Lk, c.Lq)) < 0.7), 2, 3),
-        mx.broadcast_to(mx.array(rng.normal(size=(1, c.Hq, 1, c.Lk)).astype(np.float32)), (c.B, c.Hq, c.Lq, c.Lk)),
-    ):
+    with mx.stream(CPU):  # the views are inputs: taken on the CPU
+        masks = (
+            wide[..., 5 : 5 + c.Lk],
+            mx.swapaxes(mx.array(rng.random((c.B, c.Hq, c.Lk, c.Lq)) < 0.7), 2, 3),
+            mx.broadcast_to(mx.array(rng.normal(size=(1, c.Hq, 1, c.Lk)).astype(np.float32)), (c.B, c.Hq, c.Lq, c.Lk)),
+        )
+        evaluated(*masks)
+    for mask in masks:
         out, lse, ref, ref_lse = run(c, device, (q, kq, vq, mask, None))
         assert_matches(c, out, lse, ref, ref_lse)
 
@@ -93,7 +97,7 @@ def _lse_run(c, device, mask, sinks=None):
         group_size=gs, bits=bits, mode=mode, return_lse=True, stream=device,
     )  # fmt: skip
     mx.eval(out, lse)
-    return (q, kq, vq), np.array(out.astype(F32)), np.array(lse)
+    return (q, kq, vq), to_numpy(out, np.float32), np.array(lse)
 
 
 def _empty_rows_bool(c):
@@ -139,7 +143,7 @@ def test_fully_masked_rows_additive(device, kind):
     m = _empty_rows_bool(c)
     rng = np.random.default_rng(8)
     add = np.where(m, rng.normal(size=m.shape), -np.inf).astype(np.float32)
-    mask = mx.array(add).astype({"f16": F16, "bf16": BF16, "f32": F32}[kind])
+    mask = evaluated(mx.array(add).astype({"f16": F16, "bf16": BF16, "f32": F32}[kind], stream=CPU))
     (q, kq, vq), out, lse = _lse_run(c, device, mask)
     _assert_empty_rows(out, lse, ~m.any(-1))
     o2, l2, ref, ref_lse = run(c, device, (q, kq, vq, mask, None))

@@ -16,11 +16,22 @@ these models with seeds 0-4, kv_bits 4 and 8: at most 4.3e-3). A wrong attention
 initialised so that a 2 % error in the softmax scale changes greedy tokens
 within a few steps and the log-probabilities by ~3 (checked by
 ``test_the_comparison_can_fail``).
+
+Devices: the models run on the suite's default device (QSDPA_DEVICE,
+conftest.py), the reference run and the patched run alike, so the two
+differ only in the attention. The reference attention (mlx-lm's
+``quantized_matmul`` path, or dequantize + SDPA) runs on the CPU stream,
+like every reference in this suite (see oracle.py): MLX-CUDA 0.32.4's
+``quantized_matmul`` has no kernel for these models' shapes (head dim 64),
+and its float32 matmuls run in TF32. The direct calls below make their
+inputs on the CPU too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import os
 import re
@@ -45,6 +56,27 @@ PROMPT = 150  # prompt tokens: more than two prefill chunks
 CHUNK = 64  # prefill_step_size
 VOCAB = 512
 LOGPROB_TOL = 1e-2  # float32 models; see the module docstring
+DEVICE = os.environ.get("QSDPA_DEVICE", "cpu").lower()  # the suite's device (conftest.py)
+
+
+@contextlib.contextmanager
+def reference_attention_on_cpu():
+    """mlx-lm's own quantized-cache attention on the CPU stream (the rest of
+    the model stays on the default device), for the reference runs. Installed
+    in ``base`` only while unpatched, so that patch() never takes it for
+    mlx-lm's function."""
+    assert not qlm.is_patched()
+    orig = base.quantized_scaled_dot_product_attention
+
+    def on_cpu(*args, **kwargs):
+        with mx.stream(mx.cpu):
+            return orig(*args, **kwargs)
+
+    base.quantized_scaled_dot_product_attention = on_cpu
+    try:
+        yield
+    finally:
+        base.quantized_scaled_dot_product_attention = orig
 
 
 @pytest.fixture(autouse=True)
@@ -167,8 +199,9 @@ def test_patch_rebinds_every_model_module_and_unpatch_restores():
     assert qlm.scaled_dot_product_attention is not orig
     q, kq, vq = _qkv()
     c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
-    got = qlm.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
-    assert mx.array_equal(got, orig(q * 1, kq, vq, c, scale=0.1, mask=None))
+    with mx.stream(mx.cpu):  # mlx-lm's path, either way (see the module docstring)
+        got = qlm.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+        assert mx.array_equal(got, orig(q * 1, kq, vq, c, scale=0.1, mask=None))
     assert qlm.stats() == {"routed": 0, "fallback": 0}
     qlm.unpatch()  # idempotent
     assert base.scaled_dot_product_attention is orig
@@ -196,7 +229,8 @@ def test_llama_kv_bits_generation_matches(bits):
     model = make_llama()
     prompt = prompt_tokens()
     kw = dict(kv_bits=bits, kv_group_size=64, quantized_kv_start=0)
-    ref = generate(model, prompt, **kw)
+    with reference_attention_on_cpu():
+        ref = generate(model, prompt, **kw)
     with qlm.patched():
         out = generate(model, prompt, **kw)
     assert_routed_only()
@@ -208,7 +242,8 @@ def test_llama_sliding_window_generation_matches(bits, group_size):
     """Window masks (bool arrays from QuantizedKVCache.make_mask), prefill and decode."""
     model = make_llama(sliding_window=40)
     prompt = prompt_tokens()
-    ref = generate(model, prompt, prompt_cache=quantized_cache(model, bits, group_size))
+    with reference_attention_on_cpu():
+        ref = generate(model, prompt, prompt_cache=quantized_cache(model, bits, group_size))
     with qlm.patched():
         out = generate(model, prompt, prompt_cache=quantized_cache(model, bits, group_size))
     assert_routed_only()
@@ -217,11 +252,12 @@ def test_llama_sliding_window_generation_matches(bits, group_size):
 
 def _reference_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
     """Sinks over a quantized cache as mlx-lm does them over a float cache:
-    mx.dequantize, then mx.fast.scaled_dot_product_attention."""
-    if hasattr(cache, "bits"):
-        q = dict(group_size=cache.group_size, bits=cache.bits, dtype=queries.dtype)
-        keys, values = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    mx.dequantize, then mx.fast.scaled_dot_product_attention (on the CPU)."""
+    with mx.stream(mx.cpu):
+        if hasattr(cache, "bits"):
+            q = dict(group_size=cache.group_size, bits=cache.bits, dtype=queries.dtype)
+            keys, values = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -262,7 +298,8 @@ def greedy_batch(model, prompts, cache, steps=STEPS, chunk=CHUNK):
 def test_batch_generation_matches():
     model = make_llama(sliding_window=40)
     prompts = prompt_tokens(batch=3)
-    ref = greedy_batch(model, prompts, quantized_cache(model, 4))
+    with reference_attention_on_cpu():
+        ref = greedy_batch(model, prompts, quantized_cache(model, 4))
     with qlm.patched():
         out = greedy_batch(model, prompts, quantized_cache(model, 4))
     assert_routed_only()
@@ -273,15 +310,16 @@ def test_batch_generation_matches():
 
 
 def _float32_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    """Attention over the dequantized cache in float32, rounded to the queries' dtype."""
-    q = dict(group_size=cache.group_size, bits=cache.bits, dtype=mx.float32)
-    k, v = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
-    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-        mask = mask.astype(mx.float32)
-    out = mx.fast.scaled_dot_product_attention(
-        queries.astype(mx.float32), k, v, scale=scale, mask=mask, sinks=sinks
-    )
-    return out.astype(queries.dtype)
+    """Attention over the dequantized cache in float32 (on the CPU), rounded to the queries' dtype."""
+    with mx.stream(mx.cpu):
+        q = dict(group_size=cache.group_size, bits=cache.bits, dtype=mx.float32)
+        k, v = mx.dequantize(*keys, **q), mx.dequantize(*values, **q)
+        if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+            mask = mask.astype(mx.float32)
+        out = mx.fast.scaled_dot_product_attention(
+            queries.astype(mx.float32), k, v, scale=scale, mask=mask, sinks=sinks
+        )
+        return out.astype(queries.dtype)
 
 
 def test_bfloat16_model_at_least_as_accurate(monkeypatch):
@@ -302,7 +340,8 @@ def test_bfloat16_model_at_least_as_accurate(monkeypatch):
             out.append(model(forced[:, i : i + 1], cache=cache)[:, -1, :].astype(mx.float32))
         return mx.stack(out)
 
-    theirs = run()
+    with reference_attention_on_cpu():
+        theirs = run()
     with qlm.patched():
         ours = run()
     assert_routed_only()
@@ -320,7 +359,8 @@ def test_the_comparison_can_fail():
     model = make_llama()
     prompt = prompt_tokens()
     kw = dict(kv_bits=4, quantized_kv_start=0)
-    ref = generate(model, prompt, **kw)
+    with reference_attention_on_cpu():
+        ref = generate(model, prompt, **kw)
     route = qlm._route
 
     def wrong(queries, q_keys, q_values, scale, *rest):
@@ -342,25 +382,31 @@ def test_the_comparison_can_fail():
 
 
 def _qkv(B=1, Hq=4, Hkv=2, L=1, Lk=70, Dk=64, Dv=64, bits=4, group_size=64):
-    """Queries and a quantized cache for direct calls. The calls pass ``q * 1``:
-    mlx-lm's quantized path does ``queries *= scale``, which scales the
-    caller's array in place (MLX arrays update in place)."""
-    keys = mx.random.key(3)
-    k1, k2, k3 = mx.random.split(keys, 3)
-    q = mx.random.normal((B, Hq, L, Dk), key=k1)
-    kq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dk), key=k2), group_size=group_size, bits=bits)
-    vq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dv), key=k3), group_size=group_size, bits=bits)
+    """Queries and a quantized cache for direct calls, made on the CPU (like
+    every test input, see oracle.py). The calls pass ``q * 1``: mlx-lm's
+    quantized path does ``queries *= scale``, which scales the caller's
+    array in place (MLX arrays update in place)."""
+    with mx.stream(mx.cpu):
+        keys = mx.random.key(3)
+        k1, k2, k3 = mx.random.split(keys, 3)
+        q = mx.random.normal((B, Hq, L, Dk), key=k1)
+        kq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dk), key=k2), group_size=group_size, bits=bits)
+        vq = mx.quantize(mx.random.normal((B, Hkv, Lk, Dv), key=k3), group_size=group_size, bits=bits)
+        mx.eval(q, kq, vq)
     return q, kq, vq
 
 
 def test_value_head_dim_other_than_key_falls_back():
     # Hq == Hkv: mlx-lm's own function reshapes GQA outputs to the key head
     # dimension and cannot take Dv != Dk with GQA either.
+    # The fallback is mlx-lm's own path: both calls on the CPU (see the
+    # module docstring); which path a call takes does not depend on the device.
     q, kq, vq = _qkv(Hq=2, Hkv=2, Dk=128, Dv=64)
     c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
-    want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
-    with qlm.patched():
-        got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+    with mx.stream(mx.cpu):
+        want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
+        with qlm.patched():
+            got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=None)
     assert qlm.stats() == {"routed": 0, "fallback": 1}
     assert mx.array_equal(want, got)
 
@@ -369,23 +415,29 @@ def test_per_kv_head_mask_falls_back():
     """A [B, Hkv, L, Lk] mask is valid for mlx-lm's quantized path but not
     broadcastable to [B, Hq, L, Lk]: mlx-lm's function handles it."""
     q, kq, vq = _qkv(L=3)
-    mask = mx.random.uniform(shape=(1, 2, 3, 70), key=mx.random.key(5)) > 0.3
+    mask = mx.greater(mx.random.uniform(shape=(1, 2, 3, 70), key=mx.random.key(5), stream=mx.cpu), 0.3, stream=mx.cpu)
     c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
-    want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
-    with qlm.patched():
-        got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
+    with mx.stream(mx.cpu):  # the fallback: mlx-lm's own path, as above
+        want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
+        with qlm.patched():
+            got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.1, mask=mask)
     assert qlm.stats()["fallback"] >= 1 and qlm.stats()["routed"] == 0
     assert mx.array_equal(want, got)
 
 
 def test_masks_as_mlx_lm_passes_them():
-    """Direct calls with each mask kind mlx-lm builds agree with its function."""
+    """Direct calls with each mask kind mlx-lm builds agree with its function
+    (the reference, mlx-lm's quantized_matmul path, run on the CPU)."""
     q, kq, vq = _qkv(L=5, Lk=70)
     c = cache_mod.QuantizedKVCache(group_size=64, bits=4)
-    window = base.create_causal_mask(5, offset=65, window_size=16)  # [5, 70] bool
-    additive = mx.where(window, 0.0, -1e9).astype(mx.float32)
-    for mask in (None, "causal", window, additive, window[None, None]):
-        want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.125, mask=mask)
+    with mx.stream(mx.cpu):
+        window = base.create_causal_mask(5, offset=65, window_size=16)  # [5, 70] bool
+        additive = mx.where(window, 0.0, -1e9).astype(mx.float32)
+        masks = (None, "causal", window, additive, window[None, None])
+        mx.eval(window, additive, masks[-1])
+    for mask in masks:
+        with mx.stream(mx.cpu):
+            want = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.125, mask=mask)
         with qlm.patched():
             got = base.scaled_dot_product_attention(q * 1, kq, vq, c, scale=0.125, mask=mask)
         assert float(mx.abs(want - got).max()) < 1e-5, mask if isinstance(mask, str) else "array"
@@ -394,7 +446,7 @@ def test_masks_as_mlx_lm_passes_them():
 
 def test_float_cache_is_left_to_mlx_lm():
     q, _, _ = _qkv()
-    k = mx.random.normal((1, 2, 70, 64))
+    k = mx.random.normal((1, 2, 70, 64), stream=mx.cpu)
     with qlm.patched():
         out = base.scaled_dot_product_attention(q, k, k, cache_mod.KVCache(), scale=0.1, mask=None)
     assert qlm.stats() == {"routed": 0, "fallback": 0}
@@ -417,7 +469,7 @@ def test_bench_e2e_with_local_model(kind, tmp_path, capsys):
     save_config(dataclasses.asdict(model.args), tmp_path / "config.json")
     argv = ["bench", "--e2e", "--model", str(tmp_path), "--ctx", "100,200", "--decode-tokens", "4",
             "--repeats", "1", "--prefill-step", "64", "--no-progress",
-            "--device", os.environ.get("QSDPA_DEVICE", "cpu").lower()]  # the suite's device (conftest)
+            "--device", DEVICE]  # the suite's device (conftest)
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("100 ", "200 "))]
@@ -426,15 +478,68 @@ def test_bench_e2e_with_local_model(kind, tmp_path, capsys):
     if kind == "gpt_oss":
         # mlx-lm cannot decode gpt-oss over a quantized cache; the patch can.
         assert "mlx-lm raised: Quantized SDPA does not support attention sinks." in out
+    elif DEVICE == "gpu" and "mlx-lm raised: [quantized_matmul] No implementation" in out:
+        # MLX-CUDA 0.32.4 has no quantized_matmul kernel for this model's
+        # shapes: the bench reports mlx-lm's path as failed and still times
+        # quant_sdpa (checked above), on the same cache.
+        assert all(r[2] == "-" for r in rows if r[1] == "mlx-lm")
     else:
         assert all(float(r[2]) > 0 for r in rows) and "x" in rows[1][-1]
         assert "greedy tokens at ctx 200, mlx-lm vs quant_sdpa: all 4 agree." in out
 
 
+def test_bench_e2e_reports_a_failing_mlx_lm_path(tmp_path, capsys, monkeypatch):
+    """mlx-lm's path failing while evaluated (as MLX-CUDA's quantized_matmul
+    does for shapes it has no kernel for) is reported, and quant_sdpa is
+    still timed on the same cache: the failed run's lazy writes into the
+    cache are undone, or every later read would fail again."""
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_qsdpa.__main__ import main
+
+    orig = base.quantized_scaled_dot_product_attention
+
+    @functools.wraps(orig)  # the signature patch() checks
+    def fails_when_evaluated(*args, **kwargs):
+        poison = mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu)[0, 0]  # singular: raises in eval
+        return orig(*args, **kwargs) + 0 * poison
+
+    monkeypatch.setattr(base, "quantized_scaled_dot_product_attention", fails_when_evaluated)
+    model = make_llama()
+    save_model(tmp_path, model)
+    save_config(dataclasses.asdict(model.args), tmp_path / "config.json")
+    argv = ["bench", "--e2e", "--model", str(tmp_path), "--ctx", "100,200", "--decode-tokens", "4",
+            "--repeats", "2", "--prefill-step", "64", "--no-progress", "--device", DEVICE]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("100 ", "200 "))]
+    assert [(r[0], r[1]) for r in rows] == [("100", "mlx-lm"), ("100", "quant_sdpa"), ("200", "mlx-lm"), ("200", "quant_sdpa")]
+    assert all(r[2] == "-" and "mlx-lm raised:" in " ".join(r) for r in rows if r[1] == "mlx-lm")
+    assert all(float(r[2]) > 0 and r[5] == "2" for r in rows if r[1] == "quant_sdpa")
+    assert "LU factorization failed" in out
+
+
+# ``python -m mlx_lm.generate`` with mlx-lm's quantized attention on the CPU
+# stream (reference_attention_on_cpu, in a fresh process).
+_GENERATE_REF = """
+import runpy
+import mlx.core as mx
+from mlx_lm.models import base
+orig = base.quantized_scaled_dot_product_attention
+def on_cpu(*args, **kwargs):
+    with mx.stream(mx.cpu):
+        return orig(*args, **kwargs)
+base.quantized_scaled_dot_product_attention = on_cpu
+runpy.run_module("mlx_lm.generate", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_generate_command_patched(tmp_path):
     """``python -m mlx_qsdpa.mlx_lm`` is mlx-lm's generate command, patched:
     same text as ``python -m mlx_lm.generate`` on a saved model with a
-    word-level tokenizer."""
+    word-level tokenizer. Both run on MLX's default device; the reference
+    command's quantized attention runs on the CPU stream, as in the tests
+    above (``_GENERATE_REF``)."""
     import json
     import subprocess
 
@@ -455,8 +560,8 @@ def test_generate_command_patched(tmp_path):
     args = ["--model", str(tmp_path), "--prompt", prompt, "--kv-bits", "4", "--quantized-kv-start", "0",
             "--max-tokens", "24", "--ignore-chat-template"]
     texts = []
-    for module in ("mlx_lm.generate", "mlx_qsdpa.mlx_lm"):
-        r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+    for cmd in (["-c", _GENERATE_REF], ["-m", "mlx_qsdpa.mlx_lm"]):
+        r = subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         texts.append(r.stdout.split("==========")[1].strip())
     # The patched command reports its calls on stderr: some, all routed.

@@ -7,7 +7,7 @@ import pytest
 
 from mlx_qsdpa import quant_sdpa
 import oracle
-from qsdpa_case import DTYPES, F16, Case, assert_matches, check_case, dtype_id, fmt_id, run
+from qsdpa_case import CPU, DTYPES, F16, Case, assert_matches, check_case, dtype_id, fmt_id, run
 
 VIEW_FORMATS = [
     ("affine", 4, 64), ("affine", 3, 32), ("affine", 6, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16),
@@ -35,7 +35,9 @@ def _cache(B, H, L, D, fmt, dtype=F16, seed=0):
 
 
 def _view(triple, fn):
-    return tuple(None if a is None else fn(a) for a in triple)
+    """fn (a view) of each array of the triple, taken on the CPU like every input."""
+    with mx.stream(CPU):
+        return oracle.evaluated(tuple(None if a is None else fn(a) for a in triple))
 
 
 @pytest.mark.parametrize(
@@ -63,7 +65,8 @@ def test_keys_and_values_in_different_layouts(device):
     c = Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=120, D=64, fmt=fmt, seed=5)
     q, k, v = oracle.make_qkv(1, 4, 2, 2, 150, 64, dtype=F16, seed=5)
     kq = _view(oracle.quantize(k, 64, 4, "affine"), lambda a: a[..., :120, :])
-    vs = oracle.quantize(mx.contiguous(mx.swapaxes(v[:, :, :120], 1, 2)), 64, 4, "affine")
+    with mx.stream(CPU):
+        vs = oracle.quantize(mx.contiguous(mx.swapaxes(v[:, :, :120], 1, 2)), 64, 4, "affine")
     vq = _view(vs, lambda a: mx.swapaxes(a, 1, 2))
     out, lse, ref, ref_lse = run(c, device, (q, kq, vq, None, None))
     assert_matches(c, out, lse, ref, ref_lse)
@@ -79,8 +82,8 @@ def _poison_tail(triple, Lk, mode):
         tail[..., Lk:, :] = np.nan
         b_np = np.array(b)
         b_np[..., Lk:, :] = np.nan
-        b = mx.array(b_np).astype(b.dtype)
-        s = mx.array(tail).astype(s.dtype)
+        b = mx.array(b_np).astype(b.dtype, stream=CPU)
+        s = mx.array(tail).astype(s.dtype, stream=CPU)
     else:
         tail[..., Lk:, :] = 0xFF if mode != "nvfp4" else 0x7F
         s = mx.array(tail)
@@ -129,8 +132,9 @@ def test_cache_view_is_not_copied(device, layout):
         kq, vq = oracle.quantize(k, 32, 8, "affine"), oracle.quantize(v, 32, 8, "affine")
         cut = lambda a: a[..., :Lk, :]
     else:
-        kq = oracle.quantize(mx.contiguous(mx.swapaxes(k, 1, 2)), 32, 8, "affine")
-        vq = oracle.quantize(mx.contiguous(mx.swapaxes(v, 1, 2)), 32, 8, "affine")
+        with mx.stream(CPU):
+            kq = oracle.quantize(mx.contiguous(mx.swapaxes(k, 1, 2)), 32, 8, "affine")
+            vq = oracle.quantize(mx.contiguous(mx.swapaxes(v, 1, 2)), 32, 8, "affine")
         cut = lambda a: mx.swapaxes(a[:, :Lk], 1, 2)
     del k, v
     q, _, _ = oracle.make_qkv(B, 4, H, 1, 1, D, dtype=F16, seed=7)
@@ -142,7 +146,7 @@ def test_cache_view_is_not_copied(device, layout):
     view_bytes = kv[0].nbytes  # 12000 rows of packed words: ~3 MiB
 
     # The measurement sees a copy when there is one.
-    copy_bytes, _ = _bytes_allocated_by(lambda: mx.contiguous(kv[0]))
+    copy_bytes, _ = _bytes_allocated_by(lambda: mx.contiguous(kv[0], stream=CPU))
     assert copy_bytes >= view_bytes
 
     op_bytes, out = _bytes_allocated_by(

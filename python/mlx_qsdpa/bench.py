@@ -15,6 +15,13 @@ layer of a model, each with its own cache, so caches do not stay hot) in one
 number of calls. Effective bandwidth counts the bytes a call must read: the
 packed K and V words plus scales and biases for the quantized methods, the
 float K and V for fp16_sdpa.
+
+A baseline that MLX cannot run on the device for the shape asked (MLX-CUDA's
+``quantized_matmul`` has no kernel for some small shapes) is reported as
+unavailable: ``n/a`` in the table with MLX's error as the note, and
+``"unavailable": "<error>"`` with null timings in the JSON. The other
+methods are timed as usual; a failure of ``quant_sdpa`` itself still fails
+the run.
 """
 
 from __future__ import annotations
@@ -97,6 +104,11 @@ class Row:
     speedup_of_quant_sdpa: float  # time(method) / time(quant_sdpa)
     max_abs_diff: Optional[float] = None  # vs dequant_sdpa, for quant_sdpa only
     repeats: int = 0
+    # Set (to the error MLX raised) when the method could not run here; the
+    # timings are then None.
+    unavailable: Optional[str] = None
+    # Why max_abs_diff is None for quant_sdpa (dequant_sdpa could not run).
+    check_unavailable: Optional[str] = None
 
 
 class Progress:
@@ -133,6 +145,14 @@ def time_calls(fn: Callable[[], List[mx.array]], min_time: float, max_reps: int)
         if len(times) >= 3 and time.perf_counter() - start > min_time:
             break
     return statistics.median(times), len(times)
+
+
+def error_text(e: BaseException, limit: int = 200) -> str:
+    """One line naming an exception, for the table and the JSON."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def nbytes(arrays) -> int:
@@ -188,29 +208,51 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
         dense = B * Hkv * ctx * D * 2 * np.dtype(np.float16 if dtype != mx.float32 else np.float32).itemsize
 
         # Correctness at a glance: our output against dequantize + SDPA.
-        diff = None
+        diff, diff_unavailable = None, None
         if "quant_sdpa" in methods:
             L0 = layers[0]
             a = quant_sdpa(L0["q"], *L0["kq"], *L0["vq"], scale=scale, group_size=cfg.group_size,
                            bits=cfg.bits, mode=cfg.mode)
-            b = dequant_attention(L0["q"], L0["kq"], L0["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
-            diff = float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item())
+            mx.eval(a)
+            try:
+                b = dequant_attention(L0["q"], L0["kq"], L0["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
+                mx.eval(b)
+            except Exception as e:  # the baseline, not ours: see the module docstring
+                diff_unavailable = error_text(e)
+            else:
+                diff = float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item())
 
         times: Dict[str, (float, int)] = {}
+        unavailable: Dict[str, str] = {}
         for m in methods:
-            t, n = time_calls(fns[m], min_time, max_reps)
+            if m == "quant_sdpa":
+                t, n = time_calls(fns[m], min_time, max_reps)
+            else:
+                try:
+                    t, n = time_calls(fns[m], min_time, max_reps)
+                except Exception as e:  # no kernel for this shape on this device, say
+                    unavailable[m] = error_text(e)
+                    progress.step(f"ctx={ctx} {m} n/a")
+                    continue
             times[m] = (t / cfg.layers, n)
             progress.step(f"ctx={ctx} {m}")
 
     rows = []
     t_ours = times.get("quant_sdpa", (math.nan, 0))[0]
     for m in methods:
-        t, n = times[m]
         b = dense if m == "fp16_sdpa" else packed
+        if m in unavailable:
+            rows.append(
+                Row(ctx=ctx, method=m, us_per_call=None, bytes_per_call=b, gbps=None,
+                    speedup_of_quant_sdpa=None, repeats=0, unavailable=unavailable[m])
+            )
+            continue
+        t, n = times[m]
         rows.append(
             Row(ctx=ctx, method=m, us_per_call=t * 1e6, bytes_per_call=b, gbps=b / t / 1e9,
                 speedup_of_quant_sdpa=t / t_ours if t_ours == t_ours else math.nan,
-                max_abs_diff=diff if m == "quant_sdpa" else None, repeats=n)
+                max_abs_diff=diff if m == "quant_sdpa" else None, repeats=n,
+                check_unavailable=diff_unavailable if m == "quant_sdpa" else None)
         )
     return rows
 
@@ -224,7 +266,16 @@ def format_table(cfg: Config, device, rows: List[Row]) -> str:
     lines = [head, ""]
     lines.append(f"{'ctx':>8} {'method':<13} {'us/call':>11} {'GB/s':>8} {'x vs ours':>10} {'reps':>5}  note")
     for r in rows:
-        note = f"max|ours - dequant_sdpa| = {r.max_abs_diff:.2e}" if r.max_abs_diff is not None else ""
+        if r.unavailable is not None:
+            lines.append(
+                f"{r.ctx:>8} {r.method:<13} {'n/a':>11} {'n/a':>8} {'n/a':>10} {'-':>5}  unavailable: {r.unavailable}"
+            )
+            continue
+        note = ""
+        if r.max_abs_diff is not None:
+            note = f"max|ours - dequant_sdpa| = {r.max_abs_diff:.2e}"
+        elif r.check_unavailable is not None:
+            note = f"max|ours - dequant_sdpa| n/a ({r.check_unavailable})"
         sp = "" if r.method == "quant_sdpa" else f"{r.speedup_of_quant_sdpa:9.1f}x"
         lines.append(
             f"{r.ctx:>8} {r.method:<13} {r.us_per_call:>11.1f} {r.gbps:>8.1f} {sp:>10} {r.repeats:>5}  {note}"
@@ -232,6 +283,8 @@ def format_table(cfg: Config, device, rows: List[Row]) -> str:
     lines.append("")
     lines.append("x vs ours: how many times longer the method takes than quant_sdpa.")
     lines.append("GB/s: bytes the call must read (packed K/V + scales + biases; fp16_sdpa: its float K/V) / time.")
+    if any(r.unavailable is not None for r in rows):
+        lines.append("n/a: MLX could not run that baseline on this device for this shape (its error is the note).")
     return "\n".join(lines)
 
 
@@ -243,7 +296,7 @@ def plot(rows: List[Row], cfg: Config, path: str):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in METHODS:
-        pts = [(r.ctx, r.us_per_call) for r in rows if r.method == m]
+        pts = [(r.ctx, r.us_per_call) for r in rows if r.method == m and r.us_per_call is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m)
     ax.set_xscale("log", base=2)

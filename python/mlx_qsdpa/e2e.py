@@ -165,16 +165,34 @@ def prefill(model, cache, tokens: mx.array, step: int, progress: bool, start: in
         _status(progress, f"prefill: {start + min(i + step, n)} tokens, {time.perf_counter() - t0:.0f}s")
 
 
+def _snapshot(cache):
+    """Handles of their own to each QuantizedKVCache's arrays, to restore
+    after a run that raised: the cache writes new keys into its arrays in
+    place (lazily), so a run whose evaluation failed (MLX-CUDA has no
+    quantized_matmul kernel for some shapes) leaves them depending on the
+    failed graph, and every later read would fail again."""
+    snap = []
+    for c in cache:
+        if hasattr(c, "bits") and isinstance(getattr(c, "keys", None), (tuple, list)):
+            snap.append((c, tuple(mx.array(a) for a in c.keys), tuple(mx.array(a) for a in c.values)))
+    return snap
+
+
 def decode_run(model, cache, first: mx.array, n: int, stream) -> (float, List[int]):
     """Tokens/s of one greedy run of ``n`` tokens from ``first``; rewinds the cache."""
     from mlx_lm.generate import generate_step
 
     offsets = [c.offset for c in cache]
+    snap = _snapshot(cache)
     stamps, toks = [], []
     try:
         for tok, _ in generate_step(first, model, prompt_cache=cache, max_tokens=n, stream=stream):
             stamps.append(time.perf_counter())
             toks.append(tok)
+    except Exception:
+        for c, keys, values in snap:
+            c.keys, c.values = keys, values
+        raise
     finally:
         # generate_step computes one token ahead; trim everything it added.
         for c, o in zip(cache, offsets):
@@ -233,7 +251,12 @@ def run(args: argparse.Namespace) -> dict:
                             errors[m] = f"{qlm.stats()['fallback']} attention calls fell back to mlx-lm"
                     else:
                         rate, tk = decode_run(model, cache, first, 2 if r == 0 else args.decode_tokens, stream)
-                except ValueError as e:  # mlx-lm rejects sinks over a quantized cache
+                except Exception as e:
+                    # mlx-lm's own path only: it rejects sinks over a quantized
+                    # cache, and MLX-CUDA's quantized_matmul has no kernel for
+                    # some shapes. A failure of quant_sdpa is not hidden.
+                    if m == "quant_sdpa":
+                        raise
                     errors[m] = f"mlx-lm raised: {e}"
                     continue
                 if r > 0:
