@@ -3,7 +3,6 @@
 // The quant_sdpa op: argument validation, input preparation and the choice
 // between the fused primitive and the dequantize fallback.
 #include <cmath>
-#include <sstream>
 
 #include "mlx/ops.h"
 
@@ -25,20 +24,51 @@ namespace {
 
 constexpr const char* kTag = "[quant_sdpa] ";
 
+// Messages are built with std::to_string, not iostreams: on the GPU
+// machine's toolchain an ostringstream in this library crashed inside the
+// locale facets (a second copy of libstdc++'s locale code), while plain
+// string arithmetic does not touch them.
 std::string shape_str(const mx::Shape& s) {
-  std::ostringstream os;
-  os << "(";
+  std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) {
-    os << (i ? ", " : "") << s[i];
+    out += (i ? ", " : "") + std::to_string(s[i]);
   }
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
+  out += s.size() == 1 ? ",)" : ")";
+  return out;
 }
 
 std::string dtype_str(mx::Dtype t) {
-  std::ostringstream os;
-  os << t;
-  return os.str();
+  switch (t.val()) {
+    case mx::Dtype::Val::bool_:
+      return "bool";
+    case mx::Dtype::Val::uint8:
+      return "uint8";
+    case mx::Dtype::Val::uint16:
+      return "uint16";
+    case mx::Dtype::Val::uint32:
+      return "uint32";
+    case mx::Dtype::Val::uint64:
+      return "uint64";
+    case mx::Dtype::Val::int8:
+      return "int8";
+    case mx::Dtype::Val::int16:
+      return "int16";
+    case mx::Dtype::Val::int32:
+      return "int32";
+    case mx::Dtype::Val::int64:
+      return "int64";
+    case mx::Dtype::Val::float16:
+      return "float16";
+    case mx::Dtype::Val::float32:
+      return "float32";
+    case mx::Dtype::Val::float64:
+      return "float64";
+    case mx::Dtype::Val::bfloat16:
+      return "bfloat16";
+    case mx::Dtype::Val::complex64:
+      return "complex64";
+  }
+  return "unknown";
 }
 
 [[noreturn]] void fail(const std::string& msg) {

@@ -1,36 +1,43 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // The tensor-core decode kernel: fp16/bf16 queries, 2/4/8-bit codes (affine,
-// mxfp4, nvfp4, mxfp8), head dims 64, 128 and 256.
+// mxfp4, nvfp4, mxfp8), head dims 64, 128 and 256, a cache whose key rows
+// are dense and 16-byte aligned (what mx.quantize and mlx-lm's
+// QuantizedKVCache give, prefix views included). Other layouts take the
+// generic kernel (decode_simt.cu).
 //
 // Why tensor cores in a memory-bound kernel: with GQA every decoded K/V
-// element meets G * Lq query rows. On CUDA cores that is G * Lq fused
-// multiply-adds per element for QK and again for PV, plus the shuffles of
-// the dot-product reductions, which at G = 4 already cost as much time as
-// reading the cache. mma.sync m16n8k16 does them for free next to the
-// decode, so the kernel keeps up with HBM.
+// element meets G * Lq query rows; on CUDA cores those multiply-adds and the
+// dot products' shuffles cost as much time as reading the cache.
 //
-// Layout (FlashAttention-2 style, one warp per 16-key tile): the 16 query
-// rows of the block are the M side of both products, S = Q K^T and O = P V,
-// so the S accumulators are already the A operand of P V.
-//   QK: B operand = K^T (k = head dim, n = 8 keys). Thread (g, t) (g = lane
-//       / 4, t = lane % 4) needs 4 k-slots of one key per 16-wide chunk; the
-//       dot product does not care which head-dim element sits in which
-//       k-slot as long as Q uses the same order, so thread t takes the t-th
-//       quarter of the key row (one contiguous vector load) and Q's
-//       fragments are loaded in the matching permuted order.
-//   PV: B operand = V (k = 16 keys, n = 8 head-dim columns). Thread (g, t)
-//       holds keys 2t, 2t+1, 2t+8, 2t+9 at column g; column g of n-tile j is
-//       element j of the g-th eighth of the row (again one contiguous load
-//       per key), so output column n of n-tile j is d = n * D/8 + j.
+// Streaming: a block (4 warps) owns one (batch, kv head, row tile) and one
+// key range, which it walks in chunks of 64 keys. The whole block copies a
+// chunk (packed K rows, packed V rows, their scales and biases: contiguous
+// byte ranges) into shared memory with 16-byte cp.async, NS chunks in
+// flight; each warp then decodes its 16 keys of the chunk from shared memory.
+// Address arithmetic is one multiply per 16-byte copy, not per element.
+//
+// Layout (keys and head dim on the M side, query rows on N = 8):
+//   S^T = K Q^T  (m16n8k16: A = K, 16 keys x 16 head-dim slots; B = Q^T).
+//       Lane (g, t) holds keys g and g + 8 and, of each 16-slot chunk, the
+//       slots 2t, 2t+1, 2t+8, 2t+9. A dot product does not care which
+//       head-dim element sits in which slot as long as Q uses the same
+//       order, so lane t takes the t-th quarter of each key row (one
+//       shared-memory vector load) and Q's fragments follow that order.
+//   O^T = V^T P^T (A = V^T, 16 head-dim rows x 16 keys; B = P^T). Lane (g, t)
+//       holds head-dim rows g and g + 8 of every m-tile j and keys 2t, 2t+1,
+//       2t+8, 2t+9; head-dim row g of m-tile j is element 2j of the g-th
+//       eighth of the V row, row g + 8 is element 2j + 1 (one vector load
+//       per key again), so output element d = D/8 * g + 2j (+1).
+//   P^T: S^T's accumulators hold (key g, query rows 2t, 2t+1); movmatrix
+//       transposes each 8x8 half into the B layout (query row g, keys 2t,
+//       2t+1) in registers.
+// Half the MMAs and accumulators of a rows-on-M layout (which pads 4 query
+// rows to 16), so more warps fit per SM.
+//
 // Codes become fp16/bf16 exactly (codes < 256), then the group scale and
 // bias of formats.h's definition are applied before the MMA, so the products
 // see the same K/V values that mx.dequantize gives in the cache dtype.
-//
-// Each warp keeps its own online softmax over its tiles (tiles w, w+4, ...
-// of the block's key range); the block merges the four at the end. The
-// next tile's packed words and scales are loaded before the current tile is
-// used, so a warp always has a tile in flight.
 #pragma once
 
 #include <type_traits>
@@ -56,6 +63,14 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// The 8x8 16-bit matrix whose row lane/4, columns 2(lane%4), +1 this lane
+// holds in x, transposed (same distribution).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Two floats rounded to a T pair (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -68,43 +83,67 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// BYTES bytes (a power of two, at least 2) at p into words (the low half of
-// out[0] for 2 bytes), with the widest aligned vector loads.
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16 bytes global -> shared; only the first src_bytes are read, the rest of
+// the 16 are zero-filled (0: nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// BYTES bytes of shared memory at p (aligned to min(BYTES, 16)) as words; 2
+// bytes land in the low half of out[0].
 template <int BYTES, int N>
-__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&out)[N]) {
+__device__ __forceinline__ void load_shared(const unsigned char* p, uint32_t (&out)[N]) {
   static_assert(N * 4 >= BYTES, "buffer too small");
   if constexpr (BYTES >= 16) {
 #pragma unroll
     for (int i = 0; i < BYTES / 16; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
       out[4 * i] = v.x;
       out[4 * i + 1] = v.y;
       out[4 * i + 2] = v.z;
       out[4 * i + 3] = v.w;
     }
   } else if constexpr (BYTES == 8) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
     out[0] = v.x;
     out[1] = v.y;
   } else if constexpr (BYTES == 4) {
-    out[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+    out[0] = *reinterpret_cast<const uint32_t*>(p);
   } else {
     static_assert(BYTES == 2, "unsupported run size");
-    out[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
+    out[0] = *reinterpret_cast<const uint16_t*>(p);
   }
+}
+
+// (x & mask) | bits in one LOP3 (the compiler splits it in two when both
+// are immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t bits) {
+  uint32_t y;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(y) : "r"(x), "r"(mask), "r"(bits));
+  return y;
 }
 
 // An affine code as float without an int->float conversion instruction
 // (those run at a quarter rate): 2^23 + code is a float whose low mantissa
 // bits are the code. Equal to formats.h's decode_code<kAffine>(code).
-__device__ __forceinline__ float affine_code_to_float(uint32_t code) {
-  return __uint_as_float(code | 0x4b000000u) - 8388608.0f;
-}
-
 template <int MODE>
 __device__ __forceinline__ float code_value(uint32_t code) {
   if constexpr (MODE == qsdpa::kAffine) {
-    return affine_code_to_float(code);
+    return __uint_as_float(code | 0x4b000000u) - 8388608.0f;
   } else {
     return qsdpa::decode_code<MODE>(code);
   }
@@ -112,261 +151,242 @@ __device__ __forceinline__ float code_value(uint32_t code) {
 
 } // namespace mma_detail
 
-template <typename T, int MODE, int BITS, int GS, int D>
+template <typename T, int MODE, int BITS, int GS, int D, int NT>
 struct MmaDecode {
   static_assert(D == 64 || D == 128 || D == 256, "head dims of the MMA kernel");
   static_assert(BITS == 2 || BITS == 4 || BITS == 8, "code widths of the MMA kernel");
+  static_assert(GS <= D && D % GS == 0, "whole groups per row");
+  static_assert(NT == 1 || NT == 2, "row tiles of 8");
 
-  static constexpr int NCH = D / 16; // k-chunks of Q K^T
-  static constexpr int RK = D / 4; // K run: elements per thread per key
-  static constexpr int RV = D / 8; // V run: elements per thread per key = PV n-tiles
-  static constexpr int EW = 32 / BITS; // elements per 32-bit word
-  static constexpr int EH = 16 / BITS; // elements per 16-bit half word
-  static constexpr int KB = RK * BITS / 8; // bytes of a K run
-  static constexpr int VB = RV * BITS / 8; // bytes of a V run
-  static constexpr int KW = KB / 4;
+  static constexpr bool kAffine = MODE == qsdpa::kAffine;
+  static constexpr int RT = 8 * NT; // query rows per block
+  static constexpr int NCH = D / 16; // k-chunks of S^T = m-tiles of O^T
+  static constexpr int RB = D * BITS / 8; // bytes of a packed key row
+  static constexpr int NG = D / GS; // groups per key row
+  static constexpr int SB = kAffine ? int(sizeof(T)) : 1; // bytes per scale
+  static constexpr int SRB = NG * SB; // scale bytes per key row
+  static constexpr int CK = kKeysPerBlockStep; // keys per chunk, 16 per warp
+  static constexpr int RK = D / 4; // K elements of a lane per key
+  static constexpr int KQ = RB / 4; // their bytes
+  static constexpr int RV = D / 8; // V elements of a lane per key
+  static constexpr int VB = RB / 8; // their bytes
+  static constexpr int KW = KQ / 4;
   static constexpr int VW = VB >= 4 ? VB / 4 : 1;
-  static constexpr int NGK = RK >= GS ? RK / GS : 1; // groups in a K run
-  static constexpr int NGV = RV >= GS ? RV / GS : 1; // groups in a V run
+  static constexpr int EW = 32 / BITS; // elements per word
   static constexpr uint32_t kMask = (1u << BITS) - 1u;
   static constexpr uint32_t kPairMask = kMask | (kMask << 16);
   // fp16 holds 1024 + code exactly for every code; bf16 (8 significant bits)
-  // only below 128, so 8-bit affine codes go through float for bf16.
-  static constexpr bool kHalfMagic = MODE == qsdpa::kAffine &&
-      (std::is_same_v<T, __half> || BITS <= 4);
+  // 128 + code only below 128, so 8-bit affine codes go through float for
+  // bf16.
+  static constexpr bool kHalfMagic = kAffine && (std::is_same_v<T, __half> || BITS <= 4);
 
-  // The pair trick below reads element k and element k + EW/2 of a word as
-  // the low and high halves: formats.h's layout must put them 16 bits apart.
+  // The pair trick reads element k and element k + EW/2 of a word as the
+  // low and high halves: formats.h's layout must put them 16 bits apart.
   static_assert(qsdpa::element_shift(EW / 2, BITS) == 16, "pair layout");
-  static_assert(KB >= 4 && VB >= 2, "run sizes");
+  static_assert(RB >= 16 && KQ >= 4 && VB >= 2, "run sizes");
+  static_assert(SRB <= 16 && (CK * SRB) % 16 == 0, "scale rows");
+  static_assert(CK == 64, "four warps of 16 keys per chunk");
 
-  // One 16-key tile's packed words and raw scales/biases.
-  struct Raw {
-    uint32_t k[2][KW]; // keys 8 nt + g, the t-th quarter of the row
-    uint32_t ks[2][NGK], kb[2][NGK];
-    uint32_t v[4][VW]; // keys 2t, 2t+1, 2t+8, 2t+9, the g-th eighth of the row
-    uint32_t vs[4][NGV], vb[4][NGV];
+  // One stage of the ring: a chunk's K rows, V rows, then the scale arrays
+  // (K scales, [K biases,] V scales[, V biases]), each row-major and dense.
+  static constexpr int kNScaleArrays = kAffine ? 4 : 2;
+  static constexpr int kOffV = CK * RB;
+  static constexpr int kOffS = 2 * CK * RB;
+  static constexpr int kScaleArrayBytes = CK * SRB;
+  static constexpr int kStageBytes = 2 * CK * RB + kNScaleArrays * kScaleArrayBytes;
+  // Enough chunks in flight to cover HBM latency, in about 56 KB per block.
+  static constexpr int NS = kStageBytes * 4 <= 57344 ? 4 : (kStageBytes * 3 <= 57344 ? 3 : 2);
+  static constexpr int kRingBytes = NS * kStageBytes;
+
+  // The block epilogue's shared memory (over the ring, once it is drained).
+  // Rows of a warp's slice are padded by 4 floats: lanes (g, t) write rows
+  // 2t, 2t+1 at columns D/8 g + 2j, which would otherwise share banks.
+  static constexpr int kORowMma = D + 4;
+  struct MmaEpilogue {
+    float m[4][RT], l[4][RT]; // per warp and row
+    float M[RT], L[RT]; // the block's
+    int64_t out_row[RT];
+    int head[RT];
+    float o[4][RT * kORowMma]; // per warp, scaled to the block's max
   };
-
-  // Group of element e of a run that starts at element `start`.
-  static __device__ __forceinline__ int group_of(int start, int e) {
-    return (start + e) / GS;
-  }
-
-  // ---- the shared-memory ring of tiles in flight ----
-  //
-  // Each warp streams its tiles through NS stages of shared memory with
-  // cp.async: the copies of NS - 1 tiles are in flight while one is decoded,
-  // without holding registers (a register double buffer left too few bytes
-  // in flight to cover HBM latency). Each thread copies exactly the bytes it
-  // later reads itself, so no barrier is needed between copy and use. Scales
-  // and biases (2 or 1 bytes) travel as the aligned 4-byte word that holds
-  // them (cp.async moves 4, 8 or 16 bytes), with their byte offsets kept.
-  static constexpr int KBP = KB; // >= 4
-  static constexpr int VBP = VB >= 4 ? VB : 4;
-  static constexpr int NSC = 2 * NGK * (MODE == qsdpa::kAffine ? 2 : 1) +
-      4 * NGV * (MODE == qsdpa::kAffine ? 2 : 1); // scale words per thread
-  static_assert(NSC <= 16, "scale byte offsets must fit one word");
-  struct Stage {
-    uint32_t k[2][32][KBP / 4];
-    uint32_t v[4][32][VBP / 4];
-    uint32_t sc[NSC][32];
-    uint32_t shifts[32];
-  };
-  static constexpr int kStageBytes = int(sizeof(Stage));
-  static constexpr int NS = kStageBytes <= 4096 ? 4 : 3;
-  static constexpr int kRingBytes = 4 * NS * kStageBytes; // 4 warps
   static constexpr int kSmemBytes =
-      kRingBytes > int(sizeof(EpilogueSmem<kMmaRows>)) ? kRingBytes : int(sizeof(EpilogueSmem<kMmaRows>));
+      kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
 
-  static __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  // Scale arrays within a stage.
+  static constexpr int kKS = 0;
+  static constexpr int kKB = 1;
+  static constexpr int kVS = kAffine ? 2 : 1;
+  static constexpr int kVB = 3;
+
+  // The copies of one thread, planned once per block: chunk c's copies are
+  // this thread's 16-byte units of packed K and V rows (rows row0 + i *
+  // kRowStep of the chunk, column col) and of the scale arrays (unit
+  // tid), at byte offsets that advance by a constant per chunk. Keys past
+  // k_end are zero-filled without reading them (their scores are masked;
+  // zero codes and scales decode to finite zeros); their copies point at
+  // the split's first row instead, which is valid memory.
+  static constexpr int UPR = RB / 16; // 16-byte units per packed row
+  static constexpr int kRowStep = kThreads / UPR; // rows between a thread's units
+  static constexpr int NKU = (CK + kRowStep - 1) / kRowStep; // units per thread
+  static constexpr int US = kScaleArrayBytes / 16; // units per scale array
+  static_assert(kThreads % UPR == 0 && US <= kThreads, "copy plan");
+
+  struct Copier {
+    const unsigned char* kw; // the split's first K row, at this thread's column
+    const unsigned char* vw;
+    int64_t krow, vrow; // bytes between key rows
+    const unsigned char* s[4]; // scale arrays at the split's first key, + unit
+    int row0; // the thread's first row in a chunk
+    int st_words; // stage byte offset of the thread's first K/V unit
+    int k_begin, k_end;
+  };
+
+  static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
+    return static_cast<const unsigned char*>(p) + elems * esz;
   }
 
-  template <int BYTES>
-  static __device__ __forceinline__ void cp_async(void* dst, const void* src) {
-    if constexpr (BYTES == 16) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+  static __device__ __forceinline__ Copier copier(const Params& p, int b, int kvh, int k_begin, int k_end) {
+    Copier cp;
+    const int tid = threadIdx.x;
+    cp.row0 = tid / UPR;
+    const int col = (tid % UPR) * 16;
+    cp.st_words = tid * 16;
+    cp.krow = p.k.ws[2] * 4;
+    cp.vrow = p.v.ws[2] * 4;
+    cp.kw = byte_ptr(p.k.w, int64_t(b) * p.k.ws[0] + int64_t(kvh) * p.k.ws[1], 4) + int64_t(k_begin) * cp.krow + col;
+    cp.vw = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) + int64_t(k_begin) * cp.vrow + col;
+    const int64_t s0 = int64_t(k_begin) * SRB + (tid < US ? tid : 0) * 16;
+    cp.s[kKS] = byte_ptr(p.k.scales, int64_t(b) * p.k.ss[0] + int64_t(kvh) * p.k.ss[1], SB) + s0;
+    cp.s[kVS] = byte_ptr(p.v.scales, int64_t(b) * p.v.ss[0] + int64_t(kvh) * p.v.ss[1], SB) + s0;
+    if constexpr (kAffine) {
+      cp.s[kKB] = byte_ptr(p.k.biases, int64_t(b) * p.k.bs[0] + int64_t(kvh) * p.k.bs[1], SB) + s0;
+      cp.s[kVB] = byte_ptr(p.v.biases, int64_t(b) * p.v.bs[0] + int64_t(kvh) * p.v.bs[1], SB) + s0;
     } else {
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(BYTES)
-                   : "memory");
+      cp.s[2] = cp.s[3] = nullptr;
+    }
+    cp.k_begin = k_begin;
+    cp.k_end = k_end;
+    return cp;
+  }
+
+  // The whole block copies chunk c of the split into stage `st`.
+  static __device__ __forceinline__ void issue_chunk(const Copier& cp, int c, unsigned char* st) {
+    const int key_c = cp.k_begin + c * CK; // the chunk's first key
+#pragma unroll
+    for (int i = 0; i < NKU; ++i) {
+      const int row = cp.row0 + i * kRowStep;
+      if (CK % kRowStep == 0 || row < CK) {
+        const bool ok = key_c + row < cp.k_end;
+        const int64_t r = ok ? int64_t(c) * CK + row : 0; // rows from the split's first
+        const int so = cp.st_words + i * kThreads * 16;
+        mma_detail::cp_async16(st + so, cp.kw + r * cp.krow, ok ? 16 : 0);
+        mma_detail::cp_async16(st + kOffV + so, cp.vw + r * cp.vrow, ok ? 16 : 0);
+      }
+    }
+    if (threadIdx.x < US) {
+      // A unit holds the scales of 16 / SRB keys: the last one of the
+      // split may hold some past k_end.
+      const int first = (c * CK) * SRB + int(threadIdx.x) * 16; // bytes from the split's first key
+      const int valid = (cp.k_end - cp.k_begin) * SRB - first;
+      const int n = valid >= 16 ? 16 : (valid > 0 ? valid : 0);
+      const int64_t off = n > 0 ? int64_t(c) * CK * SRB : 0;
+#pragma unroll
+      for (int a = 0; a < kNScaleArrays; ++a) {
+        mma_detail::cp_async16(st + kOffS + a * kScaleArrayBytes + threadIdx.x * 16, cp.s[a] + off, n);
+      }
     }
   }
 
-  // BYTES (a multiple of 4, or 2) from global p into shared dst.
-  template <int BYTES>
-  static __device__ __forceinline__ void copy_run(uint32_t* dst, const uint8_t* p) {
-    if constexpr (BYTES >= 16) {
-#pragma unroll
-      for (int i = 0; i < BYTES / 16; ++i) {
-        cp_async<16>(dst + 4 * i, p + 16 * i);
-      }
-    } else if constexpr (BYTES == 2) {
-      // A half word: the aligned word holding it (the reader shifts).
-      cp_async<4>(dst, reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3)));
+  // A raw scale (or bias) of key row `key` (of the stage), group `grp`.
+  static __device__ __forceinline__ uint32_t scale_raw(const unsigned char* st, int array, int key, int grp) {
+    const unsigned char* a = st + kOffS + array * kScaleArrayBytes;
+    if constexpr (SB == 2) {
+      return reinterpret_cast<const uint16_t*>(a)[key * NG + grp];
     } else {
-      cp_async<BYTES>(dst, p);
+      return a[key * NG + grp];
     }
   }
 
-  // Copies the words and raw scales of the tile at key0 into `st`.
-  static __device__ __forceinline__ void issue_tile(
-      const Params& p, int b, int kvh, int key0, int k_last, int g, int t, int lane, Stage& st) {
-    const QuantTensor& K = p.k;
-    const QuantTensor& V = p.v;
-    constexpr bool affine = MODE == qsdpa::kAffine;
-    uint32_t shifts = 0;
-    int si = 0;
-    auto scale_word = [&](const void* base, int64_t idx, int type) {
-      const int esz = type == kF32 ? 4 : (type == kU8 ? 1 : 2);
-      const uintptr_t a = reinterpret_cast<uintptr_t>(base) + uintptr_t(idx * esz);
-      cp_async<4>(&st.sc[si][lane], reinterpret_cast<const void*>(a & ~uintptr_t(3)));
-      shifts |= uint32_t(a & 3u) << (2 * si);
-      ++si;
-    };
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int key = min(key0 + 8 * nt + g, k_last);
-      const int64_t row = int64_t(b) * K.ws[0] + int64_t(kvh) * K.ws[1] + int64_t(key) * K.ws[2];
-      copy_run<KB>(st.k[nt][lane], reinterpret_cast<const uint8_t*>(K.w + row) + KB * t);
-      const int64_t srow = int64_t(b) * K.ss[0] + int64_t(kvh) * K.ss[1] + int64_t(key) * K.ss[2];
-      const int64_t brow = int64_t(b) * K.bs[0] + int64_t(kvh) * K.bs[1] + int64_t(key) * K.bs[2];
-#pragma unroll
-      for (int gi = 0; gi < NGK; ++gi) {
-        const int grp = group_of(RK * t, gi * GS);
-        scale_word(K.scales, srow + grp * K.ss[3], K.scale_type);
-        if constexpr (affine) {
-          scale_word(K.biases, brow + grp * K.bs[3], K.scale_type);
-        }
-      }
-    }
-#pragma unroll
-    for (int kp = 0; kp < 4; ++kp) {
-      const int key = min(key0 + 2 * t + (kp & 1) + 8 * (kp >> 1), k_last);
-      const int64_t row = int64_t(b) * V.ws[0] + int64_t(kvh) * V.ws[1] + int64_t(key) * V.ws[2];
-      copy_run<VB>(st.v[kp][lane], reinterpret_cast<const uint8_t*>(V.w + row) + VB * g);
-      const int64_t srow = int64_t(b) * V.ss[0] + int64_t(kvh) * V.ss[1] + int64_t(key) * V.ss[2];
-      const int64_t brow = int64_t(b) * V.bs[0] + int64_t(kvh) * V.bs[1] + int64_t(key) * V.bs[2];
-#pragma unroll
-      for (int gi = 0; gi < NGV; ++gi) {
-        const int grp = group_of(RV * g, gi * GS);
-        scale_word(V.scales, srow + grp * V.ss[3], V.scale_type);
-        if constexpr (affine) {
-          scale_word(V.biases, brow + grp * V.bs[3], V.scale_type);
-        }
-      }
-    }
-    st.shifts[lane] = shifts; // an ordinary store: read back by this thread only
-  }
-
-  // The raw value (bits of its element type) of a copied scale word.
-  static __device__ __forceinline__ uint32_t scale_raw(uint32_t word, uint32_t shifts, int si, int type) {
-    const uint32_t v = word >> (8 * ((shifts >> (2 * si)) & 3u));
-    return type == kF32 ? word : (type == kU8 ? (v & 0xffu) : (v & 0xffffu));
-  }
-
-  // The tile of `st` as registers (the layout the decode below reads).
-  static __device__ __forceinline__ void read_tile(
-      const Params& p, const Stage& st, int g, int lane, Raw& raw) {
-    constexpr bool affine = MODE == qsdpa::kAffine;
-    const uint32_t shifts = st.shifts[lane];
-    int si = 0;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int w = 0; w < KW; ++w) {
-        raw.k[nt][w] = st.k[nt][lane][w];
-      }
-#pragma unroll
-      for (int gi = 0; gi < NGK; ++gi) {
-        raw.ks[nt][gi] = scale_raw(st.sc[si][lane], shifts, si, p.k.scale_type);
-        ++si;
-        if constexpr (affine) {
-          raw.kb[nt][gi] = scale_raw(st.sc[si][lane], shifts, si, p.k.scale_type);
-          ++si;
-        } else {
-          raw.kb[nt][gi] = 0u;
-        }
-      }
-    }
-#pragma unroll
-    for (int kp = 0; kp < 4; ++kp) {
-#pragma unroll
-      for (int w = 0; w < VW; ++w) {
-        raw.v[kp][w] = st.v[kp][lane][w];
-      }
-      if constexpr (VB == 2) {
-        // The run of thread g is the (g & 1) half of the word copied (rows
-        // start on word boundaries, runs at 2 g bytes).
-        raw.v[kp][0] = (g & 1) ? (raw.v[kp][0] >> 16) : (raw.v[kp][0] & 0xffffu);
-      }
-#pragma unroll
-      for (int gi = 0; gi < NGV; ++gi) {
-        raw.vs[kp][gi] = scale_raw(st.sc[si][lane], shifts, si, p.v.scale_type);
-        ++si;
-        if constexpr (affine) {
-          raw.vb[kp][gi] = scale_raw(st.sc[si][lane], shifts, si, p.v.scale_type);
-          ++si;
-        } else {
-          raw.vb[kp][gi] = 0u;
-        }
-      }
+  static __device__ __forceinline__ float scale_float(uint32_t raw) {
+    if constexpr (!kAffine) {
+      return qsdpa::decode_fp_scale<MODE>(raw);
+    } else if constexpr (std::is_same_v<T, __half>) {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+    } else {
+      return __uint_as_float(raw << 16);
     }
   }
 
-  // A code pair (lo code in bits [0, BITS), hi code in [16, 16 + BITS)) as a
-  // dequantized T pair: the scales/biases of lo and hi are (s0, b0), (s1, b1).
-  static __device__ __forceinline__ uint32_t dequant_pair(
-      uint32_t codes, float s0, float b0, float s1, float b1, uint32_t s2h, uint32_t b2h) {
+  // Scale and bias of two elements (lo, hi halves of a pair register), in
+  // the form dequant_pair takes: T pairs for the half-magic path, floats
+  // otherwise.
+  struct PairScale {
+    uint32_t s2, b2;
+    float s0, b0, s1, b1;
+  };
+
+  static __device__ __forceinline__ PairScale pair_scale(
+      const unsigned char* st, int sa, int ba, int key_lo, int key_hi, int grp) {
+    PairScale ps;
+    const uint32_t rs0 = scale_raw(st, sa, key_lo, grp);
+    const uint32_t rs1 = scale_raw(st, sa, key_hi, grp);
+    if constexpr (kHalfMagic) {
+      // Raw T bits straight into the pair (affine scales are T here).
+      const uint32_t rb0 = scale_raw(st, ba, key_lo, grp);
+      const uint32_t rb1 = scale_raw(st, ba, key_hi, grp);
+      ps.s2 = rs0 | (rs1 << 16);
+      ps.b2 = rb0 | (rb1 << 16);
+      ps.s0 = ps.s1 = ps.b0 = ps.b1 = 0.0f;
+    } else {
+      ps.s2 = ps.b2 = 0u;
+      ps.s0 = scale_float(rs0);
+      ps.s1 = scale_float(rs1);
+      if constexpr (kAffine) {
+        ps.b0 = scale_float(scale_raw(st, ba, key_lo, grp));
+        ps.b1 = scale_float(scale_raw(st, ba, key_hi, grp));
+      } else {
+        ps.b0 = ps.b1 = 0.0f;
+      }
+    }
+    return ps;
+  }
+
+  // The code pair at bit `shift` of x (lo code in bits [shift, shift +
+  // BITS), hi code 16 bits above) as a dequantized T pair.
+  static __device__ __forceinline__ uint32_t dequant_pair(uint32_t x, int shift, const PairScale& ps) {
     if constexpr (kHalfMagic) {
       // T(magic + code) - T(magic) is the exact code; one fused
-      // multiply-add in T applies scale and bias.
+      // multiply-add in T applies scale and bias (one rounding, as
+      // mx.dequantize in the cache dtype).
       constexpr uint32_t magic = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+      const uint32_t y = mma_detail::and_or(x >> shift, kPairMask, magic);
       if constexpr (std::is_same_v<T, __half>) {
-        const uint32_t x = codes | magic;
-        const __half2 c = __hsub2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&magic));
-        const __half2 r = __hfma2(c, *reinterpret_cast<const __half2*>(&s2h), *reinterpret_cast<const __half2*>(&b2h));
+        const __half2 c = __hsub2(*reinterpret_cast<const __half2*>(&y), *reinterpret_cast<const __half2*>(&magic));
+        const __half2 r =
+            __hfma2(c, *reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&ps.b2));
         return *reinterpret_cast<const uint32_t*>(&r);
       } else {
-        const uint32_t x = codes | magic;
         const __nv_bfloat162 c = __hsub2(
-            *reinterpret_cast<const __nv_bfloat162*>(&x), *reinterpret_cast<const __nv_bfloat162*>(&magic));
+            *reinterpret_cast<const __nv_bfloat162*>(&y), *reinterpret_cast<const __nv_bfloat162*>(&magic));
         const __nv_bfloat162 r = __hfma2(
-            c, *reinterpret_cast<const __nv_bfloat162*>(&s2h), *reinterpret_cast<const __nv_bfloat162*>(&b2h));
+            c, *reinterpret_cast<const __nv_bfloat162*>(&ps.s2), *reinterpret_cast<const __nv_bfloat162*>(&ps.b2));
         return *reinterpret_cast<const uint32_t*>(&r);
       }
     } else {
+      const uint32_t codes = x >> shift;
       const float lo = mma_detail::code_value<MODE>(codes & kMask);
       const float hi = mma_detail::code_value<MODE>((codes >> 16) & kMask);
-      return mma_detail::pack2<T>(fmaf(lo, s0, b0), fmaf(hi, s1, b1));
+      return mma_detail::pack2<T>(fmaf(lo, ps.s0, ps.b0), fmaf(hi, ps.s1, ps.b1));
     }
   }
 
-  // A scale/bias pair in T (for the half-magic path).
-  static __device__ __forceinline__ uint32_t t_pair(float a, float b) {
-    return mma_detail::pack2<T>(a, b);
-  }
-
-  static __device__ __forceinline__ uint32_t t_pair_raw(uint32_t ra, uint32_t rb, int type) {
-    if (std::is_same_v<T, __half> && type == kF16) {
-      return (ra & 0xffffu) | (rb << 16);
-    }
-    if (std::is_same_v<T, __nv_bfloat16> && type == kBF16) {
-      return (ra & 0xffffu) | (rb << 16);
-    }
-    return t_pair(raw_to_float(ra, type), raw_to_float(rb, type));
-  }
-
-  static __device__ __forceinline__ float scale_value(uint32_t raw, int type) {
-    return decode_scale<MODE>(raw, type);
+  // Element lo of pair P of a lane's K quarter (hi = lo + EW/2).
+  static __host__ __device__ constexpr int pair_lo(int P) {
+    return (P / (EW / 2)) * EW + P % (EW / 2);
   }
 
   static __device__ void run(const Params& p) {
-    constexpr int RT = kMmaRows;
-    extern __shared__ __align__(16) unsigned char dyn_smem[];
-    Stage* ring = reinterpret_cast<Stage*>(dyn_smem) + (threadIdx.x / 32) * NS;
-    EpilogueSmem<RT>& smem = *reinterpret_cast<EpilogueSmem<RT>*>(dyn_smem); // after the loop
-
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4;
@@ -377,290 +397,393 @@ struct MmaDecode {
     const int b = blockIdx.z;
     const int nr = min(RT, p.rows - r0);
 
-    // This thread's two rows: g and g + 8 of the tile.
-    bool row_ok[2];
-    RowRef refs[2];
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const int r = g + 8 * rh;
-      row_ok[rh] = r < nr;
-      refs[rh] = row_ref(p, b, kvh, r0 + min(r, nr - 1));
-    }
-
-    // Q as A fragments, in the k-slot order of the K runs (see the top).
-    uint32_t qa[NCH][4];
+    // Q^T as B operands: query row nt * 8 + g, the slots of lane t's K
+    // quarter (see the top).
+    uint32_t qb[NT][NCH][2];
     {
       const uint16_t* qp = static_cast<const uint16_t*>(p.q);
 #pragma unroll
-      for (int c = 0; c < NCH; ++c) {
+      for (int nt = 0; nt < NT; ++nt) {
+        const int r = nt * 8 + g;
+        const bool ok = r < nr;
+        const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+        const int64_t base = int64_t(b) * p.qs[0] + int64_t(ref.h) * p.qs[1] + int64_t(ref.i) * p.qs[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int P = 2 * c + j;
-          const int lo = RK * t + (P / (EW / 2)) * EW + P % (EW / 2);
-          const int hi = lo + EW / 2;
+        for (int c = 0; c < NCH; ++c) {
 #pragma unroll
-          for (int rh = 0; rh < 2; ++rh) {
-            uint32_t v = 0;
-            if (row_ok[rh]) {
-              const int64_t base = int64_t(b) * p.qs[0] + int64_t(refs[rh].h) * p.qs[1] + int64_t(refs[rh].i) * p.qs[2];
-              v = uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16);
-            }
-            qa[c][2 * j + rh] = v;
+          for (int j = 0; j < 2; ++j) {
+            const int lo = RK * t + pair_lo(2 * c + j);
+            const int hi = lo + EW / 2;
+            qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
           }
         }
       }
     }
 
-    float o[RV][4];
+    // The rows of this lane's accumulators: nt * 8 + 2t + e.
+    RowRef crow[NT][2];
+    bool crow_ok[NT][2];
 #pragma unroll
-    for (int j = 0; j < RV; ++j) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        o[j][e] = 0.0f;
+      for (int e = 0; e < 2; ++e) {
+        const int r = nt * 8 + 2 * t + e;
+        crow_ok[nt][e] = r < nr;
+        crow[nt][e] = row_ref(p, b, kvh, r0 + min(r, nr - 1));
       }
     }
-    float m[2] = {neg_inf(), neg_inf()};
-    float l[2] = {0.0f, 0.0f};
+    const bool causal = p.mask_type == kMaskCausal;
+    const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
+    // The first key the causal mask hides for some row of the block.
+    const int causal_from = row_ref(p, b, kvh, r0).causal_limit + 1;
+
+    float o[NCH][NT][4];
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          o[j][nt][e] = 0.0f;
+        }
+      }
+    }
+    float m[NT][2], l[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      m[nt][0] = m[nt][1] = neg_inf();
+      l[nt][0] = l[nt][1] = 0.0f;
+    }
 
     int k_begin, k_end;
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
-    const int k_last = k_end - 1;
-    const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
+    const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
+    const Copier cp = copier(p, b, kvh, k_begin, k_end);
 
-    // This warp's tiles start at key k_begin + 16 warp + 64 i.
-    const int first = k_begin + 16 * warp;
-    const int n_tiles = first < k_end ? (k_end - first + 63) / 64 : 0;
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) {
-      if (i < n_tiles) {
-        issue_tile(p, b, kvh, first + 64 * i, k_last, g, t, lane, ring[i]);
+    for (int c = 0; c < NS - 1; ++c) {
+      if (c < n_chunks) {
+        issue_chunk(cp, c, smem_raw + c * kStageBytes);
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      mma_detail::cp_async_commit();
     }
-    for (int i = 0; i < n_tiles; ++i) {
-      const int key0 = first + 64 * i;
-      if (i + NS - 1 < n_tiles) {
-        issue_tile(p, b, kvh, key0 + 64 * (NS - 1), k_last, g, t, lane, ring[(i + NS - 1) % NS]);
-      }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
-      // Tile i's group is complete once at most NS - 1 newer ones pend.
-      asm volatile("cp.async.wait_group %0;\n" ::"n"(NS - 1) : "memory");
-      Raw cur;
-      read_tile(p, ring[i % NS], g, lane, cur);
 
-      // ---- S = Q K^T over this tile's 16 keys ----
-      float s[2][4];
+    for (int c = 0; c < n_chunks; ++c) {
+      // Chunk c has landed once at most NS - 2 newer groups pend; the
+      // barrier makes every thread's copies visible and frees the stage of
+      // chunk c - 1 (every warp is done with it) for chunk c + NS - 1.
+      mma_detail::cp_async_wait<NS - 2>();
+      __syncthreads();
+      if (c + NS - 1 < n_chunks) {
+        issue_chunk(cp, c + NS - 1, smem_raw + ((c + NS - 1) % NS) * kStageBytes);
+      }
+      mma_detail::cp_async_commit();
+
+      const unsigned char* st = smem_raw + (c % NS) * kStageBytes;
+      const int lk0 = 16 * warp; // this warp's keys in the chunk
+      const int key0 = k_begin + c * CK + lk0;
+      if (key0 >= k_end) {
+        continue;
+      }
+
+      // ---- S^T = K Q^T over this warp's 16 keys ----
+      // Two accumulator chains (even and odd chunks), summed at the end:
+      // each MMA waits for the previous one of its chain only.
+      float s[NT][4], s2[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[nt][e] = 0.0f;
+          s2[nt][e] = 0.0f;
         }
-        float ksc[NGK], kbi[NGK];
-        uint32_t ks2[NGK], kb2[NGK];
+      }
+      {
+        uint32_t kw[2][KW];
 #pragma unroll
-        for (int gi = 0; gi < NGK; ++gi) {
-          ksc[gi] = scale_value(cur.ks[nt][gi], p.k.scale_type);
-          kbi[gi] = MODE == qsdpa::kAffine ? raw_to_float(cur.kb[nt][gi], p.k.scale_type) : 0.0f;
-          if constexpr (kHalfMagic) {
-            ks2[gi] = t_pair_raw(cur.ks[nt][gi], cur.ks[nt][gi], p.k.scale_type);
-            kb2[gi] = t_pair_raw(cur.kb[nt][gi], cur.kb[nt][gi], p.k.scale_type);
-          } else {
-            ks2[gi] = kb2[gi] = 0u;
+        for (int h = 0; h < 2; ++h) {
+          mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + t * KQ, kw[h]);
+        }
+        // Groups of lane t's quarter: one unless the quarter spans several.
+        constexpr int NGK = RK >= GS ? RK / GS : 1;
+        PairScale ks[2][NGK];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int gi = 0; gi < NGK; ++gi) {
+            const int key = lk0 + g + 8 * h;
+            ks[h][gi] = pair_scale(st, kKS, kKB, key, key, (RK * t) / GS + gi);
           }
         }
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
-          uint32_t kf[2];
+          uint32_t a[4];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int P = 2 * c + j;
-            const int wi = P / (EW / 2);
-            const int sh = qsdpa::element_shift(P % (EW / 2), BITS);
-            const int gi = (wi * EW) / GS < NGK ? (wi * EW) / GS : NGK - 1;
-            const uint32_t codes = (cur.k[nt][wi] >> sh) & kPairMask;
-            kf[j] = dequant_pair(codes, ksc[gi], kbi[gi], ksc[gi], kbi[gi], ks2[gi], kb2[gi]);
+            const int lo = pair_lo(P);
+            const int wi = lo / EW;
+            const int sh = qsdpa::element_shift(lo % EW, BITS);
+            const int gi = NGK > 1 ? lo / GS : 0;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              a[2 * j + h] = dequant_pair(kw[h][wi], sh, ks[h][gi]);
+            }
           }
-          mma_detail::mma_16816<T>(s[nt], qa[c], kf[0], kf[1]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma_detail::mma_16816<T>(c % 2 == 0 ? s[nt] : s2[nt], a, qb[nt][c][0], qb[nt][c][1]);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[nt][e] += s2[nt][e];
+          }
         }
       }
 
-      // ---- masks and the online softmax (rows g and g + 8) ----
-      float mx[2] = {neg_inf(), neg_inf()};
+      // ---- masks and the online softmax (query rows 2t, 2t + 1) ----
+      const bool tail = key0 + 16 > k_end;
+      const bool causal_here = causal && key0 + 15 >= causal_from;
+      uint32_t pb[NT][2];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int rh = e / 2;
-          const int key = key0 + 8 * nt + 2 * t + (e & 1);
-          float sc = s[nt][e] * p.scale_log2;
-          if (key >= k_end || (p.mask_type == kMaskCausal && key > refs[rh].causal_limit)) {
-            sc = neg_inf();
-          } else if (array_masked && row_ok[rh]) {
-            sc += array_mask(p, b, refs[rh], key);
+        for (int e4 = 0; e4 < 4; ++e4) {
+          s[nt][e4] *= p.scale_log2;
+        }
+        // Masks in a warp-uniform branch: most tiles see none.
+        if (tail || causal_here || array_masked) {
+#pragma unroll
+          for (int e4 = 0; e4 < 4; ++e4) {
+            const int e = e4 & 1;
+            const int key = key0 + g + 8 * (e4 >> 1);
+            if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
+              s[nt][e4] = neg_inf();
+            } else if (array_masked && crow_ok[nt][e]) {
+              s[nt][e4] += array_mask(p, b, crow[nt][e], key);
+            }
           }
-          if (sc != sc) {
-            sc = neg_inf();
+        }
+        // A NaN score (an inf code or scale meeting a masked or zero
+        // query, or inf - inf under a mask) takes no part, as in the
+        // generic kernel.
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          if (s[nt][e4] != s[nt][e4]) {
+            s[nt][e4] = neg_inf();
           }
-          s[nt][e] = sc;
-          mx[rh] = fmaxf(mx[rh], sc);
         }
-      }
-      float corr[2];
+        float corr[2];
 #pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
-        mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
-        const float m_new = fmaxf(m[rh], mx[rh]);
-        const float base = m_new == neg_inf() ? 0.0f : m_new;
-        corr[rh] = exp2f(m[rh] - base); // 0 while m is -inf, 1 if unchanged
-        m[rh] = m_new;
-        l[rh] *= corr[rh];
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int rh = e / 2;
-          const float base = m[rh] == neg_inf() ? 0.0f : m[rh];
-          s[nt][e] = exp2f(s[nt][e] - base);
-          l[rh] += s[nt][e];
+        for (int e = 0; e < 2; ++e) {
+          float mx = fmaxf(s[nt][e], s[nt][2 + e]);
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+          const float m_new = fmaxf(m[nt][e], mx);
+          const float base = m_new == neg_inf() ? 0.0f : m_new;
+          corr[e] = exp2f(m[nt][e] - base); // 0 while m is -inf, 1 if unchanged
+          m[nt][e] = m_new;
+          const float p0 = exp2f(s[nt][e] - base);
+          const float p1 = exp2f(s[nt][2 + e] - base);
+          l[nt][e] = l[nt][e] * corr[e] + (p0 + p1);
+          s[nt][e] = p0;
+          s[nt][2 + e] = p1;
         }
-      }
-      if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-        for (int j = 0; j < RV; ++j) {
-          o[j][0] *= corr[0];
-          o[j][1] *= corr[0];
-          o[j][2] *= corr[1];
-          o[j][3] *= corr[1];
+          for (int j = 0; j < NCH; ++j) {
+            o[j][nt][0] *= corr[0];
+            o[j][nt][1] *= corr[1];
+            o[j][nt][2] *= corr[0];
+            o[j][nt][3] *= corr[1];
+          }
         }
+        pb[nt][0] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][0], s[nt][1]));
+        pb[nt][1] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][2], s[nt][3]));
       }
-      const uint32_t pa[4] = {
-          mma_detail::pack2<T>(s[0][0], s[0][1]),
-          mma_detail::pack2<T>(s[0][2], s[0][3]),
-          mma_detail::pack2<T>(s[1][0], s[1][1]),
-          mma_detail::pack2<T>(s[1][2], s[1][3]),
-      };
 
-      // ---- O += P V ----
-      float vsc[4][NGV], vbi[4][NGV];
-      uint32_t vs2[2][NGV], vb2[2][NGV];
-#pragma unroll
-      for (int gi = 0; gi < NGV; ++gi) {
+      // ---- O^T += V^T P^T ----
+      {
+        // Keys 2t, 2t+1 (pair h = 0) and 2t+8, 2t+9 (h = 1), the g-th
+        // eighth of each row.
+        uint32_t vw[4][VW];
 #pragma unroll
         for (int kp = 0; kp < 4; ++kp) {
-          vsc[kp][gi] = scale_value(cur.vs[kp][gi], p.v.scale_type);
-          vbi[kp][gi] = MODE == qsdpa::kAffine ? raw_to_float(cur.vb[kp][gi], p.v.scale_type) : 0.0f;
+          const int key = lk0 + 2 * t + (kp & 1) + 8 * (kp >> 1);
+          mma_detail::load_shared<VB>(st + kOffV + key * RB + g * VB, vw[kp]);
         }
+        constexpr int NGV = RV >= GS ? RV / GS : 1;
+        PairScale vs[2][NGV];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if constexpr (kHalfMagic) {
-            vs2[h][gi] = t_pair_raw(cur.vs[2 * h][gi], cur.vs[2 * h + 1][gi], p.v.scale_type);
-            vb2[h][gi] = t_pair_raw(cur.vb[2 * h][gi], cur.vb[2 * h + 1][gi], p.v.scale_type);
-          } else {
-            vs2[h][gi] = vb2[h][gi] = 0u;
+#pragma unroll
+          for (int gi = 0; gi < NGV; ++gi) {
+            const int key = lk0 + 2 * t + 8 * h;
+            vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < NCH; ++j) {
+          const int e0 = 2 * j; // elements e0 (head-dim row g) and e0 + 1 (row g + 8)
+          const int wv = e0 / EW;
+          const int sh = qsdpa::element_shift(e0 % EW, BITS);
+          const int gi = NGV > 1 ? e0 / GS : 0;
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // The 16-bit half holding both elements, of key A in the low
+            // half and of key B in the high half.
+            const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sh >= 16 ? 0x7632 : 0x5410);
+            const int s0 = sh % 16;
+            a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
+            a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma_detail::mma_16816<T>(o[j][nt], a, pb[nt][0], pb[nt][1]);
           }
         }
       }
-#pragma unroll
-      for (int j = 0; j < RV; ++j) {
-        const int wv = (j * BITS) / 32; // word of element j in the run
-        const bool high = ((j * BITS) / 16) % 2 == 1; // which half of it
-        const int sh = qsdpa::element_shift(j % EH, BITS);
-        const int gi = j / GS < NGV ? j / GS : NGV - 1;
-        uint32_t vf[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // Element j of key 2t (+8h) in the low half, of key 2t+1 (+8h) in
-          // the high half.
-          const uint32_t both = __byte_perm(cur.v[2 * h][wv], cur.v[2 * h + 1][wv], high ? 0x7632 : 0x5410);
-          const uint32_t codes = (both >> sh) & kPairMask;
-          vf[h] = dequant_pair(
-              codes, vsc[2 * h][gi], vbi[2 * h][gi], vsc[2 * h + 1][gi], vbi[2 * h + 1][gi], vs2[h][gi],
-              vb2[h][gi]);
-        }
-        mma_detail::mma_16816<T>(o[j], pa, vf[0], vf[1]);
-      }
-
     }
     // The ring is reused by the epilogue: no copy may still be landing.
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     __syncthreads();
 
     // ---- merge the four warps ----
+    // Each warp writes its (m, l) and its output rows, already brought to
+    // the block's max, into its own slice; one pass then sums the slices
+    // while writing the rows out.
+    MmaEpilogue& es = *reinterpret_cast<MmaEpilogue*>(smem_raw);
 #pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
-      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
-    }
-    if (t == 0) {
-      smem.m[warp][g] = m[0];
-      smem.l[warp][g] = l[0];
-      smem.m[warp][g + 8] = m[1];
-      smem.l[warp][g + 8] = l[1];
-    }
-    epilogue_reduce_stats<RT>(smem);
-    const float f0 = epilogue_factor<RT>(smem, warp, g);
-    const float f1 = epilogue_factor<RT>(smem, warp, g + 8);
-    for (int w = 0; w < 4; ++w) {
-      if (warp == w) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int j = 0; j < RV; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = g + 8 * (e / 2);
-            const int d = RV * (2 * t + (e & 1)) + j;
-            const float val = o[j][e] * (e < 2 ? f0 : f1);
-            smem.o[oidx(r, d)] = w == 0 ? val : smem.o[oidx(r, d)] + val;
-          }
+      for (int e = 0; e < 2; ++e) {
+        float x = l[nt][e];
+        x += __shfl_xor_sync(0xffffffffu, x, 4);
+        x += __shfl_xor_sync(0xffffffffu, x, 8);
+        x += __shfl_xor_sync(0xffffffffu, x, 16);
+        if (g == 0) {
+          es.m[warp][nt * 8 + 2 * t + e] = m[nt][e];
+          es.l[warp][nt * 8 + 2 * t + e] = x;
         }
       }
-      __syncthreads();
     }
-    epilogue_write<RT>(p, smem, b, kvh, r0, nr, split);
+    if (threadIdx.x < RT) {
+      const int r = threadIdx.x;
+      const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+      es.out_row[r] = ref.out_row;
+      es.head[r] = ref.h;
+    }
+    __syncthreads();
+    if (threadIdx.x < RT) {
+      const int r = threadIdx.x;
+      float M = neg_inf();
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        M = fmaxf(M, es.m[w][r]);
+      }
+      float L = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        L += es.m[w][r] == neg_inf() ? 0.0f : es.l[w][r] * exp2f(es.m[w][r] - M);
+      }
+      es.M[r] = M;
+      es.L[r] = L;
+    }
+    __syncthreads();
+    float f[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = nt * 8 + 2 * t + e;
+        f[nt][e] = m[nt][e] == neg_inf() ? 0.0f : exp2f(m[nt][e] - es.M[r]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          const int r = nt * 8 + 2 * t + (e4 & 1);
+          const int d = RV * g + 2 * j + (e4 >> 1);
+          es.o[warp][r * kORowMma + d] = o[j][nt][e4] * f[nt][e4 & 1];
+        }
+      }
+    }
+    __syncthreads();
+    const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
+    for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
+      const int r = idx / D;
+      const int d = idx % D;
+      const float v = es.o[0][r * kORowMma + d] + es.o[1][r * kORowMma + d] + es.o[2][r * kORowMma + d] +
+          es.o[3][r * kORowMma + d];
+      const int64_t out_row = es.out_row[r];
+      if (p.n_splits == 1) {
+        const Finalized fin = finalize_row(p, es.head[r], es.M[r], es.L[r]);
+        store_from_float(p.out, out_row * D + d, v * fin.mult, p.out_type);
+        if (d == 0 && p.lse) {
+          p.lse[out_row] = fin.lse;
+        }
+      } else {
+        const int64_t prow = split * n_rows + out_row;
+        p.part_o[prow * D + d] = v;
+        if (d == 0) {
+          p.part_ml[prow * 2] = es.M[r];
+          p.part_ml[prow * 2 + 1] = es.L[r];
+        }
+      }
+    }
   }
 };
 
-} // namespace mlx_qsdpa::cuda
-
-namespace mlx_qsdpa::cuda {
-
-// Register cap: MINB blocks of 4 warps per SM at the least. A warp's tile
-// is a chain of dependent steps (MMA, shuffles, exp2, MMA), so HBM is kept
-// busy only with several warps per scheduler: 3 blocks for D <= 128 (no
-// spills), 2 for D = 256 (whose 64 accumulators per thread need the room).
-template <typename T, int MODE, int BITS, int GS, int D, int MINB = (D <= 128 ? 3 : 2)>
-__global__ void __launch_bounds__(kThreads, MINB) qsdpa_decode_mma(const __grid_constant__ Params p) {
-  MmaDecode<T, MODE, BITS, GS, D>::run(p);
+// Register cap: MINB blocks of 4 warps per SM at the least.
+template <typename T, int MODE, int BITS, int GS, int D, int NT>
+__global__ void __launch_bounds__(kThreads, (D == 256 ? 2 : (NT == 1 ? 4 : 3)))
+    qsdpa_decode_mma(const __grid_constant__ Params p) {
+  MmaDecode<T, MODE, BITS, GS, D, NT>::run(p);
 }
 
-// The kernels of one (query type, head dim), by format; {nullptr, 0} where
-// none. The dynamic shared memory each needs comes with it.
-template <typename T, int D>
+template <typename T, int MODE, int BITS, int GS, int D, int NT>
+KernelRef mma_kernel_ref() {
+  if constexpr (GS > D) {
+    return KernelRef{nullptr, 0};
+  } else {
+    return KernelRef{
+        reinterpret_cast<const void*>(&qsdpa_decode_mma<T, MODE, BITS, GS, D, NT>),
+        MmaDecode<T, MODE, BITS, GS, D, NT>::kSmemBytes};
+  }
+}
+
+// The kernels of one (query type, head dim), by format and row tiles;
+// {nullptr, 0} where none.
+template <typename T, int D, int NT>
 KernelRef mma_kernel_for(int mode, int bits, int group_size) {
-#define QSDPA_MMA(M, BITS, GS) \
-  KernelRef{reinterpret_cast<const void*>(&qsdpa_decode_mma<T, M, BITS, GS, D>), MmaDecode<T, M, BITS, GS, D>::kSmemBytes}
   switch (mode) {
     case qsdpa::kMxfp4:
-      return QSDPA_MMA(qsdpa::kMxfp4, 4, 32);
+      return mma_kernel_ref<T, qsdpa::kMxfp4, 4, 32, D, NT>();
     case qsdpa::kNvfp4:
-      return QSDPA_MMA(qsdpa::kNvfp4, 4, 16);
+      return mma_kernel_ref<T, qsdpa::kNvfp4, 4, 16, D, NT>();
     case qsdpa::kMxfp8:
-      return QSDPA_MMA(qsdpa::kMxfp8, 8, 32);
+      return mma_kernel_ref<T, qsdpa::kMxfp8, 8, 32, D, NT>();
     default:
       break;
   }
-#define QSDPA_MMA_GS(BITS)                       \
-  switch (group_size) {                          \
-    case 32:                                     \
-      return QSDPA_MMA(qsdpa::kAffine, BITS, 32);  \
-    case 64:                                     \
-      return QSDPA_MMA(qsdpa::kAffine, BITS, 64);  \
-    case 128:                                    \
-      return QSDPA_MMA(qsdpa::kAffine, BITS, 128); \
-    default:                                     \
-      return KernelRef{nullptr, 0};              \
+#define QSDPA_MMA_GS(BITS)                                              \
+  switch (group_size) {                                                 \
+    case 32:                                                            \
+      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 32, D, NT>();      \
+    case 64:                                                            \
+      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 64, D, NT>();      \
+    case 128:                                                           \
+      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 128, D, NT>();     \
+    default:                                                            \
+      return KernelRef{nullptr, 0};                                     \
   }
   switch (bits) {
     case 2:
@@ -673,19 +796,21 @@ KernelRef mma_kernel_for(int mode, int bits, int group_size) {
       return KernelRef{nullptr, 0};
   }
 #undef QSDPA_MMA_GS
-#undef QSDPA_MMA
+}
+
+template <typename T, int D>
+KernelRef mma_kernel_for(int mode, int bits, int group_size, int row_tiles) {
+  return row_tiles == 1 ? mma_kernel_for<T, D, 1>(mode, bits, group_size)
+                        : mma_kernel_for<T, D, 2>(mode, bits, group_size);
 }
 
 // One translation unit per (query type, head dim) so that the build runs
 // them in parallel; each defines one of these.
-KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size);
-KernelRef mma_kernel_f16_d128(int mode, int bits, int group_size);
-KernelRef mma_kernel_f16_d256(int mode, int bits, int group_size);
-KernelRef mma_kernel_bf16_d64(int mode, int bits, int group_size);
-KernelRef mma_kernel_bf16_d128(int mode, int bits, int group_size);
-KernelRef mma_kernel_bf16_d256(int mode, int bits, int group_size);
-// A variant for tuning: fp16, affine 4-bit, group 64, D 128, capped at the
-// registers of 2 blocks per SM (QSDPA_CUDA_MINB=2).
-KernelRef mma_kernel_f16_d128_a4g64_minb2();
+KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size, int row_tiles);
+KernelRef mma_kernel_f16_d128(int mode, int bits, int group_size, int row_tiles);
+KernelRef mma_kernel_f16_d256(int mode, int bits, int group_size, int row_tiles);
+KernelRef mma_kernel_bf16_d64(int mode, int bits, int group_size, int row_tiles);
+KernelRef mma_kernel_bf16_d128(int mode, int bits, int group_size, int row_tiles);
+KernelRef mma_kernel_bf16_d256(int mode, int bits, int group_size, int row_tiles);
 
 } // namespace mlx_qsdpa::cuda

@@ -5,8 +5,8 @@
 
 namespace mlx_qsdpa::cuda {
 
-KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size) {
-  return mma_kernel_for<__half, 64>(mode, bits, group_size);
+KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size, int row_tiles) {
+  return mma_kernel_for<__half, 64>(mode, bits, group_size, row_tiles);
 }
 
 } // namespace mlx_qsdpa::cuda

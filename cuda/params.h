@@ -71,9 +71,11 @@ constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
 
-// Rows per block of the two decode kernels.
+// Rows per block of the generic decode kernel; the tensor-core kernel takes
+// 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).
 constexpr int kSimtRows = 8;
-constexpr int kMmaRows = 16;
+// Threads of a merge block (one output row).
+constexpr int kMergeThreads = 256;
 
 // The generic decode kernel (fp32 arithmetic, any format, any head dim up to
 // kMaxHeadDim, any last-axis stride): never null for a valid format.
@@ -85,13 +87,11 @@ struct KernelRef {
   int smem_bytes;
 };
 
-// The tensor-core decode kernel for fp16/bf16 queries (q_type kF16/kBF16),
-// or {nullptr, 0} where none is built for this format / head dim.
-KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D);
-
-// The fp16 / affine 4-bit / group 64 / D 128 kernel with the looser register
-// cap of 2 blocks per SM, for comparison (QSDPA_CUDA_MINB=2).
-KernelRef mma_kernel_tuned_minb2();
+// The tensor-core decode kernel for fp16/bf16 queries (q_type kF16/kBF16)
+// and blocks of 8 * row_tiles query rows (row_tiles 1 or 2), or {nullptr, 0}
+// where none is built for this format / head dim. It needs dense, 16-byte
+// aligned key rows of packed words and scales (the host checks).
+KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D, int row_tiles);
 
 // The exact merge of the split-K partials.
 const void* merge_kernel();

@@ -20,7 +20,7 @@ step_build() {
   local t0=$SECONDS
   # RelWithDebInfo: the GPU machine's g++ (/opt/gcc) cannot run lto-wrapper,
   # and nanobind links its module with LTO in Release builds only.
-  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$out/build.log" 2>&1; then
+  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} > "$out/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - t0)) s)")
   else
     summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
@@ -82,7 +82,7 @@ step_bench() {
 
 step_quickbench() {
   : > "$out/bench_all.txt"
-  bench quick --ctx 4096,32768,131072
+  bench quick --ctx 256,4096,32768,131072 --methods quant_sdpa,fp16_sdpa
   bench quick_lq4 --lq 4 --ctx 32768 --methods quant_sdpa,fp16_sdpa
 }
 
@@ -102,6 +102,12 @@ step_tune() { # split counts and register cap at 32K / 128K, quant_sdpa only
       awk -v m=$minb -v s=$s '/quant_sdpa/ {print "minb=" m " splits=" s " " $0}' >> "$out/tune.txt"
   done; done
   summary+=("tune: $out/tune.txt")
+}
+
+step_gdb() { # a host backtrace of the bad-input tests that crashed on the GPU
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 240 cuda-gdb -batch -ex run -ex bt -ex quit --args \
+    python3 -m pytest -x -q -p no:cacheprovider tests/test_errors.py > "$out/gdb.log" 2>&1
+  summary+=("gdb test_errors: $(grep -E 'passed|failed|SIGSEGV|SIGFPE' "$out/gdb.log" | tail -2 | tr '\n' ' ')")
 }
 
 for s in "$@"; do

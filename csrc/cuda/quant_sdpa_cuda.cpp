@@ -143,36 +143,60 @@ int env_int(const char* name, int fallback) {
   return v && *v ? std::atoi(v) : fallback;
 }
 
-bool aligned(const mx::array& a, int bytes) {
-  if (bytes <= 1) {
-    return true;
-  }
-  const auto addr = reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(a));
-  if (addr % bytes != 0) {
+// The tensor-core kernel copies whole chunks of key rows with 16-byte
+// copies: the packed rows must start on 16-byte boundaries with a contiguous
+// last axis, and the scale/bias rows must be dense (D / group_size
+// elements, consecutive keys adjacent) with 16-byte aligned (batch, head)
+// bases. mx.quantize's arrays and mlx-lm's QuantizedKVCache (and prefix
+// views of it) are. Affine scales must have the query dtype (the kernel
+// feeds them to the fp16/bf16 arithmetic as they are).
+// The base and the byte strides of the first `dims` axes (those of size
+// 1 do not matter) are multiples of 16.
+bool aligned16(const mx::array& a, int dims) {
+  if (reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(a)) % 16 != 0) {
     return false;
   }
-  const int64_t esz = a.itemsize();
-  for (int i = 0; i < 3; ++i) {
-    if ((a.strides()[i] * esz) % bytes != 0) {
+  for (int i = 0; i < dims; ++i) {
+    if (a.shape(i) > 1 && (a.strides()[i] * int64_t(a.itemsize())) % 16 != 0) {
       return false;
     }
   }
   return true;
 }
 
-// The tensor-core kernel loads each thread's run of a key row (a quarter of a
-// K row, an eighth of a V row) with one vector load: those must be aligned
-// and the last axis contiguous.
-bool mma_layout_ok(const mx::array& k, const mx::array& v, int D, int bits) {
-  const int kb = std::min(D / 4 * bits / 8, 16);
-  const int vb = std::min(D / 8 * bits / 8, 16);
-  return k.strides()[3] == 1 && v.strides()[3] == 1 && aligned(k, kb) && aligned(v, vb);
+bool mma_words_ok(const mx::array& w) {
+  return (w.shape(3) == 1 || w.strides()[3] == 1) && aligned16(w, 3);
 }
 
-// Each split pays a block epilogue and a share of the merge: keep at least
-// 8 tiles per warp.
-constexpr int kMinKeysPerSplit = 8 * cu::kKeysPerBlockStep;
-constexpr int kMaxSplits = 1024; // merge kernel's shared factor table
+bool mma_scales_ok(const mx::array& s, int n_groups) {
+  return (s.shape(3) == 1 || s.strides()[3] == 1) && (s.shape(2) == 1 || s.strides()[2] == n_groups) &&
+      aligned16(s, 2);
+}
+
+bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& inputs, const InputSlots& in, int D) {
+  const mx::Dtype q_type = inputs[in.q].dtype();
+  const int n_groups = D / c.group_size;
+  for (int slot : {in.k_scales, in.v_scales, in.k_biases, in.v_biases}) {
+    if (slot < 0) {
+      continue;
+    }
+    const mx::array& s = inputs[slot];
+    if (c.mode == qsdpa::kAffine && s.dtype() != q_type) {
+      return false;
+    }
+    if (!mma_scales_ok(s, n_groups)) {
+      return false;
+    }
+  }
+  return mma_words_ok(inputs[in.k]) && mma_words_ok(inputs[in.v]);
+}
+
+// Each split pays a block epilogue and a share of the merge: at least this
+// many keys per block (2 chunks of the tensor-core kernel; 8 tiles per warp
+// of the generic kernel).
+constexpr int kMinKeysPerSplitMma = 2 * cu::kKeysPerBlockStep;
+constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
+constexpr int kMaxSplits = 1024;
 
 } // namespace
 
@@ -235,21 +259,25 @@ void eval_gpu_kernel(
   // The kernel: tensor cores for fp16/bf16 queries where a kernel exists for
   // the format and head dim and the cache layout allows vector loads; the
   // generic kernel otherwise. QSDPA_CUDA_KERNEL=simt forces the generic one.
-  const char* force = std::getenv("QSDPA_CUDA_KERNEL");
-  const bool force_simt = force && std::string(force) == "simt";
+  static const bool force_simt = [] {
+    const char* force = std::getenv("QSDPA_CUDA_KERNEL");
+    return force && std::string(force) == "simt";
+  }();
   cu::KernelRef kernel{nullptr, 0};
   int rows_per_block = cu::kSimtRows;
-  if (!force_simt && mma_layout_ok(inputs[in.k], inputs[in.v], p.D, c.bits)) {
-    kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D);
-    rows_per_block = cu::kMmaRows;
-    if (kernel.fn && env_int("QSDPA_CUDA_MINB", 3) == 2 && p.q_type == cu::kF16 &&
-        c.mode == qsdpa::kAffine && c.bits == 4 && c.group_size == 64 && p.D == 128) {
-      kernel = cu::mma_kernel_tuned_minb2();
-    }
+  int min_keys_per_split = kMinKeysPerSplitSimt;
+  if (!force_simt && mma_layout_ok(c, inputs, in, p.D)) {
+    // Blocks of 8 query rows where the G * Lq rows of a kv head fit (one
+    // decode token: G <= 8), else 16.
+    const int row_tiles = p.rows <= 8 ? 1 : 2;
+    kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
+    rows_per_block = 8 * row_tiles;
+    min_keys_per_split = kMinKeysPerSplitMma;
   }
   if (!kernel.fn) {
     kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
     rows_per_block = cu::kSimtRows;
+    min_keys_per_split = kMinKeysPerSplitSimt;
   }
   if (!kernel.fn) {
     throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
@@ -261,13 +289,14 @@ void eval_gpu_kernel(
   const KernelInfo& info = kernel_info(kernel);
 
   // Split the keys until one wave of blocks fills the GPU (at least
-  // kMinKeysPerSplit keys per block, so that each warp streams a few tiles).
+  // min_keys_per_split keys per block, so that each warp streams a few tiles).
   const int row_tiles = (p.rows + rows_per_block - 1) / rows_per_block;
   const int64_t base_blocks = int64_t(p.B) * p.Hkv * row_tiles;
   const int64_t wave = int64_t(std::max(info.blocks_per_sm, 1)) * sm_count(device);
   int64_t splits = (wave + base_blocks - 1) / base_blocks;
-  splits = std::min<int64_t>(splits, (p.Lk + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
-  splits = env_int("QSDPA_CUDA_SPLITS", int(std::min<int64_t>(splits, kMaxSplits)));
+  splits = std::min<int64_t>(splits, (p.Lk + min_keys_per_split - 1) / min_keys_per_split);
+  static const int forced_splits = env_int("QSDPA_CUDA_SPLITS", 0);
+  splits = forced_splits > 0 ? forced_splits : std::min<int64_t>(splits, kMaxSplits);
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
   // The partials are indexed with int shapes: keep them well inside.
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
@@ -326,7 +355,7 @@ void eval_gpu_kernel(
   for (auto& o : outputs) {
     encoder.set_output_array(o);
   }
-  encoder.add_kernel_node(merge.function, dim3(unsigned(n_rows)), block, p);
+  encoder.add_kernel_node(merge.function, dim3(unsigned(n_rows)), dim3(cu::kMergeThreads), p);
 }
 
 const char* gpu_backend_name() {
