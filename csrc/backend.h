@@ -5,11 +5,29 @@
 // (MLX's CUDA build) or none (gpu_none.cpp).
 #pragma once
 
+#include <stdexcept>
 #include <vector>
 
+#include "mlx_qsdpa/formats.h"
 #include "primitive.h"
 
 namespace mlx_qsdpa {
+
+// The kernels' element type (formats.h's qsdpa::ElemType) of a dtype the op
+// accepted: float32/float16/bfloat16 queries, outputs and affine scales,
+// uint8 scale codes of the fp modes.
+inline qsdpa::ElemType elem_type(mx::Dtype t) {
+  if (t == mx::float32) {
+    return qsdpa::kElemFloat32;
+  } else if (t == mx::float16) {
+    return qsdpa::kElemFloat16;
+  } else if (t == mx::bfloat16) {
+    return qsdpa::kElemBFloat16;
+  } else if (t == mx::uint8) {
+    return qsdpa::kElemUint8;
+  }
+  throw std::invalid_argument("[quant_sdpa] no kernel element type for this dtype");
+}
 
 // The fused CPU kernel. Fills `outputs` (allocated by the primitive).
 void eval_cpu_kernel(

@@ -26,11 +26,11 @@ __device__ __forceinline__ float neg_inf() {
 // A value of a run-time element type (queries, sinks, affine scales).
 __device__ __forceinline__ float load_as_float(const void* base, int64_t i, int type) {
   switch (type) {
-    case kF32:
+    case qsdpa::kElemFloat32:
       return static_cast<const float*>(base)[i];
-    case kF16:
+    case qsdpa::kElemFloat16:
       return __half2float(static_cast<const __half*>(base)[i]);
-    case kBF16:
+    case qsdpa::kElemBFloat16:
       return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
     default:
       return float(static_cast<const uint8_t*>(base)[i]);
@@ -39,10 +39,10 @@ __device__ __forceinline__ float load_as_float(const void* base, int64_t i, int 
 
 __device__ __forceinline__ void store_from_float(void* base, int64_t i, float x, int type) {
   switch (type) {
-    case kF32:
+    case qsdpa::kElemFloat32:
       static_cast<float*>(base)[i] = x;
       break;
-    case kF16:
+    case qsdpa::kElemFloat16:
       static_cast<__half*>(base)[i] = __float2half_rn(x);
       break;
     default:
@@ -55,10 +55,10 @@ __device__ __forceinline__ void store_from_float(void* base, int64_t i, float x,
 // load of the next key tile can be in flight while this one is decoded).
 __device__ __forceinline__ uint32_t load_raw(const void* base, int64_t i, int type) {
   switch (type) {
-    case kF32:
+    case qsdpa::kElemFloat32:
       return static_cast<const uint32_t*>(base)[i];
-    case kF16:
-    case kBF16:
+    case qsdpa::kElemFloat16:
+    case qsdpa::kElemBFloat16:
       return static_cast<const uint16_t*>(base)[i];
     default:
       return static_cast<const uint8_t*>(base)[i];
@@ -68,9 +68,9 @@ __device__ __forceinline__ uint32_t load_raw(const void* base, int64_t i, int ty
 // A raw affine scale/bias as float.
 __device__ __forceinline__ float raw_to_float(uint32_t raw, int type) {
   switch (type) {
-    case kF32:
+    case qsdpa::kElemFloat32:
       return __uint_as_float(raw);
-    case kF16:
+    case qsdpa::kElemFloat16:
       return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
     default:
       return __uint_as_float(raw << 16); // bfloat16: the top half of a float

@@ -58,7 +58,7 @@ struct KeyRow {
 };
 
 __device__ __forceinline__ int elem_bytes(int type) {
-  return type == kF32 ? 4 : (type == kU8 ? 1 : 2);
+  return type == qsdpa::kElemFloat32 ? 4 : (type == qsdpa::kElemUint8 ? 1 : 2);
 }
 
 __device__ __forceinline__ KeyRow key_row(const QuantTensor& t, int b, int kvh, int j) {

@@ -135,8 +135,8 @@ const void* merge_kernel() {
 }
 
 KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D, int row_tiles) {
-  const bool f16 = q_type == kF16;
-  if (q_type != kF16 && q_type != kBF16) {
+  const bool f16 = q_type == qsdpa::kElemFloat16;
+  if (q_type != qsdpa::kElemFloat16 && q_type != qsdpa::kElemBFloat16) {
     return KernelRef{nullptr, 0};
   }
   switch (D) {

@@ -8,12 +8,11 @@
 
 #include <cstdint>
 
+#include "mlx_qsdpa/formats.h"
+
 namespace mlx_qsdpa::cuda {
 
-// Element types of the arrays the kernels read or write. For the queries,
-// the output and the affine scales/biases; kU8 is the code type of the
-// scales of the fp modes.
-enum ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kU8 = 3 };
+// Element types (q_type, out_type, scale_type): formats.h's qsdpa::ElemType.
 
 enum MaskType : int { kMaskNone = 0, kMaskCausal = 1, kMaskBool = 2, kMaskAdditive = 3 };
 
@@ -27,7 +26,7 @@ struct QuantTensor {
   int64_t ss[4];
   const void* biases; // nullptr for the fp modes
   int64_t bs[4];
-  int scale_type; // ElemType of scales and biases
+  int scale_type; // qsdpa::ElemType of scales and biases
 };
 
 // Query rows: the G * Lq rows that share a kv head are numbered
@@ -87,7 +86,7 @@ struct KernelRef {
   int smem_bytes;
 };
 
-// The tensor-core decode kernel for fp16/bf16 queries (q_type kF16/kBF16)
+// The tensor-core decode kernel for fp16/bf16 queries (q_type kElemFloat16/kElemBFloat16)
 // and blocks of 8 * row_tiles query rows (row_tiles 1 or 2), or {nullptr, 0}
 // where none is built for this format / head dim. It needs dense, 16-byte
 // aligned key rows of packed words and scales (the host checks).

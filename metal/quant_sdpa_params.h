@@ -55,14 +55,8 @@ QSDPA_FUNC QSDPA_CONSTEXPR int decode_threadgroup_floats(int D) {
       : kMergeRows * (D + 2);
 }
 
-// ---------------------------------------------------------------------------
-// Element types of queries/outputs and of affine scales/biases.
-// ---------------------------------------------------------------------------
-enum ElemType : int {
-  kElemFloat32 = 0,
-  kElemFloat16 = 1,
-  kElemBFloat16 = 2,
-};
+// Element types of queries/outputs and of affine scales/biases: formats.h's
+// ElemType (kElemFloat32, kElemFloat16, kElemBFloat16).
 
 // ---------------------------------------------------------------------------
 // Function constants (values set per pipeline by the host).

@@ -52,18 +52,7 @@ Strides strides_of(const mx::array& a) {
   return {s[0], s[1], s[2], s[3]};
 }
 
-enum class ElemType { F32, F16, BF16, U8 };
-
-ElemType elem_type(mx::Dtype t) {
-  if (t == mx::float32) {
-    return ElemType::F32;
-  } else if (t == mx::float16) {
-    return ElemType::F16;
-  } else if (t == mx::bfloat16) {
-    return ElemType::BF16;
-  }
-  return ElemType::U8;
-}
+using qsdpa::ElemType;
 
 // One quantized tensor (packed words, scales, biases) as strided views.
 struct QuantView {
@@ -204,9 +193,9 @@ template <int MODE, int BITS>
 DecodeFn pick_decoder_for_scale(ElemType st) {
   if constexpr (MODE == qsdpa::kAffine) {
     switch (st) {
-      case ElemType::F32:
+      case qsdpa::kElemFloat32:
         return decode_block<MODE, BITS, float>;
-      case ElemType::F16:
+      case qsdpa::kElemFloat16:
         return decode_block<MODE, BITS, HalfBits>;
       default:
         return decode_block<MODE, BITS, BF16Bits>;
@@ -364,11 +353,11 @@ inline void pv_tile(const float* P, const float* V, int nk, int D, float* O) {
 
 inline float load_elem(const void* p, int64_t i, ElemType t) {
   switch (t) {
-    case ElemType::F32:
+    case qsdpa::kElemFloat32:
       return static_cast<const float*>(p)[i];
-    case ElemType::F16:
+    case qsdpa::kElemFloat16:
       return qsdpa::half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
-    case ElemType::BF16:
+    case qsdpa::kElemBFloat16:
       return qsdpa::bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
     default:
       return static_cast<const uint8_t*>(p)[i];
@@ -377,10 +366,10 @@ inline float load_elem(const void* p, int64_t i, ElemType t) {
 
 inline void store_elem(void* p, int64_t i, float x, ElemType t) {
   switch (t) {
-    case ElemType::F32:
+    case qsdpa::kElemFloat32:
       static_cast<float*>(p)[i] = x;
       break;
-    case ElemType::F16:
+    case qsdpa::kElemFloat16:
       static_cast<mx::float16_t*>(p)[i] = mx::float16_t(x);
       break;
     default:
@@ -726,14 +715,14 @@ void eval_cpu_kernel(
   p.G = p.Hq / p.Hkv;
   p.q_mult = c.scale * cpu::kLog2e;
   p.q = q.data<void>();
-  p.q_type = cpu::elem_type(q.dtype());
+  p.q_type = elem_type(q.dtype());
   p.qs = cpu::strides_of(q);
   const mx::array* kb = in.k_biases >= 0 ? &inputs[in.k_biases] : nullptr;
   const mx::array* vb = in.v_biases >= 0 ? &inputs[in.v_biases] : nullptr;
   p.k = cpu::quant_view(inputs[in.k], inputs[in.k_scales], kb, c.group_size);
   p.v = cpu::quant_view(inputs[in.v], inputs[in.v_scales], vb, c.group_size);
-  p.decode_k = cpu::pick_decoder(c.mode, c.bits, cpu::elem_type(inputs[in.k_scales].dtype()));
-  p.decode_v = cpu::pick_decoder(c.mode, c.bits, cpu::elem_type(inputs[in.v_scales].dtype()));
+  p.decode_k = cpu::pick_decoder(c.mode, c.bits, elem_type(inputs[in.k_scales].dtype()));
+  p.decode_v = cpu::pick_decoder(c.mode, c.bits, elem_type(inputs[in.v_scales].dtype()));
   p.mask = c.mask;
   if (in.mask >= 0) {
     p.mask_ptr = inputs[in.mask].data<void>();
@@ -741,7 +730,7 @@ void eval_cpu_kernel(
   }
   p.sinks = in.sinks >= 0 ? inputs[in.sinks].data<float>() : nullptr;
   p.out = out.data<void>();
-  p.out_type = cpu::elem_type(out.dtype());
+  p.out_type = elem_type(out.dtype());
   p.lse = c.return_lse ? outputs[1].data<float>() : nullptr;
 
   auto& encoder = mx::cpu::get_command_encoder(stream);

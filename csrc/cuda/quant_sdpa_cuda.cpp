@@ -38,17 +38,6 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-int elem_type(mx::Dtype t) {
-  if (t == mx::float32) {
-    return cu::kF32;
-  } else if (t == mx::float16) {
-    return cu::kF16;
-  } else if (t == mx::bfloat16) {
-    return cu::kBF16;
-  }
-  return cu::kU8;
-}
-
 void copy_strides(int64_t (&dst)[4], const mx::array& a) {
   for (int i = 0; i < 4; ++i) {
     dst[i] = a.strides()[i];

@@ -42,17 +42,6 @@ const std::string& binary_dir() {
   return dir;
 }
 
-int elem_type(mx::Dtype t) {
-  if (t == mx::float32) {
-    return qsdpa::kElemFloat32;
-  } else if (t == mx::float16) {
-    return qsdpa::kElemFloat16;
-  } else if (t == mx::bfloat16) {
-    return qsdpa::kElemBFloat16;
-  }
-  throw std::invalid_argument("[quant_sdpa] Metal kernels take float32, float16 or bfloat16 queries and scales.");
-}
-
 plan::Strides4 strides4(const mx::array& a) {
   return {a.strides(0), a.strides(1), a.strides(2), a.strides(3)};
 }

@@ -78,6 +78,17 @@ enum QuantMode : int {
   kNvfp4 = 3,
 };
 
+// Element types of the arrays the kernels read or write: queries, outputs,
+// affine scales/biases, and (kElemUint8) the 8-bit scale codes of the fp
+// modes. Every backend passes these numbers to its kernels (template
+// arguments, parameter blocks, function constants): keep them stable.
+enum ElemType : int {
+  kElemFloat32 = 0,
+  kElemFloat16 = 1,
+  kElemBFloat16 = 2,
+  kElemUint8 = 3,
+};
+
 // ---------------------------------------------------------------------------
 // Scalar decoders
 // ---------------------------------------------------------------------------
