@@ -29,6 +29,11 @@ inline qsdpa::ElemType elem_type(mx::Dtype t) {
   throw std::invalid_argument("[quant_sdpa] no kernel element type for this dtype");
 }
 
+// The sizes of one call (queries [B, Hq, Lq, D], keys [B, Hkv, Lk, ...]).
+struct CallShape {
+  int B, Hq, Hkv, Lq, Lk, D;
+};
+
 // The fused CPU kernel. Fills `outputs` (allocated by the primitive).
 void eval_cpu_kernel(
     const QuantSDPAConfig& config,
@@ -36,9 +41,10 @@ void eval_cpu_kernel(
     std::vector<mx::array>& outputs,
     mx::Stream stream);
 
-// Whether the GPU kernels cover a call of this head dim and query length.
+// Whether the GPU kernels cover a call of these sizes (head dim, query
+// length, and for CUDA the grid they need).
 // The op routes calls they do not cover to dequantized_attention on the GPU.
-bool gpu_kernel_supports(const QuantSDPAConfig& config, int head_dim, int q_len);
+bool gpu_kernel_supports(const QuantSDPAConfig& config, const CallShape& shape);
 
 // The fused GPU kernels. Fill `outputs` (allocated by the primitive).
 void eval_gpu_kernel(

@@ -9,7 +9,7 @@
 
 namespace mlx_qsdpa {
 
-bool gpu_kernel_supports(const QuantSDPAConfig&, int, int) {
+bool gpu_kernel_supports(const QuantSDPAConfig&, const CallShape&) {
   return false;
 }
 

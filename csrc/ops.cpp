@@ -367,7 +367,7 @@ std::vector<mx::array> quant_sdpa_impl(
     inputs.push_back(mx::astype(*sinks, mx::float32, stream));
   }
 
-  if (stream.device == mx::Device::gpu && !gpu_kernel_supports(c, D, Lq)) {
+  if (stream.device == mx::Device::gpu && !gpu_kernel_supports(c, CallShape{B, Hq, Hkv, Lq, Lk, D})) {
     return dequantized_attention(c, inputs, stream);
   }
 

@@ -24,6 +24,7 @@
 
 #include "backend.h"
 #include "cuda/params.h"
+#include "cuda/split_plan.h"
 
 namespace mlx_qsdpa {
 
@@ -185,18 +186,20 @@ bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& input
 // of the generic kernel).
 constexpr int kMinKeysPerSplitMma = 2 * cu::kKeysPerBlockStep;
 constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
-constexpr int kMaxSplits = 1024;
 
 } // namespace
 
-bool gpu_kernel_supports(const QuantSDPAConfig&, int head_dim, int q_len) {
+bool gpu_kernel_supports(const QuantSDPAConfig&, const CallShape& s) {
   // Every format (validated before this), head dims up to 256 (a multiple of
   // the group size, so of 16), any query length from 1: the kernels tile the
   // G * Lq rows of a kv head (decode and speculative decode are what they
   // are tuned for; longer Lq stays correct and exact in float32, whereas
   // the dequantize fallback's float32 matmuls run in TF32 on MLX's CUDA
-  // build and miss float32 accuracy).
-  return head_dim >= 16 && head_dim <= cu::kMaxHeadDim && q_len >= 1;
+  // build and miss float32 accuracy). Shapes whose grid would exceed CUDA's
+  // limits (kv heads x row tiles of the smallest, 8-row, blocks > 65535,
+  // e.g. Hq * Lq beyond ~500K) take the fallback.
+  const int rows = (s.Hq / std::max(s.Hkv, 1)) * s.Lq;
+  return s.D >= 16 && s.D <= cu::kMaxHeadDim && s.Lq >= 1 && cu::grid_fits(s.B, s.Hkv, rows, cu::kSimtRows);
 }
 
 void eval_gpu_kernel(
@@ -277,26 +280,23 @@ void eval_gpu_kernel(
   check(cudaSetDevice(device), "cudaSetDevice");
   const KernelInfo& info = kernel_info(kernel);
 
-  // Split the keys until one wave of blocks fills the GPU (at least
-  // min_keys_per_split keys per block, so that each warp streams a few tiles).
-  const int row_tiles = (p.rows + rows_per_block - 1) / rows_per_block;
-  const int64_t base_blocks = int64_t(p.B) * p.Hkv * row_tiles;
-  const int64_t wave = int64_t(std::max(info.blocks_per_sm, 1)) * sm_count(device);
-  int64_t splits = (wave + base_blocks - 1) / base_blocks;
-  splits = std::min<int64_t>(splits, (p.Lk + min_keys_per_split - 1) / min_keys_per_split);
+  cu::SplitInput si;
+  si.B = p.B;
+  si.Hkv = p.Hkv;
+  si.rows = p.rows;
+  si.Lk = p.Lk;
+  si.D = p.D;
+  si.n_rows = int64_t(p.B) * p.Hq * p.Lq;
+  si.rows_per_block = rows_per_block;
+  si.wave = int64_t(std::max(info.blocks_per_sm, 1)) * sm_count(device);
+  si.min_keys_per_split = min_keys_per_split;
   static const int forced_splits = env_int("QSDPA_CUDA_SPLITS", 0);
-  splits = forced_splits > 0 ? forced_splits : std::min<int64_t>(splits, kMaxSplits);
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
-  // The partials are indexed with int shapes: keep them well inside.
-  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
-  while (splits > 1 && splits * n_rows * p.D > (int64_t(1) << 30)) {
-    splits /= 2;
-  }
-  const int step = cu::kKeysPerBlockStep;
-  int kps = int((p.Lk + splits - 1) / splits);
-  kps = std::max(step, (kps + step - 1) / step * step);
-  p.keys_per_split = kps;
-  p.n_splits = std::max(1, (p.Lk + kps - 1) / kps);
+  si.forced_splits = forced_splits;
+  const cu::SplitPlan plan = cu::plan_splits(si);
+  const int row_tiles = plan.row_tiles;
+  const int64_t n_rows = si.n_rows;
+  p.keys_per_split = plan.keys_per_split;
+  p.n_splits = plan.n_splits;
 
   for (const auto& a : inputs) {
     encoder.set_input_array(a);

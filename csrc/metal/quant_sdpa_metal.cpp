@@ -60,8 +60,8 @@ mx::array temporary(int64_t n, mx::metal::CommandEncoder& enc) {
 
 } // namespace
 
-bool gpu_kernel_supports(const QuantSDPAConfig& c, int head_dim, int q_len) {
-  return plan::kernels_cover(c.mode, c.bits, c.group_size, head_dim, q_len);
+bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& shape) {
+  return plan::kernels_cover(c.mode, c.bits, c.group_size, shape.D, shape.Lq);
 }
 
 void eval_gpu_kernel(

@@ -1,0 +1,70 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// How the CUDA host code spreads one call over blocks: row tiles, key splits
+// and keys per split. Plain C++ (no CUDA headers), so that it is unit-tested
+// on machines without a GPU (tests/test_cuda_split_plan.py).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "params.h"
+
+namespace mlx_qsdpa::cuda {
+
+// The grid's y extent (kv heads x row tiles) is limited to 65535 blocks.
+constexpr int64_t kMaxGridY = 65535;
+// The merge kernel and the partials' int indexing bound the split count and
+// the partial elements.
+constexpr int kMaxSplits = 1024;
+constexpr int64_t kMaxPartialElements = int64_t(1) << 30;
+
+struct SplitInput {
+  int B = 1, Hkv = 1, rows = 1; // rows: the G * Lq query rows of a kv head
+  int Lk = 0, D = 128;
+  int64_t n_rows = 1; // B * Hq * Lq output rows
+  int rows_per_block = 8;
+  int64_t wave = 1; // blocks that fill the GPU once (blocks per SM x SMs)
+  int min_keys_per_split = kKeysPerBlockStep;
+  int forced_splits = 0; // > 0: this many splits (clamped), for tuning
+};
+
+struct SplitPlan {
+  int row_tiles; // blocks along the rows of a kv head
+  int n_splits; // key ranges (1: one pass, no merge)
+  int keys_per_split; // a multiple of kKeysPerBlockStep
+};
+
+// Whether a grid for these shapes fits CUDA's limits with blocks of
+// rows_per_block query rows.
+inline bool grid_fits(int B, int Hkv, int rows, int rows_per_block) {
+  const int64_t row_tiles = (int64_t(rows) + rows_per_block - 1) / rows_per_block;
+  return B <= 65535 && int64_t(Hkv) * row_tiles <= kMaxGridY;
+}
+
+// Split the keys until one wave of blocks fills the GPU, with at least
+// min_keys_per_split keys per block (each block pays an epilogue and a
+// share of the merge), at most kMaxSplits splits and kMaxPartialElements
+// partial elements; no split is empty.
+inline SplitPlan plan_splits(const SplitInput& in) {
+  SplitPlan plan;
+  plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
+  const int64_t base_blocks = std::max<int64_t>(1, int64_t(in.B) * in.Hkv * plan.row_tiles);
+  int64_t splits = (std::max<int64_t>(in.wave, 1) + base_blocks - 1) / base_blocks;
+  splits = std::min<int64_t>(splits, (int64_t(in.Lk) + in.min_keys_per_split - 1) / in.min_keys_per_split);
+  if (in.forced_splits > 0) {
+    splits = in.forced_splits;
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
+  while (splits > 1 && splits * in.n_rows * in.D > kMaxPartialElements) {
+    splits /= 2;
+  }
+  const int step = kKeysPerBlockStep;
+  int64_t kps = (int64_t(in.Lk) + splits - 1) / splits;
+  kps = std::max<int64_t>(step, (kps + step - 1) / step * step);
+  plan.keys_per_split = int(kps);
+  plan.n_splits = int(std::max<int64_t>(1, (int64_t(in.Lk) + kps - 1) / kps));
+  return plan;
+}
+
+} // namespace mlx_qsdpa::cuda
