@@ -104,6 +104,16 @@ step_tune2() { # split counts at 32K / 128K, quant_sdpa only (0: the default heu
   summary+=("tune: $(tr '\n' ';' < "$out/tune.txt")")
 }
 
+step_e2e() { # needs mlx-lm staged (tools/gpu_stage_mlx_lm.sh)
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest tests/test_mlx_lm.py -q -p no:cacheprovider \
+    > "$out/tests_mlx_lm_gpu.log" 2>&1
+  summary+=("mlx-lm tests (QSDPA_DEVICE=gpu): $(tail -1 "$out/tests_mlx_lm_gpu.log")")
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m mlx_qsdpa bench --e2e --device gpu --no-progress \
+    > "$out/bench_e2e.txt" 2>&1
+  summary+=("bench --e2e: $out/bench_e2e.txt")
+  tail -12 "$out/bench_e2e.txt"
+}
+
 step_gdb() { # a host backtrace of the bad-input tests that crashed on the GPU
   QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 240 cuda-gdb -batch -ex run -ex bt -ex quit --args \
     python3 -m pytest -x -q -p no:cacheprovider tests/test_errors.py > "$out/gdb.log" 2>&1
