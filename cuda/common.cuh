@@ -150,10 +150,11 @@ __device__ __forceinline__ Finalized finalize_row(const Params& p, int h, float 
   return {1.0f / l, (m + log2f(l)) * kLn2};
 }
 
-// Shared memory of the block epilogue for RT rows. The output rows are
-// padded (one float after every 32, and a row stride of 4 mod 32 banks):
-// the tensor-core kernel's accumulators put a warp's 32 lanes on rows g and
-// columns 32 t + j, which without padding all fall in one bank.
+// Shared memory of the generic kernel's block epilogue for RT rows (the
+// tensor-core kernel has its own, MmaDecode::MmaEpilogue). The output rows
+// are padded (one float after every 32, and a row stride of 4 mod 32
+// banks), which the first tensor-core kernel's layout needed; the generic
+// kernel's lanes write consecutive columns of one row and need none.
 constexpr int kORow = kMaxHeadDim + kMaxHeadDim / 32 + 28; // 292 = 4 (mod 32)
 __device__ __forceinline__ int oidx(int r, int d) {
   return r * kORow + d + d / 32;

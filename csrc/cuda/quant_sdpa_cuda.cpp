@@ -133,13 +133,6 @@ int env_int(const char* name, int fallback) {
   return v && *v ? std::atoi(v) : fallback;
 }
 
-// The tensor-core kernel copies whole chunks of key rows with 16-byte
-// copies: the packed rows must start on 16-byte boundaries with a contiguous
-// last axis, and the scale/bias rows must be dense (D / group_size
-// elements, consecutive keys adjacent) with 16-byte aligned (batch, head)
-// bases. mx.quantize's arrays and mlx-lm's QuantizedKVCache (and prefix
-// views of it) are. Affine scales must have the query dtype (the kernel
-// feeds them to the fp16/bf16 arithmetic as they are).
 // The base and the byte strides of the first `dims` axes (those of size
 // 1 do not matter) are multiples of 16.
 bool aligned16(const mx::array& a, int dims) {
@@ -154,6 +147,13 @@ bool aligned16(const mx::array& a, int dims) {
   return true;
 }
 
+// The tensor-core kernel copies whole chunks of key rows with 16-byte
+// copies: the packed rows must start on 16-byte boundaries with a contiguous
+// last axis, and the scale/bias rows must be dense (D / group_size
+// elements, consecutive keys adjacent) with 16-byte aligned (batch, head)
+// bases. mx.quantize's arrays and mlx-lm's QuantizedKVCache (and prefix
+// views of it) are. Affine scales must have the query dtype (the kernel
+// feeds them to the fp16/bf16 arithmetic as they are).
 bool mma_words_ok(const mx::array& w) {
   return (w.shape(3) == 1 || w.strides()[3] == 1) && aligned16(w, 3);
 }
