@@ -1,9 +1,9 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// Device code shared by the decode kernels and the merge kernel: element
-// loads/stores by run-time dtype, masks, and the block epilogue that merges
-// the four warps of a block and writes either the final rows (one pass) or
-// the split-K partials (two passes).
+// Device code shared by the decode kernels: element loads/stores by
+// run-time dtype, masks, key splits, and the block epilogue that merges the
+// four warps of a block and writes either the final rows (one split) or the
+// split-K partials (merged by split_merge.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -117,11 +117,18 @@ __device__ __forceinline__ float array_mask(const Params& p, int b, const RowRef
 }
 
 // The key range [k_begin, k_end) of this block's split, cut at the last key
-// any row of the tile can see under the causal mask.
+// any row of the tile can see under the causal mask. An interleaved split
+// (Params::interleaved) starts at its first chunk and takes every
+// n_splits-th chunk of kKeysPerBlockStep keys up to k_end.
 __device__ __forceinline__ void split_range(
     const Params& p, int split, int last_row, int& k_begin, int& k_end) {
-  k_begin = split * p.keys_per_split;
-  k_end = min(p.Lk, k_begin + p.keys_per_split);
+  if (p.interleaved) {
+    k_begin = split * kKeysPerBlockStep;
+    k_end = p.Lk;
+  } else {
+    k_begin = split * p.keys_per_split;
+    k_end = min(p.Lk, k_begin + p.keys_per_split);
+  }
   if (p.mask_type == kMaskCausal) {
     const int i_max = last_row / p.G;
     k_end = min(k_end, p.Lk - p.Lq + i_max + 1);

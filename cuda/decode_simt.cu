@@ -13,6 +13,7 @@
 // each decoded element (K and V are read once per kv head). Each warp keeps
 // its own online softmax; the block merges the four at the end.
 #include "common.cuh"
+#include "split_merge.cuh"
 
 namespace mlx_qsdpa::cuda {
 
@@ -209,6 +210,10 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
     __syncthreads();
   }
   epilogue_write<RT>(p, smem, b, kvh, r0, nr, split);
+  if (p.n_splits > 1) {
+    static_assert(sizeof(MergeSmem) <= sizeof(smem) && RT <= kMaxMergeRows, "merge over the epilogue");
+    merge_splits_if_last(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(&smem));
+  }
 }
 
 } // namespace

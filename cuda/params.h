@@ -38,7 +38,12 @@ struct Params {
   int rows; // G * Lq
   int group_size;
   int n_splits; // key ranges; 1: the kernel writes the final output
-  int keys_per_split; // a multiple of kKeysPerBlockStep
+  int keys_per_split; // a multiple of kKeysPerBlockStep (contiguous splits)
+  // 0: split s takes the keys [s * keys_per_split, (s + 1) * keys_per_split);
+  // 1 (tensor-core kernel only): split s takes the chunks of
+  // kKeysPerBlockStep keys numbered s, s + n_splits, s + 2 n_splits, ...,
+  // so that the blocks of a call stream through the cache side by side.
+  int interleaved;
   float scale_log2; // scale * log2(e): scores live in base-2 units
 
   const void* q;
@@ -59,9 +64,11 @@ struct Params {
   float* lse; // [B, Hq, Lq] or nullptr
 
   // Split-K partials, n_splits > 1 only: o [n_splits][B*Hq*Lq][D] (not
-  // normalised) and (m, l) [n_splits][B*Hq*Lq][2] in base-2 units.
+  // normalised) and (m, l) [n_splits][B*Hq*Lq][2] in base-2 units, and one
+  // counter per (batch, grid row) tile, zero at the start (split_merge.cuh).
   float* part_o;
   float* part_ml;
+  unsigned int* counters;
 };
 
 // Keys a block advances per step of its four warps: every split starts at a
@@ -73,8 +80,6 @@ constexpr int kMaxHeadDim = 256;
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).
 constexpr int kSimtRows = 8;
-// Threads of a merge block (one output row).
-constexpr int kMergeThreads = 256;
 
 // The generic decode kernel (fp32 arithmetic, any format, any head dim up to
 // kMaxHeadDim, any last-axis stride): never null for a valid format.
@@ -91,8 +96,5 @@ struct KernelRef {
 // where none is built for this format / head dim. It needs dense, 16-byte
 // aligned key rows of packed words and scales (the host checks).
 KernelRef mma_kernel(int q_type, int mode, int bits, int group_size, int D, int row_tiles);
-
-// The exact merge of the split-K partials.
-const void* merge_kernel();
 
 } // namespace mlx_qsdpa::cuda

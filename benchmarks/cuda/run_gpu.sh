@@ -43,6 +43,33 @@ step_tests() {
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
 }
 
+step_tests_variants() { # the non-default split paths: contiguous splits; the pool fallback for partials and counters
+  local t0=$SECONDS f="$out/tests_variants.log"
+  : > "$f"
+  for v in QSDPA_CUDA_INTERLEAVE=0 QSDPA_CUDA_WORKSPACE=pool; do
+    env $v QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest tests/test_correctness.py \
+      tests/test_masks.py tests/test_views.py tests/test_many_calls.py -q --maxfail=20 -p no:cacheprovider -n 8 \
+      --timeout 300 > "$out/tv.log" 2>&1
+    echo "$v: $(tail -1 "$out/tv.log")" >> "$f"
+    grep -E "^(FAILED|ERROR)" "$out/tv.log" | head -5 >> "$f"
+  done
+  rm -f "$out/tv.log"
+  summary+=("tests, variants: $(tr '\n' ';' < "$f") [$((SECONDS - t0)) s]")
+}
+
+step_tune3() { # interleaved vs contiguous splits, and split counts, quant_sdpa only
+  : > "$out/tune.txt"
+  for il in 1 0; do
+    for s in 0 16 32; do
+      env QSDPA_CUDA_INTERLEAVE=$il QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
+        --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
+        awk -v s=$s -v il=$il '/quant_sdpa/ && !/bench/ {print "interleave=" il " splits=" s " " $0}' >> "$out/tune.txt"
+    done
+  done
+  summary+=("tune: $out/tune.txt")
+  cat "$out/tune.txt"
+}
+
 step_tests_simt() {
   local t0=$SECONDS
   QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest \
@@ -118,6 +145,29 @@ step_gdb() { # a host backtrace of the bad-input tests that crashed on the GPU
   QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 240 cuda-gdb -batch -ex run -ex bt -ex quit --args \
     python3 -m pytest -x -q -p no:cacheprovider tests/test_errors.py > "$out/gdb.log" 2>&1
   summary+=("gdb test_errors: $(grep -E 'passed|failed|SIGSEGV|SIGFPE' "$out/gdb.log" | tail -2 | tr '\n' ' ')")
+}
+
+step_overhead() { # host building / recording / GPU wait per call (benchmarks/cuda/overhead.py)
+  local f="$out/overhead.txt"
+  { echo "== default"; PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py
+    echo "== QSDPA_CUDA_SPLITS=1 (one kernel, no partials)"
+    QSDPA_CUDA_SPLITS=1 PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py 256,4096,32768
+    echo "== 64 calls per eval"; PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py 256,32768 64
+  } > "$f" 2>&1
+  summary+=("overhead: $f")
+  cat "$f"
+}
+
+step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only), both split orders
+  : > "$out/ncutime.txt"
+  for il in 1 0; do
+    echo "== QSDPA_CUDA_INTERLEAVE=$il" >> "$out/ncutime.txt"
+    QSDPA_CUDA_INTERLEAVE=$il PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 >> "$out/ncutime.txt" 2>&1
+  done
+  grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
+  summary+=("kernel durations: $out/ncutime_summary.txt")
+  cat "$out/ncutime_summary.txt"
 }
 
 for s in "$@"; do

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -24,6 +25,7 @@
 
 #include "backend.h"
 #include "cuda/params.h"
+#include "cuda/ring_slots.h"
 #include "cuda/split_plan.h"
 
 namespace mlx_qsdpa {
@@ -91,28 +93,52 @@ const KernelInfo& kernel_info(cu::KernelRef ref) {
   return it->second;
 }
 
-// Device memory for the split-K partials, from a stream-ordered pool of this
-// library. allocator::malloc would give unified (managed) memory, which the
-// kernels reached at host-link speed on the H100 machine (a 0.5 MB partial
-// write took ~30 us); MLX's own device allocation is not exported.
-cudaMemPool_t partials_pool(int device) {
+// Device memory for the split-K partials and the merge counters of the
+// calls in flight: two rings per device, allocated once (cudaMalloc: MLX's
+// allocator::malloc gives managed memory, which the kernels reached at
+// host-link speed on the H100 machine, and its device allocation is not
+// exported). A call takes its ranges when it is recorded and gives them back
+// from the encoder's completion handler, so nothing is allocated or zeroed
+// on the stream per call. The counter ring starts zeroed and stays so: the
+// last block of each tile resets its counter (cuda/split_merge.cuh).
+// Where a ring has no room (more calls in flight than fit), the call takes
+// its memory from a stream-ordered pool instead and zeroes its counters
+// there.
+constexpr int64_t kPartialUnit = 256; // bytes; keeps every range 16-byte aligned
+constexpr int64_t kPartialRingBytes = int64_t(32) << 20;
+constexpr int64_t kCounterRingSlots = int64_t(1) << 16;
+
+struct Workspace {
+  std::mutex mutex;
+  cu::RingSlots partial_slots{kPartialRingBytes / kPartialUnit};
+  cu::RingSlots counter_slots{kCounterRingSlots};
+  unsigned char* partials = nullptr;
+  unsigned int* counters = nullptr;
+  cudaMemPool_t pool = nullptr; // the fallback
+};
+
+Workspace& workspace(int device) {
   static std::mutex mutex;
-  static std::unordered_map<int, cudaMemPool_t> pools;
+  static std::unordered_map<int, std::unique_ptr<Workspace>> spaces;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = pools.find(device);
-  if (it == pools.end()) {
+  auto it = spaces.find(device);
+  if (it == spaces.end()) {
+    auto ws = std::make_unique<Workspace>();
+    check(cudaMalloc(&ws->partials, kPartialRingBytes), "cudaMalloc (partials)");
+    check(cudaMalloc(&ws->counters, kCounterRingSlots * sizeof(unsigned int)), "cudaMalloc (counters)");
+    check(cudaMemset(ws->counters, 0, kCounterRingSlots * sizeof(unsigned int)), "cudaMemset (counters)");
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     cudaMemPoolProps props{};
     props.allocType = cudaMemAllocationTypePinned;
     props.location.type = cudaMemLocationTypeDevice;
     props.location.id = device;
-    cudaMemPool_t pool;
-    check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+    check(cudaMemPoolCreate(&ws->pool, &props), "cudaMemPoolCreate");
     // Keep freed blocks for the next call instead of returning them.
     uint64_t keep = UINT64_MAX;
-    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
-    it = pools.emplace(device, pool).first;
+    check(cudaMemPoolSetAttribute(ws->pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+    it = spaces.emplace(device, std::move(ws)).first;
   }
-  return it->second;
+  return *it->second;
 }
 
 int sm_count(int device) {
@@ -187,6 +213,58 @@ bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& input
 constexpr int kMinKeysPerSplitMma = 2 * cu::kKeysPerBlockStep;
 constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
 
+// Points p's partials and counters at memory for this call: ring ranges
+// where there is room (given back once the GPU has run the call), else a
+// stream-ordered allocation with zeroed counters (QSDPA_CUDA_WORKSPACE=pool
+// forces this path, for its tests).
+void bind_split_memory(
+    cu::Params& p, mx::cu::CommandEncoder& encoder, int device, int64_t o_bytes, int64_t ml_bytes, int64_t n_tiles) {
+  static const bool force_pool = [] {
+    const char* v = std::getenv("QSDPA_CUDA_WORKSPACE");
+    return v && std::string(v) == "pool";
+  }();
+  Workspace& ws = workspace(device);
+  const int64_t units = (o_bytes + ml_bytes + kPartialUnit - 1) / kPartialUnit;
+  if (!force_pool) {
+    std::unique_lock<std::mutex> lock(ws.mutex);
+    const int64_t pt = ws.partial_slots.acquire(units);
+    const int64_t ct = pt >= 0 ? ws.counter_slots.acquire(n_tiles) : -1;
+    if (ct >= 0) {
+      unsigned char* part = ws.partials + ws.partial_slots.offset(pt) * kPartialUnit;
+      p.part_o = reinterpret_cast<float*>(part);
+      p.part_ml = reinterpret_cast<float*>(part + o_bytes);
+      p.counters = ws.counters + ws.counter_slots.offset(ct);
+      lock.unlock();
+      Workspace* w = &ws;
+      encoder.add_completed_handler([w, pt, ct]() {
+        std::lock_guard<std::mutex> guard(w->mutex);
+        w->partial_slots.release(pt);
+        w->counter_slots.release(ct);
+      });
+      return;
+    }
+    if (pt >= 0) {
+      ws.partial_slots.release(pt);
+    }
+  }
+  // The fallback: memory allocated and zeroed in stream order on the
+  // encoder's stream, before the graph that uses it is launched there, and
+  // freed in stream order once that graph has completed.
+  const int64_t counter_bytes = n_tiles * int64_t(sizeof(unsigned int));
+  cudaStream_t stream = encoder.stream();
+  void* scratch = nullptr;
+  check(cudaMallocFromPoolAsync(&scratch, o_bytes + ml_bytes + counter_bytes, ws.pool, stream), "cudaMallocFromPoolAsync");
+  unsigned char* base = static_cast<unsigned char*>(scratch);
+  check(cudaMemsetAsync(base + o_bytes + ml_bytes, 0, counter_bytes, stream), "cudaMemsetAsync");
+  p.part_o = reinterpret_cast<float*>(base);
+  p.part_ml = reinterpret_cast<float*>(base + o_bytes);
+  p.counters = reinterpret_cast<unsigned int*>(base + o_bytes + ml_bytes);
+  encoder.add_completed_handler([scratch, stream, device]() {
+    cudaSetDevice(device);
+    cudaFreeAsync(scratch, stream);
+  });
+}
+
 } // namespace
 
 bool gpu_kernel_supports(const QuantSDPAConfig&, const CallShape& s) {
@@ -258,6 +336,7 @@ void eval_gpu_kernel(
   cu::KernelRef kernel{nullptr, 0};
   int rows_per_block = cu::kSimtRows;
   int min_keys_per_split = kMinKeysPerSplitSimt;
+  bool tensor_cores = false;
   if (!force_simt && mma_layout_ok(c, inputs, in, p.D)) {
     // Blocks of 8 query rows where the G * Lq rows of a kv head fit (one
     // decode token: G <= 8), else 16.
@@ -265,6 +344,7 @@ void eval_gpu_kernel(
     kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
     rows_per_block = 8 * row_tiles;
     min_keys_per_split = kMinKeysPerSplitMma;
+    tensor_cores = kernel.fn != nullptr;
   }
   if (!kernel.fn) {
     kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
@@ -301,50 +381,23 @@ void eval_gpu_kernel(
   for (const auto& a : inputs) {
     encoder.set_input_array(a);
   }
+  for (auto& o : outputs) {
+    encoder.set_output_array(o);
+  }
   const dim3 grid(p.n_splits, p.Hkv * row_tiles, p.B);
   const dim3 block(cu::kThreads);
-  if (p.n_splits == 1) {
-    for (auto& o : outputs) {
-      encoder.set_output_array(o);
-    }
-    encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
-    return;
-  }
-
-  // Two passes: partials of every split, then their exact merge. The
-  // partials live in device memory allocated in stream order on the
-  // encoder's stream (before the graph that uses them is launched there) and
-  // freed in stream order once that graph has completed. Both kernels are
-  // recorded with no array between them, so the merge node is made to
-  // depend on the decode node through the output arrays: the decode node
-  // "writes" them first (it does not touch them), the merge node then
-  // reads-and-writes them.
-  const size_t o_bytes = size_t(p.n_splits) * n_rows * p.D * sizeof(float);
-  const size_t ml_bytes = size_t(p.n_splits) * n_rows * 2 * sizeof(float);
-  cudaStream_t cuda_stream = encoder.stream();
-  void* scratch = nullptr;
-  check(
-      cudaMallocFromPoolAsync(&scratch, o_bytes + ml_bytes, partials_pool(device), cuda_stream),
-      "cudaMallocFromPoolAsync");
-  encoder.add_completed_handler([scratch, cuda_stream, device]() {
-    cudaSetDevice(device);
-    cudaFreeAsync(scratch, cuda_stream);
-  });
-  p.part_o = static_cast<float*>(scratch);
-  p.part_ml = reinterpret_cast<float*>(static_cast<char*>(scratch) + o_bytes);
-  for (auto& o : outputs) {
-    encoder.set_output_array(o);
+  if (p.n_splits > 1) {
+    // Split K: the interleaved chunk order for the tensor-core kernel
+    // (QSDPA_CUDA_INTERLEAVE=0 keeps contiguous splits), and the partials
+    // and counters the kernel merges through (cuda/split_merge.cuh).
+    static const bool interleave = env_int("QSDPA_CUDA_INTERLEAVE", 1) != 0;
+    p.interleaved = interleave && tensor_cores ? 1 : 0;
+    const int64_t n_tiles = int64_t(p.B) * p.Hkv * row_tiles;
+    const int64_t o_bytes = int64_t(p.n_splits) * n_rows * p.D * int64_t(sizeof(float));
+    const int64_t ml_bytes = int64_t(p.n_splits) * n_rows * 2 * int64_t(sizeof(float));
+    bind_split_memory(p, encoder, device, o_bytes, ml_bytes, n_tiles);
   }
   encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
-
-  const KernelInfo& merge = kernel_info(cu::KernelRef{cu::merge_kernel(), 0});
-  for (auto& o : outputs) {
-    encoder.set_input_array(o);
-  }
-  for (auto& o : outputs) {
-    encoder.set_output_array(o);
-  }
-  encoder.add_kernel_node(merge.function, dim3(unsigned(n_rows)), dim3(cu::kMergeThreads), p);
 }
 
 const char* gpu_backend_name() {

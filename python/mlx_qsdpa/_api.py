@@ -90,9 +90,57 @@ def quant_sdpa(
             "[quant_sdpa] mask must be None, 'causal' or an mx.array; "
             f"got {type(mask).__name__}."
         )
-    for name, val in (("scale", scale),):
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise TypeError(f"[quant_sdpa] {name} must be a float; got {type(val).__name__}.")
+    # One cheap test for the common case (this runs once per attention call
+    # and layer); the slow checks only name what is wrong.
+    A = mx.array
+    if not (
+        type(scale) in _REALS
+        and type(group_size) is int
+        and type(bits) is int
+        and type(mode) is str
+        and isinstance(queries, A)
+        and isinstance(keys, A)
+        and isinstance(key_scales, A)
+        and isinstance(values, A)
+        and isinstance(value_scales, A)
+        and (key_biases is None or isinstance(key_biases, A))
+        and (value_biases is None or isinstance(value_biases, A))
+        and (sinks is None or isinstance(sinks, A))
+    ):
+        _check_types(
+            scale, group_size, bits, mode,
+            queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
+        )
+    return _ext.quant_sdpa(
+        queries,
+        keys,
+        key_scales,
+        key_biases,
+        values,
+        value_scales,
+        value_biases,
+        float(scale),
+        mask_mode,
+        mask_arr,
+        sinks,
+        int(group_size),
+        int(bits),
+        mode,
+        bool(return_lse),
+        stream,
+    )
+
+
+_REALS = (float, int)
+
+
+def _check_types(
+    scale, group_size, bits, mode,
+    queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
+) -> None:
+    """Raise a TypeError naming the first argument of a wrong type."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"[quant_sdpa] scale must be a float; got {type(scale).__name__}.")
     for name, val in (("group_size", group_size), ("bits", bits)):
         if isinstance(val, bool) or not isinstance(val, int):
             raise TypeError(f"[quant_sdpa] {name} must be an int; got {type(val).__name__}.")
@@ -113,21 +161,3 @@ def quant_sdpa(
             raise TypeError(
                 f"[quant_sdpa] {name} must be an mx.array or None; got {type(val).__name__}."
             )
-    return _ext.quant_sdpa(
-        queries,
-        keys,
-        key_scales,
-        key_biases,
-        values,
-        value_scales,
-        value_biases,
-        float(scale),
-        mask_mode,
-        mask_arr,
-        sinks,
-        int(group_size),
-        int(bits),
-        mode,
-        bool(return_lse),
-        stream,
-    )
