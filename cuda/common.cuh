@@ -117,18 +117,11 @@ __device__ __forceinline__ float array_mask(const Params& p, int b, const RowRef
 }
 
 // The key range [k_begin, k_end) of this block's split, cut at the last key
-// any row of the tile can see under the causal mask. An interleaved split
-// (Params::interleaved) starts at its first chunk and takes every
-// n_splits-th chunk of kKeysPerBlockStep keys up to k_end.
+// any row of the tile can see under the causal mask.
 __device__ __forceinline__ void split_range(
     const Params& p, int split, int last_row, int& k_begin, int& k_end) {
-  if (p.interleaved) {
-    k_begin = split * kKeysPerBlockStep;
-    k_end = p.Lk;
-  } else {
-    k_begin = split * p.keys_per_split;
-    k_end = min(p.Lk, k_begin + p.keys_per_split);
-  }
+  k_begin = split * p.keys_per_split;
+  k_end = min(p.Lk, k_begin + p.keys_per_split);
   if (p.mask_type == kMaskCausal) {
     const int i_max = last_row / p.G;
     k_end = min(k_end, p.Lk - p.Lq + i_max + 1);

@@ -241,7 +241,6 @@ struct MmaDecode {
     int row0; // the thread's first row in a chunk
     int st_words; // stage byte offset of the thread's first K/V unit
     int k_begin, k_end;
-    int chunk_keys; // keys from one chunk of the split to the next
   };
 
   static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
@@ -269,20 +268,18 @@ struct MmaDecode {
     }
     cp.k_begin = k_begin;
     cp.k_end = k_end;
-    cp.chunk_keys = p.interleaved ? CK * p.n_splits : CK;
     return cp;
   }
 
   // The whole block copies chunk c of the split into stage `st`.
   static __device__ __forceinline__ void issue_chunk(const Copier& cp, int c, unsigned char* st) {
-    const int64_t c_row = int64_t(c) * cp.chunk_keys; // the chunk's first key, from the split's first
-    const int64_t key_c = cp.k_begin + c_row;
+    const int key_c = cp.k_begin + c * CK; // the chunk's first key
 #pragma unroll
     for (int i = 0; i < NKU; ++i) {
       const int row = cp.row0 + i * kRowStep;
       if (CK % kRowStep == 0 || row < CK) {
         const bool ok = key_c + row < cp.k_end;
-        const int64_t r = ok ? c_row + row : 0; // rows from the split's first
+        const int64_t r = ok ? int64_t(c) * CK + row : 0; // rows from the split's first
         const int so = cp.st_words + i * kThreads * 16;
         mma_detail::cp_async16(st + so, cp.kw + r * cp.krow, ok ? 16 : 0);
         mma_detail::cp_async16(st + kOffV + so, cp.vw + r * cp.vrow, ok ? 16 : 0);
@@ -291,10 +288,10 @@ struct MmaDecode {
     if (threadIdx.x < US) {
       // A unit holds the scales of 16 / SRB keys: the last one of the
       // split may hold some past k_end.
-      const int64_t first = c_row * SRB + int(threadIdx.x) * 16; // bytes from the split's first key
-      const int64_t valid = int64_t(cp.k_end - cp.k_begin) * SRB - first;
-      const int n = valid >= 16 ? 16 : (valid > 0 ? int(valid) : 0);
-      const int64_t off = n > 0 ? c_row * SRB : 0;
+      const int first = (c * CK) * SRB + int(threadIdx.x) * 16; // bytes from the split's first key
+      const int valid = (cp.k_end - cp.k_begin) * SRB - first;
+      const int n = valid >= 16 ? 16 : (valid > 0 ? valid : 0);
+      const int64_t off = n > 0 ? int64_t(c) * CK * SRB : 0;
 #pragma unroll
       for (int a = 0; a < kNScaleArrays; ++a) {
         mma_detail::cp_async16(st + kOffS + a * kScaleArrayBytes + threadIdx.x * 16, cp.s[a] + off, n);
@@ -462,8 +459,8 @@ struct MmaDecode {
 
     int k_begin, k_end;
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
+    const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
     const Copier cp = copier(p, b, kvh, k_begin, k_end);
-    const int n_chunks = k_end > k_begin ? (k_end - k_begin + cp.chunk_keys - 1) / cp.chunk_keys : 0;
 
 #pragma unroll
     for (int c = 0; c < NS - 1; ++c) {
@@ -486,7 +483,7 @@ struct MmaDecode {
 
       const unsigned char* st = smem_raw + (c % NS) * kStageBytes;
       const int lk0 = 16 * warp; // this warp's keys in the chunk
-      const int key0 = k_begin + c * cp.chunk_keys + lk0;
+      const int key0 = k_begin + c * CK + lk0;
       if (key0 >= k_end) {
         continue;
       }
@@ -745,7 +742,7 @@ struct MmaDecode {
       }
     }
     if (p.n_splits > 1) {
-      merge_splits_if_last(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
+      merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
     }
   }
 };

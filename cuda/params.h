@@ -38,12 +38,7 @@ struct Params {
   int rows; // G * Lq
   int group_size;
   int n_splits; // key ranges; 1: the kernel writes the final output
-  int keys_per_split; // a multiple of kKeysPerBlockStep (contiguous splits)
-  // 0: split s takes the keys [s * keys_per_split, (s + 1) * keys_per_split);
-  // 1 (tensor-core kernel only): split s takes the chunks of
-  // kKeysPerBlockStep keys numbered s, s + n_splits, s + 2 n_splits, ...,
-  // so that the blocks of a call stream through the cache side by side.
-  int interleaved;
+  int keys_per_split; // a multiple of kKeysPerBlockStep
   float scale_log2; // scale * log2(e): scores live in base-2 units
 
   const void* q;
@@ -63,9 +58,10 @@ struct Params {
   int out_type;
   float* lse; // [B, Hq, Lq] or nullptr
 
-  // Split-K partials, n_splits > 1 only: o [n_splits][B*Hq*Lq][D] (not
-  // normalised) and (m, l) [n_splits][B*Hq*Lq][2] in base-2 units, and one
-  // counter per (batch, grid row) tile, zero at the start (split_merge.cuh).
+  // Split-K partials, n_splits > 1 only: o [slots][B*Hq*Lq][D] (not
+  // normalised) and (m, l) [slots][B*Hq*Lq][2] in base-2 units, and the
+  // merge counters [counters][B * grid rows], zero at the start; slots and
+  // counters of split_plan.h's merge_tree (see split_merge.cuh).
   float* part_o;
   float* part_ml;
   unsigned int* counters;
@@ -76,6 +72,8 @@ struct Params {
 constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
+// Partials a merge step combines (split_merge.cuh).
+constexpr int kMergeRadix = 8;
 
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).

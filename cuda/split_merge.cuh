@@ -1,18 +1,27 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The merge of split-K partials, done by the decode kernel itself: every
-// block of a (batch, kv head, row tile) writes its partial (o, m, l) rows,
-// then counts itself in on the tile's counter; the block that arrives last
-// merges the tile's rows over all splits (the exact LSE merge), applies the
-// sink and the normalisation, and writes the output. One kernel per call
-// instead of a decode kernel and a merge kernel: on MLX's CUDA build each
-// graph node costs host time to record and GPU time to start, and the merge
-// kernel of 2026-11-28 took ~5 us for ~1 MB of partials.
+// The merge of split-K partials, done by the decode kernel itself, as a
+// tree (split_plan.h's merge_tree gives its sizes). Every block of a
+// (batch, kv head, row tile) writes its partial (o, m, l) rows into slot
+// `split` of level 0 and counts itself in on its group's counter (groups
+// of kMergeRadix consecutive slots); the block that arrives last in a group
+// merges the group (the exact LSE merge) into slot `group` of the next
+// level and counts itself in there, and so on; the last block of the last
+// level (at most kMergeRadix slots) merges into the output, with the sink
+// and the normalisation.
+//
+// Why in the kernel and why a tree: on MLX's CUDA build each graph node
+// costs host time to record and GPU time to start (a separate merge kernel
+// took ~5 us, 2026-11-28), and a single last block that merged all 64
+// partials of a tile alone was latency-bound at ~7-12 us on the H200
+// (one SM pulling 256 KB from L2 a few KB at a time). A merge step of the
+// tree reads at most kMergeRadix partials, all loads in flight at once,
+// and all but the last level overlap with blocks still decoding.
 //
 // The counters are zero when a kernel starts (the host hands out zeroed
-// counters, csrc/cuda/quant_sdpa_cuda.cpp) and the last block sets its
-// tile's counter back to zero, so a counter can be handed out again once the
-// kernel that used it has completed.
+// counters, csrc/cuda/quant_sdpa_cuda.cpp) and the last block of a group
+// sets the group's counter back to zero, so counters can be handed out
+// again once the kernel that used them has completed.
 #pragma once
 
 #include "common.cuh"
@@ -21,126 +30,162 @@ namespace mlx_qsdpa::cuda {
 
 // Rows of a tile the merge handles (the largest block of either kernel).
 constexpr int kMaxMergeRows = 16;
-// Splits whose loads a thread keeps in flight together (the merge reads
-// partials from L2 and is latency-bound).
-constexpr int kMergeDepth = 8;
+static_assert(kMaxMergeRows * kMergeRadix == kThreads, "one (row, partial) per thread in a merge step's statistics");
 
 struct MergeSmem {
-  float M[kMaxMergeRows]; // each row's max over the splits
+  float M[kMaxMergeRows]; // each row's max over the group
   float L[kMaxMergeRows]; // and its denominator at that max
-  int last; // whether this block arrived last
+  float f[kMaxMergeRows][kMergeRadix]; // each partial's factor 2^(m - M)
+  int last; // whether this block arrived last in its group
 };
 
 namespace merge_detail {
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  }
-  return x;
+__device__ __forceinline__ float4 fma4(float4 x, float f, float4 acc) {
+  return make_float4(fmaf(x.x, f, acc.x), fmaf(x.y, f, acc.y), fmaf(x.z, f, acc.z), fmaf(x.w, f, acc.w));
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, o);
-  }
-  return x;
+// Partial rows are read with ld.global.cg (from L2): other blocks wrote them.
+__device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int d4) {
+  return __ldcg(reinterpret_cast<const float4*>(p.part_o + slot_row * p.D) + d4);
 }
 
-} // namespace merge_detail
-
-// Called by every thread of every block once its partial rows (r0 .. r0 +
-// nr - 1 of kv head kvh, batch b) are written; `s` may alias shared memory
-// the block no longer reads. Returns at once in all but the tile's last
-// block, which writes the tile's output rows (and lse).
-__device__ inline void merge_splits_if_last(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
-  // Each thread's partial writes are visible GPU-wide before its block is
-  // counted in (the fence-then-count pattern of CUDA's threadFenceReduction).
-  __threadfence();
-  __syncthreads();
-  const int64_t tile = int64_t(b) * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) {
-    const unsigned int before = atomicAdd(&p.counters[tile], 1u);
-    s.last = before == unsigned(p.n_splits - 1);
-    if (s.last) {
-      p.counters[tile] = 0u; // every block has counted: ready for reuse
-    }
-  }
-  __syncthreads();
-  if (!s.last) {
-    return;
-  }
-  __threadfence();
-
-  const int n = p.n_splits;
+// Merge the partials in slots [first, first + members) of the tile's rows
+// into slot `dst` (dst >= 0) or into the output (dst < 0).
+__device__ inline void merge_step(
+    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst, MergeSmem& s) {
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  // Partials are read with ld.global.cg (L2): other blocks wrote them.
-  auto m_of = [&](int split, int64_t out_row) { return __ldcg(p.part_ml + (split * n_rows + out_row) * 2); };
-  auto l_of = [&](int split, int64_t out_row) { return __ldcg(p.part_ml + (split * n_rows + out_row) * 2 + 1); };
-
-  // 1. Per row (a warp each): the max over the splits, then the denominator.
-  for (int r = warp; r < nr; r += kThreads / 32) {
-    const int64_t out_row = row_ref(p, b, kvh, r0 + r).out_row;
-    float M = neg_inf();
-    for (int sp = lane; sp < n; sp += 32) {
-      M = fmaxf(M, m_of(sp, out_row));
+  // 1. Statistics: thread (r, u) reads partial u of row r; the 8 threads of
+  // a row are 8 consecutive lanes.
+  {
+    const int r = threadIdx.x / kMergeRadix;
+    const int u = threadIdx.x % kMergeRadix;
+    float m = neg_inf();
+    float l = 0.0f;
+    if (r < nr && u < members) {
+      const int64_t row = row_ref(p, b, kvh, r0 + r).out_row;
+      m = __ldcg(p.part_ml + ((first + u) * n_rows + row) * 2);
+      l = __ldcg(p.part_ml + ((first + u) * n_rows + row) * 2 + 1);
     }
-    M = merge_detail::warp_max(M);
-    float L = 0.0f;
-    for (int sp = lane; sp < n; sp += 32) {
-      const float m = m_of(sp, out_row);
-      L += m == neg_inf() ? 0.0f : l_of(sp, out_row) * exp2f(m - M);
+    float M = m;
+#pragma unroll
+    for (int o = 1; o < kMergeRadix; o *= 2) {
+      M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
     }
-    L = merge_detail::warp_sum(L);
-    if (lane == 0) {
+    const float f = m == neg_inf() ? 0.0f : exp2f(m - M); // a partial that saw no key weighs nothing
+    float L = l * f;
+#pragma unroll
+    for (int o = 1; o < kMergeRadix; o *= 2) {
+      L += __shfl_xor_sync(0xffffffffu, L, o);
+    }
+    s.f[r][u] = f;
+    if (u == 0) {
       s.M[r] = M;
       s.L[r] = L;
     }
   }
   __syncthreads();
 
-  // 2. The rows' outputs, a float4 of one row per thread and step; splits
-  // whose rows saw no key have m = -inf and weigh nothing.
+  // 2. The rows, a float4 column each, two columns per thread and step:
+  // every partial's loads in flight at once.
+  constexpr int kCols = 2;
   const int D4 = p.D / 4;
-  for (int idx = threadIdx.x; idx < nr * D4; idx += kThreads) {
-    const int r = idx / D4;
-    const int d4 = idx - r * D4;
-    const RowRef ref = row_ref(p, b, kvh, r0 + r);
-    const float M = s.M[r];
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s0 = 0; s0 < n; s0 += kMergeDepth) {
-      float ms[kMergeDepth];
-      float4 x[kMergeDepth];
+  const int n_cols = nr * D4;
+  for (int c0 = threadIdx.x; c0 < n_cols; c0 += kCols * kThreads) {
+    float4 x[kCols][kMergeRadix];
 #pragma unroll
-      for (int u = 0; u < kMergeDepth; ++u) {
-        const int sp = s0 + u;
-        const bool ok = sp < n;
-        ms[u] = ok ? m_of(sp, ref.out_row) : neg_inf();
-        x[u] = ok ? __ldcg(reinterpret_cast<const float4*>(p.part_o + (sp * n_rows + ref.out_row) * p.D) + d4)
-                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
+    for (int k = 0; k < kCols; ++k) {
+      const int idx = c0 + k * kThreads;
+      const int r = idx / D4;
+      const int64_t row = row_ref(p, b, kvh, r0 + min(r, nr - 1)).out_row;
 #pragma unroll
-      for (int u = 0; u < kMergeDepth; ++u) {
-        const float f = ms[u] == neg_inf() ? 0.0f : exp2f(ms[u] - M);
-        acc.x = fmaf(x[u].x, f, acc.x);
-        acc.y = fmaf(x[u].y, f, acc.y);
-        acc.z = fmaf(x[u].z, f, acc.z);
-        acc.w = fmaf(x[u].w, f, acc.w);
+      for (int u = 0; u < kMergeRadix; ++u) {
+        x[k][u] = idx < n_cols && u < members ? load_o4(p, (first + u) * n_rows + row, idx - r * D4)
+                                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
     }
-    const Finalized fin = finalize_row(p, ref.h, M, s.L[r]);
-    const int64_t o = ref.out_row * p.D + 4 * d4;
-    store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
-    store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
-    store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
-    store_from_float(p.out, o + 3, acc.w * fin.mult, p.out_type);
-    if (d4 == 0 && p.lse) {
-      p.lse[ref.out_row] = fin.lse;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      const int idx = c0 + k * kThreads;
+      if (idx >= n_cols) {
+        break;
+      }
+      const int r = idx / D4;
+      const int d4 = idx - r * D4;
+      const RowRef ref = row_ref(p, b, kvh, r0 + r);
+      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int u = 0; u < kMergeRadix; ++u) {
+        acc = fma4(x[k][u], s.f[r][u], acc);
+      }
+      if (dst >= 0) {
+        const int64_t row = dst * n_rows + ref.out_row;
+        reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
+        if (d4 == 0) {
+          p.part_ml[row * 2] = s.M[r];
+          p.part_ml[row * 2 + 1] = s.L[r];
+        }
+      } else {
+        const Finalized fin = finalize_row(p, ref.h, s.M[r], s.L[r]);
+        const int64_t o = ref.out_row * p.D + 4 * d4;
+        store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
+        store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
+        store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
+        store_from_float(p.out, o + 3, acc.w * fin.mult, p.out_type);
+        if (d4 == 0 && p.lse) {
+          p.lse[ref.out_row] = fin.lse;
+        }
+      }
     }
+  }
+}
+
+} // namespace merge_detail
+
+// Called by every thread of every block once its partial rows (r0 .. r0 +
+// nr - 1 of kv head kvh, batch b; slot blockIdx.x of level 0) are written;
+// `s` may alias shared memory the block no longer reads. Returns once the
+// block is not the last of its group at some level, or has written the
+// output.
+__device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
+  const int64_t n_tiles = int64_t(gridDim.z) * gridDim.y;
+  const int64_t tile = int64_t(b) * gridDim.y + blockIdx.y;
+  int count = p.n_splits; // partials of this level
+  int index = blockIdx.x; // this block's partial in it
+  int64_t slot_base = 0; // the level's first slot
+  int64_t counter_base = 0; // and first counter
+  while (true) {
+    const int group = index / kMergeRadix;
+    const int first = group * kMergeRadix;
+    const int members = min(kMergeRadix, count - first);
+    // Each thread's partial writes are visible GPU-wide before its block is
+    // counted in (the fence-then-count pattern of CUDA's
+    // threadFenceReduction sample).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned int* counter = p.counters + (counter_base + group) * n_tiles + tile;
+      const unsigned int before = atomicAdd(counter, 1u);
+      s.last = before == unsigned(members - 1);
+      if (s.last) {
+        *counter = 0u; // every member has counted: ready for reuse
+      }
+    }
+    __syncthreads();
+    if (!s.last) {
+      return;
+    }
+    __threadfence();
+    const bool root = count <= kMergeRadix;
+    const int64_t dst = root ? -1 : slot_base + count + group;
+    merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst, s);
+    if (root) {
+      return;
+    }
+    counter_base += (count + kMergeRadix - 1) / kMergeRadix;
+    slot_base += count;
+    index = group;
+    count = (count + kMergeRadix - 1) / kMergeRadix;
   }
 }
 

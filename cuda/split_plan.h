@@ -14,8 +14,7 @@ namespace mlx_qsdpa::cuda {
 
 // The grid's y extent (kv heads x row tiles) is limited to 65535 blocks.
 constexpr int64_t kMaxGridY = 65535;
-// The merge kernel and the partials' int indexing bound the split count and
-// the partial elements.
+// The partials' indexing bounds the split count and the partial elements.
 constexpr int kMaxSplits = 1024;
 constexpr int64_t kMaxPartialElements = int64_t(1) << 30;
 
@@ -65,6 +64,32 @@ inline SplitPlan plan_splits(const SplitInput& in) {
   plan.keys_per_split = int(kps);
   plan.n_splits = int(std::max<int64_t>(1, (int64_t(in.Lk) + kps - 1) / kps));
   return plan;
+}
+
+// The merge of the splits' partials is a tree (cuda/split_merge.cuh): the
+// last block of each group of kMergeRadix partials of a level merges them
+// into one partial of the next level, or into the output once a level has
+// at most kMergeRadix partials. A merge step then reads at most kMergeRadix
+// partials, one round of loads, and the levels below the last one are
+// merged while other blocks still decode. Per output row a call needs
+// `slots` partials, and per (batch, row tile) `counters` counters.
+struct MergeTree {
+  int64_t slots = 0;
+  int64_t counters = 0;
+};
+
+inline MergeTree merge_tree(int n_splits) {
+  MergeTree t;
+  int64_t count = n_splits;
+  while (count > 1) {
+    t.slots += count;
+    t.counters += (count + kMergeRadix - 1) / kMergeRadix;
+    if (count <= kMergeRadix) {
+      break;
+    }
+    count = (count + kMergeRadix - 1) / kMergeRadix;
+  }
+  return t;
 }
 
 } // namespace mlx_qsdpa::cuda

@@ -43,10 +43,10 @@ step_tests() {
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
 }
 
-step_tests_variants() { # the non-default split paths: contiguous splits; the pool fallback for partials and counters
+step_tests_variants() { # the pool fallback for partials and counters; the merge tree at many split counts
   local t0=$SECONDS f="$out/tests_variants.log"
   : > "$f"
-  for v in QSDPA_CUDA_INTERLEAVE=0 QSDPA_CUDA_WORKSPACE=pool; do
+  for v in QSDPA_CUDA_WORKSPACE=pool QSDPA_CUDA_SPLITS=3 QSDPA_CUDA_SPLITS=100; do
     env $v QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest tests/test_correctness.py \
       tests/test_masks.py tests/test_views.py tests/test_many_calls.py -q --maxfail=20 -p no:cacheprovider -n 8 \
       --timeout 300 > "$out/tv.log" 2>&1
@@ -57,14 +57,12 @@ step_tests_variants() { # the non-default split paths: contiguous splits; the po
   summary+=("tests, variants: $(tr '\n' ';' < "$f") [$((SECONDS - t0)) s]")
 }
 
-step_tune3() { # interleaved vs contiguous splits, and split counts, quant_sdpa only
+step_tune3() { # split counts (0: the default plan), quant_sdpa only
   : > "$out/tune.txt"
-  for il in 1 0; do
-    for s in 0 16 32; do
-      env QSDPA_CUDA_INTERLEAVE=$il QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
-        --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
-        awk -v s=$s -v il=$il '/quant_sdpa/ && !/bench/ {print "interleave=" il " splits=" s " " $0}' >> "$out/tune.txt"
-    done
+  for s in 0 1 8 16 32 64; do
+    env QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
+      --layers 16 --no-progress --methods quant_sdpa --ctx 256,4096,32768,131072 2>&1 | \
+      awk -v s=$s '/quant_sdpa/ && !/bench/ {print "splits=" s " " $0}' >> "$out/tune.txt"
   done
   summary+=("tune: $out/tune.txt")
   cat "$out/tune.txt"
@@ -158,13 +156,9 @@ step_overhead() { # host building / recording / GPU wait per call (benchmarks/cu
   cat "$f"
 }
 
-step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only), both split orders
-  : > "$out/ncutime.txt"
-  for il in 1 0; do
-    echo "== QSDPA_CUDA_INTERLEAVE=$il" >> "$out/ncutime.txt"
-    QSDPA_CUDA_INTERLEAVE=$il PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 >> "$out/ncutime.txt" 2>&1
-  done
+step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only)
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
+    --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 > "$out/ncutime.txt" 2>&1
   grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
   summary+=("kernel durations: $out/ncutime_summary.txt")
   cat "$out/ncutime_summary.txt"

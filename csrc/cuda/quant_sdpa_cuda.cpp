@@ -207,10 +207,11 @@ bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& input
   return mma_words_ok(inputs[in.k]) && mma_words_ok(inputs[in.v]);
 }
 
-// Each split pays a block epilogue and a share of the merge: at least this
-// many keys per block (2 chunks of the tensor-core kernel; 8 tiles per warp
+// Each split pays a block epilogue and a step of the merge: at least this
+// many keys per block (4 chunks of the tensor-core kernel: on the H200 one
+// split of 256 keys ran a call in 9.8 us, two in 16.1 us; 8 tiles per warp
 // of the generic kernel).
-constexpr int kMinKeysPerSplitMma = 2 * cu::kKeysPerBlockStep;
+constexpr int kMinKeysPerSplitMma = 4 * cu::kKeysPerBlockStep;
 constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
 
 // Points p's partials and counters at memory for this call: ring ranges
@@ -218,7 +219,7 @@ constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
 // stream-ordered allocation with zeroed counters (QSDPA_CUDA_WORKSPACE=pool
 // forces this path, for its tests).
 void bind_split_memory(
-    cu::Params& p, mx::cu::CommandEncoder& encoder, int device, int64_t o_bytes, int64_t ml_bytes, int64_t n_tiles) {
+    cu::Params& p, mx::cu::CommandEncoder& encoder, int device, int64_t o_bytes, int64_t ml_bytes, int64_t n_counters) {
   static const bool force_pool = [] {
     const char* v = std::getenv("QSDPA_CUDA_WORKSPACE");
     return v && std::string(v) == "pool";
@@ -228,7 +229,7 @@ void bind_split_memory(
   if (!force_pool) {
     std::unique_lock<std::mutex> lock(ws.mutex);
     const int64_t pt = ws.partial_slots.acquire(units);
-    const int64_t ct = pt >= 0 ? ws.counter_slots.acquire(n_tiles) : -1;
+    const int64_t ct = pt >= 0 ? ws.counter_slots.acquire(n_counters) : -1;
     if (ct >= 0) {
       unsigned char* part = ws.partials + ws.partial_slots.offset(pt) * kPartialUnit;
       p.part_o = reinterpret_cast<float*>(part);
@@ -250,7 +251,7 @@ void bind_split_memory(
   // The fallback: memory allocated and zeroed in stream order on the
   // encoder's stream, before the graph that uses it is launched there, and
   // freed in stream order once that graph has completed.
-  const int64_t counter_bytes = n_tiles * int64_t(sizeof(unsigned int));
+  const int64_t counter_bytes = n_counters * int64_t(sizeof(unsigned int));
   cudaStream_t stream = encoder.stream();
   void* scratch = nullptr;
   check(cudaMallocFromPoolAsync(&scratch, o_bytes + ml_bytes + counter_bytes, ws.pool, stream), "cudaMallocFromPoolAsync");
@@ -336,7 +337,6 @@ void eval_gpu_kernel(
   cu::KernelRef kernel{nullptr, 0};
   int rows_per_block = cu::kSimtRows;
   int min_keys_per_split = kMinKeysPerSplitSimt;
-  bool tensor_cores = false;
   if (!force_simt && mma_layout_ok(c, inputs, in, p.D)) {
     // Blocks of 8 query rows where the G * Lq rows of a kv head fit (one
     // decode token: G <= 8), else 16.
@@ -344,7 +344,6 @@ void eval_gpu_kernel(
     kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
     rows_per_block = 8 * row_tiles;
     min_keys_per_split = kMinKeysPerSplitMma;
-    tensor_cores = kernel.fn != nullptr;
   }
   if (!kernel.fn) {
     kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
@@ -387,15 +386,13 @@ void eval_gpu_kernel(
   const dim3 grid(p.n_splits, p.Hkv * row_tiles, p.B);
   const dim3 block(cu::kThreads);
   if (p.n_splits > 1) {
-    // Split K: the interleaved chunk order for the tensor-core kernel
-    // (QSDPA_CUDA_INTERLEAVE=0 keeps contiguous splits), and the partials
-    // and counters the kernel merges through (cuda/split_merge.cuh).
-    static const bool interleave = env_int("QSDPA_CUDA_INTERLEAVE", 1) != 0;
-    p.interleaved = interleave && tensor_cores ? 1 : 0;
-    const int64_t n_tiles = int64_t(p.B) * p.Hkv * row_tiles;
-    const int64_t o_bytes = int64_t(p.n_splits) * n_rows * p.D * int64_t(sizeof(float));
-    const int64_t ml_bytes = int64_t(p.n_splits) * n_rows * 2 * int64_t(sizeof(float));
-    bind_split_memory(p, encoder, device, o_bytes, ml_bytes, n_tiles);
+    // Split K: the partials and counters of the kernel's merge tree
+    // (cuda/split_merge.cuh).
+    const cu::MergeTree tree = cu::merge_tree(p.n_splits);
+    const int64_t n_counters = int64_t(p.B) * p.Hkv * row_tiles * tree.counters;
+    const int64_t o_bytes = tree.slots * n_rows * p.D * int64_t(sizeof(float));
+    const int64_t ml_bytes = tree.slots * n_rows * 2 * int64_t(sizeof(float));
+    bind_split_memory(p, encoder, device, o_bytes, ml_bytes, n_counters);
   }
   encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
 }

@@ -4,7 +4,9 @@
 // blocks) over a sweep of shapes; plain C++, no GPU. Prints one line per
 // violation and "checked N plans"; exits 1 on any violation.
 #include <cstdio>
+#include <algorithm>
 #include <initializer_list>
+#include <vector>
 
 #include "cuda/split_plan.h"
 
@@ -91,6 +93,62 @@ int main() {
       !grid_fits(1, 64, 1023 * 8, 8) || grid_fits(1, 64, 1023 * 8 + 1, 8) || !grid_fits(1, 1, 65535 * 16, 16)) {
     ++failures;
     std::printf("FAIL grid_fits\n");
+  }
+  // The merge tree: walk every block's path as split_merge.cuh does and
+  // check that slots and counters stay within merge_tree's sizes, that no
+  // slot is written twice, and that exactly one block reaches the output.
+  for (int splits = 1; splits <= kMaxSplits; ++splits) {
+    const MergeTree t = merge_tree(splits);
+    std::vector<int> writes(size_t(t.slots), 0);
+    std::vector<int> arrivals(size_t(t.counters), 0);
+    int roots = 0;
+    for (int blk = 0; blk < splits && splits > 1; ++blk) {
+      int64_t count = splits, index = blk, slot_base = 0, counter_base = 0;
+      if (blk < t.slots) {
+        ++writes[size_t(blk)];
+      }
+      while (true) {
+        const int64_t group = index / kMergeRadix;
+        const int64_t first = group * kMergeRadix;
+        const int64_t members = std::min<int64_t>(kMergeRadix, count - first);
+        const int64_t ci = counter_base + group;
+        if (ci >= t.counters) {
+          ++failures;
+          std::printf("FAIL merge tree: counter %lld of %lld (splits %d)\n", (long long)ci, (long long)t.counters, splits);
+          break;
+        }
+        if (++arrivals[size_t(ci)] != members) {
+          break; // not the last of its group
+        }
+        if (count <= kMergeRadix) {
+          ++roots;
+          break;
+        }
+        const int64_t dst = slot_base + count + group;
+        if (dst >= t.slots) {
+          ++failures;
+          std::printf("FAIL merge tree: slot %lld of %lld (splits %d)\n", (long long)dst, (long long)t.slots, splits);
+          break;
+        }
+        ++writes[size_t(dst)];
+        counter_base += (count + kMergeRadix - 1) / kMergeRadix;
+        slot_base += count;
+        index = group;
+        count = (count + kMergeRadix - 1) / kMergeRadix;
+      }
+    }
+    bool once = true;
+    for (int w : writes) {
+      once = once && w == 1;
+    }
+    if (splits > 1 && (roots != 1 || !once)) {
+      ++failures;
+      std::printf("FAIL merge tree: splits %d: %d roots, every slot written once: %d\n", splits, roots, int(once));
+    }
+    if (splits == 1 && (t.slots != 0 || t.counters != 0)) {
+      ++failures;
+      std::printf("FAIL merge tree: one split needs no merge\n");
+    }
   }
   std::printf("checked %ld plans, %d failures\n", n, failures);
   return failures ? 1 : 0;
