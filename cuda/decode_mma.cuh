@@ -212,7 +212,7 @@ struct MmaDecode {
   };
   static constexpr int kSmemBytes =
       kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
-  static_assert(int(sizeof(MergeSmem)) <= kSmemBytes && RT <= kMaxMergeRows, "merge over the epilogue");
+  static_assert(int(sizeof(MergeSmem)) <= kSmemBytes, "merge over the epilogue");
 
   // Scale arrays within a stage.
   static constexpr int kKS = 0;

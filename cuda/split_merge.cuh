@@ -16,7 +16,9 @@
 // partials of a tile alone was latency-bound at ~7-12 us on the H200
 // (one SM pulling 256 KB from L2 a few KB at a time). A merge step of the
 // tree reads at most kMergeRadix partials, all loads in flight at once,
-// and all but the last level overlap with blocks still decoding.
+// and all but the last level overlap with blocks still decoding; a step is
+// one round of loads (the two-round version, statistics first, measured
+// ~6 us of tail for a two-level tree at 32K).
 //
 // The counters are zero when a kernel starts (the host hands out zeroed
 // counters, csrc/cuda/quant_sdpa_cuda.cpp) and the last block of a group
@@ -28,14 +30,7 @@
 
 namespace mlx_qsdpa::cuda {
 
-// Rows of a tile the merge handles (the largest block of either kernel).
-constexpr int kMaxMergeRows = 16;
-static_assert(kMaxMergeRows * kMergeRadix == kThreads, "one (row, partial) per thread in a merge step's statistics");
-
 struct MergeSmem {
-  float M[kMaxMergeRows]; // each row's max over the group
-  float L[kMaxMergeRows]; // and its denominator at that max
-  float f[kMaxMergeRows][kMergeRadix]; // each partial's factor 2^(m - M)
   int last; // whether this block arrived last in its group
 };
 
@@ -51,48 +46,20 @@ __device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int
 }
 
 // Merge the partials in slots [first, first + members) of the tile's rows
-// into slot `dst` (dst >= 0) or into the output (dst < 0).
+// into slot `dst` (dst >= 0) or into the output (dst < 0). One round of
+// loads: a thread reads, for each of its float4 columns, every member's
+// column and (m, l), and works out the row's max and denominator itself
+// (the threads of a row repeat that arithmetic instead of waiting on each
+// other through shared memory).
 __device__ inline void merge_step(
-    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst, MergeSmem& s) {
+    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst) {
+  constexpr int kCols = 2; // float4 columns per thread and round
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
-  // 1. Statistics: thread (r, u) reads partial u of row r; the 8 threads of
-  // a row are 8 consecutive lanes.
-  {
-    const int r = threadIdx.x / kMergeRadix;
-    const int u = threadIdx.x % kMergeRadix;
-    float m = neg_inf();
-    float l = 0.0f;
-    if (r < nr && u < members) {
-      const int64_t row = row_ref(p, b, kvh, r0 + r).out_row;
-      m = __ldcg(p.part_ml + ((first + u) * n_rows + row) * 2);
-      l = __ldcg(p.part_ml + ((first + u) * n_rows + row) * 2 + 1);
-    }
-    float M = m;
-#pragma unroll
-    for (int o = 1; o < kMergeRadix; o *= 2) {
-      M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    }
-    const float f = m == neg_inf() ? 0.0f : exp2f(m - M); // a partial that saw no key weighs nothing
-    float L = l * f;
-#pragma unroll
-    for (int o = 1; o < kMergeRadix; o *= 2) {
-      L += __shfl_xor_sync(0xffffffffu, L, o);
-    }
-    s.f[r][u] = f;
-    if (u == 0) {
-      s.M[r] = M;
-      s.L[r] = L;
-    }
-  }
-  __syncthreads();
-
-  // 2. The rows, a float4 column each, two columns per thread and step:
-  // every partial's loads in flight at once.
-  constexpr int kCols = 2;
   const int D4 = p.D / 4;
   const int n_cols = nr * D4;
   for (int c0 = threadIdx.x; c0 < n_cols; c0 += kCols * kThreads) {
     float4 x[kCols][kMergeRadix];
+    float m[kCols][kMergeRadix], l[kCols][kMergeRadix];
 #pragma unroll
     for (int k = 0; k < kCols; ++k) {
       const int idx = c0 + k * kThreads;
@@ -100,8 +67,11 @@ __device__ inline void merge_step(
       const int64_t row = row_ref(p, b, kvh, r0 + min(r, nr - 1)).out_row;
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
-        x[k][u] = idx < n_cols && u < members ? load_o4(p, (first + u) * n_rows + row, idx - r * D4)
-                                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const bool ok = idx < n_cols && u < members;
+        const int64_t slot_row = (first + u) * n_rows + row;
+        x[k][u] = ok ? load_o4(p, slot_row, idx - r * D4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        m[k][u] = ok ? __ldcg(p.part_ml + slot_row * 2) : neg_inf();
+        l[k][u] = ok ? __ldcg(p.part_ml + slot_row * 2 + 1) : 0.0f;
       }
     }
 #pragma unroll
@@ -113,20 +83,28 @@ __device__ inline void merge_step(
       const int r = idx / D4;
       const int d4 = idx - r * D4;
       const RowRef ref = row_ref(p, b, kvh, r0 + r);
+      float M = neg_inf();
+#pragma unroll
+      for (int u = 0; u < kMergeRadix; ++u) {
+        M = fmaxf(M, m[k][u]);
+      }
+      float L = 0.0f;
       float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
-        acc = fma4(x[k][u], s.f[r][u], acc);
+        const float f = m[k][u] == neg_inf() ? 0.0f : exp2f(m[k][u] - M); // a partial that saw no key weighs nothing
+        L = fmaf(l[k][u], f, L);
+        acc = fma4(x[k][u], f, acc);
       }
       if (dst >= 0) {
         const int64_t row = dst * n_rows + ref.out_row;
         reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
         if (d4 == 0) {
-          p.part_ml[row * 2] = s.M[r];
-          p.part_ml[row * 2 + 1] = s.L[r];
+          p.part_ml[row * 2] = M;
+          p.part_ml[row * 2 + 1] = L;
         }
       } else {
-        const Finalized fin = finalize_row(p, ref.h, s.M[r], s.L[r]);
+        const Finalized fin = finalize_row(p, ref.h, M, L);
         const int64_t o = ref.out_row * p.D + 4 * d4;
         store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
         store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
@@ -178,7 +156,7 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     __threadfence();
     const bool root = count <= kMergeRadix;
     const int64_t dst = root ? -1 : slot_base + count + group;
-    merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst, s);
+    merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst);
     if (root) {
       return;
     }

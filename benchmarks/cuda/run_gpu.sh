@@ -156,9 +156,13 @@ step_overhead() { # host building / recording / GPU wait per call (benchmarks/cu
   cat "$f"
 }
 
-step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only)
-  PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-    --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 > "$out/ncutime.txt" 2>&1
+step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits
+  : > "$out/ncutime.txt"
+  for s in 0 16; do
+    echo "== QSDPA_CUDA_SPLITS=$s" >> "$out/ncutime.txt"
+    QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 >> "$out/ncutime.txt" 2>&1
+  done
   grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
   summary+=("kernel durations: $out/ncutime_summary.txt")
   cat "$out/ncutime_summary.txt"
