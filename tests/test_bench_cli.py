@@ -91,6 +91,36 @@ def test_a_failure_of_quant_sdpa_is_not_hidden(monkeypatch):
         main(["bench", *SMALL])
 
 
+@pytest.mark.parametrize("chain", [False, True])
+def test_chained_calls_feed_each_output_to_the_next(tmp_path, capsys, monkeypatch, chain):
+    # --chain: within one evaluation, call i + 1's queries are call i's
+    # output (the calls then run one after another, as a model's layers do);
+    # without it every call gets its own layer's queries.
+    seen = []  # (queries, output) of each quant_sdpa call
+    real = bench.quant_sdpa
+
+    def recording(q, *args, **kwargs):
+        out = real(q, *args, **kwargs)
+        seen.append((q, out))
+        return out
+
+    monkeypatch.setattr(bench, "quant_sdpa", recording)
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", *SMALL, "--ctx", "128", "--layers", "3", "--methods", "quant_sdpa,fp16_sdpa", "--json", str(out_json)]
+    assert main(argv + (["--chain"] if chain else [])) == 0
+    data = json.loads(out_json.read_text())
+    assert data["config"]["chain"] is chain and data["config"]["layers"] == 3
+    assert ("chained" in capsys.readouterr().out) is chain
+    # The bench's own correctness call (one), then evaluations of 3 calls.
+    assert len(seen) % 3 == 1
+    runs = [seen[i : i + 3] for i in range(1, len(seen), 3)]
+    assert len(runs) >= 3
+    for run in runs:
+        assert (run[1][0] is run[0][1]) is chain
+        assert (run[2][0] is run[1][1]) is chain
+    assert all(row["us_per_call"] > 0 for row in data["rows"])
+
+
 def test_bench_rejects_unknown_method():
     r = subprocess.run(
         [sys.executable, "-m", "mlx_qsdpa", "bench", "--methods", "nope"], capture_output=True, text=True

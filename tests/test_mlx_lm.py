@@ -488,6 +488,26 @@ def test_bench_e2e_with_local_model(kind, tmp_path, capsys):
         assert "greedy tokens at ctx 200, mlx-lm vs quant_sdpa: all 4 agree." in out
 
 
+def test_bench_e2e_random_model_head_dim(tmp_path, capsys):
+    # --head-dim sets the random model's head dimension (MLX-CUDA runs
+    # mlx-lm's own quantized path for 128, not for the default 64); with
+    # --model it is refused.
+    from mlx_qsdpa.__main__ import main
+
+    argv = ["bench", "--e2e", "--head-dim", "128", "--ctx", "100", "--decode-tokens", "4", "--repeats", "1",
+            "--prefill-step", "64", "--no-progress", "--device", DEVICE]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Hq=16 Hkv=4 D=128" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("100 ")]
+    assert [r[1] for r in rows] == ["mlx-lm", "quant_sdpa"]
+    assert float(rows[1][2]) > 0
+    with pytest.raises(SystemExit, match="random model only"):
+        main(["bench", "--e2e", "--head-dim", "128", "--model", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        main(["bench", "--e2e", "--head-dim", "48", "--ctx", "100", "--no-progress"])
+
+
 def test_bench_e2e_reports_a_failing_mlx_lm_path(tmp_path, capsys, monkeypatch):
     """mlx-lm's path failing while evaluated (as MLX-CUDA's quantized_matmul
     does for shapes it has no kernel for) is reported, and quant_sdpa is

@@ -1,15 +1,17 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // GPU hooks of MLX's CUDA build: picks a decode kernel (cuda/*.cu), splits
-// the keys so that one wave of blocks fills the GPU, and records the kernels
-// into MLX's CUDA command encoder (a CUDA graph).
+// the keys so that one wave of blocks fills the GPU, and records the kernel
+// into MLX's CUDA command encoder (a CUDA graph): one node per call, the
+// kernel merges its own splits (cuda/split_merge.cuh).
 //
 // Three things differ from MLX's own CUDA primitives, because this library is
 // outside libmlx (../shared GPU notes): libmlx links the CUDA runtime
 // statically, so kernels are handed over as driver handles
-// (cudaGetFuncBySymbol through this library's own, shared, runtime);
-// memory comes from allocator::malloc (MLX's async allocation is not
-// exported); and mlx/primitives.h is included explicitly (primitive.h).
+// (cudaGetFuncBySymbol through this library's own, shared, runtime); the
+// outputs come from allocator::malloc and the split-K scratch from this
+// library's own device memory (MLX's async allocation is not exported); and
+// mlx/primitives.h is included explicitly (primitive.h).
 #include <cuda_runtime.h>
 
 #include <cstdlib>

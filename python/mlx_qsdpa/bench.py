@@ -12,7 +12,10 @@ For each context length it times, on one device and in one run:
 Each timed evaluation runs ``--layers`` independent attention calls (one per
 layer of a model, each with its own cache, so caches do not stay hot) in one
 ``mx.eval``; the reported time is the median over repeats divided by the
-number of calls. Effective bandwidth counts the bytes a call must read: the
+number of calls. With ``--chain`` each call's queries are the previous
+call's output, so the calls run one after another as a model's layers do
+(independent calls may overlap on a GPU, which favours kernels that leave
+part of it idle). Effective bandwidth counts the bytes a call must read: the
 packed K and V words plus scales and biases for the quantized methods, the
 float K and V for fp16_sdpa.
 
@@ -92,6 +95,7 @@ class Config:
     mode: str = "affine"
     dtype: str = "float16"
     layers: int = 1
+    chain: bool = False  # each call's queries are the previous call's output
 
 
 @dataclass
@@ -183,26 +187,27 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
                 mx.eval(k, v)
             layers.append(layer)
 
-        def ours():
-            return [
-                quant_sdpa(L["q"], *L["kq"], *L["vq"], scale=scale, group_size=cfg.group_size,
-                           bits=cfg.bits, mode=cfg.mode)
-                for L in layers
-            ]
+        def over_layers(call):
+            """One call per layer; chained, a call's queries are the previous output."""
+            def run():
+                outs = []
+                for L in layers:
+                    q = L["q"]
+                    if cfg.chain and outs:
+                        q = outs[-1] if outs[-1].dtype == q.dtype else outs[-1].astype(q.dtype)
+                    outs.append(call(L, q))
+                return outs
+            return run
 
         fns = {
-            "quant_sdpa": ours,
-            "fp16_sdpa": lambda: [
-                mx.fast.scaled_dot_product_attention(L["q"], L["k"], L["v"], scale=scale) for L in layers
-            ],
-            "qmm_path": lambda: [
-                qmm_attention(L["q"], L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
-                for L in layers
-            ],
-            "dequant_sdpa": lambda: [
-                dequant_attention(L["q"], L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
-                for L in layers
-            ],
+            "quant_sdpa": over_layers(lambda L, q: quant_sdpa(
+                q, *L["kq"], *L["vq"], scale=scale, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)),
+            "fp16_sdpa": over_layers(
+                lambda L, q: mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=scale)),
+            "qmm_path": over_layers(
+                lambda L, q: qmm_attention(q, L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)),
+            "dequant_sdpa": over_layers(
+                lambda L, q: dequant_attention(q, L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)),
         }
         packed = nbytes(layers[0]["kq"]) + nbytes(layers[0]["vq"])
         dense = B * Hkv * ctx * D * 2 * np.dtype(np.float16 if dtype != mx.float32 else np.float32).itemsize
@@ -262,6 +267,7 @@ def format_table(cfg: Config, device, rows: List[Row]) -> str:
         f"quant_sdpa bench on {device} ({platform.machine()}, mlx {mx.__version__}): "
         f"B={cfg.batch} Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.dim} Lq={cfg.lq} "
         f"{cfg.mode} bits={cfg.bits} gs={cfg.group_size} {cfg.dtype}, {cfg.layers} call(s) per eval"
+        f"{', chained' if cfg.chain else ''}"
     )
     lines = [head, ""]
     lines.append(f"{'ctx':>8} {'method':<13} {'us/call':>11} {'GB/s':>8} {'x vs ours':>10} {'reps':>5}  note")
@@ -323,6 +329,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default: MLX's default device")
     p.add_argument("--layers", type=int, default=None, help="attention calls per mx.eval (default: 1 on the CPU, 16 on a GPU)")
+    p.add_argument("--chain", action="store_true",
+                   help="each call's queries are the previous call's output: the calls of an eval run "
+                        "one after another, as a model's layers do (default: independent calls)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--min-time", type=float, default=None, help="seconds to spend timing each method at least (default 1 CPU, 0.5 GPU)")
     p.add_argument("--max-reps", type=int, default=50)
@@ -356,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = Config(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim, lq=args.lq,
         bits=args.bits, group_size=args.group_size, mode=args.mode, dtype=args.dtype,
-        layers=args.layers if args.layers else (16 if on_gpu else 1),
+        layers=args.layers if args.layers else (16 if on_gpu else 1), chain=args.chain,
     )
     min_time = args.min_time if args.min_time is not None else (0.5 if on_gpu else 1.0)
     progress = Progress(len(ctxs) * len(methods), enabled=not args.no_progress and sys.stderr.isatty())

@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser):
                         "--ctx: prompt lengths (default 8192)")
     g.add_argument("--model", default=None, metavar="PATH",
                    help="local mlx-lm model directory (default: a random Llama-style model)")
+    g.add_argument("--head-dim", type=int, default=None,
+                   help="head dimension of the random model (default 64; MLX-CUDA 0.32.4 runs mlx-lm's "
+                        "own quantized path for 128, not for 64)")
     g.add_argument("--model-dtype", default=None, choices=list(DTYPES),
                    help="dtype of the random model (default bfloat16; --model keeps its own unless given)")
     g.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per timed run (default 32)")
@@ -99,9 +102,10 @@ def _status(enabled: bool, msg: str):
         sys.stderr.flush()
 
 
-def build_model(path: Optional[str], dtype, seed: int):
+def build_model(path: Optional[str], dtype, seed: int, head_dim: Optional[int] = None):
     """(model, one-line description). A local directory is loaded with
-    mlx-lm's load_model (nothing is downloaded)."""
+    mlx-lm's load_model (nothing is downloaded); the random model takes
+    head_dim (default DEFAULT_MODEL's)."""
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
@@ -109,6 +113,8 @@ def build_model(path: Optional[str], dtype, seed: int):
         from mlx_lm.utils import load_model
 
         p = Path(path)
+        if head_dim is not None:
+            raise SystemExit("--head-dim applies to the random model only, not to --model")
         if not (p / "config.json").is_file():
             raise SystemExit(f"--model {path}: not a local mlx-lm model directory (no config.json)")
         model, config = load_model(p)
@@ -116,11 +122,12 @@ def build_model(path: Optional[str], dtype, seed: int):
             model.set_dtype(dtype)
         desc = f"{p.name} ({config.get('model_type', '?')})"
     else:
+        if head_dim is not None and (head_dim <= 0 or head_dim % 32 != 0):
+            raise SystemExit(f"--head-dim must be a positive multiple of 32 (a quantization group); got {head_dim}")
+        a = dict(DEFAULT_MODEL, head_dim=head_dim or DEFAULT_MODEL["head_dim"])
         mx.random.seed(seed)
-        args = llama.ModelArgs(**DEFAULT_MODEL)
-        model = llama.Model(args)
+        model = llama.Model(llama.ModelArgs(**a))
         model.set_dtype(dtype if dtype is not None else mx.bfloat16)
-        a = DEFAULT_MODEL
         desc = (
             f"random Llama-style model ({a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
             f"Hq={a['num_attention_heads']} Hkv={a['num_key_value_heads']} D={a['head_dim']}, "
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     with mx.stream(device):
         stream = mx.new_stream(device)
-        model, desc = build_model(args.model, dtype, args.seed)
+        model, desc = build_model(args.model, dtype, args.seed, getattr(args, "head_dim", None))
         vocab = int(model(mx.array([[0]])).shape[-1])  # from the logits: any checkpoint's config
         cache = make_quantized_cache(model, args.bits, args.group_size)
         prompt = mx.random.randint(0, vocab, (ctxs[-1],), key=mx.random.key(args.seed + 1))
