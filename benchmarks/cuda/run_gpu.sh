@@ -57,9 +57,9 @@ step_tests_variants() { # the pool fallback for partials and counters; the merge
   summary+=("tests, variants: $(tr '\n' ';' < "$f") [$((SECONDS - t0)) s]")
 }
 
-step_tune3() { # split counts (0: the default plan), quant_sdpa only
+step_tune() { # split counts (0: the default plan), quant_sdpa only
   : > "$out/tune.txt"
-  for s in 0 1 8 16 32 64; do
+  for s in 0 1 8 16 32 64 128; do
     env QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
       --layers 16 --no-progress --methods quant_sdpa --ctx 256,4096,32768,131072 2>&1 | \
       awk -v s=$s '/quant_sdpa/ && !/bench/ {print "splits=" s " " $0}' >> "$out/tune.txt"
@@ -117,16 +117,6 @@ step_profile() { # kernel times and limits under Nsight Compute
     --section LaunchStats python3 benchmarks/cuda/profile.py 4096,32768,131072 > "$out/ncu.txt" 2>&1
   grep -E "qsdpa_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Stall|Grid Size|Waves Per SM|One or More" "$out/ncu.txt" | head -150 > "$out/ncu_summary.txt"
   summary+=("profile: $out/ncu_summary.txt")
-}
-
-step_tune2() { # split counts at 32K / 128K, quant_sdpa only (0: the default heuristic)
-  : > "$out/tune.txt"
-  for s in 0 16 32 128; do
-    env QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
-      --layers 16 --no-progress --methods quant_sdpa --ctx 32768,131072 2>&1 | \
-      awk -v s=$s '/quant_sdpa/ && !/bench/ {print "splits=" s " " $0}' >> "$out/tune.txt"
-  done
-  summary+=("tune: $(tr '\n' ';' < "$out/tune.txt")")
 }
 
 step_e2e() { # needs mlx-lm staged (tools/gpu_stage_mlx_lm.sh)
