@@ -84,6 +84,17 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// lo + hi of a T pair, in fp32.
+template <typename T>
+__device__ __forceinline__ float pair_sum(uint32_t x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&x));
+    return f.x + f.y;
+  } else {
+    return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
+  }
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -138,6 +149,14 @@ __device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t b
   return y;
 }
 
+// 2^x with one MUFU instruction (exp2f adds a denormal-result fixup around
+// it); results below 2^-126 flush to zero, exp2(-inf) is 0.
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // An affine code as float without an int->float conversion instruction
 // (those run at a quarter rate): 2^23 + code is a float whose low mantissa
 // bits are the code. Equal to formats.h's decode_code<kAffine>(code).
@@ -167,8 +186,26 @@ struct MmaDecode {
   static constexpr int SB = kAffine ? int(sizeof(T)) : 1; // bytes per scale
   static constexpr int SRB = NG * SB; // scale bytes per key row
   static constexpr int CK = kKeysPerBlockStep; // keys per chunk, 16 per warp
-  static constexpr int RK = D / 4; // K elements of a lane per key
-  static constexpr int KQ = RB / 4; // their bytes
+  static constexpr bool kIsHalf = std::is_same_v<T, __half>;
+  // fp16 holds 1024 + code exactly for every code; bf16 (8 significant bits)
+  // 128 + code only below 128, so 8-bit affine codes go through float for
+  // bf16.
+  static constexpr bool kHalfMagic = kAffine && (kIsHalf || BITS <= 4);
+  static constexpr uint32_t kMagic = kIsHalf ? 0x64006400u : 0x43004300u; // T pair (M, M)
+  static constexpr float kMagicValue = kIsHalf ? 1024.0f : 128.0f; // M
+  // K side, scale after the MMA: where the codes' magic form M + code can go
+  // into the MMA as is and a lane's quarter of a group is whole words, the
+  // k-chunks of S^T = K Q^T stay inside one group, each group gets its own
+  // accumulators, and its scale and bias are applied to the partial dot
+  // product in fp32: s * acc + (b - M s) * sum(q over the group) (fp16 x fp16
+  // products are exact in fp32). Saves the fp16 subtract and multiply-add of
+  // every code pair. Otherwise codes are dequantized into T before the MMA.
+  static constexpr bool kScaleAfter = kHalfMagic && GS * BITS >= 128;
+  static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
+  static constexpr int NKS = D / KS; // K spans per key row
+  static constexpr int CPS = KS / 16; // k-chunks per span
+  static constexpr int RK = KS / 4; // K elements of a lane per span and key
+  static constexpr int KQ = RK * BITS / 8; // their bytes
   static constexpr int RV = D / 8; // V elements of a lane per key
   static constexpr int VB = RB / 8; // their bytes
   static constexpr int KW = KQ / 4;
@@ -176,15 +213,12 @@ struct MmaDecode {
   static constexpr int EW = 32 / BITS; // elements per word
   static constexpr uint32_t kMask = (1u << BITS) - 1u;
   static constexpr uint32_t kPairMask = kMask | (kMask << 16);
-  // fp16 holds 1024 + code exactly for every code; bf16 (8 significant bits)
-  // 128 + code only below 128, so 8-bit affine codes go through float for
-  // bf16.
-  static constexpr bool kHalfMagic = kAffine && (std::is_same_v<T, __half> || BITS <= 4);
 
   // The pair trick reads element k and element k + EW/2 of a word as the
   // low and high halves: formats.h's layout must put them 16 bits apart.
   static_assert(qsdpa::element_shift(EW / 2, BITS) == 16, "pair layout");
   static_assert(RB >= 16 && KQ >= 4 && VB >= 2, "run sizes");
+  static_assert(!kScaleAfter || (KQ % 4 == 0 && NKS == NG), "scale after: whole words per group quarter");
   static_assert(SRB <= 16 && (CK * SRB) % 16 == 0, "scale rows");
   static_assert(CK == 64, "four warps of 16 keys per chunk");
 
@@ -220,27 +254,28 @@ struct MmaDecode {
   static constexpr int kVS = kAffine ? 2 : 1;
   static constexpr int kVB = 3;
 
-  // The copies of one thread, planned once per block: chunk c's copies are
-  // this thread's 16-byte units of packed K and V rows (rows row0 + i *
-  // kRowStep of the chunk, column col) and of the scale arrays (unit
-  // tid), at byte offsets that advance by a constant per chunk. Keys past
-  // k_end are zero-filled without reading them (their scores are masked;
-  // zero codes and scales decode to finite zeros); their copies point at
-  // the split's first row instead, which is valid memory.
+  // A chunk's copies: thread tid's 16-byte units of packed K and V rows are
+  // rows row0 + i * kRowStep (row0 = tid / UPR), column tid % UPR; thread
+  // tid < US copies unit tid of each scale array.
   static constexpr int UPR = RB / 16; // 16-byte units per packed row
   static constexpr int kRowStep = kThreads / UPR; // rows between a thread's units
   static constexpr int NKU = (CK + kRowStep - 1) / kRowStep; // units per thread
   static constexpr int US = kScaleArrayBytes / 16; // units per scale array
   static_assert(kThreads % UPR == 0 && US <= kThreads, "copy plan");
 
+  // The copies of one thread: the whole block copies chunk c of the split
+  // into a stage of the ring, chunks in order. Running pointers advance by a
+  // chunk each time, so a chunk costs one 64-bit add per stream, not an
+  // address computation per copy.
   struct Copier {
-    const unsigned char* kw; // the split's first K row, at this thread's column
-    const unsigned char* vw;
+    const unsigned char* kc; // the next chunk's K row row0, at this thread's column
+    const unsigned char* vc;
     int64_t krow, vrow; // bytes between key rows
     const unsigned char* s[4]; // scale arrays at the split's first key, + unit
+    int soff; // bytes from there to the next chunk's scales
     int row0; // the thread's first row in a chunk
     int st_words; // stage byte offset of the thread's first K/V unit
-    int k_begin, k_end;
+    int keys; // keys of the split
   };
 
   static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
@@ -255,8 +290,10 @@ struct MmaDecode {
     cp.st_words = tid * 16;
     cp.krow = p.k.ws[2] * 4;
     cp.vrow = p.v.ws[2] * 4;
-    cp.kw = byte_ptr(p.k.w, int64_t(b) * p.k.ws[0] + int64_t(kvh) * p.k.ws[1], 4) + int64_t(k_begin) * cp.krow + col;
-    cp.vw = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) + int64_t(k_begin) * cp.vrow + col;
+    cp.kc = byte_ptr(p.k.w, int64_t(b) * p.k.ws[0] + int64_t(kvh) * p.k.ws[1], 4) +
+        (int64_t(k_begin) + cp.row0) * cp.krow + col;
+    cp.vc = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) +
+        (int64_t(k_begin) + cp.row0) * cp.vrow + col;
     const int64_t s0 = int64_t(k_begin) * SRB + (tid < US ? tid : 0) * 16;
     cp.s[kKS] = byte_ptr(p.k.scales, int64_t(b) * p.k.ss[0] + int64_t(kvh) * p.k.ss[1], SB) + s0;
     cp.s[kVS] = byte_ptr(p.v.scales, int64_t(b) * p.v.ss[0] + int64_t(kvh) * p.v.ss[1], SB) + s0;
@@ -266,37 +303,55 @@ struct MmaDecode {
     } else {
       cp.s[2] = cp.s[3] = nullptr;
     }
-    cp.k_begin = k_begin;
-    cp.k_end = k_end;
+    cp.soff = 0;
+    cp.keys = k_end - k_begin;
     return cp;
   }
 
-  // The whole block copies chunk c of the split into stage `st`.
-  static __device__ __forceinline__ void issue_chunk(const Copier& cp, int c, unsigned char* st) {
-    const int key_c = cp.k_begin + c * CK; // the chunk's first key
+  // The whole block copies chunk c of the split into stage `st` (chunks in
+  // order, each once). Keys past the split's end are zero-filled without
+  // reading them (their scores are masked; zero codes and scales decode to
+  // finite zeros); their copies point at the split's first row instead,
+  // which is valid memory.
+  static __device__ __forceinline__ void issue_chunk(Copier& cp, int c, unsigned char* st) {
+    const int valid = cp.keys - c * CK; // keys of the split from this chunk on
+    if (valid >= CK) {
 #pragma unroll
-    for (int i = 0; i < NKU; ++i) {
-      const int row = cp.row0 + i * kRowStep;
-      if (CK % kRowStep == 0 || row < CK) {
-        const bool ok = key_c + row < cp.k_end;
-        const int64_t r = ok ? int64_t(c) * CK + row : 0; // rows from the split's first
-        const int so = cp.st_words + i * kThreads * 16;
-        mma_detail::cp_async16(st + so, cp.kw + r * cp.krow, ok ? 16 : 0);
-        mma_detail::cp_async16(st + kOffV + so, cp.vw + r * cp.vrow, ok ? 16 : 0);
+      for (int i = 0; i < NKU; ++i) {
+        if (CK % kRowStep == 0 || cp.row0 + i * kRowStep < CK) {
+          const int so = cp.st_words + i * kThreads * 16;
+          mma_detail::cp_async16(st + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
+          mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
+        }
+      }
+    } else {
+      // The split's last chunk.
+      const int64_t back = int64_t(c) * CK + cp.row0; // rows back to the split's first
+#pragma unroll
+      for (int i = 0; i < NKU; ++i) {
+        const int row = cp.row0 + i * kRowStep;
+        if (CK % kRowStep == 0 || row < CK) {
+          const bool ok = row < valid;
+          const int64_t r = ok ? int64_t(i * kRowStep) : -back;
+          const int so = cp.st_words + i * kThreads * 16;
+          mma_detail::cp_async16(st + so, cp.kc + r * cp.krow, ok ? 16 : 0);
+          mma_detail::cp_async16(st + kOffV + so, cp.vc + r * cp.vrow, ok ? 16 : 0);
+        }
       }
     }
     if (threadIdx.x < US) {
       // A unit holds the scales of 16 / SRB keys: the last one of the
-      // split may hold some past k_end.
-      const int first = (c * CK) * SRB + int(threadIdx.x) * 16; // bytes from the split's first key
-      const int valid = (cp.k_end - cp.k_begin) * SRB - first;
-      const int n = valid >= 16 ? 16 : (valid > 0 ? valid : 0);
-      const int64_t off = n > 0 ? int64_t(c) * CK * SRB : 0;
+      // split may hold some past its end.
+      const int n = min(max(valid * SRB - int(threadIdx.x) * 16, 0), 16);
+      const int off = n > 0 ? cp.soff : 0;
 #pragma unroll
       for (int a = 0; a < kNScaleArrays; ++a) {
         mma_detail::cp_async16(st + kOffS + a * kScaleArrayBytes + threadIdx.x * 16, cp.s[a] + off, n);
       }
     }
+    cp.kc += CK * cp.krow;
+    cp.vc += CK * cp.vrow;
+    cp.soff += CK * SRB;
   }
 
   // A raw scale (or bias) of key row `key` (of the stage), group `grp`.
@@ -354,15 +409,21 @@ struct MmaDecode {
   }
 
   // The code pair at bit `shift` of x (lo code in bits [shift, shift +
+  // BITS), hi code 16 bits above) as the T pair (M + lo, M + hi), exact.
+  static __device__ __forceinline__ uint32_t magic_pair(uint32_t x, int shift) {
+    return mma_detail::and_or(x >> shift, kPairMask, kMagic);
+  }
+
+  // The code pair at bit `shift` of x (lo code in bits [shift, shift +
   // BITS), hi code 16 bits above) as a dequantized T pair.
   static __device__ __forceinline__ uint32_t dequant_pair(uint32_t x, int shift, const PairScale& ps) {
     if constexpr (kHalfMagic) {
       // T(magic + code) - T(magic) is the exact code; one fused
       // multiply-add in T applies scale and bias (one rounding, as
       // mx.dequantize in the cache dtype).
-      constexpr uint32_t magic = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
-      const uint32_t y = mma_detail::and_or(x >> shift, kPairMask, magic);
-      if constexpr (std::is_same_v<T, __half>) {
+      constexpr uint32_t magic = kMagic;
+      const uint32_t y = magic_pair(x, shift);
+      if constexpr (kIsHalf) {
         const __half2 c = __hsub2(*reinterpret_cast<const __half2*>(&y), *reinterpret_cast<const __half2*>(&magic));
         const __half2 r =
             __hfma2(c, *reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&ps.b2));
@@ -385,6 +446,142 @@ struct MmaDecode {
   // Element lo of pair P of a lane's K quarter (hi = lo + EW/2).
   static __host__ __device__ constexpr int pair_lo(int P) {
     return (P / (EW / 2)) * EW + P % (EW / 2);
+  }
+
+  // S^T = K Q^T over the 16 keys from lk0 of stage st, codes dequantized
+  // into T before the MMA. Two accumulator chains (even and odd k-chunks),
+  // summed at the end: each MMA waits for the previous one of its chain only.
+  static __device__ __forceinline__ void k_scores(
+      const unsigned char* st, int lk0, int g, int t, const uint32_t (&qb)[NT][NCH][2], float (&s)[NT][4]) {
+    float s2[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = 0.0f;
+        s2[nt][e] = 0.0f;
+      }
+    }
+    uint32_t kw[2][KW];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + t * KQ, kw[h]);
+    }
+    // Groups of lane t's quarter: one unless the quarter spans several.
+    constexpr int NGK = RK >= GS ? RK / GS : 1;
+    PairScale ks[2][NGK];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int gi = 0; gi < NGK; ++gi) {
+        const int key = lk0 + g + 8 * h;
+        ks[h][gi] = pair_scale(st, kKS, kKB, key, key, (RK * t) / GS + gi);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      uint32_t a[4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int P = 2 * c + j;
+        const int lo = pair_lo(P);
+        const int wi = lo / EW;
+        const int sh = qsdpa::element_shift(lo % EW, BITS);
+        const int gi = NGK > 1 ? lo / GS : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          a[2 * j + h] = dequant_pair(kw[h][wi], sh, ks[h][gi]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_detail::mma_16816<T>(c % 2 == 0 ? s[nt] : s2[nt], a, qb[nt][c][0], qb[nt][c][1]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] += s2[nt][e];
+      }
+    }
+  }
+
+  // The same with the scale after the MMA (kScaleAfter): the codes' exact
+  // magic form M + c goes into the MMA, one accumulator per group; then per
+  // key (rows g, g + 8) and query row, in fp32,
+  //   S = sum over groups of  s * acc + (b - M s) * qsum,
+  // since acc = sum (M + c) q = M qsum + sum c q.
+  static __device__ __forceinline__ void k_scores_scale_after(
+      const unsigned char* st,
+      int lk0,
+      int g,
+      int t,
+      const uint32_t (&qb)[NT][NCH][2],
+      const float (&qsum)[NT][NKS][2],
+      float (&s)[NT][4]) {
+    // Scales and biases of the two keys, every group (one vector load each).
+    constexpr int SW = (SRB + 3) / 4;
+    uint32_t ksw[2][SW], kbw[2][SW];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = lk0 + g + 8 * h;
+      mma_detail::load_shared<SRB>(st + kOffS + kKS * kScaleArrayBytes + key * SRB, ksw[h]);
+      mma_detail::load_shared<SRB>(st + kOffS + kKB * kScaleArrayBytes + key * SRB, kbw[h]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int sp = 0; sp < NKS; ++sp) {
+      uint32_t kw[2][KW];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + sp * (KS * BITS / 8) + t * KQ, kw[h]);
+      }
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[nt][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int cc = 0; cc < CPS; ++cc) {
+        uint32_t a[4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int lo = pair_lo(2 * cc + j);
+          const int sh = qsdpa::element_shift(lo % EW, BITS);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            a[2 * j + h] = magic_pair(kw[h][lo / EW], sh);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mma_detail::mma_16816<T>(acc[nt], a, qb[nt][sp * CPS + cc][0], qb[nt][sp * CPS + cc][1]);
+        }
+      }
+      float sc[2], bm[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sc[h] = scale_float((ksw[h][sp / 2] >> (16 * (sp % 2))) & 0xffffu);
+        bm[h] = fmaf(-kMagicValue, sc[h], scale_float((kbw[h][sp / 2] >> (16 * (sp % 2))) & 0xffffu));
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4], fmaf(bm[e4 >> 1], qsum[nt][sp][e4 & 1], s[nt][e4]));
+        }
+      }
+    }
   }
 
   static __device__ void run(const Params& p) {
@@ -414,9 +611,35 @@ struct MmaDecode {
         for (int c = 0; c < NCH; ++c) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const int lo = RK * t + pair_lo(2 * c + j);
+            const int lo = KS * (c / CPS) + RK * t + pair_lo(2 * (c % CPS) + j);
             const int hi = lo + EW / 2;
             qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
+          }
+        }
+      }
+    }
+
+    // Scale after the MMA: each accumulator row's sum of the queries over
+    // each K span (= group), from the T values the MMA sees.
+    float qsum[NT][NKS][2];
+    if constexpr (kScaleAfter) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int sp = 0; sp < NKS; ++sp) {
+          float x = 0.0f; // row nt * 8 + g, this lane's slots
+#pragma unroll
+          for (int cc = 0; cc < CPS; ++cc) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              x += mma_detail::pair_sum<T>(qb[nt][sp * CPS + cc][j]);
+            }
+          }
+          x += __shfl_xor_sync(0xffffffffu, x, 1);
+          x += __shfl_xor_sync(0xffffffffu, x, 2);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            qsum[nt][sp][e] = __shfl_sync(0xffffffffu, x, 4 * (2 * t + e));
           }
         }
       }
@@ -460,7 +683,7 @@ struct MmaDecode {
     int k_begin, k_end;
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
     const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
-    const Copier cp = copier(p, b, kvh, k_begin, k_end);
+    Copier cp = copier(p, b, kvh, k_begin, k_end);
 
 #pragma unroll
     for (int c = 0; c < NS - 1; ++c) {
@@ -489,61 +712,11 @@ struct MmaDecode {
       }
 
       // ---- S^T = K Q^T over this warp's 16 keys ----
-      // Two accumulator chains (even and odd chunks), summed at the end:
-      // each MMA waits for the previous one of its chain only.
-      float s[NT][4], s2[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] = 0.0f;
-          s2[nt][e] = 0.0f;
-        }
-      }
-      {
-        uint32_t kw[2][KW];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + t * KQ, kw[h]);
-        }
-        // Groups of lane t's quarter: one unless the quarter spans several.
-        constexpr int NGK = RK >= GS ? RK / GS : 1;
-        PairScale ks[2][NGK];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int gi = 0; gi < NGK; ++gi) {
-            const int key = lk0 + g + 8 * h;
-            ks[h][gi] = pair_scale(st, kKS, kKB, key, key, (RK * t) / GS + gi);
-          }
-        }
-#pragma unroll
-        for (int c = 0; c < NCH; ++c) {
-          uint32_t a[4];
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int P = 2 * c + j;
-            const int lo = pair_lo(P);
-            const int wi = lo / EW;
-            const int sh = qsdpa::element_shift(lo % EW, BITS);
-            const int gi = NGK > 1 ? lo / GS : 0;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              a[2 * j + h] = dequant_pair(kw[h][wi], sh, ks[h][gi]);
-            }
-          }
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            mma_detail::mma_16816<T>(c % 2 == 0 ? s[nt] : s2[nt], a, qb[nt][c][0], qb[nt][c][1]);
-          }
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[nt][e] += s2[nt][e];
-          }
-        }
+      float s[NT][4];
+      if constexpr (kScaleAfter) {
+        k_scores_scale_after(st, lk0, g, t, qb, qsum, s);
+      } else {
+        k_scores(st, lk0, g, t, qb, s);
       }
 
       // ---- masks and the online softmax (query rows 2t, 2t + 1) ----
@@ -587,10 +760,10 @@ struct MmaDecode {
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
           const float m_new = fmaxf(m[nt][e], mx);
           const float base = m_new == neg_inf() ? 0.0f : m_new;
-          corr[e] = exp2f(m[nt][e] - base); // 0 while m is -inf, 1 if unchanged
+          corr[e] = mma_detail::exp2_fast(m[nt][e] - base); // 0 while m is -inf, 1 if unchanged
           m[nt][e] = m_new;
-          const float p0 = exp2f(s[nt][e] - base);
-          const float p1 = exp2f(s[nt][2 + e] - base);
+          const float p0 = mma_detail::exp2_fast(s[nt][e] - base);
+          const float p1 = mma_detail::exp2_fast(s[nt][2 + e] - base);
           l[nt][e] = l[nt][e] * corr[e] + (p0 + p1);
           s[nt][e] = p0;
           s[nt][2 + e] = p1;
