@@ -596,6 +596,20 @@ struct MmaDecode {
     const int b = blockIdx.z;
     const int nr = min(RT, p.rows - r0);
 
+    // The first chunks' copies go out before anything else, so that their
+    // latency overlaps the query loads below.
+    int k_begin, k_end;
+    split_range(p, split, r0 + nr - 1, k_begin, k_end);
+    const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
+    Copier cp = copier(p, b, kvh, k_begin, k_end);
+#pragma unroll
+    for (int c = 0; c < NS - 1; ++c) {
+      if (c < n_chunks) {
+        issue_chunk(cp, c, smem_raw + c * kStageBytes);
+      }
+      mma_detail::cp_async_commit();
+    }
+
     // Q^T as B operands: query row nt * 8 + g, the slots of lane t's K
     // quarter (see the top).
     uint32_t qb[NT][NCH][2];
@@ -680,18 +694,6 @@ struct MmaDecode {
       l[nt][0] = l[nt][1] = 0.0f;
     }
 
-    int k_begin, k_end;
-    split_range(p, split, r0 + nr - 1, k_begin, k_end);
-    const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
-    Copier cp = copier(p, b, kvh, k_begin, k_end);
-
-#pragma unroll
-    for (int c = 0; c < NS - 1; ++c) {
-      if (c < n_chunks) {
-        issue_chunk(cp, c, smem_raw + c * kStageBytes);
-      }
-      mma_detail::cp_async_commit();
-    }
 
     for (int c = 0; c < n_chunks; ++c) {
       // Chunk c has landed once at most NS - 2 newer groups pend; the

@@ -136,12 +136,13 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     const int group = index / kMergeRadix;
     const int first = group * kMergeRadix;
     const int members = min(kMergeRadix, count - first);
-    // Each thread's partial writes are visible GPU-wide before its block is
-    // counted in (the fence-then-count pattern of CUDA's
-    // threadFenceReduction sample).
-    __threadfence();
+    // Every thread's partial writes are visible GPU-wide before the block is
+    // counted in: the barrier orders them before thread 0's fence, which is
+    // cumulative (the pattern of cooperative groups' grid barrier), so one
+    // fence per block does instead of one per thread.
     __syncthreads();
     if (threadIdx.x == 0) {
+      __threadfence();
       unsigned int* counter = p.counters + (counter_base + group) * n_tiles + tile;
       const unsigned int before = atomicAdd(counter, 1u);
       s.last = before == unsigned(members - 1);

@@ -111,6 +111,10 @@ step_quickbench() {
   bench quick_lq4 --lq 4 --ctx 32768 --methods quant_sdpa,fp16_sdpa
 }
 
+step_chain() { # calls in sequence (each call's queries are the previous output), as a model's layers
+  bench chain --chain --ctx 4096,32768,131072 --methods quant_sdpa,fp16_sdpa
+}
+
 step_profile() { # kernel times and limits under Nsight Compute
   PYTHONPATH=$pkg:$PYTHONPATH timeout 300 ncu --kernel-name regex:qsdpa --launch-skip 0 --launch-count 12 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
