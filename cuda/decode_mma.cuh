@@ -35,9 +35,12 @@
 // Half the MMAs and accumulators of a rows-on-M layout (which pads 4 query
 // rows to 16), so more warps fit per SM.
 //
-// Codes become fp16/bf16 exactly (codes < 256), then the group scale and
-// bias of formats.h's definition are applied before the MMA, so the products
-// see the same K/V values that mx.dequantize gives in the cache dtype.
+// Codes become fp16/bf16 exactly (codes < 256). V codes, and K codes of the
+// non-affine formats, are then scaled (and biased) by formats.h's definition
+// before the MMA, so the products see the values mx.dequantize gives in the
+// cache dtype. Affine K codes go into the MMA in their exact magic form and
+// the group's scale and bias are applied to its partial dot product in fp32
+// (kScaleAfter below): the same dot product, without rounding K to T.
 #pragma once
 
 #include <type_traits>
