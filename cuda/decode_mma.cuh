@@ -46,34 +46,12 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "ptx.cuh"
 #include "split_merge.cuh"
 
 namespace mlx_qsdpa::cuda {
 
 namespace mma_detail {
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// The 8x8 16-bit matrix whose row lane/4, columns 2(lane%4), +1 this lane
-// holds in x, transposed (same distribution).
-__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
-  uint32_t y;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
-  return y;
-}
 
 // Two floats rounded to a T pair (lo in the low half).
 template <typename T>
@@ -96,26 +74,6 @@ __device__ __forceinline__ float pair_sum(uint32_t x) {
   } else {
     return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
   }
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16 bytes global -> shared; only the first src_bytes are read, the rest of
-// the 16 are zero-filled (0: nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // BYTES bytes of shared memory at p (aligned to min(BYTES, 16)) as words; 2
@@ -142,22 +100,6 @@ __device__ __forceinline__ void load_shared(const unsigned char* p, uint32_t (&o
     static_assert(BYTES == 2, "unsupported run size");
     out[0] = *reinterpret_cast<const uint16_t*>(p);
   }
-}
-
-// (x & mask) | bits in one LOP3 (the compiler splits it in two when both
-// are immediates).
-__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t bits) {
-  uint32_t y;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(y) : "r"(x), "r"(mask), "r"(bits));
-  return y;
-}
-
-// 2^x with one MUFU instruction (exp2f adds a denormal-result fixup around
-// it); results below 2^-126 flush to zero, exp2(-inf) is 0.
-__device__ __forceinline__ float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // An affine code as float without an int->float conversion instruction
@@ -830,7 +772,7 @@ struct MmaDecode {
       }
     }
     // The ring is reused by the epilogue: no copy may still be landing.
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    mma_detail::cp_async_wait_all();
     __syncthreads();
 
     // ---- merge the four warps ----
