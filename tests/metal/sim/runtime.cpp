@@ -238,6 +238,7 @@ struct Launch {
   std::vector<uint8_t> simd_slots;
 };
 Launch g_launch;
+int64_t g_threadgroup_limit = 32768; // Apple GPUs; qsim_set_threadgroup_limit
 
 void fiber_main();
 
@@ -670,6 +671,14 @@ void* threadgroup_argument(const ThreadContext& c, int) {
   return c.threadgroup_memory;
 }
 
+const ThreadContext& current_thread() {
+  return g_current->ctx_values;
+}
+
+void kernel_fault(const char* message) {
+  fail(std::string(message) + who(__builtin_return_address(0)));
+}
+
 } // namespace qsim
 
 // ---------------------------------------------------------------------------
@@ -719,6 +728,10 @@ uint16_t __truncdfhf2(double d) {
 // The launch interface (C, for ctypes and the plan runner)
 // ---------------------------------------------------------------------------
 extern "C" {
+
+void qsim_set_threadgroup_limit(int64_t bytes) {
+  qsim::g_threadgroup_limit = bytes;
+}
 
 const char* qsim_last_error() {
   return qsim::g_error.c_str();
@@ -863,10 +876,10 @@ int qsim_launch(
         threads[1], threads[2], static_cast<unsigned long long>(n_threads), kMaxThreads);
     return 1;
   }
-  if (threadgroup_bytes < 0 || threadgroup_bytes > 32768) {
+  if (threadgroup_bytes < 0 || threadgroup_bytes > g_threadgroup_limit) {
     g_error = format(
-        "threadgroup memory length %lld exceeds the 32768 bytes of Apple GPUs",
-        static_cast<long long>(threadgroup_bytes));
+        "threadgroup memory length %lld exceeds the %lld bytes of the device",
+        static_cast<long long>(threadgroup_bytes), static_cast<long long>(g_threadgroup_limit));
     return 1;
   }
   if (threadgroup_bytes % 16 != 0) {

@@ -27,4 +27,7 @@ int qsim_launch(
     const uint32_t* grid,
     const uint32_t* threads,
     int64_t threadgroup_bytes);
+// The largest threadgroup memory a launch may ask for: 32768 bytes (Apple
+// GPUs) unless changed; the CUDA front end raises it to its per-block limit.
+void qsim_set_threadgroup_limit(int64_t bytes);
 }

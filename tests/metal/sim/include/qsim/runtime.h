@@ -82,6 +82,14 @@ const unsigned char* simd_exchange(
 // this same barrier.
 void threadgroup_barrier(const char* file, int line);
 
+// The running thread's launch values (for front ends whose kernels read
+// them through globals, as CUDA's threadIdx: tests/cuda/sim).
+const ThreadContext& current_thread();
+
+// Ends the launch with a report naming the running thread (a misuse the
+// front end detects itself, e.g. a misaligned vector copy).
+[[noreturn]] void kernel_fault(const char* message);
+
 } // namespace qsim
 
 // Provided by the generated trampolines of each kernel library.
