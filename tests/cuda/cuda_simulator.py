@@ -339,12 +339,35 @@ class Tensor:
 
     data: np.ndarray  # the underlying elements, 1-D
     strides: tuple[int, ...]
+    shape: tuple[int, ...]
     offset: int = 0  # elements
 
 
 def dense(a: np.ndarray) -> Tensor:
     a = np.ascontiguousarray(a)
-    return Tensor(a.reshape(-1), tuple(s // a.itemsize for s in a.strides))
+    return Tensor(a.reshape(-1), tuple(s // a.itemsize for s in a.strides), a.shape)
+
+
+def _aligned16(t: Tensor, dims: int) -> bool:
+    """quant_sdpa_cuda.cpp's aligned16: the base (the buffer starts on a
+    page) and the byte strides of the first `dims` axes of size > 1."""
+    item = t.data.itemsize
+    return (t.offset * item) % 16 == 0 and all(
+        t.shape[i] == 1 or (t.strides[i] * item) % 16 == 0 for i in range(dims)
+    )
+
+
+def mma_layout_ok(words: Tensor, scales: Tensor, D: int, group_size: int) -> bool:
+    """quant_sdpa_cuda.cpp's mma_words_ok and mma_scales_ok: where they fail
+    the host takes the generic kernel, which this simulator does not run."""
+    words_ok = (words.shape[3] == 1 or words.strides[3] == 1) and _aligned16(words, 3)
+    n_groups = D // group_size
+    scales_ok = (
+        (scales.shape[3] == 1 or scales.strides[3] == 1)
+        and (scales.shape[2] == 1 or scales.strides[2] == n_groups)
+        and _aligned16(scales, 2)
+    )
+    return words_ok and scales_ok
 
 
 @dataclass
@@ -405,6 +428,12 @@ class Library:
             ctypes.memmove(self.lib.qsim_data(bid), raw.ctypes.data, raw.nbytes)
         return bid
 
+    def poison(self, bid: int, nbytes: int) -> None:
+        """Fills an unwritten buffer with 0xff bytes (NaN as fp16, bf16 and
+        fp32) without marking it written: an output element the kernel
+        never writes reads back as NaN."""
+        ctypes.memset(self.lib.qsim_data(bid), 0xFF, nbytes)
+
     def read(self, bid: int, dtype, count: int) -> np.ndarray:
         buf = (ctypes.c_char * (np.dtype(dtype).itemsize * count)).from_address(self.lib.qsim_data(bid))
         return np.frombuffer(bytes(buf), dtype=dtype).copy()
@@ -455,6 +484,10 @@ class Library:
             bid = self.alloc(t.data.nbytes, name, t.data)
             return self.lib.qsim_data(bid) + t.offset * t.data.itemsize
 
+        for w, s, b in (k, v):
+            for sc in (s, b) if b is not None else (s,):
+                if not mma_layout_ok(w, sc, D, variant.gs):
+                    raise SimulatorError("the host would take the generic kernel for this cache layout (mma_layout_ok)")
         p.q = put(q, "q")
         p.qs[:] = q.strides
         p.q_type = elem
@@ -476,11 +509,13 @@ class Library:
             p.sink_stride = sinks.strides[0]
         n_rows = B * Hq * Lq
         out_id = self.alloc(n_rows * D * 2, "out")
+        self.poison(out_id, n_rows * D * 2)
         p.out = self.lib.qsim_data(out_id)
         p.out_type = elem
         lse_id = None
         if return_lse:
             lse_id = self.alloc(n_rows * 4, "lse")
+            self.poison(lse_id, n_rows * 4)
             p.lse = self.lib.qsim_data(lse_id)
 
         rows_per_block = 8 * variant.NT

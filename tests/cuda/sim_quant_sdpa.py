@@ -39,7 +39,7 @@ def broadcast_mask(m: np.ndarray, c: qsdpa_case.Case) -> Tensor:
     MLX passes (zero strides along broadcast axes)."""
     m = np.ascontiguousarray(m)
     view = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), (c.B, c.Hq, c.Lq, c.Lk))
-    return Tensor(m.reshape(-1), tuple(s // m.itemsize for s in view.strides))
+    return Tensor(m.reshape(-1), tuple(s // m.itemsize for s in view.strides), view.shape)
 
 
 def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None):

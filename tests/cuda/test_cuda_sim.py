@@ -1,0 +1,154 @@
+"""The CUDA tensor-core decode kernel (cuda/decode_mma.cuh) on the CPU
+simulator, against the float64 oracle of tests/oracle.py.
+
+Each case runs the kernel the host would pick (8- or 16-row blocks) with
+the host's Params and split plan (splits forced where the case says so, so
+that one- and two-level merge trees run), through every block of the grid;
+the runtime checks every load and store against its buffer and reads of
+bytes never written (partials of the merge included), and the harness
+checks that the merge counters are zero again afterwards. The mutants prove
+the comparison fails when the kernel, or the simulator's fragment layout,
+is wrong.
+
+On CI (CI=true) a missing clang fails; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+import qsdpa_case  # noqa: E402
+from qsdpa_case import BF16, F16, Case  # noqa: E402
+
+import cuda_simulator as sim  # noqa: E402
+from sim_quant_sdpa import run_case, variant_of  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# (case, forced split count: 0 = the host's plan for an H200 wave). Splits
+# hold a multiple of 64 keys, so more than 8 need Lk > 512.
+# Hq 8 / Hkv 2 everywhere (G = 4): Lq 1 gives 4 rows (one 8-row tile, half
+# empty), Lq 4 gives 16 rows (the 16-row kernel, NT = 2). Lk is never a
+# multiple of 64, so every split's last chunk is partial; it is a multiple of
+# 8, so that each kv head's scale rows start 16-byte aligned (the host's
+# condition for this kernel, as mlx-lm's caches, grown by 256 keys, are).
+G4 = dict(B=1, Hq=8, Hkv=2)
+CASES = [
+    # Two merge levels (12 splits: groups of 8 and 4, then the root).
+    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 12),
+    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 1),
+    (Case(**G4, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=BF16, mask="causal", sinks="f32"), 3),
+    (Case(**G4, Lq=4, Lk=552, D=64, fmt=("affine", 4, 32), dtype=F16, mask="f16:QK"), 9),
+    (Case(B=2, Hq=8, Hkv=2, Lq=1, Lk=520, D=128, fmt=("affine", 4, 128), dtype=BF16), 0),
+    (Case(**G4, Lq=1, Lk=456, D=64, fmt=("affine", 8, 64), dtype=F16, sinks="f32"), 2),
+    (Case(**G4, Lq=4, Lk=200, D=128, fmt=("affine", 8, 64), dtype=BF16, mask="causal"), 1),
+    # Three merge levels (17 splits: 3 groups, then the root).
+    (Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, mask="causal", sinks="f32"), 17),
+    (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, mask="bool:HQK", lse=False), 4),
+]
+
+
+def _require_clang():
+    if sim.find_clang() is None:
+        reason = "clang++ not found: the CUDA simulator needs clang (apt-get install clang)"
+        if IN_CI:
+            pytest.fail(reason + " (required on CI)")
+        pytest.skip(reason)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the simulator's runtime runs on Linux")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """Every instantiation the cases use, in one library (built once)."""
+    _require_clang()
+    return sim.Library(sim.build_library([variant_of(c) for c, _ in CASES]))
+
+
+def _id(entry):
+    c, splits = entry
+    return f"{c}-splits{splits or 'plan'}"
+
+
+@pytest.mark.parametrize("entry", CASES, ids=[_id(e) for e in CASES])
+def test_decode_mma_matches_oracle(lib, entry):
+    c, splits = entry
+    out, lse, ref, ref_lse, plan = run_case(lib, c, forced_splits=splits)
+    if splits:
+        assert plan.n_splits == splits, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+def test_host_plan_splits_keys(lib):
+    """The unforced plan of the B=2 case really splits (a wave of 396 blocks
+    over 4 tiles), so its merge runs too."""
+    c = CASES[4][0]
+    v = variant_of(c)
+    plan = lib.plan(B=c.B, Hkv=c.Hkv, rows=c.Hq // c.Hkv * c.Lq, Lk=c.Lk, D=c.D, n_rows=c.B * c.Hq * c.Lq, rows_per_block=8 * v.NT)
+    assert plan.n_splits > 1, plan
+
+
+# ---------------------------------------------------------------------------
+# Mutants: the checks must fail on a wrong kernel or a wrong model
+# ---------------------------------------------------------------------------
+
+MUTANT_CASE = Case(**G4, Lq=1, Lk=600, D=64, fmt=("affine", 4, 64), dtype=F16)
+MUTANTS = {
+    # The fp32 fold of the K bias uses key g's scale for key g + 8 too.
+    "fold_scale": ("decode_mma.cuh", "bm[h] = fmaf(-kMagicValue, sc[h],", "bm[h] = fmaf(-kMagicValue, sc[0],"),
+    # Every merge group believed full: reads partials nobody wrote.
+    "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
+}
+
+
+def _mutant_kernels(name: str) -> Path:
+    """A copy of cuda/ with the mutant's edit, under build/cuda-sim/mutants."""
+    file, old, new = MUTANTS[name]
+    dst = sim.BUILD / "mutants" / name / "cuda"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(sim.ROOT / "cuda", dst)
+    text = (dst / file).read_text()
+    assert text.count(old) == 1, f"mutant {name}: the edited line is gone from {file}"
+    (dst / file).write_text(text.replace(old, new))
+    return dst
+
+
+def _fails(library, c, splits) -> str:
+    try:
+        out, lse, ref, ref_lse, _ = run_case(library, c, forced_splits=splits)
+        qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+    except (AssertionError, sim.SimulatorError) as e:
+        return str(e)
+    return ""
+
+
+def test_unmutated_mutant_case_passes(lib):
+    """The mutants' case itself passes on the real kernel (so a failure
+    below is the mutant's)."""
+    library = sim.Library(sim.build_library([variant_of(MUTANT_CASE)], tag="mutant-base"))
+    assert _fails(library, MUTANT_CASE, 10) == ""
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_kernel_mutant_is_caught(lib, name):
+    kernels = _mutant_kernels(name)
+    library = sim.Library(sim.build_library([variant_of(MUTANT_CASE)], kernel_dir=kernels, tag=f"mutant-{name}"))
+    report = _fails(library, MUTANT_CASE, 10)
+    assert report, f"mutant {name} went unnoticed"
+
+
+def test_fragment_layout_mutant_is_caught(lib):
+    """The simulator's own mma model with A's rows g and g + 8 swapped."""
+    library = sim.Library(
+        sim.build_library([variant_of(MUTANT_CASE)], defines=("QSIM_CUDA_MUTANT_MMA_ROWS",), tag="mutant-mma-rows")
+    )
+    assert _fails(library, MUTANT_CASE, 1), "a wrong mma fragment layout went unnoticed"
