@@ -104,8 +104,18 @@ MUTANT_CASE = Case(**G4, Lq=1, Lk=600, D=64, fmt=("affine", 4, 64), dtype=F16)
 MUTANTS = {
     # The fp32 fold of the K bias uses key g's scale for key g + 8 too.
     "fold_scale": ("decode_mma.cuh", "bm[h] = fmaf(-kMagicValue, sc[h],", "bm[h] = fmaf(-kMagicValue, sc[0],"),
-    # Every merge group believed full: reads partials nobody wrote.
+    # Every merge group believed full: the last group never completes.
     "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
+    # The last chunk copies whole rows past the split's end: past the end of
+    # the cache for the last kv head (the runtime's bounds check).
+    "tail_copy": ("decode_mma.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
+}
+# What each mutant's report must say (a wrong number is not enough where a
+# detector is meant to speak).
+MUTANT_REPORT = {
+    "fold_scale": "relative error",
+    "merge_members": "merge counters not reset",
+    "tail_copy": "out-of-bounds read",
 }
 
 
@@ -144,6 +154,7 @@ def test_kernel_mutant_is_caught(lib, name):
     library = sim.Library(sim.build_library([variant_of(MUTANT_CASE)], kernel_dir=kernels, tag=f"mutant-{name}"))
     report = _fails(library, MUTANT_CASE, 10)
     assert report, f"mutant {name} went unnoticed"
+    assert MUTANT_REPORT[name] in report, report
 
 
 def test_fragment_layout_mutant_is_caught(lib):
