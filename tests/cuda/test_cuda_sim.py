@@ -163,3 +163,36 @@ def test_fragment_layout_mutant_is_caught(lib):
         sim.build_library([variant_of(MUTANT_CASE)], defines=("QSIM_CUDA_MUTANT_MMA_ROWS",), tag="mutant-mma-rows")
     )
     assert _fails(library, MUTANT_CASE, 1), "a wrong mma fragment layout went unnoticed"
+
+
+# ---------------------------------------------------------------------------
+# Every instantiation the host can pick (opt-in: about 150 kernel units, a
+# few minutes to build on two cores): QSDPA_CUDA_SIM_ALL=1.
+# ---------------------------------------------------------------------------
+
+FORMATS = [("affine", b, g) for b in (2, 4, 8) for g in (32, 64, 128)] + [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
+ALL_CASES = [
+    # Lk a multiple of 16 (scale rows of any format 16-byte aligned per
+    # head), not of 64; 10 splits of 64 keys: a two-level merge.
+    Case(**G4, Lq=lq, Lk=592, D=D, fmt=fmt, dtype=dt, mask="causal" if lq > 1 else "f32:HQK", sinks="f32" if lq > 1 else None)
+    for dt in (F16, BF16)
+    for fmt in FORMATS
+    for D in (64, 128, 256)
+    for lq in (1, 4)
+    if fmt[2] <= D
+]
+
+
+@pytest.fixture(scope="module")
+def lib_all():
+    if os.environ.get("QSDPA_CUDA_SIM_ALL", "") in ("", "0"):
+        pytest.skip("every instantiation: set QSDPA_CUDA_SIM_ALL=1")
+    _require_clang()
+    return sim.Library(sim.build_library([variant_of(c) for c in ALL_CASES], tag="all"))
+
+
+@pytest.mark.parametrize("c", ALL_CASES, ids=[str(c) for c in ALL_CASES])
+def test_every_instantiation(lib_all, c):
+    out, lse, ref, ref_lse, plan = run_case(lib_all, c, forced_splits=10)
+    assert plan.n_splits == 10, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
