@@ -169,9 +169,12 @@ struct EpilogueSmem {
   float o[RT * kORow]; // the block's output rows (not normalised), oidx(r, d)
 };
 
-// Step 1 (after every warp wrote its m and l): the block's max and sum.
-template <int RT>
-__device__ __forceinline__ void epilogue_reduce_stats(EpilogueSmem<RT>& s) {
+// Step 1 (after every warp wrote its m and l): the block's max and sum per
+// row. S: either kernel's epilogue memory (float m[4][RT], l[4][RT], M[RT],
+// L[RT]).
+template <typename S>
+__device__ __forceinline__ void epilogue_reduce_stats(S& s) {
+  constexpr int RT = int(sizeof(S::M) / sizeof(float));
   __syncthreads();
   if (threadIdx.x < RT) {
     const int r = threadIdx.x;
@@ -198,30 +201,38 @@ __device__ __forceinline__ float epilogue_factor(const EpilogueSmem<RT>& s, int 
   return m == neg_inf() ? 0.0f : exp2f(m - s.M[r]);
 }
 
+// Element d of one of a block's result rows (output row out_row, query head
+// h; the block's row max M and sum L; v not normalised): the output (and the
+// lse) when the call has one split, else the block's partial in slot `split`.
+__device__ __forceinline__ void epilogue_store(
+    const Params& p, int split, int64_t out_row, int h, int d, float M, float L, float v) {
+  const int D = p.D;
+  if (p.n_splits == 1) {
+    const Finalized f = finalize_row(p, h, M, L);
+    store_from_float(p.out, out_row * D + d, v * f.mult, p.out_type);
+    if (d == 0 && p.lse) {
+      p.lse[out_row] = f.lse;
+    }
+  } else {
+    const int64_t prow = split * (int64_t(p.B) * p.Hq * p.Lq) + out_row;
+    p.part_o[prow * D + d] = v;
+    if (d == 0) {
+      p.part_ml[prow * 2] = M;
+      p.part_ml[prow * 2 + 1] = L;
+    }
+  }
+}
+
 // Step 3 (after the warps summed their outputs into s.o): write the rows.
 template <int RT>
 __device__ __forceinline__ void epilogue_write(
     const Params& p, const EpilogueSmem<RT>& s, int b, int kvh, int r0, int nr, int split) {
   const int D = p.D;
-  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
   for (int idx = threadIdx.x; idx < nr * D; idx += blockDim.x) {
     const int r = idx / D;
     const int d = idx - r * D;
     const RowRef ref = row_ref(p, b, kvh, r0 + r);
-    if (p.n_splits == 1) {
-      const Finalized f = finalize_row(p, ref.h, s.M[r], s.L[r]);
-      store_from_float(p.out, ref.out_row * D + d, s.o[oidx(r, d)] * f.mult, p.out_type);
-      if (d == 0 && p.lse) {
-        p.lse[ref.out_row] = f.lse;
-      }
-    } else {
-      const int64_t prow = split * n_rows + ref.out_row;
-      p.part_o[prow * D + d] = s.o[oidx(r, d)];
-      if (d == 0) {
-        p.part_ml[prow * 2] = s.M[r];
-        p.part_ml[prow * 2 + 1] = s.L[r];
-      }
-    }
+    epilogue_store(p, split, ref.out_row, ref.h, d, s.M[r], s.L[r], s.o[oidx(r, d)]);
   }
 }
 

@@ -800,23 +800,7 @@ struct MmaDecode {
       es.out_row[r] = ref.out_row;
       es.head[r] = ref.h;
     }
-    __syncthreads();
-    if (threadIdx.x < RT) {
-      const int r = threadIdx.x;
-      float M = neg_inf();
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        M = fmaxf(M, es.m[w][r]);
-      }
-      float L = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        L += es.m[w][r] == neg_inf() ? 0.0f : es.l[w][r] * exp2f(es.m[w][r] - M);
-      }
-      es.M[r] = M;
-      es.L[r] = L;
-    }
-    __syncthreads();
+    epilogue_reduce_stats(es);
     float f[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -839,27 +823,12 @@ struct MmaDecode {
       }
     }
     __syncthreads();
-    const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
     for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
       const int r = idx / D;
       const int d = idx % D;
       const float v = es.o[0][r * kORowMma + d] + es.o[1][r * kORowMma + d] + es.o[2][r * kORowMma + d] +
           es.o[3][r * kORowMma + d];
-      const int64_t out_row = es.out_row[r];
-      if (p.n_splits == 1) {
-        const Finalized fin = finalize_row(p, es.head[r], es.M[r], es.L[r]);
-        store_from_float(p.out, out_row * D + d, v * fin.mult, p.out_type);
-        if (d == 0 && p.lse) {
-          p.lse[out_row] = fin.lse;
-        }
-      } else {
-        const int64_t prow = split * n_rows + out_row;
-        p.part_o[prow * D + d] = v;
-        if (d == 0) {
-          p.part_ml[prow * 2] = es.M[r];
-          p.part_ml[prow * 2 + 1] = es.L[r];
-        }
-      }
+      epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
     }
     if (p.n_splits > 1) {
       merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
       smem.l[warp][r] = l[r];
     }
   }
-  epilogue_reduce_stats<RT>(smem);
+  epilogue_reduce_stats(smem);
   for (int w = 0; w < 4; ++w) {
     if (warp == w) {
 #pragma unroll

@@ -60,11 +60,13 @@ __device__ inline void merge_step(
   for (int c0 = threadIdx.x; c0 < n_cols; c0 += kCols * kThreads) {
     float4 x[kCols][kMergeRadix];
     float m[kCols][kMergeRadix], l[kCols][kMergeRadix];
+    RowRef refs[kCols];
 #pragma unroll
     for (int k = 0; k < kCols; ++k) {
       const int idx = c0 + k * kThreads;
       const int r = idx / D4;
-      const int64_t row = row_ref(p, b, kvh, r0 + min(r, nr - 1)).out_row;
+      refs[k] = row_ref(p, b, kvh, r0 + min(r, nr - 1)); // r < nr unless idx >= n_cols
+      const int64_t row = refs[k].out_row;
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
         const bool ok = idx < n_cols && u < members;
@@ -82,7 +84,7 @@ __device__ inline void merge_step(
       }
       const int r = idx / D4;
       const int d4 = idx - r * D4;
-      const RowRef ref = row_ref(p, b, kvh, r0 + r);
+      const RowRef& ref = refs[k];
       float M = neg_inf();
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
