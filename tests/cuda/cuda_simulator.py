@@ -16,11 +16,8 @@ quant_sdpa_cuda.cpp does and launches the grid (blocks one after another).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
 import subprocess
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 SIM = Path(__file__).resolve().parent / "sim"
 QSIM = ROOT / "tests" / "metal" / "sim"
+
+# The Metal simulator's driver: its runtime is this simulator's, and so are
+# its build helpers and errors.
+sys.path.insert(0, str(QSIM.parent))
+from metal_simulator import (  # noqa: E402
+    BuildError,
+    SimulatorError,
+    cached_library,
+    compile_all,
+    find_clang,
+    hash_inputs,
+    load_runtime,
+    symbolize,
+)
 BUILD = ROOT / "build" / "cuda-sim"
 
 INCLUDES = [SIM / "include", QSIM / "include", ROOT, ROOT / "csrc"]
@@ -66,14 +77,6 @@ DEFAULT_WAVE = 132 * 3
 MAX_SMEM = 227 * 1024
 
 
-class SimulatorError(RuntimeError):
-    """A launch the simulator stopped, with its report."""
-
-
-class BuildError(RuntimeError):
-    """The simulator could not compile a library."""
-
-
 @dataclass(frozen=True)
 class Variant:
     """One instantiation MmaDecode<T, MODE, BITS, GS, D, NT>."""
@@ -91,17 +94,6 @@ class Variant:
 
     def template_args(self) -> str:
         return f"{CPP_TYPE[self.dtype]}, {MODE_CPP[self.mode]}, {self.bits}, {self.gs}, {self.D}, {self.NT}"
-
-
-def find_clang() -> str | None:
-    explicit = os.environ.get("QSIM_CXX")
-    if explicit:
-        return explicit
-    for name in ["clang++"] + [f"clang++-{v}" for v in range(20, 13, -1)]:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -217,31 +209,6 @@ extern "C" void qsim_cuda_plan(
 # ---------------------------------------------------------------------------
 
 
-def _hash_inputs(paths: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in sorted(set(paths)):
-        h.update(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _compile_all(jobs: list[list[str]]) -> None:
-    """Runs the compiles, two at a time (CI machines have two cores)."""
-    pending = list(jobs)
-    running: list[tuple[subprocess.Popen, list[str]]] = []
-    errors = []
-    while pending or running:
-        while pending and len(running) < 2:
-            cmd = pending.pop(0)
-            running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), cmd))
-        proc, cmd = running.pop(0)
-        output, _ = proc.communicate()
-        if proc.returncode:
-            errors.append(f"$ {' '.join(cmd)}\n{output}")
-    if errors:
-        raise BuildError("\n".join(errors))
-
-
 def build_library(variants: list[Variant], *, kernel_dir: Path | None = None, defines: tuple[str, ...] = (), tag: str = "decode") -> Path:
     """A simulator library holding `variants` (cached). kernel_dir: a copy of
     cuda/ to compile instead (the mutant tests' edited kernels); defines:
@@ -257,15 +224,10 @@ def build_library(variants: list[Variant], *, kernel_dir: Path | None = None, de
     inputs += [p for p in (QSIM / "include").rglob("*") if p.is_file()]
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     extra = version + repr(KERNEL_FLAGS + HOST_FLAGS) + repr([v.name for v in variants]) + repr(defines) + str(cuda_dir)
-    key = _hash_inputs(inputs, extra)
-    out_dir = BUILD / f"{tag}-{key}"
-    lib = out_dir / f"libqsim_cuda_{tag}.so"
-    if lib.exists():
-        return lib
+    key = hash_inputs(inputs, extra)
+    lib_name = f"libqsim_cuda_{tag}.so"
 
-    BUILD.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=BUILD))
-    try:
+    def make(work: Path):
         incs = [f"-I{d}" for d in INCLUDES]
         if kernel_dir:
             # The copy's headers first: "cuda/..." includes of the host unit
@@ -283,17 +245,11 @@ def build_library(variants: list[Variant], *, kernel_dir: Path | None = None, de
         jobs.append([clang, *HOST_FLAGS, *incs, "-c", str(host), "-o", str(work / "host.o")])
         jobs.append([clang, *HOST_FLAGS, f"-I{QSIM / 'include'}", "-c", str(QSIM / "runtime.cpp"), "-o", str(work / "runtime.o")])
         objs += [work / "host.o", work / "runtime.o"]
-        _compile_all(jobs)
-        _compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib.name), *map(str, objs)]])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(work / lib.name, lib)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    # Older builds of the same tag are stale now.
-    for old in BUILD.glob(f"{tag}-*"):
-        if old.is_dir() and old != out_dir and len(old.name) == len(out_dir.name):
-            shutil.rmtree(old, ignore_errors=True)
-    return lib
+        compile_all(jobs)
+        compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib_name), *map(str, objs)]])
+        return (work / lib_name,)
+
+    return cached_library(BUILD, tag, key, lib_name, make)
 
 
 # ---------------------------------------------------------------------------
@@ -382,25 +338,14 @@ class Plan:
 class Library:
     def __init__(self, path: Path):
         self.path = Path(path)
-        lib = ctypes.CDLL(str(self.path))
+        lib = load_runtime(self.path)  # the runtime's entry points
         self.lib = lib
-        lib.qsim_last_error.restype = ctypes.c_char_p
-        lib.qsim_alloc.restype = ctypes.c_int64
-        lib.qsim_alloc.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p]
-        lib.qsim_data.restype = ctypes.c_void_p
-        lib.qsim_data.argtypes = [ctypes.c_int64]
-        lib.qsim_set_threadgroup_limit.argtypes = [ctypes.c_int64]
         lib.qsim_cuda_smem.argtypes = [ctypes.c_char_p]
         lib.qsim_cuda_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
         lib.qsim_cuda_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 2 + [
             ctypes.POINTER(ctypes.c_int),
             ctypes.POINTER(ctypes.c_int64),
         ]
-        lib.qsim_launch.argtypes = [
-            ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
-            ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32), ctypes.c_int64,
-        ]  # fmt: skip
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -445,7 +390,7 @@ class Library:
         g = (ctypes.c_uint32 * 3)(*grid)
         t = (ctypes.c_uint32 * 3)(THREADS, 1, 1)
         if self.lib.qsim_launch(kernel.encode(), 0, None, None, 1, idx, buf, off, g, t, smem):
-            raise SimulatorError(_symbolize(self.lib.qsim_last_error().decode()))
+            raise SimulatorError(symbolize(self.lib.qsim_last_error().decode()))
 
     def run_quant_sdpa(
         self,
@@ -556,21 +501,3 @@ class Library:
         return out, lse, plan
 
 
-def _symbolize(message: str) -> str:
-    """Source lines for the runtime's "[pc lib+0x...]" marks (addr2line)."""
-    import re
-
-    tool = shutil.which("addr2line")
-
-    def repl(m):
-        if not tool:
-            return m.group(0)
-        lib, off = m.group(1), int(m.group(2), 16)
-        r = subprocess.run([tool, "-e", lib, "-i", "-p", "-C", "-f", hex(off - 1)], capture_output=True, text=True)
-        where = r.stdout.strip().splitlines()
-        if r.returncode or not where or "??" in where[0]:
-            return m.group(0)
-        loc = where[0].split(" at ")[-1]
-        return f" at {Path(loc.split(':')[0]).name}:{loc.split(':')[-1].split()[0]}"
-
-    return re.sub(r" \[pc (\S+)\+0x([0-9a-f]+)\]", repl, message)

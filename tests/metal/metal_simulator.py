@@ -273,7 +273,7 @@ def generate_trampolines(metal: Path, constants: list[Constant], kernels: list[K
 # ---------------------------------------------------------------------------
 
 
-def _hash_inputs(paths: list[Path], extra: str) -> str:
+def hash_inputs(paths: list[Path], extra: str) -> str:
     h = hashlib.sha256(extra.encode())
     for p in sorted(set(paths)):
         h.update(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p).encode())
@@ -281,7 +281,7 @@ def _hash_inputs(paths: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compile_all(jobs: list[list[str]]) -> None:
+def compile_all(jobs: list[list[str]]) -> None:
     """Runs the compiles, two at a time (CI machines have two cores)."""
     pending = list(jobs)
     running: list[tuple[subprocess.Popen, list[str]]] = []
@@ -298,6 +298,32 @@ def _compile_all(jobs: list[list[str]]) -> None:
         raise BuildError("\n".join(errors))
 
 
+def cached_library(build_dir: Path, stem: str, key: str, lib_name: str, make) -> Path:
+    """The library built for `key` in build_dir/<stem>-<key>/, made when
+    missing by make(work), which compiles into the scratch directory `work`
+    and returns the files to keep (the library, named lib_name, first).
+    Older builds of the same stem are removed (a process that loaded one
+    keeps its mapping)."""
+    out_dir = build_dir / f"{stem}-{key}"
+    lib = out_dir / lib_name
+    if lib.exists():
+        return lib
+    build_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=build_dir))
+    try:
+        built, *extra = make(work)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in extra:
+            shutil.copy(f, out_dir / Path(f).name)
+        os.replace(built, lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for old in build_dir.glob(f"{stem}-*"):
+        if old.is_dir() and old != out_dir and len(old.name) == len(out_dir.name):
+            shutil.rmtree(old, ignore_errors=True)
+    return lib
+
+
 def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
     """Compiles `metal` into a simulator library (cached); with plan_runner,
     also links csrc/metal/dispatch_plan.cpp and sim/plan_runner.cpp."""
@@ -312,15 +338,10 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
     if plan_runner:
         inputs += list((ROOT / "csrc" / "metal").glob("dispatch_plan.*"))
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
-    key = _hash_inputs(inputs, version + repr(KERNEL_FLAGS + HOST_FLAGS) + str(plan_runner))
-    out_dir = BUILD / f"{metal.stem}-{key}"
-    lib = out_dir / f"libqsim_{metal.stem}.so"
-    if lib.exists():
-        return lib
+    key = hash_inputs(inputs, version + repr(KERNEL_FLAGS + HOST_FLAGS) + str(plan_runner))
+    lib_name = f"libqsim_{metal.stem}.so"
 
-    BUILD.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{metal.stem}-", dir=BUILD))
-    try:
+    def make(work: Path):
         constants, kernels = parse_metal(clang, metal, include_dirs)
         gen = work / f"{metal.stem}_trampolines.cpp"
         gen.write_text(generate_trampolines(metal, constants, kernels))
@@ -337,19 +358,11 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
                 [clang, *HOST_FLAGS, *host_incs, "-c", str(ROOT / "csrc" / "metal" / "dispatch_plan.cpp"), "-o", str(work / "dispatch_plan.o")]
             )
             objs += [work / "plan_runner.o", work / "dispatch_plan.o"]
-        _compile_all(jobs)
-        _compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib.name), *map(str, objs)]])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(work / lib.name, lib)
-        shutil.copy(gen, out_dir / gen.name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    # Older builds of the same source are stale now (a process that loaded
-    # one keeps its mapping).
-    for old in BUILD.glob(f"{metal.stem}-*"):
-        if old.is_dir() and old != out_dir and len(old.name) == len(out_dir.name):
-            shutil.rmtree(old, ignore_errors=True)
-    return lib
+        compile_all(jobs)
+        compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib_name), *map(str, objs)]])
+        return work / lib_name, gen  # the generated trampolines are kept for reading reports
+
+    return cached_library(BUILD, metal.stem, key, lib_name, make)
 
 
 # ---------------------------------------------------------------------------
@@ -357,7 +370,7 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _symbolize(message: str) -> str:
+def symbolize(message: str) -> str:
     """Appends source lines to the "[pc lib+0x...]" marks of a report."""
     tool = shutil.which("addr2line")
 
@@ -377,36 +390,43 @@ def _symbolize(message: str) -> str:
     return re.sub(r" \[pc (\S+)\+0x([0-9a-f]+)\]", repl, message)
 
 
+def load_runtime(path: Path) -> ctypes.CDLL:
+    """A simulator library with the runtime's entry points typed (launch.h);
+    both simulators' drivers load theirs through this."""
+    lib = ctypes.CDLL(str(path))
+    lib.qsim_last_error.restype = ctypes.c_char_p
+    lib.qsim_alloc.restype = ctypes.c_int64
+    lib.qsim_alloc.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p]
+    lib.qsim_free.argtypes = [ctypes.c_int64]
+    lib.qsim_data.restype = ctypes.c_void_p
+    lib.qsim_data.argtypes = [ctypes.c_int64]
+    lib.qsim_bytes_read.restype = ctypes.c_int64
+    lib.qsim_bytes_read.argtypes = [ctypes.c_int64]
+    lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.qsim_set_threadgroup_limit.argtypes = [ctypes.c_int64]
+    lib.qsim_launch.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_int64,
+    ]
+    return lib
+
+
 class Library:
     """A compiled simulator library (ctypes)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        lib = ctypes.CDLL(str(self.path))
-        self.lib = lib
-        lib.qsim_last_error.restype = ctypes.c_char_p
-        lib.qsim_alloc.restype = ctypes.c_int64
-        lib.qsim_alloc.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p]
-        lib.qsim_free.argtypes = [ctypes.c_int64]
-        lib.qsim_data.restype = ctypes.c_void_p
-        lib.qsim_data.argtypes = [ctypes.c_int64]
-        lib.qsim_bytes_read.restype = ctypes.c_int64
-        lib.qsim_bytes_read.argtypes = [ctypes.c_int64]
-        lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.qsim_launch.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.c_int64,
-        ]
+        self.lib = load_runtime(self.path)
 
     def kernel_names(self) -> list[str]:
         n = self.lib.qsim_kernel_names(None, 0)
@@ -423,7 +443,7 @@ class Library:
         return {int(i): (t, name) for i, t, name in rows}
 
     def error(self) -> str:
-        return _symbolize(self.lib.qsim_last_error().decode())
+        return symbolize(self.lib.qsim_last_error().decode())
 
     # Buffers -------------------------------------------------------------
 

@@ -180,25 +180,27 @@ T __ldcg(const T* p) {
 // ---------------------------------------------------------------------------
 // Integer and bit intrinsics
 // ---------------------------------------------------------------------------
+namespace qsim_cuda {
+// The bits of `from` read as To (same size).
+template <typename To, typename From>
+inline To bits_as(From from) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+} // namespace qsim_cuda
 inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
+  return qsim_cuda::bits_as<float>(x);
 }
 inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
+  return qsim_cuda::bits_as<float>(x);
 }
 inline unsigned __float_as_uint(float f) {
-  unsigned x;
-  std::memcpy(&x, &f, 4);
-  return x;
+  return qsim_cuda::bits_as<unsigned>(f);
 }
 inline int __float_as_int(float f) {
-  int x;
-  std::memcpy(&x, &f, 4);
-  return x;
+  return qsim_cuda::bits_as<int>(f);
 }
 
 // PTX prmt.b32 in its default mode: bytes 0-3 of x and 4-7 of y; each
