@@ -194,9 +194,10 @@ __device__ __forceinline__ void epilogue_reduce_stats(S& s) {
   __syncthreads();
 }
 
-// The factor that brings warp w's row r to the block's max.
-template <int RT>
-__device__ __forceinline__ float epilogue_factor(const EpilogueSmem<RT>& s, int w, int r) {
+// The factor that brings warp w's row r to the block's max (S as for
+// epilogue_reduce_stats, after it).
+template <typename S>
+__device__ __forceinline__ float epilogue_factor(const S& s, int w, int r) {
   const float m = s.m[w][r];
   return m == neg_inf() ? 0.0f : exp2f(m - s.M[r]);
 }

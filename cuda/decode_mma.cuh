@@ -393,20 +393,25 @@ struct MmaDecode {
     return (P / (EW / 2)) * EW + P % (EW / 2);
   }
 
+  // MMA accumulators of the NT row tiles, zeroed.
+  static __device__ __forceinline__ void zero_tiles(float (&x)[NT][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        x[nt][e] = 0.0f;
+      }
+    }
+  }
+
   // S^T = K Q^T over the 16 keys from lk0 of stage st, codes dequantized
   // into T before the MMA. Two accumulator chains (even and odd k-chunks),
   // summed at the end: each MMA waits for the previous one of its chain only.
   static __device__ __forceinline__ void k_scores(
       const unsigned char* st, int lk0, int g, int t, const uint32_t (&qb)[NT][NCH][2], float (&s)[NT][4]) {
     float s2[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = 0.0f;
-        s2[nt][e] = 0.0f;
-      }
-    }
+    zero_tiles(s);
+    zero_tiles(s2);
     uint32_t kw[2][KW];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -474,13 +479,7 @@ struct MmaDecode {
       mma_detail::load_shared<SRB>(st + kOffS + kKS * kScaleArrayBytes + key * SRB, ksw[h]);
       mma_detail::load_shared<SRB>(st + kOffS + kKB * kScaleArrayBytes + key * SRB, kbw[h]);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = 0.0f;
-      }
-    }
+    zero_tiles(s);
 #pragma unroll
     for (int sp = 0; sp < NKS; ++sp) {
       uint32_t kw[2][KW];
@@ -489,13 +488,7 @@ struct MmaDecode {
         mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + sp * (KS * BITS / 8) + t * KQ, kw[h]);
       }
       float acc[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[nt][e] = 0.0f;
-        }
-      }
+      zero_tiles(acc);
 #pragma unroll
       for (int cc = 0; cc < CPS; ++cc) {
         uint32_t a[4];
@@ -624,13 +617,7 @@ struct MmaDecode {
     float o[NCH][NT][4];
 #pragma unroll
     for (int j = 0; j < NCH; ++j) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          o[j][nt][e] = 0.0f;
-        }
-      }
+      zero_tiles(o[j]);
     }
     float m[NT][2], l[NT][2];
 #pragma unroll
@@ -807,7 +794,7 @@ struct MmaDecode {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int r = nt * 8 + 2 * t + e;
-        f[nt][e] = m[nt][e] == neg_inf() ? 0.0f : exp2f(m[nt][e] - es.M[r]);
+        f[nt][e] = epilogue_factor(es, warp, r);
       }
     }
 #pragma unroll

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
     if (warp == w) {
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
-        const float f = epilogue_factor<RT>(smem, w, r);
+        const float f = epilogue_factor(smem, w, r);
 #pragma unroll
         for (int e = 0; e < kMaxE; ++e) {
           const int d = lane + 32 * e;
