@@ -138,6 +138,12 @@ struct MmaDecode {
   static constexpr bool kHalfMagic = kAffine && (kIsHalf || BITS <= 4);
   static constexpr uint32_t kMagic = kIsHalf ? 0x64006400u : 0x43004300u; // T pair (M, M)
   static constexpr float kMagicValue = kIsHalf ? 1024.0f : 128.0f; // M
+  // The online softmax's lazy max (log2 units): weights up to 2^8 in T.
+  static constexpr float kLazyMax = 8.0f;
+#ifndef QSDPA_EXP_KCHAINS
+#define QSDPA_EXP_KCHAINS 1
+#endif
+  static constexpr int kKChains = QSDPA_EXP_KCHAINS;
   // K side, scale after the MMA: where the codes' magic form M + code can go
   // into the MMA as is and a lane's quarter of a group is whole words, the
   // k-chunks of S^T = K Q^T stay inside one group, each group gets its own
@@ -388,6 +394,49 @@ struct MmaDecode {
     }
   }
 
+#ifndef QSDPA_EXP_VTOP
+#define QSDPA_EXP_VTOP 0
+#endif
+  static constexpr bool kVTop = QSDPA_EXP_VTOP && kHalfMagic && kIsHalf;
+  static constexpr int kTopBit = (kIsHalf ? 10 : 7) - BITS; // a code's lowest bit under 1.0's mantissa
+  static constexpr uint32_t kOne = kIsHalf ? 0x3c003c00u : 0x3f803f80u; // T pair (1, 1)
+
+  // (2^B s, b - 2^B s) as T pairs: 1 + c 2^-B times the first plus the second
+  // is c s + b (one rounding of b - 2^B s, then one of the result).
+  static __device__ __forceinline__ PairScale top_scale(PairScale ps) {
+    const uint32_t k = kIsHalf ? (uint32_t(15 + BITS) << 10) * 0x10001u : (uint32_t(127 + BITS) << 7) * 0x10001u;
+    if constexpr (kIsHalf) {
+      const __half2 s2 = __hmul2(*reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&k));
+      const __half2 b2 = __hsub2(*reinterpret_cast<const __half2*>(&ps.b2), s2);
+      ps.s2 = *reinterpret_cast<const uint32_t*>(&s2);
+      ps.b2 = *reinterpret_cast<const uint32_t*>(&b2);
+    } else {
+      const __nv_bfloat162 s2 =
+          __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&ps.s2), *reinterpret_cast<const __nv_bfloat162*>(&k));
+      const __nv_bfloat162 b2 = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&ps.b2), s2);
+      ps.s2 = *reinterpret_cast<const uint32_t*>(&s2);
+      ps.b2 = *reinterpret_cast<const uint32_t*>(&b2);
+    }
+    return ps;
+  }
+
+  // The code pair at bit `shift` of x as the T pair 1 + c 2^-B, times and
+  // plus top_scale's pair: one shift, one LOP3, one HFMA2.
+  static __device__ __forceinline__ uint32_t top_pair(uint32_t x, int shift, const PairScale& ps) {
+    const uint32_t y = mma_detail::and_or(
+        shift <= kTopBit ? x << (kTopBit - shift) : x >> (shift - kTopBit), kPairMask << kTopBit, kOne);
+    if constexpr (kIsHalf) {
+      const __half2 r =
+          __hfma2(*reinterpret_cast<const __half2*>(&y), *reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&ps.b2));
+      return *reinterpret_cast<const uint32_t*>(&r);
+    } else {
+      const __nv_bfloat162 r = __hfma2(
+          *reinterpret_cast<const __nv_bfloat162*>(&y), *reinterpret_cast<const __nv_bfloat162*>(&ps.s2),
+          *reinterpret_cast<const __nv_bfloat162*>(&ps.b2));
+      return *reinterpret_cast<const uint32_t*>(&r);
+    }
+  }
+
   // Element lo of pair P of a lane's K quarter (hi = lo + EW/2).
   static __host__ __device__ constexpr int pair_lo(int P) {
     return (P / (EW / 2)) * EW + P % (EW / 2);
@@ -487,8 +536,11 @@ struct MmaDecode {
       for (int h = 0; h < 2; ++h) {
         mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + sp * (KS * BITS / 8) + t * KQ, kw[h]);
       }
-      float acc[NT][4];
+      // Two accumulator chains per span (even and odd k-chunks), summed
+      // before the fold: each MMA waits for the previous one of its chain.
+      float acc[NT][4], acc2[NT][4];
       zero_tiles(acc);
+      zero_tiles(acc2);
 #pragma unroll
       for (int cc = 0; cc < CPS; ++cc) {
         uint32_t a[4];
@@ -503,7 +555,17 @@ struct MmaDecode {
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          mma_detail::mma_16816<T>(acc[nt], a, qb[nt][sp * CPS + cc][0], qb[nt][sp * CPS + cc][1]);
+          mma_detail::mma_16816<T>(
+              kKChains == 2 && cc % 2 == 1 ? acc2[nt] : acc[nt], a, qb[nt][sp * CPS + cc][0], qb[nt][sp * CPS + cc][1]);
+        }
+      }
+      if constexpr (kKChains == 2 && CPS > 1) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e4 = 0; e4 < 4; ++e4) {
+            acc[nt][e4] += acc2[nt][e4];
+          }
         }
       }
       float sc[2], bm[2];
@@ -619,11 +681,17 @@ struct MmaDecode {
     for (int j = 0; j < NCH; ++j) {
       zero_tiles(o[j]);
     }
-    float m[NT][2], l[NT][2];
+    // Per row of this lane: the reference max m, the exponent's base (m, or
+    // 0 while m is -inf), the lazy max's threshold m + kLazyMax, and the
+    // lane's share of the denominator.
+    float m[NT][2], base[NT][2], thr[NT][2], l[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      m[nt][0] = m[nt][1] = neg_inf();
-      l[nt][0] = l[nt][1] = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        m[nt][e] = thr[nt][e] = neg_inf();
+        base[nt][e] = l[nt][e] = 0.0f;
+      }
     }
 
 
@@ -676,33 +744,49 @@ struct MmaDecode {
             }
           }
         }
-        // A NaN score (an inf code or scale meeting a masked or zero
-        // query, or inf - inf under a mask) takes no part, as in the
-        // generic kernel.
+      }
+      // A lazy max: p = 2^(s - base) with base the row's reference max (0
+      // while it has seen no key), which moves only when a score exceeds it
+      // by more than kLazyMax; then O and l are rescaled. So p <= 2^kLazyMax
+      // (exact enough in T, far from its overflow), and a tile whose scores
+      // stay under their rows' thresholds (nearly all, once the first tiles
+      // have set the max) costs one vote instead of a max reduction across
+      // the row's lanes (three shuffles). A NaN score also fails the test,
+      // so the slow path alone handles NaN (an inf code or scale meeting a
+      // masked or zero query, or inf - inf under a mask): it takes no part,
+      // as in the generic kernel.
+      bool over = false;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e4 = 0; e4 < 4; ++e4) {
-          if (s[nt][e4] != s[nt][e4]) {
-            s[nt][e4] = neg_inf();
-          }
+          over |= !(s[nt][e4] <= thr[nt][e4 & 1]);
         }
-        float corr[2];
+      }
+      if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float mx = fmaxf(s[nt][e], s[nt][2 + e]);
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-          const float m_new = fmaxf(m[nt][e], mx);
-          const float base = m_new == neg_inf() ? 0.0f : m_new;
-          corr[e] = mma_detail::exp2_fast(m[nt][e] - base); // 0 while m is -inf, 1 if unchanged
-          m[nt][e] = m_new;
-          const float p0 = mma_detail::exp2_fast(s[nt][e] - base);
-          const float p1 = mma_detail::exp2_fast(s[nt][2 + e] - base);
-          l[nt][e] = l[nt][e] * corr[e] + (p0 + p1);
-          s[nt][e] = p0;
-          s[nt][2 + e] = p1;
-        }
-        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e4 = 0; e4 < 4; ++e4) {
+            if (s[nt][e4] != s[nt][e4]) {
+              s[nt][e4] = neg_inf();
+            }
+          }
+          float corr[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float mx = fmaxf(s[nt][e], s[nt][2 + e]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(m[nt][e], mx);
+            const float b_new = m_new == neg_inf() ? 0.0f : m_new;
+            corr[e] = mma_detail::exp2_fast(m[nt][e] - b_new); // 0 while m is -inf, 1 if unchanged
+            m[nt][e] = m_new;
+            base[nt][e] = b_new;
+            thr[nt][e] = m_new + kLazyMax;
+            l[nt][e] *= corr[e];
+          }
 #pragma unroll
           for (int j = 0; j < NCH; ++j) {
             o[j][nt][0] *= corr[0];
@@ -710,6 +794,17 @@ struct MmaDecode {
             o[j][nt][2] *= corr[0];
             o[j][nt][3] *= corr[1];
           }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p0 = mma_detail::exp2_fast(s[nt][e] - base[nt][e]);
+          const float p1 = mma_detail::exp2_fast(s[nt][2 + e] - base[nt][e]);
+          l[nt][e] += p0 + p1;
+          s[nt][e] = p0;
+          s[nt][2 + e] = p1;
         }
         pb[nt][0] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][0], s[nt][1]));
         pb[nt][1] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][2], s[nt][3]));
@@ -733,6 +828,9 @@ struct MmaDecode {
           for (int gi = 0; gi < NGV; ++gi) {
             const int key = lk0 + 2 * t + 8 * h;
             vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
+            if constexpr (kVTop) {
+              vs[h][gi] = top_scale(vs[h][gi]);
+            }
           }
         }
 #pragma unroll
@@ -748,8 +846,13 @@ struct MmaDecode {
             // half and of key B in the high half.
             const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sh >= 16 ? 0x7632 : 0x5410);
             const int s0 = sh % 16;
-            a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
-            a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
+            if constexpr (kVTop) {
+              a[2 * h] = top_pair(both, s0, vs[h][gi]);
+              a[2 * h + 1] = top_pair(both, s0 + BITS, vs[h][gi]);
+            } else {
+              a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
+              a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
+            }
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {

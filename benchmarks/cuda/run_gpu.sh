@@ -20,7 +20,8 @@ step_build() {
   local t0=$SECONDS
   # RelWithDebInfo: the GPU machine's g++ (/opt/gcc) cannot run lto-wrapper,
   # and nanobind links its module with LTO in Release builds only.
-  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} > "$out/build.log" 2>&1; then
+  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} \
+      "-DCMAKE_CUDA_FLAGS=${QSDPA_CUDA_FLAGS:-}" > "$out/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - t0)) s)")
   else
     summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
@@ -152,7 +153,7 @@ step_overhead() { # host building / recording / GPU wait per call (benchmarks/cu
 
 step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits
   : > "$out/ncutime.txt"
-  for s in 0 16; do
+  for s in ${NCU_SPLITS:-0 16}; do
     echo "== QSDPA_CUDA_SPLITS=$s" >> "$out/ncutime.txt"
     QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
       --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 >> "$out/ncutime.txt" 2>&1
@@ -160,6 +161,38 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
   grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
   summary+=("kernel durations: $out/ncutime_summary.txt")
   cat "$out/ncutime_summary.txt"
+}
+
+step_stalls() { # why warps wait, one 128K call: stall reasons per issued instruction, and per SASS line
+  local f="$out/stalls.txt"
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --kernel-name regex:qsdpa --launch-skip 2 --launch-count 1 \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,smsp__cycles_active.avg" \
+    python3 benchmarks/cuda/profile.py 131072 > "$f" 2>&1
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --kernel-name regex:qsdpa --launch-skip 2 --launch-count 1 \
+    --section WarpStateStats --section SourceCounters --import-source no --page source --print-source sass --csv \
+    python3 benchmarks/cuda/profile.py 131072 > "$out/stalls_source.csv" 2>&1
+  python3 benchmarks/cuda/stall_lines.py "$out/stalls_source.csv" > "$out/stalls_lines.txt" 2>&1
+  summary+=("stalls: $f, $out/stalls_lines.txt")
+  grep -E "stalled|inst_executed|cycles_active" "$f" | sed -E 's/^ +//' | sort -k3 -rn | head -30
+}
+
+step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-DB=2"): one-call times, batched bench
+  local IFS_old=$IFS f="$out/variants.txt" v
+  IFS=';'
+  for v in ${QSDPA_VARIANTS:-}; do
+    IFS=$IFS_old
+    echo "== variant: $v" >> "$f"
+    QSDPA_CUDA_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
+    PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
+      grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
+    PYTHONPATH=$pkg:$PYTHONPATH timeout 240 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
+      --methods quant_sdpa --ctx 4096,32768,131072 2>&1 | grep quant_sdpa >> "$f"
+    IFS=';'
+  done
+  IFS=$IFS_old
+  summary+=("variants: $f")
+  cat "$f"
 }
 
 for s in "$@"; do

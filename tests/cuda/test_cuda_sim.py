@@ -20,11 +20,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
+import oracle  # noqa: E402
 import qsdpa_case  # noqa: E402
 from qsdpa_case import BF16, F16, Case  # noqa: E402
 
@@ -96,6 +99,45 @@ def test_host_plan_splits_keys(lib):
     assert plan.n_splits > 1, plan
 
 
+# The online softmax's lazy max (decode_mma.cuh): keys whose scale and bias
+# grow along the sequence, so the rows' max keeps rising, by less than the
+# threshold (weights above 1) and by more (the slow path's rescale), over
+# several tiles of every split.
+RAMP_CASES = [
+    Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16),
+    Case(**G4, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=BF16, mask="causal", sinks="f32"),
+]
+
+
+def ramp_inputs(c):
+    q, (kw, ks, kb), vq, mask, sinks = qsdpa_case.build(c)
+    with mx.stream(mx.cpu):
+        ramp = (1.0 + mx.arange(c.Lk, dtype=mx.float32) / 16.0).reshape(1, 1, c.Lk, 1)
+        ks = (ks.astype(mx.float32) * ramp).astype(ks.dtype)
+        kb = (kb.astype(mx.float32) * ramp).astype(kb.dtype)
+        mx.eval(ks, kb)
+    return q, (kw, ks, kb), vq, mask, sinks
+
+
+def ramp_rise(c, inputs) -> float:
+    """How far the largest log2-score of the last 64 keys is above that of
+    the first 64."""
+    q, (kw, ks, kb), *_ = inputs
+    k = oracle.to_numpy(mx.dequantize(kw, ks, kb, group_size=64, bits=4, stream=mx.cpu), np.float64)
+    qn = oracle.to_numpy(q, np.float64)[0].reshape(c.Hkv, -1, c.D)  # [Hkv, G * Lq, D]
+    scores = np.einsum("hqd,hkd->hqk", qn, k[0]) * c.D**-0.5 / np.log(2)
+    return float(scores[..., -64:].max() - scores[..., :64].max())
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("c", RAMP_CASES, ids=str)
+def test_lazy_max_rescales(lib, c, splits):
+    inputs = ramp_inputs(c)
+    assert ramp_rise(c, inputs) > 32  # the premise: far more than the threshold (8)
+    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, inputs=inputs)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
 # ---------------------------------------------------------------------------
 # Mutants: the checks must fail on a wrong kernel or a wrong model
 # ---------------------------------------------------------------------------
@@ -109,6 +151,10 @@ MUTANTS = {
     # The last chunk copies whole rows past the split's end: past the end of
     # the cache for the last kv head (the runtime's bounds check).
     "tail_copy": ("decode_mma.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
+    # The lazy max lets weights grow to 2^64: fp16 P overflows.
+    "lazy_threshold": ("decode_mma.cuh", "thr[nt][e] = m_new + kLazyMax;", "thr[nt][e] = m_new + 64.0f;"),
+    # The slow path forgets to rescale the denominator.
+    "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
 }
 # What each mutant's report must say (a wrong number is not enough where a
 # detector is meant to speak).
@@ -116,7 +162,11 @@ MUTANT_REPORT = {
     "fold_scale": "relative error",
     "merge_members": "merge counters not reset",
     "tail_copy": "out-of-bounds read",
+    "lazy_threshold": "",
+    "lazy_rescale_l": "",
 }
+# The mutants that only a growing max exposes run on a ramp case.
+MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}
 
 
 def _mutant_kernels(name: str) -> Path:
@@ -132,9 +182,9 @@ def _mutant_kernels(name: str) -> Path:
     return dst
 
 
-def _fails(library, c, splits) -> str:
+def _fails(library, c, splits, inputs=None) -> str:
     try:
-        out, lse, ref, ref_lse, _ = run_case(library, c, forced_splits=splits)
+        out, lse, ref, ref_lse, _ = run_case(library, c, forced_splits=splits, inputs=inputs)
         qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
     except (AssertionError, sim.SimulatorError) as e:
         return str(e)
@@ -151,8 +201,10 @@ def test_unmutated_mutant_case_passes(lib):
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_kernel_mutant_is_caught(lib, name):
     kernels = _mutant_kernels(name)
-    library = sim.Library(sim.build_library([variant_of(MUTANT_CASE)], kernel_dir=kernels, tag=f"mutant-{name}"))
-    report = _fails(library, MUTANT_CASE, 10)
+    c = RAMP_CASES[0] if name in MUTANT_RAMP else MUTANT_CASE
+    inputs = ramp_inputs(c) if name in MUTANT_RAMP else None
+    library = sim.Library(sim.build_library([variant_of(c)], kernel_dir=kernels, tag=f"mutant-{name}"))
+    report = _fails(library, c, 10 if c is MUTANT_CASE else 3, inputs)
     assert report, f"mutant {name} went unnoticed"
     assert MUTANT_REPORT[name] in report, report
 
