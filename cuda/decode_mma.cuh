@@ -136,20 +136,14 @@ struct MmaDecode {
   // 128 + code only below 128, so 8-bit affine codes go through float for
   // bf16.
   static constexpr bool kHalfMagic = kAffine && (kIsHalf || BITS <= 4);
-  static constexpr uint32_t kMagic = kIsHalf ? 0x64006400u : 0x43004300u; // T pair (M, M)
-  static constexpr float kMagicValue = kIsHalf ? 1024.0f : 128.0f; // M
   // The online softmax's lazy max (log2 units): weights up to 2^8 in T.
   static constexpr float kLazyMax = 8.0f;
-#ifndef QSDPA_EXP_KCHAINS
-#define QSDPA_EXP_KCHAINS 1
-#endif
-  static constexpr int kKChains = QSDPA_EXP_KCHAINS;
   // K side, scale after the MMA: where the codes' magic form M + code can go
   // into the MMA as is and a lane's quarter of a group is whole words, the
   // k-chunks of S^T = K Q^T stay inside one group, each group gets its own
   // accumulators, and its scale and bias are applied to the partial dot
-  // product in fp32: s * acc + (b - M s) * sum(q over the group) (fp16 x fp16
-  // products are exact in fp32). Saves the fp16 subtract and multiply-add of
+  // product in fp32: s * (acc - sum(M q)) + b * sum(q) over the group, with
+  // each element's magic M (fp16 x fp16 products are exact in fp32). Saves the fp16 subtract and multiply-add of
   // every code pair. Otherwise codes are dequantized into T before the MMA.
   static constexpr bool kScaleAfter = kHalfMagic && GS * BITS >= 128;
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
@@ -359,10 +353,30 @@ struct MmaDecode {
     return ps;
   }
 
-  // The code pair at bit `shift` of x (lo code in bits [shift, shift +
-  // BITS), hi code 16 bits above) as the T pair (M + lo, M + hi), exact.
+  // Magic pairs. A code whose bits sit inside T's mantissa, lowest bit at
+  // bit p, reads as the T value 2^(MANT - p) + code once the exponent of
+  // 2^(MANT - p) is ORed in: the mantissa's bit p weighs 1 there. So a pair
+  // at bit p < 16 of a word (hi code 16 bits above) becomes a T pair with
+  // one LOP3 where it fits under the mantissa's top, p + BITS <= MANT, and
+  // with a shift to bit 0 first otherwise (integer instructions issue at
+  // half rate; the decode is most of them).
+  static constexpr int kMant = kIsHalf ? 10 : 7; // T's explicit mantissa bits
+  static __host__ __device__ constexpr int magic_pos(int shift) {
+    return shift + BITS <= kMant ? shift : 0;
+  }
+  // The T pair (M, M), M = 2^(MANT - p), and M as a float.
+  static __host__ __device__ constexpr uint32_t magic_bits(int p) {
+    return (kIsHalf ? uint32_t(25 - p) << 10 : uint32_t(134 - p) << 7) * 0x10001u;
+  }
+  static __host__ __device__ constexpr float magic_value(int p) {
+    return float(1 << (kMant - p));
+  }
+
+  // The code pair at bit `shift` (< 16) of x as the T pair (M + lo, M + hi),
+  // exact, M = magic_value(magic_pos(shift)).
   static __device__ __forceinline__ uint32_t magic_pair(uint32_t x, int shift) {
-    return mma_detail::and_or(x >> shift, kPairMask, kMagic);
+    const int p = magic_pos(shift);
+    return mma_detail::and_or(x >> (shift - p), kPairMask << p, magic_bits(p));
   }
 
   // The code pair at bit `shift` of x (lo code in bits [shift, shift +
@@ -372,7 +386,7 @@ struct MmaDecode {
       // T(magic + code) - T(magic) is the exact code; one fused
       // multiply-add in T applies scale and bias (one rounding, as
       // mx.dequantize in the cache dtype).
-      constexpr uint32_t magic = kMagic;
+      const uint32_t magic = magic_bits(magic_pos(shift));
       const uint32_t y = magic_pair(x, shift);
       if constexpr (kIsHalf) {
         const __half2 c = __hsub2(*reinterpret_cast<const __half2*>(&y), *reinterpret_cast<const __half2*>(&magic));
@@ -391,49 +405,6 @@ struct MmaDecode {
       const float lo = mma_detail::code_value<MODE>(codes & kMask);
       const float hi = mma_detail::code_value<MODE>((codes >> 16) & kMask);
       return mma_detail::pack2<T>(fmaf(lo, ps.s0, ps.b0), fmaf(hi, ps.s1, ps.b1));
-    }
-  }
-
-#ifndef QSDPA_EXP_VTOP
-#define QSDPA_EXP_VTOP 0
-#endif
-  static constexpr bool kVTop = QSDPA_EXP_VTOP && kHalfMagic && kIsHalf;
-  static constexpr int kTopBit = (kIsHalf ? 10 : 7) - BITS; // a code's lowest bit under 1.0's mantissa
-  static constexpr uint32_t kOne = kIsHalf ? 0x3c003c00u : 0x3f803f80u; // T pair (1, 1)
-
-  // (2^B s, b - 2^B s) as T pairs: 1 + c 2^-B times the first plus the second
-  // is c s + b (one rounding of b - 2^B s, then one of the result).
-  static __device__ __forceinline__ PairScale top_scale(PairScale ps) {
-    const uint32_t k = kIsHalf ? (uint32_t(15 + BITS) << 10) * 0x10001u : (uint32_t(127 + BITS) << 7) * 0x10001u;
-    if constexpr (kIsHalf) {
-      const __half2 s2 = __hmul2(*reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&k));
-      const __half2 b2 = __hsub2(*reinterpret_cast<const __half2*>(&ps.b2), s2);
-      ps.s2 = *reinterpret_cast<const uint32_t*>(&s2);
-      ps.b2 = *reinterpret_cast<const uint32_t*>(&b2);
-    } else {
-      const __nv_bfloat162 s2 =
-          __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&ps.s2), *reinterpret_cast<const __nv_bfloat162*>(&k));
-      const __nv_bfloat162 b2 = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&ps.b2), s2);
-      ps.s2 = *reinterpret_cast<const uint32_t*>(&s2);
-      ps.b2 = *reinterpret_cast<const uint32_t*>(&b2);
-    }
-    return ps;
-  }
-
-  // The code pair at bit `shift` of x as the T pair 1 + c 2^-B, times and
-  // plus top_scale's pair: one shift, one LOP3, one HFMA2.
-  static __device__ __forceinline__ uint32_t top_pair(uint32_t x, int shift, const PairScale& ps) {
-    const uint32_t y = mma_detail::and_or(
-        shift <= kTopBit ? x << (kTopBit - shift) : x >> (shift - kTopBit), kPairMask << kTopBit, kOne);
-    if constexpr (kIsHalf) {
-      const __half2 r =
-          __hfma2(*reinterpret_cast<const __half2*>(&y), *reinterpret_cast<const __half2*>(&ps.s2), *reinterpret_cast<const __half2*>(&ps.b2));
-      return *reinterpret_cast<const uint32_t*>(&r);
-    } else {
-      const __nv_bfloat162 r = __hfma2(
-          *reinterpret_cast<const __nv_bfloat162*>(&y), *reinterpret_cast<const __nv_bfloat162*>(&ps.s2),
-          *reinterpret_cast<const __nv_bfloat162*>(&ps.b2));
-      return *reinterpret_cast<const uint32_t*>(&r);
     }
   }
 
@@ -507,10 +478,10 @@ struct MmaDecode {
   }
 
   // The same with the scale after the MMA (kScaleAfter): the codes' exact
-  // magic form M + c goes into the MMA, one accumulator per group; then per
-  // key (rows g, g + 8) and query row, in fp32,
-  //   S = sum over groups of  s * acc + (b - M s) * qsum,
-  // since acc = sum (M + c) q = M qsum + sum c q.
+  // magic form M + c goes into the MMA, one accumulator per group, which
+  // starts at -msum = -sum M q (M: each element's magic) and so ends at
+  // sum c q; then per key (rows g, g + 8) and query row, in fp32,
+  //   S = sum over groups of  s * acc + b * qsum.
   static __device__ __forceinline__ void k_scores_scale_after(
       const unsigned char* st,
       int lk0,
@@ -518,6 +489,7 @@ struct MmaDecode {
       int t,
       const uint32_t (&qb)[NT][NCH][2],
       const float (&qsum)[NT][NKS][2],
+      const float (&msum)[NT][NKS][2],
       float (&s)[NT][4]) {
     // Scales and biases of the two keys, every group (one vector load each).
     constexpr int SW = (SRB + 3) / 4;
@@ -536,11 +508,15 @@ struct MmaDecode {
       for (int h = 0; h < 2; ++h) {
         mma_detail::load_shared<KQ>(st + (lk0 + g + 8 * h) * RB + sp * (KS * BITS / 8) + t * KQ, kw[h]);
       }
-      // Two accumulator chains per span (even and odd k-chunks), summed
-      // before the fold: each MMA waits for the previous one of its chain.
-      float acc[NT][4], acc2[NT][4];
-      zero_tiles(acc);
-      zero_tiles(acc2);
+      // The accumulators start at -sum(M q), so that they end at sum(c q).
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          acc[nt][e4] = -msum[nt][sp][e4 & 1];
+        }
+      }
 #pragma unroll
       for (int cc = 0; cc < CPS; ++cc) {
         uint32_t a[4];
@@ -555,30 +531,20 @@ struct MmaDecode {
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          mma_detail::mma_16816<T>(
-              kKChains == 2 && cc % 2 == 1 ? acc2[nt] : acc[nt], a, qb[nt][sp * CPS + cc][0], qb[nt][sp * CPS + cc][1]);
+          mma_detail::mma_16816<T>(acc[nt], a, qb[nt][sp * CPS + cc][0], qb[nt][sp * CPS + cc][1]);
         }
       }
-      if constexpr (kKChains == 2 && CPS > 1) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e4 = 0; e4 < 4; ++e4) {
-            acc[nt][e4] += acc2[nt][e4];
-          }
-        }
-      }
-      float sc[2], bm[2];
+      float sc[2], bi[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         sc[h] = scale_float((ksw[h][sp / 2] >> (16 * (sp % 2))) & 0xffffu);
-        bm[h] = fmaf(-kMagicValue, sc[h], scale_float((kbw[h][sp / 2] >> (16 * (sp % 2))) & 0xffffu));
+        bi[h] = scale_float((kbw[h][sp / 2] >> (16 * (sp % 2))) & 0xffffu);
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e4 = 0; e4 < 4; ++e4) {
-          s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4], fmaf(bm[e4 >> 1], qsum[nt][sp][e4 & 1], s[nt][e4]));
+          s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4], fmaf(bi[e4 >> 1], qsum[nt][sp][e4 & 1], s[nt][e4]));
         }
       }
     }
@@ -634,26 +600,34 @@ struct MmaDecode {
     }
 
     // Scale after the MMA: each accumulator row's sum of the queries over
-    // each K span (= group), from the T values the MMA sees.
-    float qsum[NT][NKS][2];
+    // each K span (= group), and the sum of M q with each element's magic M
+    // (the MMA's products are (M + c) q), from the T values the MMA sees.
+    float qsum[NT][NKS][2], msum[NT][NKS][2];
     if constexpr (kScaleAfter) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int sp = 0; sp < NKS; ++sp) {
-          float x = 0.0f; // row nt * 8 + g, this lane's slots
+          float x = 0.0f, y = 0.0f; // row nt * 8 + g, this lane's slots
 #pragma unroll
           for (int cc = 0; cc < CPS; ++cc) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              x += mma_detail::pair_sum<T>(qb[nt][sp * CPS + cc][j]);
+              const float q2 = mma_detail::pair_sum<T>(qb[nt][sp * CPS + cc][j]);
+              const int sh = qsdpa::element_shift(pair_lo(2 * cc + j) % EW, BITS);
+              x += q2;
+              y = fmaf(magic_value(magic_pos(sh)), q2, y);
             }
           }
-          x += __shfl_xor_sync(0xffffffffu, x, 1);
-          x += __shfl_xor_sync(0xffffffffu, x, 2);
+#pragma unroll
+          for (int lanes = 1; lanes <= 2; lanes *= 2) {
+            x += __shfl_xor_sync(0xffffffffu, x, lanes);
+            y += __shfl_xor_sync(0xffffffffu, y, lanes);
+          }
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             qsum[nt][sp][e] = __shfl_sync(0xffffffffu, x, 4 * (2 * t + e));
+            msum[nt][sp][e] = __shfl_sync(0xffffffffu, y, 4 * (2 * t + e));
           }
         }
       }
@@ -716,7 +690,7 @@ struct MmaDecode {
       // ---- S^T = K Q^T over this warp's 16 keys ----
       float s[NT][4];
       if constexpr (kScaleAfter) {
-        k_scores_scale_after(st, lk0, g, t, qb, qsum, s);
+        k_scores_scale_after(st, lk0, g, t, qb, qsum, msum, s);
       } else {
         k_scores(st, lk0, g, t, qb, s);
       }
@@ -828,9 +802,7 @@ struct MmaDecode {
           for (int gi = 0; gi < NGV; ++gi) {
             const int key = lk0 + 2 * t + 8 * h;
             vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
-            if constexpr (kVTop) {
-              vs[h][gi] = top_scale(vs[h][gi]);
-            }
+
           }
         }
 #pragma unroll
@@ -839,20 +811,21 @@ struct MmaDecode {
           const int wv = e0 / EW;
           const int sh = qsdpa::element_shift(e0 % EW, BITS);
           const int gi = NGV > 1 ? e0 / GS : 0;
+          // Up to 4 bits, both elements lie in one byte, which goes to the
+          // bottom of each half (so that they are at bits 0 and BITS of the
+          // half, where magic_pair needs no shift); 8-bit elements take
+          // the 16-bit half holding both.
+          constexpr bool kByte = BITS <= 4;
+          const int byte = sh / 8;
+          const uint32_t sel = kByte ? uint32_t(byte * 0x11 + (byte + 4) * 0x1100) : (sh >= 16 ? 0x7632u : 0x5410u);
+          const int s0 = kByte ? sh % 8 : sh % 16;
           uint32_t a[4];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            // The 16-bit half holding both elements, of key A in the low
-            // half and of key B in the high half.
-            const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sh >= 16 ? 0x7632 : 0x5410);
-            const int s0 = sh % 16;
-            if constexpr (kVTop) {
-              a[2 * h] = top_pair(both, s0, vs[h][gi]);
-              a[2 * h + 1] = top_pair(both, s0 + BITS, vs[h][gi]);
-            } else {
-              a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
-              a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
-            }
+            // Key A's elements in the low half, key B's in the high half.
+            const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sel);
+            a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
+            a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {

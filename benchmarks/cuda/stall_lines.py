@@ -10,11 +10,12 @@ def main(path: str) -> None:
     with open(path, newline="") as f:
         lines = [l for l in f if l.startswith('"')]
     rows = list(csv.reader(lines))
+    # A "Kernel Name" line comes before the header.
+    rows = rows[next((i for i, r in enumerate(rows) if r and r[0] == "Address"), 0):]
     if not rows:
         print("no CSV rows in", path)
         return
     head = rows[0]
-    print("columns:", head)
     try:
         src = next(i for i, h in enumerate(head) if h.strip().lower() == "source")
         smp = next(i for i, h in enumerate(head) if "Warp Stall Sampling (All" in h)
@@ -37,9 +38,17 @@ def main(path: str) -> None:
         by_op[op.split(".")[0]] += n
     print(f"total samples {total:.0f}")
     print("by opcode:", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in by_op.most_common(20)))
-    reasons = [i for i, h in enumerate(head) if h.startswith("stall_") or "Stall" in h and i != smp]
+    reasons = [i for i, h in enumerate(head) if h.startswith("stall_") and "Not Issued" not in h]
+    by_reason = collections.Counter()
+    for _, _, _, r in body:
+        for i in reasons:
+            try:
+                by_reason[head[i]] += float(r[i] or 0)
+            except (ValueError, IndexError):
+                pass
+    print("by reason:", ", ".join(f"{k[6:]} {100 * v / total:.1f}%" for k, v in by_reason.most_common(12)))
     for n, a, s, r in sorted(body, key=lambda b: -b[0])[:60]:
-        extra = ", ".join(f"{head[i]}={r[i]}" for i in reasons if i < len(r) and r[i] not in ("", "0"))
+        extra = ", ".join(f"{head[i][6:]}={r[i]}" for i in reasons if i < len(r) and r[i] not in ("", "0"))
         print(f"{100 * n / total:5.1f}%  {a}  {s[:70]:70s} {extra[:200]}")
 
 

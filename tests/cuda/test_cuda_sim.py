@@ -144,8 +144,11 @@ def test_lazy_max_rescales(lib, c, splits):
 
 MUTANT_CASE = Case(**G4, Lq=1, Lk=600, D=64, fmt=("affine", 4, 64), dtype=F16)
 MUTANTS = {
-    # The fp32 fold of the K bias uses key g's scale for key g + 8 too.
-    "fold_scale": ("decode_mma.cuh", "bm[h] = fmaf(-kMagicValue, sc[h],", "bm[h] = fmaf(-kMagicValue, sc[0],"),
+    # The fp32 fold uses key g's scale for key g + 8 too.
+    "fold_scale": ("decode_mma.cuh", "s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4],", "s[nt][e4] = fmaf(sc[0], acc[nt][e4],"),
+    # The sum of M q takes 2^10 for every element, also for codes masked in
+    # place higher up the mantissa (whose magic is smaller).
+    "magic_sum": ("decode_mma.cuh", "y = fmaf(magic_value(magic_pos(sh)), q2, y);", "y = fmaf(magic_value(0), q2, y);"),
     # Every merge group believed full: the last group never completes.
     "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
     # The last chunk copies whole rows past the split's end: past the end of
@@ -160,6 +163,7 @@ MUTANTS = {
 # detector is meant to speak).
 MUTANT_REPORT = {
     "fold_scale": "relative error",
+    "magic_sum": "relative error",
     "merge_members": "merge counters not reset",
     "tail_copy": "out-of-bounds read",
     "lazy_threshold": "",
