@@ -200,13 +200,17 @@ struct MmaDecode {
   static constexpr int kVB = 3;
 
   // A chunk's copies: thread tid's 16-byte units of packed K and V rows are
-  // rows row0 + i * kRowStep (row0 = tid / UPR), column tid % UPR; thread
-  // tid < US copies unit tid of each scale array.
+  // rows row0 + i * kRowStep (row0 = tid / UPR), column tid % UPR; the scale
+  // arrays, consecutive in the stage, are NSU units u = tid + k * kThreads
+  // of theirs (array u / US, unit u % US), so that a thread keeps one running
+  // pointer per unit instead of one per array.
   static constexpr int UPR = RB / 16; // 16-byte units per packed row
   static constexpr int kRowStep = kThreads / UPR; // rows between a thread's units
   static constexpr int NKU = (CK + kRowStep - 1) / kRowStep; // units per thread
   static constexpr int US = kScaleArrayBytes / 16; // units per scale array
-  static_assert(kThreads % UPR == 0 && US <= kThreads, "copy plan");
+  static constexpr int kScaleUnits = kNScaleArrays * US;
+  static constexpr int NSU = (kScaleUnits + kThreads - 1) / kThreads; // scale units per thread
+  static_assert(kThreads % UPR == 0 && US * 16 == kScaleArrayBytes, "copy plan");
 
   // The copies of one thread: the whole block copies chunk c of the split
   // into a stage of the ring, chunks in order. Running pointers advance by a
@@ -216,8 +220,7 @@ struct MmaDecode {
     const unsigned char* kc; // the next chunk's K row row0, at this thread's column
     const unsigned char* vc;
     int64_t krow, vrow; // bytes between key rows
-    const unsigned char* s[4]; // scale arrays at the split's first key, + unit
-    int soff; // bytes from there to the next chunk's scales
+    const unsigned char* sc[NSU]; // the next chunk's scale units of this thread
     int row0; // the thread's first row in a chunk
     int st_words; // stage byte offset of the thread's first K/V unit
     int keys; // keys of the split
@@ -239,16 +242,16 @@ struct MmaDecode {
         (int64_t(k_begin) + cp.row0) * cp.krow + col;
     cp.vc = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) +
         (int64_t(k_begin) + cp.row0) * cp.vrow + col;
-    const int64_t s0 = int64_t(k_begin) * SRB + (tid < US ? tid : 0) * 16;
-    cp.s[kKS] = byte_ptr(p.k.scales, int64_t(b) * p.k.ss[0] + int64_t(kvh) * p.k.ss[1], SB) + s0;
-    cp.s[kVS] = byte_ptr(p.v.scales, int64_t(b) * p.v.ss[0] + int64_t(kvh) * p.v.ss[1], SB) + s0;
-    if constexpr (kAffine) {
-      cp.s[kKB] = byte_ptr(p.k.biases, int64_t(b) * p.k.bs[0] + int64_t(kvh) * p.k.bs[1], SB) + s0;
-      cp.s[kVB] = byte_ptr(p.v.biases, int64_t(b) * p.v.bs[0] + int64_t(kvh) * p.v.bs[1], SB) + s0;
-    } else {
-      cp.s[2] = cp.s[3] = nullptr;
+#pragma unroll
+    for (int k = 0; k < NSU; ++k) {
+      const int u = min(tid + k * kThreads, kScaleUnits - 1); // threads past the last unit copy none
+      const int a = u / US;
+      const bool bias = kAffine && (a == kKB || a == kVB);
+      const QuantTensor& x = a == kKS || (bias && a == kKB) ? p.k : p.v;
+      const void* base = bias ? x.biases : x.scales;
+      const int64_t off = bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
+      cp.sc[k] = byte_ptr(base, off, SB) + int64_t(k_begin) * SRB + (u % US) * 16;
     }
-    cp.soff = 0;
     cp.keys = k_end - k_begin;
     return cp;
   }
@@ -269,6 +272,13 @@ struct MmaDecode {
           mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
         }
       }
+#pragma unroll
+      for (int k = 0; k < NSU; ++k) {
+        const int u = threadIdx.x + k * kThreads;
+        if (kScaleUnits % kThreads == 0 || u < kScaleUnits) {
+          mma_detail::cp_async16(st + kOffS + u * 16, cp.sc[k], 16);
+        }
+      }
     } else {
       // The split's last chunk.
       const int64_t back = int64_t(c) * CK + cp.row0; // rows back to the split's first
@@ -283,20 +293,24 @@ struct MmaDecode {
           mma_detail::cp_async16(st + kOffV + so, cp.vc + r * cp.vrow, ok ? 16 : 0);
         }
       }
-    }
-    if (threadIdx.x < US) {
-      // A unit holds the scales of 16 / SRB keys: the last one of the
-      // split may hold some past its end.
-      const int n = min(max(valid * SRB - int(threadIdx.x) * 16, 0), 16);
-      const int off = n > 0 ? cp.soff : 0;
 #pragma unroll
-      for (int a = 0; a < kNScaleArrays; ++a) {
-        mma_detail::cp_async16(st + kOffS + a * kScaleArrayBytes + threadIdx.x * 16, cp.s[a] + off, n);
+      for (int k = 0; k < NSU; ++k) {
+        const int u = threadIdx.x + k * kThreads;
+        if (kScaleUnits % kThreads == 0 || u < kScaleUnits) {
+          // A unit holds the scales of 16 / SRB keys: the last one of the
+          // split may hold some past its end.
+          const int n = min(max(valid * SRB - (u % US) * 16, 0), 16);
+          const unsigned char* src = n > 0 ? cp.sc[k] : cp.sc[k] - int64_t(c) * CK * SRB;
+          mma_detail::cp_async16(st + kOffS + u * 16, src, n);
+        }
       }
     }
     cp.kc += CK * cp.krow;
     cp.vc += CK * cp.vrow;
-    cp.soff += CK * SRB;
+#pragma unroll
+    for (int k = 0; k < NSU; ++k) {
+      cp.sc[k] += CK * SRB;
+    }
   }
 
   // A raw scale (or bias) of key row `key` (of the stage), group `grp`.

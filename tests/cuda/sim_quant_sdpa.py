@@ -42,14 +42,25 @@ def broadcast_mask(m: np.ndarray, c: qsdpa_case.Case) -> Tensor:
     return Tensor(m.reshape(-1), tuple(s // m.itemsize for s in view.strides), view.shape)
 
 
-def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None):
-    """Runs the case on the simulator: (out, lse, ref, ref_lse, plan)."""
+def padded_rows(a: np.ndarray, pad: int) -> Tensor:
+    """A [B, H, L, W] array whose rows are `pad` elements apart in memory
+    (a strided view, as a slice of a wider buffer gives)."""
+    B, H, L, W = a.shape
+    buf = np.zeros((B, H, L, W + pad), a.dtype)
+    buf[..., :W] = a
+    return Tensor(buf.reshape(-1), (H * L * (W + pad), L * (W + pad), W + pad, 1), a.shape)
+
+
+def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0):
+    """Runs the case on the simulator: (out, lse, ref, ref_lse, plan).
+    row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent)."""
     q, kq, vq, mask, sinks = qsdpa_case.build(c) if inputs is None else inputs
     v = variant_of(c)
 
     def triple(t):
         w, s, b = t
-        return dense(raw(w)), dense(raw(s)), None if b is None else dense(raw(b))
+        words = padded_rows(raw(w), row_pad) if row_pad else dense(raw(w))
+        return words, dense(raw(s)), None if b is None else dense(raw(b))
 
     mask_kind, mask_t = None, None
     if isinstance(mask, mx.array):

@@ -90,6 +90,15 @@ def test_decode_mma_matches_oracle(lib, entry):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("entry", CASES[:3], ids=[_id(e) for e in CASES[:3]])
+def test_strided_rows(lib, entry):
+    """Packed K/V rows 16 bytes apart (not adjacent, as in a slice of a wider
+    buffer): the chunk copies follow the row stride."""
+    c, splits = entry
+    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, row_pad=4)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
 def test_host_plan_splits_keys(lib):
     """The unforced plan of the B=2 case really splits (a wave of 396 blocks
     over 4 tiles), so its merge runs too."""
