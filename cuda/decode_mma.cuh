@@ -130,7 +130,11 @@ struct MmaDecode {
   static constexpr int NG = D / GS; // groups per key row
   static constexpr int SB = kAffine ? int(sizeof(T)) : 1; // bytes per scale
   static constexpr int SRB = NG * SB; // scale bytes per key row
-  static constexpr int CK = kKeysPerBlockStep; // keys per chunk, 16 per warp
+  // Keys per chunk: TPW tiles of 16 keys per warp; two where the stages
+  // stay small enough for a deep ring (more independent work per warp and
+  // one barrier per 128 keys), else one.
+  static constexpr int TPW = D <= 128 ? 2 : 1;
+  static constexpr int CK = 64 * TPW;
   static constexpr bool kIsHalf = std::is_same_v<T, __half>;
   // fp16 holds 1024 + code exactly for every code; bf16 (8 significant bits)
   // 128 + code only below 128, so 8-bit affine codes go through float for
@@ -165,7 +169,7 @@ struct MmaDecode {
   static_assert(RB >= 16 && KQ >= 4 && VB >= 2, "run sizes");
   static_assert(!kScaleAfter || (KQ % 4 == 0 && NKS == NG), "scale after: whole words per group quarter");
   static_assert(SRB <= 16 && (CK * SRB) % 16 == 0, "scale rows");
-  static_assert(CK == 64, "four warps of 16 keys per chunk");
+  static_assert(CK == 4 * 16 * TPW && CK % kKeysPerBlockStep == 0, "four warps of TPW tiles of 16 keys per chunk");
 
   // One stage of the ring: a chunk's K rows, V rows, then the scale arrays
   // (K scales, [K biases,] V scales[, V biases]), each row-major and dense.
@@ -564,6 +568,56 @@ struct MmaDecode {
     }
   }
 
+  // O^T += V^T P^T over the 16 keys from lk0 of stage st.
+  static __device__ __forceinline__ void v_accumulate(
+      const unsigned char* st, int lk0, int g, int t, const uint32_t (&pb)[NT][2], float (&o)[NCH][NT][4]) {
+    // Keys 2t, 2t+1 (pair h = 0) and 2t+8, 2t+9 (h = 1), the g-th
+    // eighth of each row.
+    uint32_t vw[4][VW];
+#pragma unroll
+    for (int kp = 0; kp < 4; ++kp) {
+      const int key = lk0 + 2 * t + (kp & 1) + 8 * (kp >> 1);
+      mma_detail::load_shared<VB>(st + kOffV + key * RB + g * VB, vw[kp]);
+    }
+    constexpr int NGV = RV >= GS ? RV / GS : 1;
+    PairScale vs[2][NGV];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int gi = 0; gi < NGV; ++gi) {
+        const int key = lk0 + 2 * t + 8 * h;
+        vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+      const int e0 = 2 * j; // elements e0 (head-dim row g) and e0 + 1 (row g + 8)
+      const int wv = e0 / EW;
+      const int sh = qsdpa::element_shift(e0 % EW, BITS);
+      const int gi = NGV > 1 ? e0 / GS : 0;
+      // Up to 4 bits, both elements lie in one byte, which goes to the
+      // bottom of each half (so that they are at bits 0 and BITS of the
+      // half, where magic_pair needs no shift); 8-bit elements take
+      // the 16-bit half holding both.
+      constexpr bool kByte = BITS <= 4;
+      const int byte = sh / 8;
+      const uint32_t sel = kByte ? uint32_t(byte * 0x11 + (byte + 4) * 0x1100) : (sh >= 16 ? 0x7632u : 0x5410u);
+      const int s0 = kByte ? sh % 8 : sh % 16;
+      uint32_t a[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Key A's elements in the low half, key B's in the high half.
+        const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sel);
+        a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
+        a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_detail::mma_16816<T>(o[j][nt], a, pb[nt][0], pb[nt][1]);
+      }
+    }
+  }
+
   static __device__ void run(const Params& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x / 32;
@@ -695,40 +749,52 @@ struct MmaDecode {
       mma_detail::cp_async_commit();
 
       const unsigned char* st = smem_raw + (c % NS) * kStageBytes;
-      const int lk0 = 16 * warp; // this warp's keys in the chunk
+      const int lk0 = 16 * TPW * warp; // this warp's keys in the chunk: TPW tiles of 16
       const int key0 = k_begin + c * CK + lk0;
       if (key0 >= k_end) {
         continue;
       }
 
-      // ---- S^T = K Q^T over this warp's 16 keys ----
-      float s[NT][4];
-      if constexpr (kScaleAfter) {
-        k_scores_scale_after(st, lk0, g, t, qb, qsum, msum, s);
-      } else {
-        k_scores(st, lk0, g, t, qb, s);
+      // ---- S^T = K Q^T over this warp's tiles (independent: their MMAs
+      // and decodes interleave) ----
+      float s[TPW][NT][4];
+#pragma unroll
+      for (int u = 0; u < TPW; ++u) {
+        if constexpr (kScaleAfter) {
+          k_scores_scale_after(st, lk0 + 16 * u, g, t, qb, qsum, msum, s[u]);
+        } else {
+          k_scores(st, lk0 + 16 * u, g, t, qb, s[u]);
+        }
       }
 
       // ---- masks and the online softmax (query rows 2t, 2t + 1) ----
-      const bool tail = key0 + 16 > k_end;
-      const bool causal_here = causal && key0 + 15 >= causal_from;
-      uint32_t pb[NT][2];
+      const bool tail = key0 + 16 * TPW > k_end;
+      const bool causal_here = causal && key0 + 16 * TPW - 1 >= causal_from;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+      for (int u = 0; u < TPW; ++u) {
 #pragma unroll
-        for (int e4 = 0; e4 < 4; ++e4) {
-          s[nt][e4] *= p.scale_log2;
-        }
-        // Masks in a warp-uniform branch: most tiles see none.
-        if (tail || causal_here || array_masked) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int e4 = 0; e4 < 4; ++e4) {
-            const int e = e4 & 1;
-            const int key = key0 + g + 8 * (e4 >> 1);
-            if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
-              s[nt][e4] = neg_inf();
-            } else if (array_masked && crow_ok[nt][e]) {
-              s[nt][e4] += array_mask(p, b, crow[nt][e], key);
+            s[u][nt][e4] *= p.scale_log2;
+          }
+        }
+      }
+      // Masks in a warp-uniform branch: most steps see none.
+      if (tail || causal_here || array_masked) {
+#pragma unroll
+        for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e4 = 0; e4 < 4; ++e4) {
+              const int e = e4 & 1;
+              const int key = key0 + 16 * u + g + 8 * (e4 >> 1);
+              if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
+                s[u][nt][e4] = neg_inf();
+              } else if (array_masked && crow_ok[nt][e]) {
+                s[u][nt][e4] += array_mask(p, b, crow[nt][e], key);
+              }
             }
           }
         }
@@ -736,8 +802,8 @@ struct MmaDecode {
       // A lazy max: p = 2^(s - base) with base the row's reference max (0
       // while it has seen no key), which moves only when a score exceeds it
       // by more than kLazyMax; then O and l are rescaled. So p <= 2^kLazyMax
-      // (exact enough in T, far from its overflow), and a tile whose scores
-      // stay under their rows' thresholds (nearly all, once the first tiles
+      // (exact enough in T, far from its overflow), and a step whose scores
+      // stay under their rows' thresholds (nearly all, once the first steps
       // have set the max) costs one vote instead of a max reduction across
       // the row's lanes (three shuffles). A NaN score also fails the test,
       // so the slow path alone handles NaN (an inf code or scale meeting a
@@ -745,25 +811,33 @@ struct MmaDecode {
       // as in the generic kernel.
       bool over = false;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+      for (int u = 0; u < TPW; ++u) {
 #pragma unroll
-        for (int e4 = 0; e4 < 4; ++e4) {
-          over |= !(s[nt][e4] <= thr[nt][e4 & 1]);
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e4 = 0; e4 < 4; ++e4) {
+            over |= !(s[u][nt][e4] <= thr[nt][e4 & 1]);
+          }
         }
       }
       if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e4 = 0; e4 < 4; ++e4) {
-            if (s[nt][e4] != s[nt][e4]) {
-              s[nt][e4] = neg_inf();
-            }
-          }
           float corr[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float mx = fmaxf(s[nt][e], s[nt][2 + e]);
+            float mx = neg_inf();
+#pragma unroll
+            for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                float& x = s[u][nt][2 * h + e];
+                if (x != x) {
+                  x = neg_inf();
+                }
+                mx = fmaxf(mx, x);
+              }
+            }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
@@ -784,68 +858,28 @@ struct MmaDecode {
           }
         }
       }
+      uint32_t pb[TPW][NT][2];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+      for (int u = 0; u < TPW; ++u) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p0 = mma_detail::exp2_fast(s[nt][e] - base[nt][e]);
-          const float p1 = mma_detail::exp2_fast(s[nt][2 + e] - base[nt][e]);
-          l[nt][e] += p0 + p1;
-          s[nt][e] = p0;
-          s[nt][2 + e] = p1;
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p0 = mma_detail::exp2_fast(s[u][nt][e] - base[nt][e]);
+            const float p1 = mma_detail::exp2_fast(s[u][nt][2 + e] - base[nt][e]);
+            l[nt][e] += p0 + p1;
+            s[u][nt][e] = p0;
+            s[u][nt][2 + e] = p1;
+          }
+          pb[u][nt][0] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[u][nt][0], s[u][nt][1]));
+          pb[u][nt][1] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[u][nt][2], s[u][nt][3]));
         }
-        pb[nt][0] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][0], s[nt][1]));
-        pb[nt][1] = mma_detail::transpose8x8(mma_detail::pack2<T>(s[nt][2], s[nt][3]));
       }
 
       // ---- O^T += V^T P^T ----
-      {
-        // Keys 2t, 2t+1 (pair h = 0) and 2t+8, 2t+9 (h = 1), the g-th
-        // eighth of each row.
-        uint32_t vw[4][VW];
 #pragma unroll
-        for (int kp = 0; kp < 4; ++kp) {
-          const int key = lk0 + 2 * t + (kp & 1) + 8 * (kp >> 1);
-          mma_detail::load_shared<VB>(st + kOffV + key * RB + g * VB, vw[kp]);
-        }
-        constexpr int NGV = RV >= GS ? RV / GS : 1;
-        PairScale vs[2][NGV];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int gi = 0; gi < NGV; ++gi) {
-            const int key = lk0 + 2 * t + 8 * h;
-            vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
-
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < NCH; ++j) {
-          const int e0 = 2 * j; // elements e0 (head-dim row g) and e0 + 1 (row g + 8)
-          const int wv = e0 / EW;
-          const int sh = qsdpa::element_shift(e0 % EW, BITS);
-          const int gi = NGV > 1 ? e0 / GS : 0;
-          // Up to 4 bits, both elements lie in one byte, which goes to the
-          // bottom of each half (so that they are at bits 0 and BITS of the
-          // half, where magic_pair needs no shift); 8-bit elements take
-          // the 16-bit half holding both.
-          constexpr bool kByte = BITS <= 4;
-          const int byte = sh / 8;
-          const uint32_t sel = kByte ? uint32_t(byte * 0x11 + (byte + 4) * 0x1100) : (sh >= 16 ? 0x7632u : 0x5410u);
-          const int s0 = kByte ? sh % 8 : sh % 16;
-          uint32_t a[4];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            // Key A's elements in the low half, key B's in the high half.
-            const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sel);
-            a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
-            a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
-          }
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            mma_detail::mma_16816<T>(o[j][nt], a, pb[nt][0], pb[nt][1]);
-          }
-        }
+      for (int u = 0; u < TPW; ++u) {
+        v_accumulate(st, lk0 + 16 * u, g, t, pb[u], o);
       }
     }
     // The ring is reused by the epilogue: no copy may still be landing.
