@@ -130,11 +130,6 @@ struct MmaDecode {
   static constexpr int NG = D / GS; // groups per key row
   static constexpr int SB = kAffine ? int(sizeof(T)) : 1; // bytes per scale
   static constexpr int SRB = NG * SB; // scale bytes per key row
-  // Keys per chunk: TPW tiles of 16 keys per warp; two where the stages
-  // stay small enough for a deep ring (more independent work per warp and
-  // one barrier per 128 keys), else one.
-  static constexpr int TPW = D <= 128 ? 2 : 1;
-  static constexpr int CK = 64 * TPW;
   static constexpr bool kIsHalf = std::is_same_v<T, __half>;
   // fp16 holds 1024 + code exactly for every code; bf16 (8 significant bits)
   // 128 + code only below 128, so 8-bit affine codes go through float for
@@ -150,6 +145,15 @@ struct MmaDecode {
   // each element's magic M (fp16 x fp16 products are exact in fp32). Saves the fp16 subtract and multiply-add of
   // every code pair. Otherwise codes are dequantized into T before the MMA.
   static constexpr bool kScaleAfter = kHalfMagic && GS * BITS >= 128;
+  // Tiles of 16 keys per warp and chunk step: two (more independent work per
+  // warp, one vote and one barrier per 128 keys) for the one-tile-row
+  // kernels of the affine formats with the scale after the MMA and groups
+  // of 64 or more, head dims up to 128: there they fit the register budget
+  // without spilling in the loop (measured on the H200 for 4-bit gs64: 128K
+  // keys 57.3 -> 53.2 us). Elsewhere two tiles spill (16-row tiles, float
+  // decode of the fp formats: mxfp4 went 71 -> 84 us at 32K), so one.
+  static constexpr int TPW = kScaleAfter && GS >= 64 && D <= 128 && NT == 1 ? 2 : 1;
+  static constexpr int CK = 64 * TPW; // keys per chunk: TPW tiles of 16 keys per warp
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
   static constexpr int NKS = D / KS; // K spans per key row
   static constexpr int CPS = KS / 16; // k-chunks per span
