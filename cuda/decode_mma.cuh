@@ -394,6 +394,20 @@ struct MmaDecode {
     return float(1 << (kMant - p));
   }
 
+  // The PairScales of a lane's two fragment row pairs (h = 0, 1: keys key0 + 8h
+  // and key0 + 8h + step), groups grp0 .. grp0 + NGX - 1.
+  template <int NGX>
+  static __device__ __forceinline__ void pair_scales(
+      const unsigned char* st, int sa, int ba, int key0, int step, int grp0, PairScale (&ps)[2][NGX]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int gi = 0; gi < NGX; ++gi) {
+        ps[h][gi] = pair_scale(st, sa, ba, key0 + 8 * h, key0 + 8 * h + step, grp0 + gi);
+      }
+    }
+  }
+
   // The code pair at bit `shift` (< 16) of x as the T pair (M + lo, M + hi),
   // exact, M = magic_value(magic_pos(shift)).
   static __device__ __forceinline__ uint32_t magic_pair(uint32_t x, int shift) {
@@ -462,14 +476,7 @@ struct MmaDecode {
     // Groups of lane t's quarter: one unless the quarter spans several.
     constexpr int NGK = RK >= GS ? RK / GS : 1;
     PairScale ks[2][NGK];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int gi = 0; gi < NGK; ++gi) {
-        const int key = lk0 + g + 8 * h;
-        ks[h][gi] = pair_scale(st, kKS, kKB, key, key, (RK * t) / GS + gi);
-      }
-    }
+    pair_scales(st, kKS, kKB, lk0 + g, 0, (RK * t) / GS, ks);
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
       uint32_t a[4];
@@ -572,6 +579,21 @@ struct MmaDecode {
     }
   }
 
+  // f(score, tile, row tile, accumulator) for each of a warp's scores.
+  template <typename F>
+  static __device__ __forceinline__ void each_score(float (&s)[TPW][NT][4], F&& f) {
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+          f(s[u][nt][e4], u, nt, e4);
+        }
+      }
+    }
+  }
+
   // O^T += V^T P^T over the 16 keys from lk0 of stage st.
   static __device__ __forceinline__ void v_accumulate(
       const unsigned char* st, int lk0, int g, int t, const uint32_t (&pb)[NT][2], float (&o)[NCH][NT][4]) {
@@ -585,14 +607,7 @@ struct MmaDecode {
     }
     constexpr int NGV = RV >= GS ? RV / GS : 1;
     PairScale vs[2][NGV];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int gi = 0; gi < NGV; ++gi) {
-        const int key = lk0 + 2 * t + 8 * h;
-        vs[h][gi] = pair_scale(st, kVS, kVB, key, key + 1, (RV * g) / GS + gi);
-      }
-    }
+    pair_scales(st, kVS, kVB, lk0 + 2 * t, 1, (RV * g) / GS, vs);
 #pragma unroll
     for (int j = 0; j < NCH; ++j) {
       const int e0 = 2 * j; // elements e0 (head-dim row g) and e0 + 1 (row g + 8)
@@ -774,34 +789,18 @@ struct MmaDecode {
       // ---- masks and the online softmax (query rows 2t, 2t + 1) ----
       const bool tail = key0 + 16 * TPW > k_end;
       const bool causal_here = causal && key0 + 16 * TPW - 1 >= causal_from;
-#pragma unroll
-      for (int u = 0; u < TPW; ++u) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e4 = 0; e4 < 4; ++e4) {
-            s[u][nt][e4] *= p.scale_log2;
-          }
-        }
-      }
+      each_score(s, [&](float& x, int, int, int) { x *= p.scale_log2; });
       // Masks in a warp-uniform branch: most steps see none.
       if (tail || causal_here || array_masked) {
-#pragma unroll
-        for (int u = 0; u < TPW; ++u) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e4 = 0; e4 < 4; ++e4) {
-              const int e = e4 & 1;
-              const int key = key0 + 16 * u + g + 8 * (e4 >> 1);
-              if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
-                s[u][nt][e4] = neg_inf();
-              } else if (array_masked && crow_ok[nt][e]) {
-                s[u][nt][e4] += array_mask(p, b, crow[nt][e], key);
-              }
-            }
+        each_score(s, [&](float& x, int u, int nt, int e4) {
+          const int e = e4 & 1;
+          const int key = key0 + 16 * u + g + 8 * (e4 >> 1);
+          if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
+            x = neg_inf();
+          } else if (array_masked && crow_ok[nt][e]) {
+            x += array_mask(p, b, crow[nt][e], key);
           }
-        }
+        });
       }
       // A lazy max: p = 2^(s - base) with base the row's reference max (0
       // while it has seen no key), which moves only when a score exceeds it
@@ -814,16 +813,7 @@ struct MmaDecode {
       // masked or zero query, or inf - inf under a mask): it takes no part,
       // as in the generic kernel.
       bool over = false;
-#pragma unroll
-      for (int u = 0; u < TPW; ++u) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e4 = 0; e4 < 4; ++e4) {
-            over |= !(s[u][nt][e4] <= thr[nt][e4 & 1]);
-          }
-        }
-      }
+      each_score(s, [&](float& x, int, int nt, int e4) { over |= !(x <= thr[nt][e4 & 1]); });
       if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
