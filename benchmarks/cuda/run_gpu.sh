@@ -5,9 +5,14 @@
 #
 #   bash benchmarks/cuda/run_gpu.sh STEP...   (build smoke tests sanitizer bench)
 #
-# Logs go to $OUT (or /tmp/qsdpa-out); a short summary is printed last.
+# Logs go to $QSDPA_GPU_LOGS (default /tmp/qsdpa-out); a short summary is
+# printed last. Where $OUT is set (the device tool's folder, of which only a
+# few files come back), every finished step refreshes $OUT/logs.tgz (all the
+# logs) and $OUT/summary.txt, so a command cut off by its time limit still
+# returns what it did. QSDPA_GPU_DEADLINE_S: steps that would start later
+# than this many seconds into the command are skipped (and listed).
 set -uo pipefail
-out=${OUT:-/tmp/qsdpa-out}
+out=${QSDPA_GPU_LOGS:-/tmp/qsdpa-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 pkg=build/cuda/pkg
@@ -195,8 +200,22 @@ step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-
   cat "$f"
 }
 
+# The logs so far, as one archive and a summary in $OUT.
+save() {
+  [ -n "${OUT:-}" ] || return 0
+  printf '%s\n' "${summary[@]}" > "$out/summary.txt"
+  cp "$out/summary.txt" "$OUT/summary.txt"
+  tar czf "$OUT/logs.tgz.part" -C "$out" . && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"
+}
+
 for s in "$@"; do
+  if [ -n "${QSDPA_GPU_DEADLINE_S:-}" ] && [ "$SECONDS" -ge "$QSDPA_GPU_DEADLINE_S" ]; then
+    summary+=("$s: skipped (past QSDPA_GPU_DEADLINE_S=$QSDPA_GPU_DEADLINE_S at ${SECONDS} s)")
+    save
+    continue
+  fi
   "step_$s" || true
+  save
 done
 echo "==== summary ===="
 printf '%s\n' "${summary[@]}"
