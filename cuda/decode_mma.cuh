@@ -65,6 +65,19 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// a * b of two T pairs, elementwise, one rounding each.
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const __nv_bfloat162 r =
+        __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
 // lo + hi of a T pair, in fp32.
 template <typename T>
 __device__ __forceinline__ float pair_sum(uint32_t x) {
@@ -347,7 +360,16 @@ struct MmaDecode {
   struct PairScale {
     uint32_t s2, b2;
     float s0, b0, s1, b1;
+    bool exact; // fp4: both scales exact in T (s2 holds them), so fp4_pair's path applies
   };
+
+  // fp4 codes (mxfp4, nvfp4) decode without float (fp4_pair) where the
+  // group's scales are exact in T: normal T numbers (e8m0 and e4m3 scales
+  // have at most 4 significant bits).
+  static constexpr bool kFp4 = MODE == qsdpa::kMxfp4 || MODE == qsdpa::kNvfp4;
+  static __device__ __forceinline__ bool exact_in_t(float x) {
+    return kIsHalf ? (x >= 6.103515625e-05f && x <= 65504.0f) : (x >= 1.17549435e-38f && x <= 3.38953139e38f);
+  }
 
   static __device__ __forceinline__ PairScale pair_scale(
       const unsigned char* st, int sa, int ba, int key_lo, int key_hi, int grp) {
@@ -361,10 +383,16 @@ struct MmaDecode {
       ps.s2 = rs0 | (rs1 << 16);
       ps.b2 = rb0 | (rb1 << 16);
       ps.s0 = ps.s1 = ps.b0 = ps.b1 = 0.0f;
+      ps.exact = false;
     } else {
       ps.s2 = ps.b2 = 0u;
       ps.s0 = scale_float(rs0);
       ps.s1 = scale_float(rs1);
+      ps.exact = false;
+      if constexpr (kFp4) {
+        ps.s2 = mma_detail::pack2<T>(ps.s0, ps.s1);
+        ps.exact = exact_in_t(ps.s0) && exact_in_t(ps.s1);
+      }
       if constexpr (kAffine) {
         ps.b0 = scale_float(scale_raw(st, ba, key_lo, grp));
         ps.b1 = scale_float(scale_raw(st, ba, key_hi, grp));
@@ -415,10 +443,33 @@ struct MmaDecode {
     return mma_detail::and_or(x >> (shift - p), kPairMask << p, magic_bits(p));
   }
 
+  // An fp4 e2m1 code pair (lo code at bit `shift` < 16 of x, hi code 16 bits
+  // above) as the exact T pair, without float: each code's exponent bits go
+  // to T's lowest exponent bits, its mantissa bit to T's highest mantissa
+  // bit, its sign to T's sign. That T number is the e2m1 value times
+  // 2^(2 - bias of T) for all 16 codes (the exponent-zero codes land on T's
+  // subnormals as e2m1's own do), so one multiply by 2^(bias - 2) makes it
+  // formats.h's fp4_e2m1_to_float exactly (tests/cuda checks all 16 codes).
+  static constexpr int kFp4MagBit = kIsHalf ? 9 : 6; // T's highest mantissa bit
+  static constexpr uint32_t kFp4Unscale = kIsHalf ? 0x74007400u : 0x7e807e80u; // 2^14, 2^126
+  static __device__ __forceinline__ uint32_t shift_left(uint32_t x, int n) {
+    return n >= 0 ? x << n : x >> -n;
+  }
+  static __device__ __forceinline__ uint32_t fp4_pair(uint32_t x, int shift) {
+    const uint32_t mag = shift_left(x, kFp4MagBit - shift) & ((7u << kFp4MagBit) * 0x10001u);
+    const uint32_t y = mma_detail::and_or(shift_left(x, 12 - shift), 0x80008000u, mag);
+    return mma_detail::mul2<T>(y, kFp4Unscale);
+  }
+
   // The code pair at bit `shift` of x (lo code in bits [shift, shift +
-  // BITS), hi code 16 bits above) as a dequantized T pair.
+  // BITS), hi code 16 bits above) as a dequantized T pair. FP4: fp4_pair's
+  // path, for scales exact in T (PairScale::exact).
+  template <bool FP4 = false>
   static __device__ __forceinline__ uint32_t dequant_pair(uint32_t x, int shift, const PairScale& ps) {
-    if constexpr (kHalfMagic) {
+    if constexpr (FP4) {
+      // One rounding of the exact product, as the float path's.
+      return mma_detail::mul2<T>(fp4_pair(x, shift), ps.s2);
+    } else if constexpr (kHalfMagic) {
       // T(magic + code) - T(magic) is the exact code; one fused
       // multiply-add in T applies scale and bias (one rounding, as
       // mx.dequantize in the cache dtype).
@@ -460,6 +511,49 @@ struct MmaDecode {
     }
   }
 
+  // Whether every lane's scales of the tile are exact in T (a warp-uniform
+  // choice of fp4_pair's path).
+  template <int NGX>
+  static __device__ __forceinline__ bool all_exact(const PairScale (&ps)[2][NGX]) {
+    bool exact = true;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int gi = 0; gi < NGX; ++gi) {
+        exact = exact && ps[h][gi].exact;
+      }
+    }
+    return !__any_sync(0xffffffffu, !exact);
+  }
+
+  // k_scores' MMAs over the head dim: even and odd k-chunks into s and s2.
+  template <bool FP4, int NGK>
+  static __device__ __forceinline__ void k_chunks(
+      const uint32_t (&kw)[2][KW],
+      const PairScale (&ks)[2][NGK],
+      const uint32_t (&qb)[NT][NCH][2],
+      float (&s)[NT][4],
+      float (&s2)[NT][4]) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      uint32_t a[4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int lo = pair_lo(2 * c + j);
+        const int sh = qsdpa::element_shift(lo % EW, BITS);
+        const int gi = NGK > 1 ? lo / GS : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          a[2 * j + h] = dequant_pair<FP4>(kw[h][lo / EW], sh, ks[h][gi]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_detail::mma_16816<T>(c % 2 == 0 ? s[nt] : s2[nt], a, qb[nt][c][0], qb[nt][c][1]);
+      }
+    }
+  }
+
   // S^T = K Q^T over the 16 keys from lk0 of stage st, codes dequantized
   // into T before the MMA. Two accumulator chains (even and odd k-chunks),
   // summed at the end: each MMA waits for the previous one of its chain only.
@@ -477,25 +571,10 @@ struct MmaDecode {
     constexpr int NGK = RK >= GS ? RK / GS : 1;
     PairScale ks[2][NGK];
     pair_scales(st, kKS, kKB, lk0 + g, 0, (RK * t) / GS, ks);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      uint32_t a[4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int P = 2 * c + j;
-        const int lo = pair_lo(P);
-        const int wi = lo / EW;
-        const int sh = qsdpa::element_shift(lo % EW, BITS);
-        const int gi = NGK > 1 ? lo / GS : 0;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          a[2 * j + h] = dequant_pair(kw[h][wi], sh, ks[h][gi]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        mma_detail::mma_16816<T>(c % 2 == 0 ? s[nt] : s2[nt], a, qb[nt][c][0], qb[nt][c][1]);
-      }
+    if (kFp4 && all_exact(ks)) {
+      k_chunks<true>(kw, ks, qb, s, s2);
+    } else {
+      k_chunks<false>(kw, ks, qb, s, s2);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -608,6 +687,17 @@ struct MmaDecode {
     constexpr int NGV = RV >= GS ? RV / GS : 1;
     PairScale vs[2][NGV];
     pair_scales(st, kVS, kVB, lk0 + 2 * t, 1, (RV * g) / GS, vs);
+    if (kFp4 && all_exact(vs)) {
+      v_tiles<true>(vw, vs, pb, o);
+    } else {
+      v_tiles<false>(vw, vs, pb, o);
+    }
+  }
+
+  // v_accumulate's MMAs: m-tile j of O^T per pair of head-dim rows.
+  template <bool FP4, int NGV>
+  static __device__ __forceinline__ void v_tiles(
+      const uint32_t (&vw)[4][VW], const PairScale (&vs)[2][NGV], const uint32_t (&pb)[NT][2], float (&o)[NCH][NT][4]) {
 #pragma unroll
     for (int j = 0; j < NCH; ++j) {
       const int e0 = 2 * j; // elements e0 (head-dim row g) and e0 + 1 (row g + 8)
@@ -627,8 +717,8 @@ struct MmaDecode {
       for (int h = 0; h < 2; ++h) {
         // Key A's elements in the low half, key B's in the high half.
         const uint32_t both = __byte_perm(vw[2 * h][wv], vw[2 * h + 1][wv], sel);
-        a[2 * h] = dequant_pair(both, s0, vs[h][gi]);
-        a[2 * h + 1] = dequant_pair(both, s0 + BITS, vs[h][gi]);
+        a[2 * h] = dequant_pair<FP4>(both, s0, vs[h][gi]);
+        a[2 * h + 1] = dequant_pair<FP4>(both, s0 + BITS, vs[h][gi]);
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {

@@ -147,6 +147,36 @@ def test_lazy_max_rescales(lib, c, splits):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
+# fp4 codes decode without float where a tile's scales are exact in T, and
+# through float elsewhere (decode_mma.cuh, fp4_pair). Scales 2^-13 of the
+# usual ones put some groups' e8m0 scales under fp16's normal range, so both
+# paths run, K and V (the cases' scales are 2^-2..2^0); the softmax scale
+# makes up for the smaller keys.
+SHRINK = 13
+FP4_CASE = Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, scale=64**-0.5 * 2**SHRINK)
+
+
+def shrunk_fp4_inputs(c):
+    q, (kw, ks, _), (vw, vs, _), mask, sinks = qsdpa_case.build(c)
+    with mx.stream(mx.cpu):
+        ks = (ks.astype(mx.int32) - SHRINK).astype(mx.uint8)
+        vs = (vs.astype(mx.int32) - SHRINK).astype(mx.uint8)
+        mx.eval(ks, vs)
+    return q, (kw, ks, None), (vw, vs, None), mask, sinks
+
+
+@pytest.mark.parametrize("splits", [1, 5])
+def test_fp4_decode_paths(lib, splits):
+    inputs = shrunk_fp4_inputs(FP4_CASE)
+    _, (_, ks, _), (_, vs, _), _, _ = inputs
+    normal = 127 - 14  # e8m0 of fp16's smallest normal number
+    for scales in (ks, vs):
+        e = np.array(scales)
+        assert (e < normal).any() and (e >= normal).any()  # the premise: both paths
+    out, lse, ref, ref_lse, _ = run_case(lib, FP4_CASE, forced_splits=splits, inputs=inputs)
+    qsdpa_case.assert_matches(FP4_CASE, out, lse, ref, ref_lse)
+
+
 # ---------------------------------------------------------------------------
 # Mutants: the checks must fail on a wrong kernel or a wrong model
 # ---------------------------------------------------------------------------

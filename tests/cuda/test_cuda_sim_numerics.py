@@ -44,6 +44,10 @@ def probe(tmp_path_factory):
     for name in ("probe_h2", "probe_bf2"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_uint16, ctypes.c_uint16, ctypes.c_uint16]
         getattr(lib, name).restype = ctypes.c_uint32
+    lib.probe_fp4_pair.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
+    lib.probe_fp4_pair.restype = ctypes.c_uint32
+    lib.probe_e2m1.argtypes = [ctypes.c_uint32]
+    lib.probe_e2m1.restype = ctypes.c_float
     for name in ("probe_byte_perm", "probe_lop3"):
         getattr(lib, name).argtypes = [ctypes.c_uint32] * (3 if name == "probe_byte_perm" else 4)
         getattr(lib, name).restype = ctypes.c_uint32
@@ -147,3 +151,24 @@ def test_prmt_and_lop3(probe):
         assert probe.probe_lop3(x, y, c, lut) == want3
     # The kernel's immediate: (a & b) | c.
     assert probe.probe_lop3(0xF0F0F0F0, 0xFF00FF00, 0x0000000F, 0xEA) == 0xF000F00F
+
+
+@pytest.mark.parametrize("fmt_name", ["half", "bf16"])
+def test_fp4_pair_is_formats_e2m1(probe, fmt_name):
+    """The tensor-core kernel's float-free e2m1 decode (MmaDecode::fp4_pair)
+    gives formats.h's fp4_e2m1_to_float exactly, as T bits, for every code
+    pair at every position of a word, whatever the other codes."""
+    bf16 = fmt_name == "bf16"
+    value = bf16_value if bf16 else half_value
+    rng = np.random.default_rng(7)
+    for shift in (0, 4, 8, 12):
+        for lo in range(16):
+            for hi in range(16):
+                other = int(rng.integers(0, 2**32)) & ~((0xF << shift) | (0xF << (shift + 16))) & 0xFFFFFFFF
+                x = other | (lo << shift) | (hi << (shift + 16))
+                r = probe.probe_fp4_pair(int(bf16), x, shift)
+                for half, code in ((r & 0xFFFF, lo), (r >> 16, hi)):
+                    want = probe.probe_e2m1(code)
+                    got = value(half)
+                    assert got == want and np.signbit(got) == np.signbit(want), (shift, code, got, want)
+

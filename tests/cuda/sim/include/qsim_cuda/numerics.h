@@ -29,8 +29,11 @@ constexpr Format16 kBfloat{8, -126, 3.3895313892515355e38};
 // hi, as TwoSum leaves it) to the format, once. Returns a double the format
 // holds exactly (or +-inf / NaN).
 inline double round_exact(double hi, double lo, Format16 f) {
-  if (!std::isfinite(hi) || hi == 0.0) {
-    return hi + lo; // inf, NaN, or a zero (lo is then 0 too)
+  if (!std::isfinite(hi)) {
+    return hi; // inf or NaN
+  }
+  if (hi == 0.0) {
+    return hi; // an exact zero (lo is 0 too), with the operation's IEEE sign: -0 * x is -0
   }
   int e2;
   std::frexp(hi, &e2); // hi = m 2^e2, 0.5 <= |m| < 1: the exponent is e2 - 1
