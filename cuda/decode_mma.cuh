@@ -11,11 +11,12 @@
 // dot products' shuffles cost as much time as reading the cache.
 //
 // Streaming: a block (4 warps) owns one (batch, kv head, row tile) and one
-// key range, which it walks in chunks of 64 keys. The whole block copies a
-// chunk (packed K rows, packed V rows, their scales and biases: contiguous
-// byte ranges) into shared memory with 16-byte cp.async, NS chunks in
-// flight; each warp then decodes its 16 keys of the chunk from shared memory.
-// Address arithmetic is one multiply per 16-byte copy, not per element.
+// key range, which it walks in chunks of 64 or 128 keys (TPW below). The
+// whole block copies a chunk (packed K rows, packed V rows, their scales and
+// biases: contiguous byte ranges) into shared memory with 16-byte cp.async,
+// NS chunks in flight; each warp then decodes its one or two 16-key tiles of
+// the chunk from shared memory. Copies advance running pointers, so a chunk
+// costs one 64-bit add per stream, not an address computation per copy.
 //
 // Layout (keys and head dim on the M side, query rows on N = 8):
 //   S^T = K Q^T  (m16n8k16: A = K, 16 keys x 16 head-dim slots; B = Q^T).
@@ -35,12 +36,14 @@
 // Half the MMAs and accumulators of a rows-on-M layout (which pads 4 query
 // rows to 16), so more warps fit per SM.
 //
-// Codes become fp16/bf16 exactly (codes < 256). V codes, and K codes of the
-// non-affine formats, are then scaled (and biased) by formats.h's definition
-// before the MMA, so the products see the values mx.dequantize gives in the
-// cache dtype. Affine K codes go into the MMA in their exact magic form and
-// the group's scale and bias are applied to its partial dot product in fp32
-// (kScaleAfter below): the same dot product, without rounding K to T.
+// Codes become fp16/bf16 exactly (affine codes < 256 by their magic form,
+// fp4 e2m1 codes by bit placement, others through float). V codes, and K
+// codes of the non-affine formats, are then scaled (and biased) by
+// formats.h's definition before the MMA, so the products see the values
+// mx.dequantize gives in the cache dtype. Affine K codes go into the MMA in
+// their exact magic form and the group's scale and bias are applied to its
+// partial dot product in fp32 (kScaleAfter below): the same dot product,
+// without rounding K to T. The online softmax keeps a lazy max (kLazyMax).
 #pragma once
 
 #include <type_traits>
@@ -164,7 +167,7 @@ struct MmaDecode {
   // of 64 or more, head dims up to 128: there they fit the register budget
   // without spilling in the loop (measured on the H200 for 4-bit gs64: 128K
   // keys 57.3 -> 53.2 us). Elsewhere two tiles spill (16-row tiles, float
-  // decode of the fp formats: mxfp4 went 71 -> 84 us at 32K), so one.
+  // decode of the fp formats: mxfp4 went 76 -> 84 us at 32K), so one.
   static constexpr int TPW = kScaleAfter && GS >= 64 && D <= 128 && NT == 1 ? 2 : 1;
   static constexpr int CK = 64 * TPW; // keys per chunk: TPW tiles of 16 keys per warp
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
