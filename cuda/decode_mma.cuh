@@ -158,17 +158,26 @@ struct MmaDecode {
   // k-chunks of S^T = K Q^T stay inside one group, each group gets its own
   // accumulators, and its scale and bias are applied to the partial dot
   // product in fp32: s * (acc - sum(M q)) + b * sum(q) over the group, with
-  // each element's magic M (fp16 x fp16 products are exact in fp32). Saves the fp16 subtract and multiply-add of
-  // every code pair. Otherwise codes are dequantized into T before the MMA.
+  // each element's magic M (fp16 x fp16 products are exact in fp32). Saves
+  // the fp16 subtract and multiply-add of every code pair. Otherwise codes
+  // are dequantized into T before the MMA.
   static constexpr bool kScaleAfter = kHalfMagic && GS * BITS >= 128;
+  static constexpr int kNScaleArrays = kAffine ? 4 : 2;
+  // Bytes of a ring stage of `keys` keys: K rows, V rows, scale arrays.
+  static constexpr int stage_bytes(int keys) {
+    return 2 * keys * RB + kNScaleArrays * keys * SRB;
+  }
   // Tiles of 16 keys per warp and chunk step: two (more independent work per
   // warp, one vote and one barrier per 128 keys) for the one-tile-row
   // kernels of the affine formats with the scale after the MMA and groups
-  // of 64 or more, head dims up to 128: there they fit the register budget
-  // without spilling in the loop (measured on the H200 for 4-bit gs64: 128K
-  // keys 57.3 -> 53.2 us). Elsewhere two tiles spill (16-row tiles, float
-  // decode of the fp formats: mxfp4 went 76 -> 84 us at 32K), so one.
-  static constexpr int TPW = kScaleAfter && GS >= 64 && D <= 128 && NT == 1 ? 2 : 1;
+  // of 64 or more, head dims up to 128, where three 128-key stages fit the
+  // ring's budget: there they fit the registers without spilling in the
+  // loop (measured on the H200 for 4-bit gs64: 128K keys 57.3 -> 53.2 us).
+  // Elsewhere one: two tiles spill (16-row tiles, the float decode of the fp
+  // formats: mxfp4 went 76 -> 84 us at 32K), or leave a ring of two stages
+  // and three blocks per SM (8-bit codes: 32K 33.6 -> 38.5 us).
+  static constexpr int TPW =
+      kScaleAfter && GS >= 64 && D <= 128 && NT == 1 && 3 * stage_bytes(128) <= 57344 ? 2 : 1;
   static constexpr int CK = 64 * TPW; // keys per chunk: TPW tiles of 16 keys per warp
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
   static constexpr int NKS = D / KS; // K spans per key row
@@ -193,11 +202,10 @@ struct MmaDecode {
 
   // One stage of the ring: a chunk's K rows, V rows, then the scale arrays
   // (K scales, [K biases,] V scales[, V biases]), each row-major and dense.
-  static constexpr int kNScaleArrays = kAffine ? 4 : 2;
   static constexpr int kOffV = CK * RB;
   static constexpr int kOffS = 2 * CK * RB;
   static constexpr int kScaleArrayBytes = CK * SRB;
-  static constexpr int kStageBytes = 2 * CK * RB + kNScaleArrays * kScaleArrayBytes;
+  static constexpr int kStageBytes = stage_bytes(CK);
   // Enough chunks in flight to cover HBM latency, in about 56 KB per block.
   static constexpr int NS = kStageBytes * 4 <= 57344 ? 4 : (kStageBytes * 3 <= 57344 ? 3 : 2);
   static constexpr int kRingBytes = NS * kStageBytes;
@@ -273,7 +281,8 @@ struct MmaDecode {
       const bool bias = kAffine && (a == kKB || a == kVB);
       const QuantTensor& x = a == kKS || (bias && a == kKB) ? p.k : p.v;
       const void* base = bias ? x.biases : x.scales;
-      const int64_t off = bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
+      const int64_t off =
+          bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
       cp.sc[k] = byte_ptr(base, off, SB) + int64_t(k_begin) * SRB + (u % US) * 16;
     }
     cp.keys = k_end - k_begin;
@@ -367,8 +376,8 @@ struct MmaDecode {
   };
 
   // fp4 codes (mxfp4, nvfp4) decode without float (fp4_pair) where the
-  // group's scales are exact in T: normal T numbers (e8m0 and e4m3 scales
-  // have at most 4 significant bits).
+  // group's scales are exact in T: positive normal T numbers (e8m0 and e4m3
+  // scales have at most 4 significant bits; others take the float path).
   static constexpr bool kFp4 = MODE == qsdpa::kMxfp4 || MODE == qsdpa::kNvfp4;
   static __device__ __forceinline__ bool exact_in_t(float x) {
     return kIsHalf ? (x >= 6.103515625e-05f && x <= 65504.0f) : (x >= 1.17549435e-38f && x <= 3.38953139e38f);
@@ -377,6 +386,7 @@ struct MmaDecode {
   static __device__ __forceinline__ PairScale pair_scale(
       const unsigned char* st, int sa, int ba, int key_lo, int key_hi, int grp) {
     PairScale ps;
+    ps.exact = false;
     const uint32_t rs0 = scale_raw(st, sa, key_lo, grp);
     const uint32_t rs1 = scale_raw(st, sa, key_hi, grp);
     if constexpr (kHalfMagic) {
@@ -386,12 +396,10 @@ struct MmaDecode {
       ps.s2 = rs0 | (rs1 << 16);
       ps.b2 = rb0 | (rb1 << 16);
       ps.s0 = ps.s1 = ps.b0 = ps.b1 = 0.0f;
-      ps.exact = false;
     } else {
       ps.s2 = ps.b2 = 0u;
       ps.s0 = scale_float(rs0);
       ps.s1 = scale_float(rs1);
-      ps.exact = false;
       if constexpr (kFp4) {
         ps.s2 = mma_detail::pack2<T>(ps.s0, ps.s1);
         ps.exact = exact_in_t(ps.s0) && exact_in_t(ps.s1);
@@ -574,8 +582,12 @@ struct MmaDecode {
     constexpr int NGK = RK >= GS ? RK / GS : 1;
     PairScale ks[2][NGK];
     pair_scales(st, kKS, kKB, lk0 + g, 0, (RK * t) / GS, ks);
-    if (kFp4 && all_exact(ks)) {
-      k_chunks<true>(kw, ks, qb, s, s2);
+    if constexpr (kFp4) {
+      if (all_exact(ks)) {
+        k_chunks<true>(kw, ks, qb, s, s2);
+      } else {
+        k_chunks<false>(kw, ks, qb, s, s2);
+      }
     } else {
       k_chunks<false>(kw, ks, qb, s, s2);
     }
@@ -690,8 +702,12 @@ struct MmaDecode {
     constexpr int NGV = RV >= GS ? RV / GS : 1;
     PairScale vs[2][NGV];
     pair_scales(st, kVS, kVB, lk0 + 2 * t, 1, (RV * g) / GS, vs);
-    if (kFp4 && all_exact(vs)) {
-      v_tiles<true>(vw, vs, pb, o);
+    if constexpr (kFp4) {
+      if (all_exact(vs)) {
+        v_tiles<true>(vw, vs, pb, o);
+      } else {
+        v_tiles<false>(vw, vs, pb, o);
+      }
     } else {
       v_tiles<false>(vw, vs, pb, o);
     }

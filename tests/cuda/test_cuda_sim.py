@@ -56,6 +56,9 @@ CASES = [
     # Three merge levels (17 splits: 3 groups, then the root).
     (Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, mask="causal", sinks="f32"), 17),
     (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, mask="bool:HQK", lse=False), 4),
+    # Two 16-key tiles per warp; in the last split (248 keys) warp 3's
+    # second tile of the second chunk holds 8 valid keys of 16.
+    (Case(**G4, Lq=1, Lk=760, D=128, fmt=("affine", 4, 64), dtype=F16), 3),
 ]
 
 
