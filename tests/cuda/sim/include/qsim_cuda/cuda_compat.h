@@ -299,43 +299,69 @@ inline double mul_once(double a, double b, Format16 f) {
 
 } // namespace qsim_cuda
 
+namespace qsim_cuda {
+
+// The element of each 16-bit pair type: its value, its format, and a value
+// of that format back to bits.
+template <typename P>
+struct Pair16;
+template <>
+struct Pair16<__half2> {
+  static constexpr Format16 kFormat = kHalf;
+  static double value(__half h) {
+    return __half2float(h);
+  }
+  static __half element(double v) {
+    return __half{half_bits_of(v)};
+  }
+};
+template <>
+struct Pair16<__nv_bfloat162> {
+  static constexpr Format16 kFormat = kBfloat;
+  static double value(__nv_bfloat16 b) {
+    return __bfloat162float(b);
+  }
+  static __nv_bfloat16 element(double v) {
+    return __nv_bfloat16{bfloat_bits_of(v)};
+  }
+};
+
+enum class Op16 { Sub, Fma, Mul };
+
+// a - b, a * b + c or a * b in each lane (c unused but for Fma), the exact
+// result rounded once.
+template <typename P>
+inline P lanewise(Op16 op, P a, P b, P c) {
+  using E = Pair16<P>;
+  auto lane = [&](auto x, auto y, auto z) {
+    const double vx = E::value(x), vy = E::value(y), vz = E::value(z);
+    const double r = op == Op16::Sub ? sub_once(vx, vy, E::kFormat)
+        : op == Op16::Fma            ? fma_once(vx, vy, vz, E::kFormat)
+                                     : mul_once(vx, vy, E::kFormat);
+    return E::element(r);
+  };
+  return P{lane(a.x, b.x, c.x), lane(a.y, b.y, c.y)};
+}
+
+} // namespace qsim_cuda
+
 inline __half2 __hsub2(__half2 a, __half2 b) {
-  using namespace qsim_cuda;
-  return __half2{
-      __half{half_bits_of(sub_once(__half2float(a.x), __half2float(b.x), kHalf))},
-      __half{half_bits_of(sub_once(__half2float(a.y), __half2float(b.y), kHalf))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Sub, a, b, a);
 }
 inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
-  using namespace qsim_cuda;
-  return __half2{
-      __half{half_bits_of(fma_once(__half2float(a.x), __half2float(b.x), __half2float(c.x), kHalf))},
-      __half{half_bits_of(fma_once(__half2float(a.y), __half2float(b.y), __half2float(c.y), kHalf))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Fma, a, b, c);
 }
 inline __half2 __hmul2(__half2 a, __half2 b) {
-  using namespace qsim_cuda;
-  return __half2{
-      __half{half_bits_of(mul_once(__half2float(a.x), __half2float(b.x), kHalf))},
-      __half{half_bits_of(mul_once(__half2float(a.y), __half2float(b.y), kHalf))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Mul, a, b, a);
 }
 inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  using namespace qsim_cuda;
-  return __nv_bfloat162{
-      __nv_bfloat16{bfloat_bits_of(sub_once(__bfloat162float(a.x), __bfloat162float(b.x), kBfloat))},
-      __nv_bfloat16{bfloat_bits_of(sub_once(__bfloat162float(a.y), __bfloat162float(b.y), kBfloat))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Sub, a, b, a);
 }
 inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
-  using namespace qsim_cuda;
-  return __nv_bfloat162{
-      __nv_bfloat16{
-          bfloat_bits_of(fma_once(__bfloat162float(a.x), __bfloat162float(b.x), __bfloat162float(c.x), kBfloat))},
-      __nv_bfloat16{
-          bfloat_bits_of(fma_once(__bfloat162float(a.y), __bfloat162float(b.y), __bfloat162float(c.y), kBfloat))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Fma, a, b, c);
 }
 inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  using namespace qsim_cuda;
-  return __nv_bfloat162{
-      __nv_bfloat16{bfloat_bits_of(mul_once(__bfloat162float(a.x), __bfloat162float(b.x), kBfloat))},
-      __nv_bfloat16{bfloat_bits_of(mul_once(__bfloat162float(a.y), __bfloat162float(b.y), kBfloat))}};
+  return qsim_cuda::lanewise(qsim_cuda::Op16::Mul, a, b, a);
 }
 // fp32 math (exp2f, fmaf, fmaxf, log2f) is the C library's, which the
 // kernels call unqualified as CUDA's device functions.
