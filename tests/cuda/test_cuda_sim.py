@@ -208,8 +208,8 @@ MUTANT_REPORT = {
     "magic_sum": "relative error",
     "merge_members": "merge counters not reset",
     "tail_copy": "out-of-bounds read",
-    "lazy_threshold": "",
-    "lazy_rescale_l": "",
+    "lazy_threshold": "non-finite output",
+    "lazy_rescale_l": "relative error",
 }
 # The mutants that only a growing max exposes run on a ramp case.
 MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}
