@@ -178,7 +178,8 @@ struct MmaDecode {
   // and three blocks per SM (8-bit codes: 32K 33.6 -> 38.5 us).
   static constexpr int TPW =
       kScaleAfter && GS >= 64 && D <= 128 && NT == 1 && 3 * stage_bytes(128) <= 57344 ? 2 : 1;
-  static constexpr int CK = 64 * TPW; // keys per chunk: TPW tiles of 16 keys per warp
+  static constexpr int CKW = 16 * TPW; // keys per warp and step: TPW tiles of 16
+  static constexpr int CK = 4 * CKW; // keys per chunk: the four warps' steps, side by side
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
   static constexpr int NKS = D / KS; // K spans per key row
   static constexpr int CPS = KS / 16; // k-chunks per span
@@ -197,18 +198,24 @@ struct MmaDecode {
   static_assert(qsdpa::element_shift(EW / 2, BITS) == 16, "pair layout");
   static_assert(RB >= 16 && KQ >= 4 && VB >= 2, "run sizes");
   static_assert(!kScaleAfter || (KQ % 4 == 0 && NKS == NG), "scale after: whole words per group quarter");
-  static_assert(SRB <= 16 && (CK * SRB) % 16 == 0, "scale rows");
-  static_assert(CK == 4 * 16 * TPW && CK % kKeysPerBlockStep == 0, "four warps of TPW tiles of 16 keys per chunk");
+  static_assert(SRB <= 16 && (CKW * SRB) % 16 == 0, "scale rows");
+  static_assert(CK % kKeysPerBlockStep == 0, "whole block steps per chunk");
 
-  // One stage of the ring: a chunk's K rows, V rows, then the scale arrays
-  // (K scales, [K biases,] V scales[, V biases]), each row-major and dense.
-  static constexpr int kOffV = CK * RB;
-  static constexpr int kOffS = 2 * CK * RB;
-  static constexpr int kScaleArrayBytes = CK * SRB;
-  static constexpr int kStageBytes = stage_bytes(CK);
-  // Enough chunks in flight to cover HBM latency, in about 56 KB per block.
-  static constexpr int NS = kStageBytes * 4 <= 57344 ? 4 : (kStageBytes * 3 <= 57344 ? 3 : 2);
-  static constexpr int kRingBytes = NS * kStageBytes;
+  // Each warp streams its own keys through its own ring of NS stages: warp
+  // w takes keys [c CK + w CKW, c CK + (w + 1) CKW) of the split in step c,
+  // copies them itself (16-byte cp.async) and waits for its own copies only,
+  // so that the warps never wait for each other inside the loop (a block
+  // barrier per chunk was ~11% of the stall samples at 128K keys). A stage:
+  // the step's K rows, V rows, then the scale arrays (K scales, [K biases,]
+  // V scales[, V biases]), each row-major and dense.
+  static constexpr int kOffV = CKW * RB;
+  static constexpr int kOffS = 2 * CKW * RB;
+  static constexpr int kScaleArrayBytes = CKW * SRB;
+  static constexpr int kStageBytes = stage_bytes(CKW);
+  // Enough steps in flight to cover HBM latency, in about 56 KB per block.
+  static constexpr int NS = kStageBytes * 16 <= 57344 ? 4 : (kStageBytes * 12 <= 57344 ? 3 : 2);
+  static constexpr int kWarpRingBytes = NS * kStageBytes;
+  static constexpr int kRingBytes = 4 * kWarpRingBytes;
 
   // The block epilogue's shared memory (over the ring, once it is drained).
   // Rows of a warp's slice are padded by 4 floats: lanes (g, t) write rows
@@ -231,31 +238,30 @@ struct MmaDecode {
   static constexpr int kVS = kAffine ? 2 : 1;
   static constexpr int kVB = 3;
 
-  // A chunk's copies: thread tid's 16-byte units of packed K and V rows are
-  // rows row0 + i * kRowStep (row0 = tid / UPR), column tid % UPR; the scale
-  // arrays, consecutive in the stage, are NSU units u = tid + k * kThreads
-  // of theirs (array u / US, unit u % US), so that a thread keeps one running
-  // pointer per unit instead of one per array.
+  // A step's copies, by the warp's lanes: lane l's 16-byte units of packed
+  // K and V rows are rows row0 + i * kRowStep (row0 = l / UPR), column
+  // l % UPR; the scale arrays, consecutive in the stage, are NSU units u =
+  // l + 32 k of theirs (array u / US, unit u % US), so that a lane keeps one
+  // running pointer per unit instead of one per array.
   static constexpr int UPR = RB / 16; // 16-byte units per packed row
-  static constexpr int kRowStep = kThreads / UPR; // rows between a thread's units
-  static constexpr int NKU = (CK + kRowStep - 1) / kRowStep; // units per thread
+  static constexpr int kRowStep = 32 / UPR; // rows between a lane's units
+  static constexpr int NKU = (CKW + kRowStep - 1) / kRowStep; // units per lane
   static constexpr int US = kScaleArrayBytes / 16; // units per scale array
   static constexpr int kScaleUnits = kNScaleArrays * US;
-  static constexpr int NSU = (kScaleUnits + kThreads - 1) / kThreads; // scale units per thread
-  static_assert(kThreads % UPR == 0 && US * 16 == kScaleArrayBytes, "copy plan");
+  static constexpr int NSU = (kScaleUnits + 31) / 32; // scale units per lane
+  static_assert(32 % UPR == 0 && US * 16 == kScaleArrayBytes, "copy plan");
 
-  // The copies of one thread: the whole block copies chunk c of the split
-  // into a stage of the ring, chunks in order. Running pointers advance by a
-  // chunk each time, so a chunk costs one 64-bit add per stream, not an
-  // address computation per copy.
+  // The copies of one lane: its warp copies step c of its keys into a stage
+  // of its ring, steps in order. Running pointers advance by a chunk each
+  // time, so a step costs one 64-bit add per stream, not an address
+  // computation per copy.
   struct Copier {
-    const unsigned char* kc; // the next chunk's K row row0, at this thread's column
+    const unsigned char* kc; // the next step's K row row0, at this lane's column
     const unsigned char* vc;
     int64_t krow, vrow; // bytes between key rows
-    const unsigned char* sc[NSU]; // the next chunk's scale units of this thread
-    int row0; // the thread's first row in a chunk
-    int st_words; // stage byte offset of the thread's first K/V unit
-    int keys; // keys of the split
+    const unsigned char* sc[NSU]; // the next step's scale units of this lane
+    int row0; // the lane's first row in a step
+    int keys; // keys of the split from this warp's first on
   };
 
   static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
@@ -264,76 +270,79 @@ struct MmaDecode {
 
   static __device__ __forceinline__ Copier copier(const Params& p, int b, int kvh, int k_begin, int k_end) {
     Copier cp;
-    const int tid = threadIdx.x;
-    cp.row0 = tid / UPR;
-    const int col = (tid % UPR) * 16;
-    cp.st_words = tid * 16;
+    const int lane = threadIdx.x % 32;
+    const int64_t first = int64_t(k_begin) + (threadIdx.x / 32) * CKW; // the warp's first key
+    cp.row0 = lane / UPR;
+    const int col = (lane % UPR) * 16;
     cp.krow = p.k.ws[2] * 4;
     cp.vrow = p.v.ws[2] * 4;
-    cp.kc = byte_ptr(p.k.w, int64_t(b) * p.k.ws[0] + int64_t(kvh) * p.k.ws[1], 4) +
-        (int64_t(k_begin) + cp.row0) * cp.krow + col;
-    cp.vc = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) +
-        (int64_t(k_begin) + cp.row0) * cp.vrow + col;
+    cp.kc = byte_ptr(p.k.w, int64_t(b) * p.k.ws[0] + int64_t(kvh) * p.k.ws[1], 4) + (first + cp.row0) * cp.krow + col;
+    cp.vc = byte_ptr(p.v.w, int64_t(b) * p.v.ws[0] + int64_t(kvh) * p.v.ws[1], 4) + (first + cp.row0) * cp.vrow + col;
 #pragma unroll
     for (int k = 0; k < NSU; ++k) {
-      const int u = min(tid + k * kThreads, kScaleUnits - 1); // threads past the last unit copy none
+      const int u = min(lane + k * 32, kScaleUnits - 1); // lanes past the last unit copy none
       const int a = u / US;
       const bool bias = kAffine && (a == kKB || a == kVB);
       const QuantTensor& x = a == kKS || (bias && a == kKB) ? p.k : p.v;
       const void* base = bias ? x.biases : x.scales;
       const int64_t off =
           bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
-      cp.sc[k] = byte_ptr(base, off, SB) + int64_t(k_begin) * SRB + (u % US) * 16;
+      cp.sc[k] = byte_ptr(base, off, SB) + first * SRB + (u % US) * 16;
     }
-    cp.keys = k_end - k_begin;
+    cp.keys = k_end - int(first);
     return cp;
   }
 
-  // The whole block copies chunk c of the split into stage `st` (chunks in
-  // order, each once). Keys past the split's end are zero-filled without
-  // reading them (their scores are masked; zero codes and scales decode to
-  // finite zeros); their copies point at the split's first row instead,
-  // which is valid memory.
+  // The warp's steps: chunks in which it has keys.
+  static __device__ __forceinline__ int warp_steps(const Copier& cp) {
+    return cp.keys > 0 ? (cp.keys + CK - 1) / CK : 0;
+  }
+
+  // The warp copies step c of its keys into stage `st` (steps in order,
+  // each once). Keys past the split's end are zero-filled without reading
+  // them (their scores are masked; zero codes and scales decode to finite
+  // zeros); their copies point at the step's first row instead, which is
+  // valid memory (a step has at least one key).
   static __device__ __forceinline__ void issue_chunk(Copier& cp, int c, unsigned char* st) {
-    const int valid = cp.keys - c * CK; // keys of the split from this chunk on
-    if (valid >= CK) {
+    const int lane = threadIdx.x % 32;
+    const int valid = cp.keys - c * CK; // keys of the warp from this step on
+    if (valid >= CKW) {
 #pragma unroll
       for (int i = 0; i < NKU; ++i) {
-        if (CK % kRowStep == 0 || cp.row0 + i * kRowStep < CK) {
-          const int so = cp.st_words + i * kThreads * 16;
+        if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
+          const int so = (lane + i * 32) * 16;
           mma_detail::cp_async16(st + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
           mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
         }
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = threadIdx.x + k * kThreads;
-        if (kScaleUnits % kThreads == 0 || u < kScaleUnits) {
+        const int u = lane + k * 32;
+        if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
           mma_detail::cp_async16(st + kOffS + u * 16, cp.sc[k], 16);
         }
       }
     } else {
-      // The split's last chunk.
-      const int64_t back = int64_t(c) * CK + cp.row0; // rows back to the split's first
+      // The split's last step for this warp.
 #pragma unroll
       for (int i = 0; i < NKU; ++i) {
         const int row = cp.row0 + i * kRowStep;
-        if (CK % kRowStep == 0 || row < CK) {
+        if (CKW % kRowStep == 0 || row < CKW) {
           const bool ok = row < valid;
-          const int64_t r = ok ? int64_t(i * kRowStep) : -back;
-          const int so = cp.st_words + i * kThreads * 16;
+          const int64_t r = ok ? int64_t(i * kRowStep) : -int64_t(cp.row0);
+          const int so = (lane + i * 32) * 16;
           mma_detail::cp_async16(st + so, cp.kc + r * cp.krow, ok ? 16 : 0);
           mma_detail::cp_async16(st + kOffV + so, cp.vc + r * cp.vrow, ok ? 16 : 0);
         }
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = threadIdx.x + k * kThreads;
-        if (kScaleUnits % kThreads == 0 || u < kScaleUnits) {
+        const int u = lane + k * 32;
+        if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
           // A unit holds the scales of 16 / SRB keys: the last one of the
           // split may hold some past its end.
           const int n = min(max(valid * SRB - (u % US) * 16, 0), 16);
-          const unsigned char* src = n > 0 ? cp.sc[k] : cp.sc[k] - int64_t(c) * CK * SRB;
+          const unsigned char* src = n > 0 ? cp.sc[k] : cp.sc[k] - (u % US) * 16;
           mma_detail::cp_async16(st + kOffS + u * 16, src, n);
         }
       }
@@ -419,11 +428,14 @@ struct MmaDecode {
   // 2^(MANT - p) is ORed in: the mantissa's bit p weighs 1 there. So a pair
   // at bit p < 16 of a word (hi code 16 bits above) becomes a T pair with
   // one LOP3 where it fits under the mantissa's top, p + BITS <= MANT, and
-  // with a shift to bit 0 first otherwise (integer instructions issue at
+  // with a shift first otherwise (integer instructions issue at
   // half rate; the decode is most of them).
   static constexpr int kMant = kIsHalf ? 10 : 7; // T's explicit mantissa bits
+  // Where a pair does not fit in place, it is shifted by a whole byte where
+  // that makes it fit (the pairs at bits 8 and 12 of a 4-bit word share one
+  // shift to bits 0 and 4 in fp16), to bit 0 otherwise.
   static __host__ __device__ constexpr int magic_pos(int shift) {
-    return shift + BITS <= kMant ? shift : 0;
+    return shift + BITS <= kMant ? shift : (shift % 8 + BITS <= kMant ? shift % 8 : 0);
   }
   // The T pair (M, M), M = 2^(MANT - p), and M as a float.
   static __host__ __device__ constexpr uint32_t magic_bits(int p) {
@@ -762,12 +774,13 @@ struct MmaDecode {
     // latency overlaps the query loads below.
     int k_begin, k_end;
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
-    const int n_chunks = k_end > k_begin ? (k_end - k_begin + CK - 1) / CK : 0;
     Copier cp = copier(p, b, kvh, k_begin, k_end);
+    const int n_steps = warp_steps(cp);
+    unsigned char* const ring = smem_raw + warp * kWarpRingBytes;
 #pragma unroll
     for (int c = 0; c < NS - 1; ++c) {
-      if (c < n_chunks) {
-        issue_chunk(cp, c, smem_raw + c * kStageBytes);
+      if (c < n_steps) {
+        issue_chunk(cp, c, ring + c * kStageBytes);
       }
       mma_detail::cp_async_commit();
     }
@@ -865,23 +878,23 @@ struct MmaDecode {
     }
 
 
-    for (int c = 0; c < n_chunks; ++c) {
-      // Chunk c has landed once at most NS - 2 newer groups pend; the
-      // barrier makes every thread's copies visible and frees the stage of
-      // chunk c - 1 (every warp is done with it) for chunk c + NS - 1.
+    // Stage of step c: rd; the stage of step c - 1 (free once the warp is
+    // past it) takes step c + NS - 1.
+    int rd = 0;
+    for (int c = 0; c < n_steps; ++c) {
+      // Step c has landed once at most NS - 2 newer groups pend; the warp
+      // barrier makes every lane's copies visible to the warp and orders
+      // its reads of step c - 1's stage before the copies into it.
       mma_detail::cp_async_wait<NS - 2>();
-      __syncthreads();
-      if (c + NS - 1 < n_chunks) {
-        issue_chunk(cp, c + NS - 1, smem_raw + ((c + NS - 1) % NS) * kStageBytes);
+      __syncwarp();
+      const int wr = rd == 0 ? NS - 1 : rd - 1;
+      if (c + NS - 1 < n_steps) {
+        issue_chunk(cp, c + NS - 1, ring + wr * kStageBytes);
       }
       mma_detail::cp_async_commit();
-
-      const unsigned char* st = smem_raw + (c % NS) * kStageBytes;
-      const int lk0 = 16 * TPW * warp; // this warp's keys in the chunk: TPW tiles of 16
-      const int key0 = k_begin + c * CK + lk0;
-      if (key0 >= k_end) {
-        continue;
-      }
+      const unsigned char* st = ring + rd * kStageBytes;
+      rd = rd == NS - 1 ? 0 : rd + 1;
+      const int key0 = k_begin + c * CK + CKW * warp; // the step's first key (< k_end)
 
       // ---- S^T = K Q^T over this warp's tiles (independent: their MMAs
       // and decodes interleave) ----
@@ -889,9 +902,9 @@ struct MmaDecode {
 #pragma unroll
       for (int u = 0; u < TPW; ++u) {
         if constexpr (kScaleAfter) {
-          k_scores_scale_after(st, lk0 + 16 * u, g, t, qb, qsum, msum, s[u]);
+          k_scores_scale_after(st, 16 * u, g, t, qb, qsum, msum, s[u]);
         } else {
-          k_scores(st, lk0 + 16 * u, g, t, qb, s[u]);
+          k_scores(st, 16 * u, g, t, qb, s[u]);
         }
       }
 
@@ -982,7 +995,7 @@ struct MmaDecode {
       // ---- O^T += V^T P^T ----
 #pragma unroll
       for (int u = 0; u < TPW; ++u) {
-        v_accumulate(st, lk0 + 16 * u, g, t, pb[u], o);
+        v_accumulate(st, 16 * u, g, t, pb[u], o);
       }
     }
     // The ring is reused by the epilogue: no copy may still be landing.

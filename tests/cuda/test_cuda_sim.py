@@ -196,6 +196,10 @@ MUTANTS = {
     # The last chunk copies whole rows past the split's end: past the end of
     # the cache for the last kv head (the runtime's bounds check).
     "tail_copy": ("decode_mma.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
+    # A warp reads its stage without the warp barrier after its lanes' waits:
+    # other lanes' copies have not landed (the cp.async model lands a copy at
+    # its issuing lane's wait).
+    "warp_barrier": ("decode_mma.cuh", "      __syncwarp();\n", ""),
     # The lazy max lets weights grow to 2^64: fp16 P overflows.
     "lazy_threshold": ("decode_mma.cuh", "thr[nt][e] = m_new + kLazyMax;", "thr[nt][e] = m_new + 64.0f;"),
     # The slow path forgets to rescale the denominator.
@@ -208,6 +212,7 @@ MUTANT_REPORT = {
     "magic_sum": "relative error",
     "merge_members": "merge counters not reset",
     "tail_copy": "out-of-bounds read",
+    "warp_barrier": "never written",
     "lazy_threshold": "non-finite output",
     "lazy_rescale_l": "relative error",
 }

@@ -154,6 +154,13 @@ T __shfl_sync(
   return qsim_cuda::lane_value<T>(all, src);
 }
 
+// A rendezvous of the warp's lanes (every lane must reach it), which orders
+// their memory accesses (the fibers of a warp run one after another between
+// collectives).
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  qsim_cuda::exchange(mask, 0, "__syncwarp", file, line);
+}
+
 inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const unsigned char* all = qsim_cuda::exchange(mask, pred != 0, "__any_sync", file, line);
   for (unsigned l = 0; l < 32; ++l) {

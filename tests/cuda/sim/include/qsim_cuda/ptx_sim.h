@@ -10,10 +10,16 @@
 //   tensor core's own accumulation order and internal rounding are not
 //   modelled: the kernel must not depend on them).
 // * movmatrix.m8n8.trans.b16: the 8x8 transpose across the warp.
-// * cp.async: copies at once (the wait operations have nothing to wait
-//   for), reading src_bytes bytes and zero-filling the rest of the 16, both
-//   addresses 16-byte aligned (checked). Its loads and stores are the kernel
-//   translation unit's, so the runtime checks them against the buffers.
+// * cp.async: reads src_bytes bytes at issue and zero-fills the rest of the
+//   16, both addresses 16-byte aligned (checked); the shared-memory store
+//   lands only when the issuing thread's cp.async.wait_group (or wait_all)
+//   completes its group, in that thread's context. So a thread that reads a
+//   stage another thread copied, before a barrier orders that thread's wait
+//   before the read, reads bytes that are unwritten or stale (the fibers of
+//   a warp run one after another between collectives): the unwritten-read
+//   check or the oracle catches a missing barrier. Its loads and stores are
+//   the kernel translation unit's, so the runtime checks them against the
+//   buffers.
 // * lop3.b32 with the caller's truth table; ex2.approx.ftz as exp2f with
 //   subnormal results flushed to zero.
 //
@@ -24,6 +30,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <map>
+#include <vector>
 #include <type_traits>
 
 #include "qsim_cuda/cuda_compat.h"
@@ -122,6 +131,37 @@ inline uint32_t smem_u32(const void* ptr) {
   return uint32_t(static_cast<const unsigned char*>(ptr) - qsim_cuda::dynamic_smem());
 }
 
+namespace async_detail {
+
+struct Copy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+// A thread's copies not committed yet, and its committed groups, oldest
+// first.
+struct Pending {
+  std::vector<Copy> open;
+  std::deque<std::vector<Copy>> groups;
+};
+
+// Per simulated thread (fibers share one OS thread), keyed by the runtime's
+// thread context.
+inline Pending& pending() {
+  static std::map<const void*, Pending> all;
+  return all[&qsim::current_thread()];
+}
+
+inline void land(const std::vector<Copy>& group) {
+  for (const Copy& c : group) {
+    volatile unsigned char* d = c.dst;
+    for (int i = 0; i < 16; ++i) {
+      d[i] = c.data[i];
+    }
+  }
+}
+
+} // namespace async_detail
+
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) {
     qsim::kernel_fault("cp.async of 16 bytes with a misaligned address");
@@ -130,22 +170,40 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
     qsim::kernel_fault("cp.async with a source size outside 0..16");
   }
   (void)smem_u32(dst);
-  // Byte loads and stores of this (instrumented) translation unit: the
-  // runtime checks each against its buffer. volatile keeps them bytewise,
-  // not a library memcpy the instrumentation would not see.
-  volatile unsigned char* d = static_cast<unsigned char*>(dst);
+  // Byte loads (and, when the copy lands, stores) of this instrumented
+  // translation unit: the runtime checks each against its buffer. volatile
+  // keeps them bytewise, not a library memcpy the instrumentation would not
+  // see.
+  async_detail::Copy c;
+  c.dst = static_cast<unsigned char*>(dst);
   const volatile unsigned char* s = static_cast<const unsigned char*>(src);
   for (int i = 0; i < 16; ++i) {
-    d[i] = i < src_bytes ? s[i] : 0;
+    c.data[i] = i < src_bytes ? s[i] : 0;
+  }
+  async_detail::pending().open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  async_detail::Pending& p = async_detail::pending();
+  p.groups.push_back(std::move(p.open));
+  p.open.clear();
+}
+
+// Completes all but the N most recent committed groups of this thread.
+template <int N>
+inline void cp_async_wait() {
+  async_detail::Pending& p = async_detail::pending();
+  while (p.groups.size() > size_t(N)) {
+    async_detail::land(p.groups.front());
+    p.groups.pop_front();
   }
 }
 
-inline void cp_async_commit() {}
-
-template <int N>
-inline void cp_async_wait() {}
-
-inline void cp_async_wait_all() {}
+// cp.async.wait_all: every copy of this thread, committed or not.
+inline void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait<0>();
+}
 
 // lop3.b32 d, a, b, c, lut: bit i of d is bit (a_i b_i c_i) of lut, where
 // the operands' selectors are a = 0xF0, b = 0xCC, c = 0xAA.
