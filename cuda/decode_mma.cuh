@@ -197,6 +197,7 @@ struct MmaDecode {
   // low and high halves: formats.h's layout must put them 16 bits apart.
   static_assert(qsdpa::element_shift(EW / 2, BITS) == 16, "pair layout");
   static_assert(RB >= 16 && KQ >= 4 && VB >= 2, "run sizes");
+  static_assert(RK % 8 == 0 && EW % 4 == 0, "a lane's query run: whole 16-byte loads, pairs in the same word half");
   static_assert(!kScaleAfter || (KQ % 4 == 0 && NKS == NG), "scale after: whole words per group quarter");
   static_assert(SRB <= 16 && (CKW * SRB) % 16 == 0, "scale rows");
   static_assert(CK % kKeysPerBlockStep == 0, "whole block steps per chunk");
@@ -770,42 +771,81 @@ struct MmaDecode {
     const int b = blockIdx.z;
     const int nr = min(RT, p.rows - r0);
 
-    // The first chunks' copies go out before anything else, so that their
-    // latency overlaps the query loads below.
     int k_begin, k_end;
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
-    Copier cp = copier(p, b, kvh, k_begin, k_end);
-    const int n_steps = warp_steps(cp);
-    unsigned char* const ring = smem_raw + warp * kWarpRingBytes;
-#pragma unroll
-    for (int c = 0; c < NS - 1; ++c) {
-      if (c < n_steps) {
-        issue_chunk(cp, c, ring + c * kStageBytes);
-      }
-      mma_detail::cp_async_commit();
-    }
 
     // Q^T as B operands: query row nt * 8 + g, the slots of lane t's K
-    // quarter (see the top).
+    // quarter (see the top). The query loads go out first: issued after the
+    // first steps' copies of every block they waited behind them (the
+    // kernel's top stall at 128K keys, 2026-11-29). A lane's slots of a K
+    // span are one run of RK elements; where the layout allows (a dense last
+    // axis and rows at 16-byte boundaries, as mx arrays usually are) it is
+    // read with 16-byte loads, element by element otherwise.
     uint32_t qb[NT][NCH][2];
     {
       const uint16_t* qp = static_cast<const uint16_t*>(p.q);
+      const bool q_vec = p.qs[3] == 1 && (p.qs[0] | p.qs[1] | p.qs[2]) % 8 == 0 &&
+          reinterpret_cast<uintptr_t>(p.q) % 16 == 0;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int r = nt * 8 + g;
         const bool ok = r < nr;
         const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
         const int64_t base = int64_t(b) * p.qs[0] + int64_t(ref.h) * p.qs[1] + int64_t(ref.i) * p.qs[2];
+        if (q_vec) {
 #pragma unroll
-        for (int c = 0; c < NCH; ++c) {
+          for (int sp = 0; sp < NKS; ++sp) {
+            uint32_t w[RK / 2]; // the run's elements, two per word
+            const uint4* src = reinterpret_cast<const uint4*>(qp + base + KS * sp + RK * t);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int lo = KS * (c / CPS) + RK * t + pair_lo(2 * (c % CPS) + j);
-            const int hi = lo + EW / 2;
-            qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
+            for (int v = 0; v < RK / 8; ++v) {
+              const uint4 x = ok ? src[v] : uint4{0u, 0u, 0u, 0u};
+              w[4 * v] = x.x;
+              w[4 * v + 1] = x.y;
+              w[4 * v + 2] = x.z;
+              w[4 * v + 3] = x.w;
+            }
+#pragma unroll
+            for (int cc = 0; cc < CPS; ++cc) {
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                // Elements lo and hi = lo + EW / 2 of the run: the same
+                // half of their words (EW / 2 is even).
+                const int lo = pair_lo(2 * cc + j);
+                const int hi = lo + EW / 2;
+                qb[nt][sp * CPS + cc][j] = __byte_perm(w[lo / 2], w[hi / 2], lo % 2 ? 0x7632u : 0x5410u);
+              }
+            }
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const int lo = KS * (c / CPS) + RK * t + pair_lo(2 * (c % CPS) + j);
+              const int hi = lo + EW / 2;
+              qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
+            }
           }
         }
       }
+    }
+
+    // Then the first steps' copies (QSDPA_STAGGER_PROLOGUE, an experiment:
+    // step 0 now, the others once the queries have landed).
+#ifndef QSDPA_STAGGER_PROLOGUE
+#define QSDPA_STAGGER_PROLOGUE 0
+#endif
+    constexpr int kFirstCopies = QSDPA_STAGGER_PROLOGUE ? 1 : NS - 1;
+    Copier cp = copier(p, b, kvh, k_begin, k_end);
+    const int n_steps = warp_steps(cp);
+    unsigned char* const ring = smem_raw + warp * kWarpRingBytes;
+#pragma unroll
+    for (int c = 0; c < kFirstCopies; ++c) {
+      if (c < n_steps) {
+        issue_chunk(cp, c, ring + c * kStageBytes);
+      }
+      mma_detail::cp_async_commit();
     }
 
     // Scale after the MMA: each accumulator row's sum of the queries over
@@ -840,6 +880,14 @@ struct MmaDecode {
           }
         }
       }
+    }
+
+#pragma unroll
+    for (int c = kFirstCopies; c < NS - 1; ++c) {
+      if (c < n_steps) {
+        issue_chunk(cp, c, ring + c * kStageBytes);
+      }
+      mma_detail::cp_async_commit();
     }
 
     // The rows of this lane's accumulators: nt * 8 + 2t + e.

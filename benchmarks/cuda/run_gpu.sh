@@ -181,7 +181,7 @@ step_stalls() { # why warps wait, one 128K call: stall reasons per issued instru
   grep -E "stalled|inst_executed|cycles_active" "$f" | sed -E 's/^ +//' | sort -k3 -rn | head -30
 }
 
-step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-DB=2"): one-call times, batched bench; then the plain build again
+step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-DB=2"): one-call times, batched bench (QSDPA_VARIANTS_BENCH=0: none); then the plain build again if steps follow
   local IFS_old=$IFS f="$out/variants.txt" v
   IFS=';'
   for v in ${QSDPA_VARIANTS:-}; do
@@ -191,13 +191,17 @@ step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-
     PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
       --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
       grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
-    PYTHONPATH=$pkg:$PYTHONPATH timeout 240 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
-      --methods quant_sdpa --ctx 4096,32768,131072 2>&1 | grep quant_sdpa >> "$f"
+    if [ "${QSDPA_VARIANTS_BENCH:-1}" != 0 ]; then
+      PYTHONPATH=$pkg:$PYTHONPATH timeout 240 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
+        --methods quant_sdpa --ctx 4096,32768,131072 2>&1 | grep quant_sdpa >> "$f"
+    fi
     IFS=';'
   done
   IFS=$IFS_old
-  # Later steps must measure the plain kernels.
-  QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
+  # Later steps must measure the plain kernels (none: no rebuild).
+  if [ "$steps_left" -gt 0 ]; then
+    QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
+  fi
   summary+=("variants: $f")
   cat "$f"
 }
@@ -210,7 +214,9 @@ save() {
   tar czf "$OUT/logs.tgz.part" -C "$out" . && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"
 }
 
+steps_left=$#
 for s in "$@"; do
+  steps_left=$((steps_left - 1))
   if [ -n "${QSDPA_GPU_DEADLINE_S:-}" ] && [ "$SECONDS" -ge "$QSDPA_GPU_DEADLINE_S" ]; then
     summary+=("$s: skipped (past QSDPA_GPU_DEADLINE_S=$QSDPA_GPU_DEADLINE_S at ${SECONDS} s)")
     save

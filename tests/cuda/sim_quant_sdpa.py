@@ -51,9 +51,10 @@ def padded_rows(a: np.ndarray, pad: int) -> Tensor:
     return Tensor(buf.reshape(-1), (H * L * (W + pad), L * (W + pad), W + pad, 1), a.shape)
 
 
-def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0):
+def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0):
     """Runs the case on the simulator: (out, lse, ref, ref_lse, plan).
-    row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent)."""
+    row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent);
+    q_pad > 0: the query rows sit q_pad elements apart."""
     q, kq, vq, mask, sinks = qsdpa_case.build(c) if inputs is None else inputs
     v = variant_of(c)
 
@@ -73,7 +74,7 @@ def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, ro
     sinks_t = None if sinks is None else dense(oracle.to_numpy(sinks, np.float32))
     out, lse, plan = lib.run_quant_sdpa(
         v,
-        q=dense(raw(q)),
+        q=padded_rows(raw(q), q_pad) if q_pad else dense(raw(q)),
         q_shape=tuple(q.shape),
         k=triple(kq),
         v=triple(vq),

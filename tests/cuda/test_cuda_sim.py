@@ -102,6 +102,16 @@ def test_strided_rows(lib, entry):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("entry", [CASES[0], CASES[2], CASES[3]], ids=[_id(e) for e in (CASES[0], CASES[2], CASES[3])])
+def test_query_rows_off_16_bytes(lib, entry):
+    """Query rows an odd number of elements apart: the kernel reads the
+    queries element by element (16-byte loads need rows at 16-byte
+    boundaries, which the other cases have)."""
+    c, splits = entry
+    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, q_pad=3)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
 def test_host_plan_splits_keys(lib):
     """The unforced plan of the B=2 case really splits (a wave of 396 blocks
     over 4 tiles), so its merge runs too."""
