@@ -308,12 +308,25 @@ struct MmaDecode {
     const int lane = threadIdx.x % 32;
     const int valid = cp.keys - c * CK; // keys of the warp from this step on
     if (valid >= CKW) {
+      if (cp.krow == RB && cp.vrow == RB) {
+        // Dense rows (mx.quantize's and mlx-lm's caches): the rows' offsets
+        // are constants, folded into the copies' addresses.
 #pragma unroll
-      for (int i = 0; i < NKU; ++i) {
-        if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
-          const int so = (lane + i * 32) * 16;
-          mma_detail::cp_async16(st + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
-          mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
+        for (int i = 0; i < NKU; ++i) {
+          if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
+            const int so = (lane + i * 32) * 16;
+            mma_detail::cp_async16(st + so, cp.kc + i * kRowStep * RB, 16);
+            mma_detail::cp_async16(st + kOffV + so, cp.vc + i * kRowStep * RB, 16);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NKU; ++i) {
+          if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
+            const int so = (lane + i * 32) * 16;
+            mma_detail::cp_async16(st + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
+            mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
+          }
         }
       }
 #pragma unroll
@@ -451,12 +464,49 @@ struct MmaDecode {
   template <int NGX>
   static __device__ __forceinline__ void pair_scales(
       const unsigned char* st, int sa, int ba, int key0, int step, int grp0, PairScale (&ps)[2][NGX]) {
+    if constexpr (kAdjacentScaleRuns) {
+      if (step == 1) {
+        adjacent_pair_scales(st, sa, ba, key0, grp0, ps);
+        return;
+      }
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int gi = 0; gi < NGX; ++gi) {
         ps[h][gi] = pair_scale(st, sa, ba, key0 + 8 * h, key0 + 8 * h + step, grp0 + gi);
       }
+    }
+  }
+
+  // The same for adjacent keys (step 1, key0 even; the V side) on the
+  // half-magic path with at most two groups per row: both keys' elements of
+  // a group lie in one 4-byte (one group) or 8-byte (two groups) run, read
+  // at once, and the pair is that word or one byte permutation of the two
+  // (instead of two 2-byte reads and a permutation per array).
+  static constexpr bool kAdjacentScaleRuns = kHalfMagic && NG <= 2;
+  template <int NGX>
+  static __device__ __forceinline__ void adjacent_pair_scales(
+      const unsigned char* st, int sa, int ba, int key0, int grp0, PairScale (&ps)[2][NGX]) {
+    static_assert(NGX == 1 && SB == 2, "one group per pair, T scales");
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = key0 + 8 * h;
+      uint32_t sw[2], bw[2];
+      mma_detail::load_shared<2 * SRB>(st + kOffS + sa * kScaleArrayBytes + key * SRB, sw);
+      mma_detail::load_shared<2 * SRB>(st + kOffS + ba * kScaleArrayBytes + key * SRB, bw);
+      PairScale& x = ps[h][0];
+      if constexpr (NG == 1) {
+        x.s2 = sw[0];
+        x.b2 = bw[0];
+      } else {
+        // Words (key, groups 0 and 1) and (key + 1, groups 0 and 1).
+        const uint32_t sel = grp0 % 2 ? 0x7632u : 0x5410u;
+        x.s2 = __byte_perm(sw[0], sw[1], sel);
+        x.b2 = __byte_perm(bw[0], bw[1], sel);
+      }
+      x.s0 = x.s1 = x.b0 = x.b1 = 0.0f;
+      x.exact = false;
     }
   }
 
