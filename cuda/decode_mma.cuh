@@ -665,7 +665,7 @@ struct MmaDecode {
 
   // The same with the scale after the MMA (kScaleAfter): the codes' exact
   // magic form M + c goes into the MMA, one accumulator per group, which
-  // starts at -msum = -sum M q (M: each element's magic) and so ends at
+  // starts at nmsum = -sum M q (M: each element's magic) and so ends at
   // sum c q; then per key (rows g, g + 8) and query row, in fp32,
   //   S = sum over groups of  s * acc + b * qsum.
   static __device__ __forceinline__ void k_scores_scale_after(
@@ -675,7 +675,7 @@ struct MmaDecode {
       int t,
       const uint32_t (&qb)[NT][NCH][2],
       const float (&qsum)[NT][NKS][2],
-      const float (&msum)[NT][NKS][2],
+      const float (&nmsum)[NT][NKS][2],
       float (&s)[NT][4]) {
     // Scales and biases of the two keys, every group (one vector load each).
     constexpr int SW = (SRB + 3) / 4;
@@ -700,7 +700,7 @@ struct MmaDecode {
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e4 = 0; e4 < 4; ++e4) {
-          acc[nt][e4] = -msum[nt][sp][e4 & 1];
+          acc[nt][e4] = nmsum[nt][sp][e4 & 1];
         }
       }
 #pragma unroll
@@ -901,7 +901,7 @@ struct MmaDecode {
     // Scale after the MMA: each accumulator row's sum of the queries over
     // each K span (= group), and the sum of M q with each element's magic M
     // (the MMA's products are (M + c) q), from the T values the MMA sees.
-    float qsum[NT][NKS][2], msum[NT][NKS][2];
+    float qsum[NT][NKS][2], nmsum[NT][NKS][2]; // nmsum: -sum M q, negated once here
     if constexpr (kScaleAfter) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -915,7 +915,7 @@ struct MmaDecode {
               const float q2 = mma_detail::pair_sum<T>(qb[nt][sp * CPS + cc][j]);
               const int sh = qsdpa::element_shift(pair_lo(2 * cc + j) % EW, BITS);
               x += q2;
-              y = fmaf(magic_value(magic_pos(sh)), q2, y);
+              y = fmaf(-magic_value(magic_pos(sh)), q2, y); // negative: no negation in the loop
             }
           }
 #pragma unroll
@@ -926,7 +926,7 @@ struct MmaDecode {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             qsum[nt][sp][e] = __shfl_sync(0xffffffffu, x, 4 * (2 * t + e));
-            msum[nt][sp][e] = __shfl_sync(0xffffffffu, y, 4 * (2 * t + e));
+            nmsum[nt][sp][e] = __shfl_sync(0xffffffffu, y, 4 * (2 * t + e));
           }
         }
       }
@@ -963,14 +963,15 @@ struct MmaDecode {
       zero_tiles(o[j]);
     }
     // Per row of this lane: the reference max m, the exponent's base (m, or
-    // 0 while m is -inf), the lazy max's threshold m + kLazyMax, and the
-    // lane's share of the denominator.
-    float m[NT][2], base[NT][2], thr[NT][2], l[NT][2];
+    // 0 while m is -inf), the lazy max's limit on a score over the base
+    // (kLazyMax, or -inf while m is -inf), and the lane's share of the
+    // denominator.
+    float m[NT][2], base[NT][2], lim[NT][2], l[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        m[nt][e] = thr[nt][e] = neg_inf();
+        m[nt][e] = lim[nt][e] = neg_inf();
         base[nt][e] = l[nt][e] = 0.0f;
       }
     }
@@ -1000,7 +1001,7 @@ struct MmaDecode {
 #pragma unroll
       for (int u = 0; u < TPW; ++u) {
         if constexpr (kScaleAfter) {
-          k_scores_scale_after(st, 16 * u, g, t, qb, qsum, msum, s[u]);
+          k_scores_scale_after(st, 16 * u, g, t, qb, qsum, nmsum, s[u]);
         } else {
           k_scores(st, 16 * u, g, t, qb, s[u]);
         }
@@ -1009,22 +1010,28 @@ struct MmaDecode {
       // ---- masks and the online softmax (query rows 2t, 2t + 1) ----
       const bool tail = key0 + 16 * TPW > k_end;
       const bool causal_here = causal && key0 + 16 * TPW - 1 >= causal_from;
-      each_score(s, [&](float& x, int, int, int) { x *= p.scale_log2; });
-      // Masks in a warp-uniform branch: most steps see none.
+      // Scores in log2 units over their row's base (one fused multiply-add
+      // where no mask applies); masks in a warp-uniform branch: most steps
+      // see none.
       if (tail || causal_here || array_masked) {
         each_score(s, [&](float& x, int u, int nt, int e4) {
           const int e = e4 & 1;
           const int key = key0 + 16 * u + g + 8 * (e4 >> 1);
+          x *= p.scale_log2;
           if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
             x = neg_inf();
           } else if (array_masked && crow_ok[nt][e]) {
             x += array_mask(p, b, crow[nt][e], key);
           }
+          x -= base[nt][e];
         });
+      } else {
+        each_score(s, [&](float& x, int, int nt, int e4) { x = fmaf(x, p.scale_log2, -base[nt][e4 & 1]); });
       }
       // A lazy max: p = 2^(s - base) with base the row's reference max (0
       // while it has seen no key), which moves only when a score exceeds it
-      // by more than kLazyMax; then O and l are rescaled. So p <= 2^kLazyMax
+      // by more than kLazyMax; then O and l are rescaled, and the step's
+      // scores shifted to the new base. So p <= 2^kLazyMax
       // (exact enough in T, far from its overflow), and a step whose scores
       // stay under their rows' thresholds (nearly all, once the first steps
       // have set the max) costs one vote instead of a max reduction across
@@ -1033,7 +1040,7 @@ struct MmaDecode {
       // masked or zero query, or inf - inf under a mask): it takes no part,
       // as in the generic kernel.
       bool over = false;
-      each_score(s, [&](float& x, int, int nt, int e4) { over |= !(x <= thr[nt][e4 & 1]); });
+      each_score(s, [&](float& x, int, int nt, int e4) { over |= !(x <= lim[nt][e4 & 1]); });
       if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -1055,12 +1062,20 @@ struct MmaDecode {
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const float m_new = fmaxf(m[nt][e], mx);
+            const float m_new = fmaxf(m[nt][e], mx + base[nt][e]);
             const float b_new = m_new == neg_inf() ? 0.0f : m_new;
             corr[e] = mma_detail::exp2_fast(m[nt][e] - b_new); // 0 while m is -inf, 1 if unchanged
+            const float shift = base[nt][e] - b_new;
+#pragma unroll
+            for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                s[u][nt][2 * h + e] += shift;
+              }
+            }
             m[nt][e] = m_new;
             base[nt][e] = b_new;
-            thr[nt][e] = m_new + kLazyMax;
+            lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;
             l[nt][e] *= corr[e];
           }
 #pragma unroll
@@ -1079,8 +1094,8 @@ struct MmaDecode {
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p0 = mma_detail::exp2_fast(s[u][nt][e] - base[nt][e]);
-            const float p1 = mma_detail::exp2_fast(s[u][nt][2 + e] - base[nt][e]);
+            const float p0 = mma_detail::exp2_fast(s[u][nt][e]);
+            const float p1 = mma_detail::exp2_fast(s[u][nt][2 + e]);
             l[nt][e] += p0 + p1;
             s[u][nt][e] = p0;
             s[u][nt][2 + e] = p1;

@@ -200,7 +200,7 @@ MUTANTS = {
     "fold_scale": ("decode_mma.cuh", "s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4],", "s[nt][e4] = fmaf(sc[0], acc[nt][e4],"),
     # The sum of M q takes 2^10 for every element, also for codes masked in
     # place higher up the mantissa (whose magic is smaller).
-    "magic_sum": ("decode_mma.cuh", "y = fmaf(magic_value(magic_pos(sh)), q2, y);", "y = fmaf(magic_value(0), q2, y);"),
+    "magic_sum": ("decode_mma.cuh", "y = fmaf(-magic_value(magic_pos(sh)), q2, y);", "y = fmaf(-magic_value(0), q2, y);"),
     # Every merge group believed full: the last group never completes.
     "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
     # The last chunk copies whole rows past the split's end: past the end of
@@ -211,7 +211,7 @@ MUTANTS = {
     # its issuing lane's wait).
     "warp_barrier": ("decode_mma.cuh", "      __syncwarp();\n", ""),
     # The lazy max lets weights grow to 2^64: fp16 P overflows.
-    "lazy_threshold": ("decode_mma.cuh", "thr[nt][e] = m_new + kLazyMax;", "thr[nt][e] = m_new + 64.0f;"),
+    "lazy_threshold": ("decode_mma.cuh", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
     # The slow path forgets to rescale the denominator.
     "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
 }
