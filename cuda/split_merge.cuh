@@ -75,11 +75,12 @@ __device__ __forceinline__ void combine(
 }
 
 // A merged float4 column d4 of row `ref`: into partial slot `dst` (dst >=
-// 0; the row's (M, L) with its column 0) or into the output (dst < 0),
-// with the sink, the normalisation and the lse.
+// 0; the row's (M, L) with its column 0; n_rows output rows per slot) or
+// into the output (dst < 0), with the sink, the normalisation and the lse.
+// (n_rows from the caller: computed here, it cost merge_step's kernels a
+// few bytes of spill in their main loop.)
 __device__ __forceinline__ void store_merged(
-    const Params& p, const RowRef& ref, int d4, int64_t dst, float4 acc, float M, float L) {
-  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
+    const Params& p, const RowRef& ref, int d4, int64_t dst, float4 acc, float M, float L, int64_t n_rows) {
   if (dst >= 0) {
     const int64_t row = dst * n_rows + ref.out_row;
     reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
@@ -141,7 +142,7 @@ __device__ inline void merge_step(
       float M, L;
       float4 acc;
       combine(x[k], m[k], l[k], M, L, acc);
-      store_merged(p, refs[k], idx - r * D4, dst, acc, M, L);
+      store_merged(p, refs[k], idx - r * D4, dst, acc, M, L, n_rows);
     }
   }
 }
@@ -225,6 +226,7 @@ __device__ inline bool cluster_merge(
   const int rank = blockIdx.x % C;
   const int cluster = blockIdx.x / C;
   const int count = p.n_splits / C; // partials of the tree's first level
+  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
   const int D4 = p.D / 4;
   const int n_cols = nr * D4;
   const int share = (n_cols + C - 1) / C;
@@ -244,7 +246,7 @@ __device__ inline bool cluster_merge(
     float Mx, Lx;
     float4 acc;
     merge_detail::combine(x, m, l, Mx, Lx, acc);
-    merge_detail::store_merged(p, row_ref(p, b, kvh, r0 + r), d4, count > 1 ? cluster : -1, acc, Mx, Lx);
+    merge_detail::store_merged(p, row_ref(p, b, kvh, r0 + r), d4, count > 1 ? cluster : -1, acc, Mx, Lx, n_rows);
   }
   mma_detail::cluster_sync(); // no block reads another's shared memory any more
   return count > 1 && rank == 0;
