@@ -265,7 +265,9 @@ struct MmaDecode {
     int64_t krow, vrow; // bytes between key rows
     const unsigned char* sc[NSU]; // the next step's scale units of this lane
     int row0; // the lane's first row in a step
+    int lane;
     int keys; // keys of the split from this warp's first on
+    int left; // of those, keys from the next step to copy on
   };
 
   static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
@@ -277,6 +279,7 @@ struct MmaDecode {
     const int lane = threadIdx.x % 32;
     const int64_t first = int64_t(k_begin) + (threadIdx.x / 32) * CKW; // the warp's first key
     cp.row0 = lane / UPR;
+    cp.lane = lane;
     const int col = (lane % UPR) * 16;
     cp.krow = p.k.ws[2] * 4;
     cp.vrow = p.v.ws[2] * 4;
@@ -293,7 +296,7 @@ struct MmaDecode {
           bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
       cp.sc[k] = byte_ptr(base, off, SB) + first * SRB + (u % US) * 16;
     }
-    cp.keys = k_end - int(first);
+    cp.keys = cp.left = k_end - int(first);
     return cp;
   }
 
@@ -302,14 +305,15 @@ struct MmaDecode {
     return cp.keys > 0 ? (cp.keys + CK - 1) / CK : 0;
   }
 
-  // The warp copies step c of its keys into stage `st` (steps in order,
-  // each once). Keys past the split's end are zero-filled without reading
+  // The warp copies the next step of its keys into a stage (steps in
+  // order, each once); dst: the lane's first byte in it (stage + 16 lane; a lane's
+  // units are 512 bytes apart, constant offsets from it). Keys past the split's end are zero-filled without reading
   // them (their scores are masked; zero codes and scales decode to finite
   // zeros); their copies point at the step's first row instead, which is
   // valid memory (a step has at least one key).
-  static __device__ __forceinline__ void issue_chunk(Copier& cp, int c, unsigned char* st) {
-    const int lane = threadIdx.x % 32;
-    const int valid = cp.keys - c * CK; // keys of the warp from this step on
+  static __device__ __forceinline__ void issue_chunk(Copier& cp, unsigned char* dst) {
+    const int valid = cp.left; // keys of the warp from this step on
+    cp.left -= CK;
     if (valid >= CKW) {
       if (cp.krow == RB && cp.vrow == RB) {
         // Dense rows (mx.quantize's and mlx-lm's caches): the rows' offsets
@@ -317,26 +321,26 @@ struct MmaDecode {
 #pragma unroll
         for (int i = 0; i < NKU; ++i) {
           if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
-            const int so = (lane + i * 32) * 16;
-            mma_detail::cp_async16(st + so, cp.kc + i * kRowStep * RB, 16);
-            mma_detail::cp_async16(st + kOffV + so, cp.vc + i * kRowStep * RB, 16);
+            const int so = i * 32 * 16;
+            mma_detail::cp_async16(dst + so, cp.kc + i * kRowStep * RB, 16);
+            mma_detail::cp_async16(dst + kOffV + so, cp.vc + i * kRowStep * RB, 16);
           }
         }
       } else {
 #pragma unroll
         for (int i = 0; i < NKU; ++i) {
           if (CKW % kRowStep == 0 || cp.row0 + i * kRowStep < CKW) {
-            const int so = (lane + i * 32) * 16;
-            mma_detail::cp_async16(st + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
-            mma_detail::cp_async16(st + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
+            const int so = i * 32 * 16;
+            mma_detail::cp_async16(dst + so, cp.kc + int64_t(i * kRowStep) * cp.krow, 16);
+            mma_detail::cp_async16(dst + kOffV + so, cp.vc + int64_t(i * kRowStep) * cp.vrow, 16);
           }
         }
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = lane + k * 32;
+        const int u = cp.lane + k * 32;
         if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
-          mma_detail::cp_async16(st + kOffS + u * 16, cp.sc[k], 16);
+          mma_detail::cp_async16(dst + kOffS + k * 32 * 16, cp.sc[k], 16);
         }
       }
     } else {
@@ -347,20 +351,20 @@ struct MmaDecode {
         if (CKW % kRowStep == 0 || row < CKW) {
           const bool ok = row < valid;
           const int64_t r = ok ? int64_t(i * kRowStep) : -int64_t(cp.row0);
-          const int so = (lane + i * 32) * 16;
-          mma_detail::cp_async16(st + so, cp.kc + r * cp.krow, ok ? 16 : 0);
-          mma_detail::cp_async16(st + kOffV + so, cp.vc + r * cp.vrow, ok ? 16 : 0);
+          const int so = i * 32 * 16;
+          mma_detail::cp_async16(dst + so, cp.kc + r * cp.krow, ok ? 16 : 0);
+          mma_detail::cp_async16(dst + kOffV + so, cp.vc + r * cp.vrow, ok ? 16 : 0);
         }
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = lane + k * 32;
+        const int u = cp.lane + k * 32;
         if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
           // A unit holds the scales of 16 / SRB keys: the last one of the
           // split may hold some past its end.
           const int n = min(max(valid * SRB - (u % US) * 16, 0), 16);
           const unsigned char* src = n > 0 ? cp.sc[k] : cp.sc[k] - (u % US) * 16;
-          mma_detail::cp_async16(st + kOffS + u * 16, src, n);
+          mma_detail::cp_async16(dst + kOffS + k * 32 * 16, src, n);
         }
       }
     }
@@ -892,11 +896,13 @@ struct MmaDecode {
     constexpr int kFirstCopies = QSDPA_STAGGER_PROLOGUE ? 1 : NS - 1;
     Copier cp = copier(p, b, kvh, k_begin, k_end);
     const int n_steps = warp_steps(cp);
+    // The warp's ring, and this lane's first copy unit in it.
     unsigned char* const ring = smem_raw + warp * kWarpRingBytes;
+    unsigned char* const ring_unit = ring + lane * 16;
 #pragma unroll
     for (int c = 0; c < kFirstCopies; ++c) {
       if (c < n_steps) {
-        issue_chunk(cp, c, ring + c * kStageBytes);
+        issue_chunk(cp, ring_unit + c * kStageBytes);
       }
       mma_detail::cp_async_commit();
     }
@@ -938,7 +944,7 @@ struct MmaDecode {
 #pragma unroll
     for (int c = kFirstCopies; c < NS - 1; ++c) {
       if (c < n_steps) {
-        issue_chunk(cp, c, ring + c * kStageBytes);
+        issue_chunk(cp, ring_unit + c * kStageBytes);
       }
       mma_detail::cp_async_commit();
     }
@@ -991,7 +997,7 @@ struct MmaDecode {
       __syncwarp();
       const int wr = rd == 0 ? NS - 1 : rd - 1;
       if (c + NS - 1 < n_steps) {
-        issue_chunk(cp, c + NS - 1, ring + wr * kStageBytes);
+        issue_chunk(cp, ring_unit + wr * kStageBytes);
       }
       mma_detail::cp_async_commit();
       const unsigned char* st = ring + rd * kStageBytes;
