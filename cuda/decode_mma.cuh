@@ -46,7 +46,6 @@
 // without rounding K to T. The online softmax keeps a lazy max (kLazyMax).
 #pragma once
 
-#include <cstddef>
 #include <type_traits>
 
 #include "common.cuh"
@@ -230,8 +229,6 @@ struct MmaDecode {
     int head[RT];
     float o[4][RT * kORowMma]; // per warp, scaled to the block's max
   };
-  // The cluster merge reads the rows of o[0] as float4 (ld.shared::cluster.v4).
-  static_assert(offsetof(MmaEpilogue, o) % 16 == 0 && kORowMma % 4 == 0, "16-byte rows of the block's partial");
   static constexpr int kSmemBytes =
       kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
   static_assert(int(sizeof(MergeSmem)) <= kSmemBytes, "merge over the epilogue");
@@ -1172,39 +1169,15 @@ struct MmaDecode {
       }
     }
     __syncthreads();
-    // With the cluster merge (sm_90 builds with QSDPA_CLUSTER_MERGE, where
-    // the host launched clusters) the block's partial stays in shared
-    // memory, the warps' sum in warp 0's slice (each thread sums and
-    // overwrites its own elements), for the cluster's blocks to read.
-    bool in_cluster = false;
-    if constexpr (mma_detail::kClusterMerge) {
-      in_cluster = p.cluster > 1;
-    }
     for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
       const int r = idx / D;
       const int d = idx % D;
       const float v = es.o[0][r * kORowMma + d] + es.o[1][r * kORowMma + d] + es.o[2][r * kORowMma + d] +
           es.o[3][r * kORowMma + d];
-      if (in_cluster) {
-        es.o[0][r * kORowMma + d] = v;
-      } else {
-        epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
-      }
+      epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
     }
-    // The merge tree's first level and this block's partial in it: the
-    // splits, or the clusters' partials.
-    int count = p.n_splits, index = blockIdx.x;
-    if constexpr (mma_detail::kClusterMerge) {
-      if (in_cluster) {
-        if (!cluster_merge(p, b, kvh, r0, nr, es.o[0], kORowMma, es.M, es.L)) {
-          return;
-        }
-        count = p.n_splits / kClusterSize;
-        index = blockIdx.x / kClusterSize;
-      }
-    }
-    if (count > 1) {
-      merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw), count, index);
+    if (p.n_splits > 1) {
+      merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
     }
   }
 };
@@ -1223,7 +1196,7 @@ KernelRef mma_kernel_ref() {
   } else {
     return KernelRef{
         reinterpret_cast<const void*>(&qsdpa_decode_mma<T, MODE, BITS, GS, D, NT>),
-        MmaDecode<T, MODE, BITS, GS, D, NT>::kSmemBytes, mma_detail::kClusterMergeBuilt};
+        MmaDecode<T, MODE, BITS, GS, D, NT>::kSmemBytes};
   }
 }
 

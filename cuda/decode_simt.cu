@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   epilogue_write<RT>(p, smem, b, kvh, r0, nr, split);
   if (p.n_splits > 1) {
     static_assert(sizeof(MergeSmem) <= sizeof(smem), "merge over the epilogue");
-    merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(&smem), p.n_splits, blockIdx.x);
+    merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(&smem));
   }
 }
 

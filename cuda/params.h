@@ -39,10 +39,6 @@ struct Params {
   int group_size;
   int n_splits; // key ranges; 1: the kernel writes the final output
   int keys_per_split; // a multiple of kKeysPerBlockStep
-  // Blocks per thread-block cluster along the splits: 1, or kClusterSize
-  // where the splits are merged in clusters first (n_splits is then a
-  // multiple of it; split_merge.cuh's cluster_merge).
-  int cluster;
   float scale_log2; // scale * log2(e): scores live in base-2 units
 
   const void* q;
@@ -65,8 +61,7 @@ struct Params {
   // Split-K partials, n_splits > 1 only: o [slots][B*Hq*Lq][D] (not
   // normalised) and (m, l) [slots][B*Hq*Lq][2] in base-2 units, and the
   // merge counters [counters][B * grid rows], zero at the start; slots and
-  // counters of split_plan.h's merge_tree (see split_merge.cuh), none
-  // where one cluster holds every split.
+  // counters of split_plan.h's merge_tree (see split_merge.cuh).
   float* part_o;
   float* part_ml;
   unsigned int* counters;
@@ -79,9 +74,6 @@ constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
 // Partials a merge step combines (split_merge.cuh).
 constexpr int kMergeRadix = 8;
-// Blocks of a thread-block cluster of the cluster merge (split_merge.cuh):
-// CUDA's portable maximum (no opt-in attribute needed).
-constexpr int kClusterSize = 8;
 
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).
@@ -91,14 +83,10 @@ constexpr int kSimtRows = 8;
 // kMaxHeadDim, any last-axis stride): never null for a valid format.
 const void* simt_kernel(int mode, int bits);
 
-// A kernel and the dynamic shared memory (bytes) it is launched with;
-// cluster_merge: built with the cluster merge (QSDPA_CLUSTER_MERGE=1), which
-// its code for sm_90 and up has (the host checks which code the device
-// runs before launching clusters).
+// A kernel and the dynamic shared memory (bytes) it is launched with.
 struct KernelRef {
   const void* fn;
   int smem_bytes;
-  bool cluster_merge = false;
 };
 
 // The tensor-core decode kernel for fp16/bf16 queries (q_type kElemFloat16/kElemBFloat16)

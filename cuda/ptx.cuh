@@ -77,58 +77,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t b
   return y;
 }
 
-// Thread-block clusters (sm_90): the cluster merge of the key splits
-// (split_merge.cuh's cluster_merge), built with QSDPA_CLUSTER_MERGE=1.
-// kClusterMergeBuilt tells the host (through KernelRef) that the build asked
-// for it; kClusterMerge is whether this device code has it: clusters and
-// distributed shared memory are Hopper's, so the sm_80 code of the same
-// build keeps the global merge tree (the host checks which code runs).
-#if defined(QSDPA_CLUSTER_MERGE) && QSDPA_CLUSTER_MERGE
-constexpr bool kClusterMergeBuilt = true;
-#else
-constexpr bool kClusterMergeBuilt = false;
-#endif
-#if defined(QSDPA_CLUSTER_MERGE) && QSDPA_CLUSTER_MERGE && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool kClusterMerge = true;
-#else
-constexpr bool kClusterMerge = false;
-#endif
-
-// The wrappers below are used only where kClusterMerge holds (sm_90 code):
-// elsewhere nothing calls them and no code is emitted for them.
-// Every thread of every block of the cluster arrives and waits: arrive
-// has release semantics (this thread's earlier writes, shared memory
-// included, become visible to the cluster), wait acquire semantics.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// The shared::cluster address of p (in this block's shared memory) in the
-// shared memory of the cluster's block `rank`.
-__device__ __forceinline__ uint32_t cluster_map(const void* p, uint32_t rank) {
-  uint32_t a;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
-  return a;
-}
-
-// Loads from a shared::cluster address (another block's shared memory, or
-// this block's); volatile: never moved across the cluster barriers.
-__device__ __forceinline__ float4 ld_cluster_f4(uint32_t a) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(a)
-               : "memory");
-  return v;
-}
-
-__device__ __forceinline__ float ld_cluster_f32(uint32_t a) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(a) : "memory");
-  return v;
-}
-
 // 2^x with one MUFU instruction (exp2f adds a denormal-result fixup around
 // it); results below 2^-126 flush to zero, exp2(-inf) is 0.
 __device__ __forceinline__ float exp2_fast(float x) {

@@ -24,16 +24,9 @@
 // counters, csrc/cuda/quant_sdpa_cuda.cpp) and the last block of a group
 // sets the group's counter back to zero, so counters can be handed out
 // again once the kernel that used them has completed.
-//
-// With the cluster merge (QSDPA_CLUSTER_MERGE=1, sm_90: Params::cluster >
-// 1) the first level runs in thread-block clusters instead: the
-// kClusterSize blocks of a cluster (consecutive splits of one tile) merge
-// their partials through distributed shared memory (cluster_merge below),
-// and the tree above starts from one partial per cluster.
 #pragma once
 
 #include "common.cuh"
-#include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
 
@@ -50,55 +43,6 @@ __device__ __forceinline__ float4 fma4(float4 x, float f, float4 acc) {
 // Partial rows are read with ld.global.cg (from L2): other blocks wrote them.
 __device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int d4) {
   return __ldcg(reinterpret_cast<const float4*>(p.part_o + slot_row * p.D) + d4);
-}
-
-// The exact LSE merge of N partials of one float4 column of a row: their
-// columns x and (m, l); M, L and acc the merged row's max, denominator and
-// column (not normalised). A partial that saw no key (m = -inf) weighs
-// nothing.
-template <int N>
-__device__ __forceinline__ void combine(
-    const float4 (&x)[N], const float (&m)[N], const float (&l)[N], float& M, float& L, float4& acc) {
-  M = neg_inf();
-#pragma unroll
-  for (int u = 0; u < N; ++u) {
-    M = fmaxf(M, m[u]);
-  }
-  L = 0.0f;
-  acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-  for (int u = 0; u < N; ++u) {
-    const float f = m[u] == neg_inf() ? 0.0f : exp2f(m[u] - M);
-    L = fmaf(l[u], f, L);
-    acc = fma4(x[u], f, acc);
-  }
-}
-
-// A merged float4 column d4 of row `ref`: into partial slot `dst` (dst >=
-// 0; the row's (M, L) with its column 0; n_rows output rows per slot) or
-// into the output (dst < 0), with the sink, the normalisation and the lse.
-// (n_rows from the caller: computed here, it cost merge_step's kernels a
-// few bytes of spill in their main loop.)
-__device__ __forceinline__ void store_merged(
-    const Params& p, const RowRef& ref, int d4, int64_t dst, float4 acc, float M, float L, int64_t n_rows) {
-  if (dst >= 0) {
-    const int64_t row = dst * n_rows + ref.out_row;
-    reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
-    if (d4 == 0) {
-      p.part_ml[row * 2] = M;
-      p.part_ml[row * 2 + 1] = L;
-    }
-  } else {
-    const Finalized fin = finalize_row(p, ref.h, M, L);
-    const int64_t o = ref.out_row * p.D + 4 * d4;
-    store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
-    store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
-    store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
-    store_from_float(p.out, o + 3, acc.w * fin.mult, p.out_type);
-    if (d4 == 0 && p.lse) {
-      p.lse[ref.out_row] = fin.lse;
-    }
-  }
 }
 
 // Merge the partials in slots [first, first + members) of the tile's rows
@@ -139,10 +83,39 @@ __device__ inline void merge_step(
         break;
       }
       const int r = idx / D4;
-      float M, L;
-      float4 acc;
-      combine(x[k], m[k], l[k], M, L, acc);
-      store_merged(p, refs[k], idx - r * D4, dst, acc, M, L, n_rows);
+      const int d4 = idx - r * D4;
+      const RowRef& ref = refs[k];
+      float M = neg_inf();
+#pragma unroll
+      for (int u = 0; u < kMergeRadix; ++u) {
+        M = fmaxf(M, m[k][u]);
+      }
+      float L = 0.0f;
+      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int u = 0; u < kMergeRadix; ++u) {
+        const float f = m[k][u] == neg_inf() ? 0.0f : exp2f(m[k][u] - M); // a partial that saw no key weighs nothing
+        L = fmaf(l[k][u], f, L);
+        acc = fma4(x[k][u], f, acc);
+      }
+      if (dst >= 0) {
+        const int64_t row = dst * n_rows + ref.out_row;
+        reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
+        if (d4 == 0) {
+          p.part_ml[row * 2] = M;
+          p.part_ml[row * 2 + 1] = L;
+        }
+      } else {
+        const Finalized fin = finalize_row(p, ref.h, M, L);
+        const int64_t o = ref.out_row * p.D + 4 * d4;
+        store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
+        store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
+        store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
+        store_from_float(p.out, o + 3, acc.w * fin.mult, p.out_type);
+        if (d4 == 0 && p.lse) {
+          p.lse[ref.out_row] = fin.lse;
+        }
+      }
     }
   }
 }
@@ -150,16 +123,15 @@ __device__ inline void merge_step(
 } // namespace merge_detail
 
 // Called by every thread of every block once its partial rows (r0 .. r0 +
-// nr - 1 of kv head kvh, batch b; slot `index` of the first level, which
-// holds `count` partials: p.n_splits, or the clusters' partials) are
-// written; `s` may alias shared memory the block no longer reads. Returns
-// once the block is not the last of its group at some level, or has
-// written the output.
-__device__ inline void merge_splits(
-    const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s, int count, int index) {
+// nr - 1 of kv head kvh, batch b; slot blockIdx.x of level 0) are written;
+// `s` may alias shared memory the block no longer reads. Returns once the
+// block is not the last of its group at some level, or has written the
+// output.
+__device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
   const int64_t n_tiles = int64_t(gridDim.z) * gridDim.y;
   const int64_t tile = int64_t(b) * gridDim.y + blockIdx.y;
-  // count: partials of this level; index: this block's partial in it
+  int count = p.n_splits; // partials of this level
+  int index = blockIdx.x; // this block's partial in it
   int64_t slot_base = 0; // the level's first slot
   int64_t counter_base = 0; // and first counter
   while (true) {
@@ -196,60 +168,6 @@ __device__ inline void merge_splits(
     index = group;
     count = (count + kMergeRadix - 1) / kMergeRadix;
   }
-}
-
-// The cluster merge: called by every thread of every block of a cluster of
-// kClusterSize (p.cluster, consecutive splits of one tile), each block's
-// partial rows r < nr in its own shared memory (o: rows o_stride floats
-// apart, 16-byte aligned; M, L per row). After a cluster barrier (every
-// partial complete), each block merges a 1/kClusterSize share of the
-// tile's float4 columns: one round of loads from every block's shared
-// memory (distributed shared memory: a few hundred cycles, against an L2
-// round trip plus a fence and an atomic per level of the tree), the exact
-// LSE merge of merge_step, then into the output where one cluster holds
-// every split, else into the cluster's partial (slot blockIdx.x /
-// kClusterSize of the tree's first level). A second cluster barrier keeps
-// every block's shared memory alive until all the reads of it are done
-// (a block's shared memory is gone once it exits). Returns whether this
-// block goes on to count the cluster's partial into the tree
-// (merge_splits with count p.n_splits / kClusterSize, index blockIdx.x /
-// kClusterSize): rank 0, for the whole cluster, where the partial is not
-// the output. The barrier (release / acquire at cluster scope) orders the
-// other blocks' partial writes before rank 0's fence in merge_splits, as
-// merge_splits' __syncthreads orders a block's own threads' writes. (The
-// kernel calls merge_splits once for both paths: a second inlined copy
-// spilled registers in the 128-register kernels.)
-__device__ inline bool cluster_merge(
-    const Params& p, int b, int kvh, int r0, int nr, const float* o, int o_stride, const float* M,
-    const float* L) {
-  constexpr int C = kClusterSize;
-  const int rank = blockIdx.x % C;
-  const int cluster = blockIdx.x / C;
-  const int count = p.n_splits / C; // partials of the tree's first level
-  const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
-  const int D4 = p.D / 4;
-  const int n_cols = nr * D4;
-  const int share = (n_cols + C - 1) / C;
-  const int end = min(n_cols, (rank + 1) * share);
-  mma_detail::cluster_sync(); // every block's partial is complete in its shared memory
-  for (int idx = rank * share + threadIdx.x; idx < end; idx += kThreads) {
-    const int r = idx / D4;
-    const int d4 = idx - r * D4;
-    float4 x[C];
-    float m[C], l[C];
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      x[k] = mma_detail::ld_cluster_f4(mma_detail::cluster_map(o + r * o_stride + 4 * d4, k));
-      m[k] = mma_detail::ld_cluster_f32(mma_detail::cluster_map(M + r, k));
-      l[k] = mma_detail::ld_cluster_f32(mma_detail::cluster_map(L + r, k));
-    }
-    float Mx, Lx;
-    float4 acc;
-    merge_detail::combine(x, m, l, Mx, Lx, acc);
-    merge_detail::store_merged(p, row_ref(p, b, kvh, r0 + r), d4, count > 1 ? cluster : -1, acc, Mx, Lx, n_rows);
-  }
-  mma_detail::cluster_sync(); // no block reads another's shared memory any more
-  return count > 1 && rank == 0;
 }
 
 } // namespace mlx_qsdpa::cuda

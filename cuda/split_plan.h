@@ -26,16 +26,12 @@ struct SplitInput {
   int64_t wave = 1; // blocks that fill the GPU once (blocks per SM x SMs)
   int min_keys_per_split = kKeysPerBlockStep;
   int forced_splits = 0; // > 0: this many splits (clamped), for tuning
-  // Blocks that fill the GPU once in clusters of kClusterSize, where the
-  // kernel and the device can merge the splits in clusters; 0: they cannot.
-  int64_t cluster_wave = 0;
 };
 
 struct SplitPlan {
   int row_tiles; // blocks along the rows of a kv head
   int n_splits; // key ranges (1: one pass, no merge)
   int keys_per_split; // a multiple of kKeysPerBlockStep
-  int cluster; // blocks per cluster along the splits: 1 or kClusterSize
 };
 
 // Whether a grid for these shapes fits CUDA's limits with blocks of
@@ -45,13 +41,15 @@ inline bool grid_fits(int B, int Hkv, int rows, int rows_per_block) {
   return B <= 65535 && int64_t(Hkv) * row_tiles <= kMaxGridY;
 }
 
-// The split count that fills a wave of `wave` blocks with row_tiles tiles,
-// with at least min_keys_per_split keys per block (each block pays an
-// epilogue and a share of the merge), at most kMaxSplits splits and
-// kMaxPartialElements partial elements (or forced_splits, clamped).
-inline int64_t target_splits(const SplitInput& in, int row_tiles, int64_t wave) {
-  const int64_t base_blocks = std::max<int64_t>(1, int64_t(in.B) * in.Hkv * row_tiles);
-  int64_t splits = (std::max<int64_t>(wave, 1) + base_blocks - 1) / base_blocks;
+// Split the keys until one wave of blocks fills the GPU, with at least
+// min_keys_per_split keys per block (each block pays an epilogue and a
+// share of the merge), at most kMaxSplits splits and kMaxPartialElements
+// partial elements; no split is empty.
+inline SplitPlan plan_splits(const SplitInput& in) {
+  SplitPlan plan;
+  plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
+  const int64_t base_blocks = std::max<int64_t>(1, int64_t(in.B) * in.Hkv * plan.row_tiles);
+  int64_t splits = (std::max<int64_t>(in.wave, 1) + base_blocks - 1) / base_blocks;
   splits = std::min<int64_t>(splits, (int64_t(in.Lk) + in.min_keys_per_split - 1) / in.min_keys_per_split);
   if (in.forced_splits > 0) {
     splits = in.forced_splits;
@@ -60,41 +58,11 @@ inline int64_t target_splits(const SplitInput& in, int row_tiles, int64_t wave) 
   while (splits > 1 && splits * in.n_rows * in.D > kMaxPartialElements) {
     splits /= 2;
   }
-  return splits;
-}
-
-// Split the keys until one wave of blocks fills the GPU (target_splits); no
-// split is empty. Where the splits can be merged in clusters
-// (cluster_wave > 0), the split count is rounded down to a multiple of
-// kClusterSize when that is at least two clusters, or exactly one (a
-// forced count only when it is a multiple): fewer, longer splits, but the
-// first merge level runs in the clusters instead of through global memory
-// (~3 us per level on the H200). The last cluster may then end in empty
-// splits (the kernel gives them no weight), never a whole empty cluster.
-inline SplitPlan plan_splits(const SplitInput& in) {
-  SplitPlan plan;
-  plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
-  plan.cluster = 1;
-  int64_t splits = target_splits(in, plan.row_tiles, in.wave);
-  if (in.cluster_wave > 0) {
-    const int64_t c = kClusterSize;
-    const int64_t cs = target_splits(in, plan.row_tiles, in.cluster_wave);
-    if (in.forced_splits > 0 ? cs % c == 0 : (cs == c || cs >= 2 * c)) {
-      splits = cs / c * c;
-      plan.cluster = kClusterSize;
-    }
-  }
   const int step = kKeysPerBlockStep;
   int64_t kps = (int64_t(in.Lk) + splits - 1) / splits;
   kps = std::max<int64_t>(step, (kps + step - 1) / step * step);
   plan.keys_per_split = int(kps);
-  int64_t n = std::max<int64_t>(1, (int64_t(in.Lk) + kps - 1) / kps);
-  if (n == 1) {
-    plan.cluster = 1; // one split holds every key: nothing to merge
-  } else if (plan.cluster > 1) {
-    n = (n + plan.cluster - 1) / plan.cluster * plan.cluster; // <= splits: a multiple of it
-  }
-  plan.n_splits = int(n);
+  plan.n_splits = int(std::max<int64_t>(1, (int64_t(in.Lk) + kps - 1) / kps));
   return plan;
 }
 
@@ -104,18 +72,15 @@ inline SplitPlan plan_splits(const SplitInput& in) {
 // at most kMergeRadix partials. A merge step then reads at most kMergeRadix
 // partials, one round of loads, and the levels below the last one are
 // merged while other blocks still decode. Per output row a call needs
-// `slots` partials, and per (batch, row tile) `counters` counters. `count`
-// is the tree's first level: the splits, or the clusters where the splits
-// are merged in clusters first (n_splits / cluster; one cluster needs no
-// tree).
+// `slots` partials, and per (batch, row tile) `counters` counters.
 struct MergeTree {
   int64_t slots = 0;
   int64_t counters = 0;
 };
 
-inline MergeTree merge_tree(int first_level) {
+inline MergeTree merge_tree(int n_splits) {
   MergeTree t;
-  int64_t count = first_level;
+  int64_t count = n_splits;
   while (count > 1) {
     t.slots += count;
     t.counters += (count + kMergeRadix - 1) / kMergeRadix;

@@ -48,34 +48,3 @@ def test_every_kernel_unit_compiles(tmp_path):
     assert not failed, "\n\n".join(f"{name}:\n{log}" for name, log in failed)
     for src in SOURCES:
         assert (tmp_path / (src.stem + ".cubin")).stat().st_size > 0
-
-
-def compile_cmd(compiler: str, src: Path, arch: str, out: Path, *flags: str):
-    return [compiler, "-std=c++20", f"-arch={arch}", *flags, f"-I{ROOT}", f"-I{ROOT / 'csrc'}", str(src), "-o", str(out)]
-
-
-def test_cluster_merge_compiles(tmp_path):
-    """QSDPA_CLUSTER_MERGE=1 (the cluster merge of cuda/split_merge.cuh):
-    the sm_90 code has the cluster barrier, mapa and the distributed
-    shared-memory loads, which ptxas accepts; the sm_80 code of the same
-    build has none of them (it keeps the global merge tree). One unit: the
-    cluster code is the same in every instantiation."""
-    compiler = nvcc()
-    if compiler is None:
-        pytest.skip("nvcc not found")
-    src = ROOT / "cuda" / "decode_mma_f16_d64.cu"
-    flag = "-DQSDPA_CLUSTER_MERGE=1"
-    jobs = [
-        compile_cmd(compiler, src, "sm_90", tmp_path / "c90.cubin", "-cubin", "-Xptxas", "-O0", flag),
-        compile_cmd(compiler, src, "sm_90", tmp_path / "c90.ptx", "-ptx", flag),
-        compile_cmd(compiler, src, "sm_80", tmp_path / "c80.ptx", "-ptx", flag),
-    ]
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs))
-    for cmd, r in zip(jobs, results):
-        assert r.returncode == 0, f"{' '.join(cmd)}:\n{(r.stdout + r.stderr)[-3000:]}"
-    ptx90 = (tmp_path / "c90.ptx").read_text()
-    ptx80 = (tmp_path / "c80.ptx").read_text()
-    for instr in ("barrier.cluster.arrive.release", "barrier.cluster.wait.acquire", "mapa.shared::cluster", "ld.shared::cluster"):
-        assert instr in ptx90, instr
-    assert "cluster" not in ptx80.replace("// ", "")

@@ -206,36 +206,6 @@ step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-
   cat "$f"
 }
 
-step_cluster() { # the cluster merge (cuda/split_merge.cuh): built with it, the launch's cluster shape, correctness at clustered split counts, one-call times with clusters off and on (one build, QSDPA_CUDA_CLUSTER); then the plain build again
-  local t0=$SECONDS f="$out/cluster.txt" v c s
-  : > "$f"
-  QSDPA_CUDA_FLAGS="-DQSDPA_CLUSTER_MERGE=1" step_build >> "$f" 2>&1 || { echo "cluster build failed" >> "$f"; return 1; }
-  echo "== launch at 32K (expect cluster size 8)" >> "$f"
-  PYTHONPATH=$pkg:$PYTHONPATH timeout 120 ncu --section LaunchStats --kernel-name regex:qsdpa --launch-count 1 \
-    python3 benchmarks/cuda/profile.py 32768 2>&1 | grep -iE "cluster|grid size" >> "$f"
-  for v in QSDPA_CUDA_SPLITS=0 QSDPA_CUDA_SPLITS=8 QSDPA_CUDA_SPLITS=16 QSDPA_CUDA_SPLITS=72 \
-      "QSDPA_CUDA_WORKSPACE=pool QSDPA_CUDA_SPLITS=72"; do
-    env $v QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest tests/test_correctness.py \
-      tests/test_masks.py tests/test_views.py tests/test_many_calls.py -q --maxfail=20 -p no:cacheprovider -n 8 \
-      --timeout 300 > "$out/tc.log" 2>&1
-    echo "$v: $(tail -1 "$out/tc.log")" >> "$f"
-    grep -E "^(FAILED|ERROR)" "$out/tc.log" | head -5 >> "$f"
-  done
-  rm -f "$out/tc.log"
-  for c in 0 1; do
-    for s in ${NCU_SPLITS:-0 16}; do
-      echo "== QSDPA_CUDA_CLUSTER=$c QSDPA_CUDA_SPLITS=$s (256, 4K, 32K, 128K; 3 calls each)" >> "$f"
-      QSDPA_CUDA_CLUSTER=$c QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none \
-        --metrics gpu__time_duration.sum --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py \
-        256,4096,32768,131072 2>&1 | grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
-    done
-  done
-  # Later steps must measure the plain kernels.
-  QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
-  summary+=("cluster merge: $f [$((SECONDS - t0)) s]")
-  cat "$f"
-}
-
 # The logs so far, as one archive and a summary in $OUT.
 save() {
   [ -n "${OUT:-}" ] || return 0

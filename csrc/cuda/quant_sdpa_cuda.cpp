@@ -63,52 +63,12 @@ cu::QuantTensor quant_tensor(const mx::array& w, const mx::array& s, const mx::a
   return t;
 }
 
-// Per kernel: the driver handle, how many blocks fit on one SM, and how
-// many blocks fit at once in clusters of kClusterSize where the kernel
-// merges its splits in clusters on this GPU (0: not).
+// Per kernel: the driver handle and how many blocks fit on one SM.
 struct KernelInfo {
   CUfunction function;
   int smem_bytes;
   int blocks_per_sm;
-  int64_t cluster_wave;
 };
-
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : fallback;
-}
-
-// Blocks of one wave of clusters for a kernel built with the cluster merge
-// (cuda/split_merge.cuh), 0 where it does not run: the code the device runs
-// must be sm_90's or newer (clusters are Hopper's; the sm_80 code of the
-// same build keeps the global merge tree), and a cluster of kClusterSize
-// blocks with the kernel's shared memory must fit. QSDPA_CUDA_CLUSTER=0
-// turns it off (A/B measurements with one build).
-int64_t cluster_wave_blocks(cu::KernelRef ref) {
-  static const bool enabled = env_int("QSDPA_CUDA_CLUSTER", 1) != 0;
-  if (!ref.cluster_merge || !enabled) {
-    return 0;
-  }
-  cudaFuncAttributes attrs{};
-  check(cudaFuncGetAttributes(&attrs, ref.fn), "cudaFuncGetAttributes");
-  if (attrs.ptxVersion < 90 || attrs.binaryVersion < 90) {
-    return 0;
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(cu::kClusterSize, 1, 1);
-  config.blockDim = dim3(cu::kThreads, 1, 1);
-  config.dynamicSmemBytes = size_t(ref.smem_bytes);
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cu::kClusterSize;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  int clusters = 0;
-  check(cudaOccupancyMaxActiveClusters(&clusters, ref.fn, &config), "cudaOccupancyMaxActiveClusters");
-  return int64_t(clusters) * cu::kClusterSize;
-}
 
 const KernelInfo& kernel_info(cu::KernelRef ref) {
   static std::mutex mutex;
@@ -130,7 +90,6 @@ const KernelInfo& kernel_info(cu::KernelRef ref) {
     check(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, ref.fn, cu::kThreads, ref.smem_bytes),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    info.cluster_wave = cluster_wave_blocks(ref);
     it = cache.emplace(ref.fn, info).first;
   }
   return it->second;
@@ -195,6 +154,11 @@ int sm_count(int device) {
     it = cache.emplace(device, n).first;
   }
   return it->second;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : fallback;
 }
 
 // The base and the byte strides of the first `dims` axes (those of size
@@ -409,13 +373,11 @@ void eval_gpu_kernel(
   si.min_keys_per_split = min_keys_per_split;
   static const int forced_splits = env_int("QSDPA_CUDA_SPLITS", 0);
   si.forced_splits = forced_splits;
-  si.cluster_wave = info.cluster_wave;
   const cu::SplitPlan plan = cu::plan_splits(si);
   const int row_tiles = plan.row_tiles;
   const int64_t n_rows = si.n_rows;
   p.keys_per_split = plan.keys_per_split;
   p.n_splits = plan.n_splits;
-  p.cluster = plan.cluster;
 
   for (const auto& a : inputs) {
     encoder.set_input_array(a);
@@ -425,19 +387,16 @@ void eval_gpu_kernel(
   }
   const dim3 grid(p.n_splits, p.Hkv * row_tiles, p.B);
   const dim3 block(cu::kThreads);
-  // Split K: the partials and counters of the kernel's merge tree
-  // (cuda/split_merge.cuh), whose first level is the splits, or the
-  // clusters where the splits merge in clusters first (one cluster needs
-  // none).
-  const cu::MergeTree tree = cu::merge_tree(p.n_splits / p.cluster);
-  if (tree.slots > 0) {
+  if (p.n_splits > 1) {
+    // Split K: the partials and counters of the kernel's merge tree
+    // (cuda/split_merge.cuh).
+    const cu::MergeTree tree = cu::merge_tree(p.n_splits);
     const int64_t n_counters = int64_t(p.B) * p.Hkv * row_tiles * tree.counters;
     const int64_t o_bytes = tree.slots * n_rows * p.D * int64_t(sizeof(float));
     const int64_t ml_bytes = tree.slots * n_rows * 2 * int64_t(sizeof(float));
     bind_split_memory(p, encoder, device, o_bytes, ml_bytes, n_counters);
   }
-  // Clusters of p.cluster consecutive splits (dim3(1, 1, 1): none).
-  encoder.add_kernel_node_ex(info.function, grid, block, dim3(p.cluster, 1, 1), info.smem_bytes, p);
+  encoder.add_kernel_node_ex(info.function, grid, block, dim3(), info.smem_bytes, p);
 }
 
 const char* gpu_backend_name() {

@@ -20,18 +20,18 @@ void expect(bool ok, const char* what, const SplitInput& in, const SplitPlan& p)
   if (!ok) {
     ++failures;
     std::printf(
-        "FAIL %s: B=%d Hkv=%d rows=%d Lk=%d D=%d n_rows=%lld rpb=%d wave=%lld min=%d forced=%d "
-        "cluster_wave=%lld -> row_tiles=%d n_splits=%d kps=%d cluster=%d\n",
+        "FAIL %s: B=%d Hkv=%d rows=%d Lk=%d D=%d n_rows=%lld rpb=%d wave=%lld min=%d forced=%d -> "
+        "row_tiles=%d n_splits=%d kps=%d\n",
         what, in.B, in.Hkv, in.rows, in.Lk, in.D, (long long)in.n_rows, in.rows_per_block,
-        (long long)in.wave, in.min_keys_per_split, in.forced_splits, (long long)in.cluster_wave,
-        p.row_tiles, p.n_splits, p.keys_per_split, p.cluster);
+        (long long)in.wave, in.min_keys_per_split, in.forced_splits, p.row_tiles, p.n_splits,
+        p.keys_per_split);
   }
 }
 
 } // namespace
 
 int main() {
-  long n = 0, n_clustered = 0;
+  long n = 0;
   for (int B : {1, 2, 8, 64}) {
     for (int Hkv : {1, 8, 32}) {
       for (int rows : {1, 4, 8, 9, 16, 32, 128, 4096}) {
@@ -40,8 +40,7 @@ int main() {
             for (int rpb : {8, 16}) {
               for (int64_t wave : {132LL, 528LL, 2112LL}) {
                 for (int min_keys : {128, 512}) {
-                  for (int forced : {0, 3, 8, 16, 20, 5000}) {
-                   for (int64_t cluster_wave : {int64_t(0), wave, wave / 2}) {
+                  for (int forced : {0, 3, 16, 5000}) {
                     SplitInput in;
                     in.B = B;
                     in.Hkv = Hkv;
@@ -53,36 +52,21 @@ int main() {
                     in.wave = wave;
                     in.min_keys_per_split = min_keys;
                     in.forced_splits = forced;
-                    in.cluster_wave = cluster_wave;
                     const SplitPlan p = plan_splits(in);
-                    const bool clustered = p.cluster > 1;
-                    n_clustered += clustered;
                     ++n;
                     expect(p.row_tiles * rpb >= rows && (p.row_tiles - 1) * rpb < rows, "row tiles cover the rows", in, p);
                     expect(p.n_splits >= 1 && p.n_splits <= kMaxSplits, "1 <= splits <= kMaxSplits", in, p);
                     expect(p.keys_per_split >= kKeysPerBlockStep && p.keys_per_split % kKeysPerBlockStep == 0,
                            "keys per split: a positive multiple of the block step", in, p);
                     expect(int64_t(p.n_splits) * p.keys_per_split >= Lk, "the splits cover every key", in, p);
-                    // In clusters, the last cluster may end in empty splits
-                    // (the kernel gives them no weight), never a whole empty
-                    // cluster.
-                    expect(Lk == 0 ? p.n_splits == 1
-                               : int64_t(p.n_splits - (clustered ? p.cluster : 1)) * p.keys_per_split < Lk,
-                           clustered ? "no cluster is empty" : "no split is empty", in, p);
-                    expect(p.cluster == 1 || (p.cluster == kClusterSize && cluster_wave > 0),
-                           "clusters only where the kernel and the GPU merge in them", in, p);
-                    expect(!clustered || (p.n_splits % p.cluster == 0 && p.n_splits >= p.cluster),
-                           "whole clusters along the splits", in, p);
-                    expect(!clustered || forced == 0 || forced % kClusterSize == 0,
-                           "a forced split count clusters only when a multiple of the cluster", in, p);
+                    expect(Lk == 0 ? p.n_splits == 1 : int64_t(p.n_splits - 1) * p.keys_per_split < Lk,
+                           "no split is empty", in, p);
                     expect(p.n_splits == 1 || int64_t(p.n_splits) * in.n_rows * D <= kMaxPartialElements,
                            "partials stay within int indexing", in, p);
                     if (forced == 0) {
                       const int64_t blocks = int64_t(B) * Hkv * p.row_tiles;
-                      // Never more blocks than a wave (of clusters, where in
-                      // clusters), beyond what the rows alone need.
-                      const int64_t w = clustered ? cluster_wave : wave;
-                      expect(p.n_splits == 1 || blocks * p.n_splits < w + blocks * 2,
+                      // Never more blocks than a wave, beyond what the rows alone need.
+                      expect(p.n_splits == 1 || blocks * p.n_splits < wave + blocks * 2,
                              "at most about one wave of blocks", in, p);
                       // Never fewer keys per split than asked, unless one split holds them all.
                       expect(p.n_splits == 1 || p.keys_per_split >= min_keys ||
@@ -95,7 +79,6 @@ int main() {
                     } else if (p.n_splits > 1) {
                       expect(p.n_splits <= forced, "forced splits are an upper bound", in, p);
                     }
-                   }
                   }
                 }
               }
@@ -105,48 +88,13 @@ int main() {
       }
     }
   }
-  if (n_clustered == 0) {
-    ++failures;
-    std::printf("FAIL no plan of the sweep merges in clusters\n");
-  }
-  // Where clusters pay: decode at 32K keys on an H200 wave (132 SMs x 4
-  // blocks; 64 clusters of 8 fit at once) takes 64 splits of 512 keys in
-  // clusters (8 partials, one global level; without clusters the same 64
-  // splits, two global levels); 12 splits stay unclustered (8 would cost a
-  // third of the parallelism), exactly 8 cluster.
-  {
-    SplitInput in;
-    in.Hkv = 8;
-    in.rows = 4;
-    in.Lk = 32768;
-    in.n_rows = 32;
-    in.wave = 528;
-    in.min_keys_per_split = 256;
-    in.cluster_wave = 512;
-    const SplitPlan a = plan_splits(in);
-    in.cluster_wave = 0;
-    const SplitPlan b = plan_splits(in);
-    in.Hkv = 44; // 528 / 44 = 12 splits
-    in.cluster_wave = 512;
-    const SplitPlan c = plan_splits(in);
-    in.Hkv = 66; // 8 splits
-    const SplitPlan d = plan_splits(in);
-    if (a.cluster != kClusterSize || a.n_splits != 64 || b.cluster != 1 || b.n_splits != 64 || c.cluster != 1 ||
-        c.n_splits != 12 || d.cluster != kClusterSize || d.n_splits != 8) {
-      ++failures;
-      std::printf("FAIL cluster plans: %d/%d %d/%d %d/%d %d/%d\n", a.n_splits, a.cluster, b.n_splits, b.cluster,
-                  c.n_splits, c.cluster, d.n_splits, d.cluster);
-    }
-  }
   // Grid limits: kv heads x row tiles <= 65535, B <= 65535.
   if (!grid_fits(1, 8, 4, 8) || !grid_fits(65535, 8, 4, 8) || grid_fits(65536, 8, 4, 8) ||
       !grid_fits(1, 64, 1023 * 8, 8) || grid_fits(1, 64, 1023 * 8 + 1, 8) || !grid_fits(1, 1, 65535 * 16, 16)) {
     ++failures;
     std::printf("FAIL grid_fits\n");
   }
-  // The merge tree (its first level: the splits, or the clusters' partials
-  // where the splits merge in clusters first): walk every block's path as
-  // split_merge.cuh does and
+  // The merge tree: walk every block's path as split_merge.cuh does and
   // check that slots and counters stay within merge_tree's sizes, that no
   // slot is written twice, and that exactly one block reaches the output.
   for (int splits = 1; splits <= kMaxSplits; ++splits) {
@@ -202,6 +150,6 @@ int main() {
       std::printf("FAIL merge tree: one split needs no merge\n");
     }
   }
-  std::printf("checked %ld plans (%ld in clusters), %d failures\n", n, n_clustered, failures);
+  std::printf("checked %ld plans, %d failures\n", n, failures);
   return failures ? 1 : 0;
 }

@@ -230,10 +230,9 @@ MUTANT_REPORT = {
 MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}
 
 
-def _mutant_kernels(name: str, edit=None) -> Path:
-    """A copy of cuda/ with the mutant's edit (MUTANTS[name] unless given),
-    under build/cuda-sim/mutants."""
-    file, old, new = edit or MUTANTS[name]
+def _mutant_kernels(name: str) -> Path:
+    """A copy of cuda/ with the mutant's edit, under build/cuda-sim/mutants."""
+    file, old, new = MUTANTS[name]
     dst = sim.BUILD / "mutants" / name / "cuda"
     if dst.exists():
         shutil.rmtree(dst)
@@ -280,117 +279,6 @@ def test_fragment_layout_mutant_is_caught(lib):
 
 
 # ---------------------------------------------------------------------------
-# The cluster merge (split_merge.cuh's cluster_merge; QSDPA_CLUSTER_MERGE=1,
-# sm_90): splits in clusters of 8 blocks merge through distributed shared
-# memory first, the global tree takes one partial per cluster. The runtime
-# runs a cluster's blocks together and checks the cluster barriers and the
-# order of every read of another block's shared memory.
-# ---------------------------------------------------------------------------
-
-CLUSTER_CASES = [
-    # One cluster: straight to the output (lse; the two-tile kernel).
-    (Case(**G4, Lq=1, Lk=488, D=128, fmt=("affine", 4, 64), dtype=F16), 8),
-    # One cluster, 16-row blocks, causal, sinks.
-    (Case(**G4, Lq=4, Lk=504, D=64, fmt=("affine", 4, 32), dtype=BF16, mask="causal", sinks="f32"), 8),
-    # One cluster at D = 256.
-    (Case(**G4, Lq=1, Lk=488, D=256, fmt=("affine", 4, 128), dtype=BF16, sinks="f32"), 8),
-    # Two clusters, one global level (B = 2: the counters of every tile),
-    # 16-row blocks, an additive mask, sinks.
-    (Case(B=2, Hq=8, Hkv=2, Lq=4, Lk=1000, D=128, fmt=("affine", 8, 64), dtype=F16, mask="f16:QK", sinks="f32"), 16),
-    # Three clusters, the last ending in 2 empty splits (22 of 24 hold keys);
-    # a bool mask, no lse.
-    (Case(**G4, Lq=1, Lk=1352, D=64, fmt=("mxfp4", 4, 32), dtype=BF16, mask="bool:HQK", lse=False), 24),
-    # Two clusters, the second 6 empty splits of 8.
-    (Case(**G4, Lq=1, Lk=600, D=64, fmt=("affine", 4, 64), dtype=F16), 16),
-    # Nine clusters: two global levels above them (8 + 1 partials, then 2).
-    (Case(**G4, Lq=1, Lk=4600, D=64, fmt=("affine", 4, 64), dtype=F16, sinks="f32"), 72),
-    # The host's own plan: 17 splits' worth of keys on an idle GPU, rounded
-    # down to two clusters (13 splits of 320 keys, 3 empty).
-    (Case(**G4, Lq=1, Lk=4104, D=128, fmt=("affine", 4, 64), dtype=F16), 0),
-]
-
-
-@pytest.fixture(scope="module")
-def lib_cluster():
-    _require_clang()
-    return sim.Library(sim.build_library([variant_of(c) for c, _ in CLUSTER_CASES], cluster_merge=True))
-
-
-@pytest.mark.parametrize("entry", CLUSTER_CASES, ids=[_id(e) for e in CLUSTER_CASES])
-def test_cluster_merge_matches_oracle(lib_cluster, entry):
-    c, splits = entry
-    out, lse, ref, ref_lse, plan = run_case(lib_cluster, c, forced_splits=splits)
-    assert plan.cluster == 8 and plan.n_splits % 8 == 0, plan
-    if splits:
-        assert plan.n_splits == splits, plan
-    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
-
-
-@pytest.mark.parametrize("entry", [CASES[0], CASES[9]], ids=[_id(e) for e in (CASES[0], CASES[9])])
-def test_cluster_build_unclustered_plan(lib_cluster, entry):
-    """The same kernels where the split count does not cluster (a forced
-    count not a multiple of 8): the global tree alone, as without the flag."""
-    c, splits = entry
-    out, lse, ref, ref_lse, plan = run_case(lib_cluster, c, forced_splits=splits)
-    assert plan.cluster == 1 and plan.n_splits == splits, plan
-    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
-
-
-CLUSTER_MUTANT_CASE = (Case(**G4, Lq=1, Lk=1000, D=64, fmt=("affine", 4, 64), dtype=F16), 16)
-CLUSTER_MUTANTS = {
-    # No barrier before the reads: a block reads the others' partials while
-    # they are being written.
-    "cluster_first_barrier": (
-        "split_merge.cuh",
-        "  mma_detail::cluster_sync(); // every block's partial is complete in its shared memory",
-        "",
-    ),
-    # No barrier after the reads: a block exits while others still read its
-    # shared memory.
-    "cluster_second_barrier": (
-        "split_merge.cuh",
-        "  mma_detail::cluster_sync(); // no block reads another's shared memory any more",
-        "",
-    ),
-    # The last block of a cluster skips the merge: the others wait at the
-    # cluster barrier forever.
-    "cluster_skip": (
-        "split_merge.cuh",
-        "  mma_detail::cluster_sync(); // every block's partial is complete in its shared memory",
-        "  if (rank == C - 1) return false;\n  mma_detail::cluster_sync();",
-    ),
-    # Every block merges the first share: the others are never written.
-    "cluster_share": ("split_merge.cuh", "const int end = min(n_cols, (rank + 1) * share);", "const int end = min(n_cols, share);"),
-    # Every block of a cluster counts the cluster's partial in: a group looks
-    # complete before its partials are.
-    "cluster_count": ("split_merge.cuh", "  return count > 1 && rank == 0;", "  return count > 1;"),
-}
-CLUSTER_MUTANT_REPORT = {
-    "cluster_first_barrier": "written since the last cluster barrier",
-    "cluster_second_barrier": "returned while another threadgroup of its cluster read its memory",
-    "cluster_skip": "deadlock: cluster barrier",
-    "cluster_share": "never written",
-    "cluster_count": "never written",
-}
-
-
-def test_cluster_mutant_case_passes(lib_cluster):
-    c, splits = CLUSTER_MUTANT_CASE
-    library = sim.Library(sim.build_library([variant_of(c)], tag="mutant-base", cluster_merge=True))
-    assert _fails(library, c, splits) == ""
-
-
-@pytest.mark.parametrize("name", sorted(CLUSTER_MUTANTS))
-def test_cluster_mutant_is_caught(lib_cluster, name):
-    c, splits = CLUSTER_MUTANT_CASE
-    kernels = _mutant_kernels(name, CLUSTER_MUTANTS[name])
-    library = sim.Library(sim.build_library([variant_of(c)], kernel_dir=kernels, tag=f"mutant-{name}", cluster_merge=True))
-    report = _fails(library, c, splits)
-    assert report, f"mutant {name} went unnoticed"
-    assert CLUSTER_MUTANT_REPORT[name] in report, report
-
-
-# ---------------------------------------------------------------------------
 # Every instantiation the host can pick (opt-in: about 150 kernel units, a
 # few minutes to build on two cores): QSDPA_CUDA_SIM_ALL=1.
 # ---------------------------------------------------------------------------
@@ -398,9 +286,7 @@ def test_cluster_mutant_is_caught(lib_cluster, name):
 FORMATS = [("affine", b, g) for b in (2, 4, 8) for g in (32, 64, 128)] + [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
 ALL_CASES = [
     # Lk a multiple of 16 (scale rows of any format 16-byte aligned per
-    # head), not of 64; 10 splits of 64 keys: a two-level merge (with the
-    # cluster merge built in, 16 splits: two clusters, the second with 2
-    # splits of keys, then one global level).
+    # head), not of 64; 10 splits of 64 keys: a two-level merge.
     Case(**G4, Lq=lq, Lk=592, D=D, fmt=fmt, dtype=dt, mask="causal" if lq > 1 else "f32:HQK", sinks="f32" if lq > 1 else None)
     for dt in (F16, BF16)
     for fmt in FORMATS
@@ -423,7 +309,6 @@ def lib_all():
 @pytest.mark.skipif(not SIM_ALL, reason="every instantiation: set QSDPA_CUDA_SIM_ALL=1")
 @pytest.mark.parametrize("c", ALL_CASES if SIM_ALL else ALL_CASES[:1], ids=str)
 def test_every_instantiation(lib_all, c):
-    splits = 16 if sim.CLUSTER_MERGE_ENV else 10
-    out, lse, ref, ref_lse, plan = run_case(lib_all, c, forced_splits=splits)
-    assert plan.n_splits == splits and plan.cluster == (8 if sim.CLUSTER_MERGE_ENV else 1), plan
+    out, lse, ref, ref_lse, plan = run_case(lib_all, c, forced_splits=10)
+    assert plan.n_splits == 10, plan
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)

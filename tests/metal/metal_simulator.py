@@ -418,9 +418,6 @@ def load_runtime(path: Path) -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_uint32),
         ctypes.c_int64,
     ]
-    # The same with a cluster shape before the memory length (CUDA's
-    # thread-block clusters: tests/cuda).
-    lib.qsim_launch_cluster.argtypes = [*lib.qsim_launch.argtypes[:-1], ctypes.POINTER(ctypes.c_uint32), ctypes.c_int64]
     return lib
 
 

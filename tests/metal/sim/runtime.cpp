@@ -13,17 +13,6 @@
 //   barrier, which then opens. Anything else is reported: a barrier that
 //   not every thread reaches (a deadlock on the GPU), threads waiting at
 //   different barriers, a SIMD-group function called by only some lanes.
-// * Clusters (CUDA thread-block clusters, qsim_launch_cluster; a Metal
-//   dispatch is a cluster of one threadgroup): the threadgroups of a cluster
-//   run together, each with its own threadgroup memory, which the others can
-//   read through cluster_block_memory (CUDA's distributed shared memory). A
-//   cluster barrier opens once every thread of every threadgroup of the
-//   cluster waits at it; a threadgroup that returns while others wait there
-//   is reported. Reads of another threadgroup's memory are checked for
-//   ordering by cluster barriers: the bytes must have been written before
-//   the last cluster barrier, and their owner must neither write them again
-//   nor return before the next one (on a GPU its memory is gone once it
-//   exits).
 // * Memory: every buffer lives alone in a 1 GiB slot of a reserved address
 //   range, surrounded by inaccessible pages. The kernel translation unit is
 //   compiled with -fsanitize-coverage=trace-loads,trace-stores, so each of
@@ -103,10 +92,6 @@ constexpr uint64_t kSlotBytes = 1ull << 30;
 constexpr uint64_t kLead = 1ull << 29; // data starts half way into its slot
 constexpr int kMaxSlots = 128;
 constexpr int kThreadgroupSlot = 0; // threadgroup memory of the running group
-// Threadgroups per cluster (CUDA's portable maximum); ranks 1.. of a cluster
-// keep their threadgroup memory in slots past the buffers'.
-constexpr unsigned kMaxCluster = 8;
-constexpr int kArenaSlots = kMaxSlots + int(kMaxCluster) - 1;
 constexpr int kUnboundSlot = 1; // [[buffer(i)]] the launch did not bind
 constexpr int kAbsentSlot = 2; // argument disabled by its function constant
 constexpr int kFirstBufferSlot = 3;
@@ -125,18 +110,7 @@ struct Region {
 uint8_t* g_arena = nullptr;
 uintptr_t g_arena_lo = 0;
 uintptr_t g_arena_span = 0; // 0 while no launch runs: nothing is checked
-Region g_regions[kArenaSlots];
-
-// The threadgroup memory of cluster rank r.
-int tg_slot(unsigned rank) {
-  return rank == 0 ? kThreadgroupSlot : kMaxSlots + int(rank) - 1;
-}
-bool is_tg_slot(int slot) {
-  return slot == kThreadgroupSlot || slot >= kMaxSlots;
-}
-unsigned tg_rank(int slot) {
-  return slot == kThreadgroupSlot ? 0u : unsigned(slot - kMaxSlots + 1);
-}
+Region g_regions[kMaxSlots];
 
 uint8_t* slot_data(int slot) {
   return g_arena + slot * kSlotBytes + kLead;
@@ -147,7 +121,7 @@ void ensure_arena() {
     return;
   }
   void* p = mmap(
-      nullptr, kArenaSlots * kSlotBytes, PROT_NONE,
+      nullptr, kMaxSlots * kSlotBytes, PROT_NONE,
       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) {
     throw std::runtime_error("qsim: cannot reserve the simulator's address range");
@@ -244,8 +218,7 @@ struct Fiber {
   const char* file = nullptr;
   int line = 0;
   unsigned simd_seq = 0; // SIMD-group functions completed
-  unsigned block = 0; // rank of its threadgroup in the cluster
-  unsigned sg = 0, lane = 0; // simdgroup within the threadgroup, lane
+  unsigned sg = 0, lane = 0;
   ThreadContext ctx_values;
 };
 
@@ -257,10 +230,8 @@ struct Launch {
   const KernelInfo* kernel;
   uint32_t grid[3]; // threadgroups
   uint32_t threads[3]; // per threadgroup
-  uint32_t n_threads; // per threadgroup
-  uint32_t cluster[3]; // threadgroups per cluster
-  unsigned cluster_blocks; // their product
-  uint32_t group[kMaxCluster][3]; // the running cluster's threadgroups, by rank
+  uint32_t n_threads;
+  uint32_t group[3]; // the running threadgroup
   void* buffers[31];
   size_t tg_length;
   // SIMD exchange slots: [simdgroup][parity][lane][16 bytes].
@@ -268,18 +239,6 @@ struct Launch {
 };
 Launch g_launch;
 int64_t g_threadgroup_limit = 32768; // Apple GPUs; qsim_set_threadgroup_limit
-
-// The ordering of the running cluster's reads of each other's threadgroup
-// memory: epochs count the cluster barriers passed (0: never), and per
-// byte of each rank's memory, the epoch of its last write and of its last
-// read by another threadgroup (only for clusters of more than one).
-struct ClusterOrder {
-  uint32_t epoch = 1;
-  bool exited[kMaxCluster] = {};
-  std::vector<uint32_t> written_in[kMaxCluster];
-  std::vector<uint32_t> remote_read_in[kMaxCluster];
-};
-ClusterOrder g_order;
 
 void fiber_main();
 
@@ -348,18 +307,9 @@ std::string thread_name(const Fiber& f) {
       t[0], t[1], t[2], f.sg, f.lane, g[0], g[1], g[2]);
 }
 
-std::string group_name(unsigned block) {
-  const uint32_t* g = g_launch.group[block];
-  return format("threadgroup (%u,%u,%u)", g[0], g[1], g[2]);
-}
-
-// The fibers of threadgroup `block` of the cluster are block_first(block)
-// and the n_threads after it.
-unsigned block_first(unsigned block) {
-  return block * g_launch.n_threads;
-}
-unsigned simdgroups_per_group() {
-  return (g_launch.n_threads + kSimd - 1) / kSimd;
+std::string group_name() {
+  return format(
+      "threadgroup (%u,%u,%u)", g_launch.group[0], g_launch.group[1], g_launch.group[2]);
 }
 
 // Ends the launch with a report (from a fiber, a callback or the scheduler).
@@ -395,17 +345,11 @@ bool same_site(const Fiber& a, const Fiber& b) {
       (a.file == b.file || (a.file && b.file && strcmp(a.file, b.file) == 0));
 }
 
-// The fibers of simdgroup sg of threadgroup `block`: [first, last).
-void simdgroup_fibers(unsigned block, unsigned sg, unsigned& first, unsigned& last) {
-  first = block_first(block) + sg * kSimd;
-  last = block_first(block) + std::min(g_launch.n_threads, sg * kSimd + kSimd);
-}
-
-// Runs the lanes of simdgroup sg of threadgroup `block` until none can go
-// on; completes every SIMD-group function that all its lanes wait at.
-void run_simdgroup(unsigned block, unsigned sg) {
-  unsigned first, last;
-  simdgroup_fibers(block, sg, first, last);
+// Runs the lanes of simdgroup sg until none can go on; completes every
+// SIMD-group function that all its lanes wait at.
+void run_simdgroup(unsigned sg) {
+  const unsigned first = sg * kSimd;
+  const unsigned last = std::min(g_launch.n_threads, first + kSimd);
   for (;;) {
     for (unsigned t = first; t < last; ++t) {
       if (g_fibers[t].state == State::Runnable) {
@@ -428,9 +372,9 @@ void run_simdgroup(unsigned block, unsigned sg) {
 }
 
 // The report for a simdgroup whose lanes do not all wait at one function.
-[[noreturn]] void fail_simd(unsigned block, unsigned sg) {
-  unsigned first, last;
-  simdgroup_fibers(block, sg, first, last);
+[[noreturn]] void fail_simd(unsigned sg) {
+  const unsigned first = sg * kSimd;
+  const unsigned last = std::min(g_launch.n_threads, first + kSimd);
   const Fiber* at = nullptr;
   for (unsigned t = first; t < last && !at; ++t) {
     if (g_fibers[t].state == State::AtSimd) {
@@ -467,197 +411,97 @@ void run_simdgroup(unsigned block, unsigned sg) {
   fail(format(
       "SIMD-group function %s called by only some lanes of simdgroup %u of %s: "
       "lanes %s of %u%s (every lane of the simdgroup must call it together)",
-      site(*at).c_str(), sg, group_name(block).c_str(), index_list(callers).c_str(),
+      site(*at).c_str(), sg, group_name().c_str(), index_list(callers).c_str(),
       last - first, others.c_str()));
 }
 
-constexpr const char* kClusterBarrierOp = "cluster barrier";
-
-bool at_cluster_barrier(const Fiber& f) {
-  return f.state == State::AtBarrier && f.op == kClusterBarrierOp;
-}
-
-// Where a threadgroup stands once none of its threads can go on: all
-// returned, all wait at one cluster barrier, or all waited at one
-// threadgroup barrier, which is now open again.
-enum class Settled { Done, AtCluster, Released };
-
-Settled settle_threadgroup(unsigned block) {
+void run_threadgroup() {
   const unsigned n = g_launch.n_threads;
-  const unsigned first = block_first(block);
-  unsigned done = 0, at_barrier = 0;
-  const Fiber* first_barrier = nullptr;
-  for (unsigned t = first; t < first + n; ++t) {
-    const Fiber& f = g_fibers[t];
-    if (f.state == State::AtSimd) {
-      fail_simd(block, f.sg);
-    }
-    if (f.state == State::Done) {
-      ++done;
-    } else if (f.state == State::AtBarrier) {
-      ++at_barrier;
-      if (!first_barrier) {
-        first_barrier = &f;
-      }
-    }
-  }
-  if (done == n) {
-    return Settled::Done;
-  }
-  if (done > 0) {
-    std::vector<unsigned> returned;
-    for (unsigned t = first; t < first + n; ++t) {
-      if (g_fibers[t].state == State::Done) {
-        returned.push_back(t - first);
-      }
-    }
-    fail(format(
-        "deadlock: %s reached by %u of the %u threads of %s; threads %s returned "
-        "without reaching it (on a GPU the waiting threads hang or the barrier "
-        "is undefined)",
-        site(*first_barrier).c_str(), at_barrier, n, group_name(block).c_str(),
-        index_list(returned).c_str()));
-  }
-  for (unsigned t = first; t < first + n; ++t) {
-    if (!same_site(g_fibers[t], *first_barrier)) {
-      fail(format(
-          "deadlock: threads of %s wait at different barriers: thread 0 at %s, "
-          "thread %u at %s (every thread must reach the same barrier)",
-          group_name(block).c_str(), site(g_fibers[first]).c_str(), t - first,
-          site(g_fibers[t]).c_str()));
-    }
-  }
-  if (at_cluster_barrier(*first_barrier)) {
-    return Settled::AtCluster;
-  }
-  for (unsigned t = first; t < first + n; ++t) {
-    g_fibers[t].state = State::Runnable;
-  }
-  return Settled::Released;
-}
-
-// A threadgroup of a cluster of several has returned: no other one may
-// have read its memory since the last cluster barrier (nothing orders
-// those reads before the exit), nor read it from now on.
-void on_threadgroup_exit(unsigned block) {
-  if (g_launch.cluster_blocks == 1 || g_order.exited[block]) {
-    return;
-  }
-  const auto& reads = g_order.remote_read_in[block];
-  for (size_t i = 0; i < reads.size(); ++i) {
-    if (reads[i] == g_order.epoch) {
-      fail(format(
-          "%s returned while another threadgroup of its cluster read its memory "
-          "(byte offset %zu) since the last cluster barrier: on a GPU the read may "
-          "come after the exit (a cluster barrier must keep the memory alive until "
-          "every read of it is done)",
-          group_name(block).c_str(), i));
-    }
-  }
-  g_order.exited[block] = true;
-}
-
-// Runs the threadgroups of the running cluster together until every thread
-// has returned: a threadgroup barrier opens per threadgroup, a cluster
-// barrier once every thread of the cluster waits at it.
-void run_cluster() {
-  const unsigned n = g_launch.n_threads;
-  const unsigned n_blocks = g_launch.cluster_blocks;
-  const unsigned n_sg = simdgroups_per_group();
+  const unsigned n_sg = (n + kSimd - 1) / kSimd;
   const uint32_t* tpg = g_launch.threads;
-  for (unsigned blk = 0; blk < n_blocks; ++blk) {
-    for (unsigned t = 0; t < n; ++t) {
-      Fiber& f = g_fibers[block_first(blk) + t];
-      if (!f.started) {
-        prepare_fiber(f);
-      }
-      f.state = State::Runnable;
-      f.simd_seq = 0;
-      f.block = blk;
-      f.sg = t / kSimd;
-      f.lane = t % kSimd;
-      ThreadContext& c = f.ctx_values;
-      const uint32_t local[3] = {t % tpg[0], (t / tpg[0]) % tpg[1], t / (tpg[0] * tpg[1])};
-      const uint32_t* group = g_launch.group[blk];
-      for (int a = 0; a < 3; ++a) {
-        c.values[int(Builtin::thread_position_in_threadgroup)][a] = local[a];
-        c.values[int(Builtin::threadgroup_position_in_grid)][a] = group[a];
-        c.values[int(Builtin::threads_per_threadgroup)][a] = tpg[a];
-        c.values[int(Builtin::threadgroups_per_grid)][a] = g_launch.grid[a];
-        c.values[int(Builtin::thread_position_in_grid)][a] = group[a] * tpg[a] + local[a];
-        c.values[int(Builtin::threads_per_grid)][a] = g_launch.grid[a] * tpg[a];
-      }
-      auto scalar = [&](Builtin b, uint32_t v) {
-        c.values[int(b)][0] = v;
-        c.values[int(b)][1] = 0;
-        c.values[int(b)][2] = 0;
-      };
-      scalar(Builtin::thread_index_in_threadgroup, t);
-      scalar(Builtin::simdgroup_index_in_threadgroup, t / kSimd);
-      scalar(Builtin::thread_index_in_simdgroup, t % kSimd);
-      scalar(Builtin::simdgroups_per_threadgroup, n_sg);
-      scalar(Builtin::threads_per_simdgroup, kSimd);
-      c.buffers = g_launch.buffers;
-      c.threadgroup_memory = g_regions[tg_slot(blk)].data;
-      c.threadgroup_memory_length = g_launch.tg_length;
+  for (unsigned t = 0; t < n; ++t) {
+    Fiber& f = g_fibers[t];
+    if (!f.started) {
+      prepare_fiber(f);
     }
+    f.state = State::Runnable;
+    f.simd_seq = 0;
+    f.sg = t / kSimd;
+    f.lane = t % kSimd;
+    ThreadContext& c = f.ctx_values;
+    const uint32_t local[3] = {t % tpg[0], (t / tpg[0]) % tpg[1], t / (tpg[0] * tpg[1])};
+    for (int a = 0; a < 3; ++a) {
+      c.values[int(Builtin::thread_position_in_threadgroup)][a] = local[a];
+      c.values[int(Builtin::threadgroup_position_in_grid)][a] = g_launch.group[a];
+      c.values[int(Builtin::threads_per_threadgroup)][a] = tpg[a];
+      c.values[int(Builtin::threadgroups_per_grid)][a] = g_launch.grid[a];
+      c.values[int(Builtin::thread_position_in_grid)][a] = g_launch.group[a] * tpg[a] + local[a];
+      c.values[int(Builtin::threads_per_grid)][a] = g_launch.grid[a] * tpg[a];
+    }
+    auto scalar = [&](Builtin b, uint32_t v) {
+      c.values[int(b)][0] = v;
+      c.values[int(b)][1] = 0;
+      c.values[int(b)][2] = 0;
+    };
+    scalar(Builtin::thread_index_in_threadgroup, t);
+    scalar(Builtin::simdgroup_index_in_threadgroup, t / kSimd);
+    scalar(Builtin::thread_index_in_simdgroup, t % kSimd);
+    scalar(Builtin::simdgroups_per_threadgroup, n_sg);
+    scalar(Builtin::threads_per_simdgroup, kSimd);
+    c.buffers = g_launch.buffers;
+    c.threadgroup_memory = g_regions[kThreadgroupSlot].data;
+    c.threadgroup_memory_length = g_launch.tg_length;
   }
   for (;;) {
-    for (unsigned blk = 0; blk < n_blocks; ++blk) {
-      for (unsigned sg = 0; sg < n_sg; ++sg) {
-        run_simdgroup(blk, sg);
+    for (unsigned sg = 0; sg < n_sg; ++sg) {
+      run_simdgroup(sg);
+    }
+    // No thread can go on: all finished, or all wait at one barrier.
+    unsigned done = 0, at_barrier = 0;
+    const Fiber* first_barrier = nullptr;
+    for (unsigned t = 0; t < n; ++t) {
+      const Fiber& f = g_fibers[t];
+      if (f.state == State::AtSimd) {
+        fail_simd(f.sg);
+      }
+      if (f.state == State::Done) {
+        ++done;
+      } else if (f.state == State::AtBarrier) {
+        ++at_barrier;
+        if (!first_barrier) {
+          first_barrier = &f;
+        }
       }
     }
-    // No thread can go on: per threadgroup, all returned, or all wait at
-    // one barrier.
-    bool released = false;
-    std::vector<unsigned> returned, waiting;
-    for (unsigned blk = 0; blk < n_blocks; ++blk) {
-      switch (settle_threadgroup(blk)) {
-        case Settled::Done:
-          on_threadgroup_exit(blk);
-          returned.push_back(blk);
-          break;
-        case Settled::AtCluster:
-          waiting.push_back(blk);
-          break;
-        case Settled::Released:
-          released = true;
-          break;
-      }
-    }
-    if (released) {
-      continue;
-    }
-    if (waiting.empty()) {
+    if (done == n) {
       return;
     }
-    // Every threadgroup that has not returned waits at a cluster barrier.
-    const Fiber& lead = g_fibers[block_first(waiting[0])];
-    if (!returned.empty()) {
-      std::string names;
-      for (unsigned blk : returned) {
-        names += (names.empty() ? "" : ", ") + group_name(blk);
+    if (done > 0) {
+      std::vector<unsigned> returned;
+      for (unsigned t = 0; t < n; ++t) {
+        if (g_fibers[t].state == State::Done) {
+          returned.push_back(t);
+        }
       }
       fail(format(
-          "deadlock: %s reached by %zu of the %u threadgroups of the cluster; %s "
-          "returned without reaching it (on a GPU the waiting threads hang)",
-          site(lead).c_str(), waiting.size(), n_blocks, names.c_str()));
+          "deadlock: %s reached by %u of the %u threads of %s; threads %s returned "
+          "without reaching it (on a GPU the waiting threads hang or the barrier "
+          "is undefined)",
+          site(*first_barrier).c_str(), at_barrier, n, group_name().c_str(),
+          index_list(returned).c_str()));
     }
-    for (unsigned blk : waiting) {
-      const Fiber& f = g_fibers[block_first(blk)];
-      if (!same_site(f, lead)) {
+    for (unsigned t = 0; t < n; ++t) {
+      if (!same_site(g_fibers[t], *first_barrier)) {
         fail(format(
-            "threadgroups of a cluster wait at different cluster barriers: %s at %s, "
-            "%s at %s",
-            group_name(waiting[0]).c_str(), site(lead).c_str(), group_name(blk).c_str(),
-            site(f).c_str()));
+            "deadlock: threads of %s wait at different barriers: thread 0 at %s, "
+            "thread %u at %s (every thread must reach the same barrier)",
+            group_name().c_str(), site(g_fibers[0]).c_str(), t,
+            site(g_fibers[t]).c_str()));
       }
     }
-    for (unsigned t = 0; t < n_blocks * n; ++t) {
+    for (unsigned t = 0; t < n; ++t) {
       g_fibers[t].state = State::Runnable;
     }
-    ++g_order.epoch;
   }
 }
 
@@ -686,53 +530,6 @@ std::string who(const void* pc) {
       kind_name(write), n, static_cast<long long>(index), who(pc).c_str()));
 }
 
-// An access to the threadgroup memory of cluster rank `owner` (clusters of
-// more than one threadgroup): reads by another threadgroup must come after
-// the bytes' last write, and before their next write and the owner's exit,
-// with a cluster barrier in between each time.
-void check_cluster_order(unsigned owner, int64_t off, unsigned n, bool write, const void* pc) {
-  const unsigned me = g_current ? g_current->block : 0;
-  uint32_t* written = g_order.written_in[owner].data() + off;
-  uint32_t* read = g_order.remote_read_in[owner].data() + off;
-  const uint32_t epoch = g_order.epoch;
-  if (owner == me) {
-    if (write) {
-      for (unsigned i = 0; i < n; ++i) {
-        if (read[i] == epoch) {
-          fail(format(
-              "write of threadgroup memory (byte offset %lld) that another threadgroup "
-              "of the cluster read since the last cluster barrier: a race (a cluster "
-              "barrier must order the read before the write)%s",
-              static_cast<long long>(off + i), who(pc).c_str()));
-        }
-        written[i] = epoch;
-      }
-    }
-    return;
-  }
-  if (write) {
-    fail(format(
-        "write of the threadgroup memory of another threadgroup of the cluster (not "
-        "modelled)%s",
-        who(pc).c_str()));
-  }
-  if (g_order.exited[owner]) {
-    fail(format(
-        "read of the memory of %s, which has returned: on a GPU its shared memory is "
-        "gone (byte offset %lld)%s",
-        group_name(owner).c_str(), static_cast<long long>(off), who(pc).c_str()));
-  }
-  for (unsigned i = 0; i < n; ++i) {
-    if (written[i] == epoch) {
-      fail(format(
-          "read of the memory of %s (byte offset %lld) written since the last cluster "
-          "barrier: a race (a cluster barrier must order the write before the read)%s",
-          group_name(owner).c_str(), static_cast<long long>(off + i), who(pc).c_str()));
-    }
-    read[i] = epoch;
-  }
-}
-
 void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
   const int slot = static_cast<int>((a - g_arena_lo) / kSlotBytes);
   const uintptr_t base = reinterpret_cast<uintptr_t>(slot_data(slot));
@@ -746,7 +543,7 @@ void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
         kind_name(write), n, reinterpret_cast<void*>(a), who(pc).c_str()));
   }
   const int64_t off = static_cast<int64_t>(a - base);
-  const bool tg = is_tg_slot(slot);
+  const bool tg = slot == kThreadgroupSlot;
   if (off < 0 || off + n > static_cast<int64_t>(r.size)) {
     if (tg) {
       fail(format(
@@ -759,9 +556,6 @@ void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
         "out-of-bounds %s of %u bytes at byte offset %lld of buffer '%s' (%llu bytes)%s",
         kind_name(write), n, static_cast<long long>(off), r.name.c_str(),
         static_cast<unsigned long long>(r.size), who(pc).c_str()));
-  }
-  if (tg && g_launch.cluster_blocks > 1) {
-    check_cluster_order(tg_rank(slot), off, n, write, pc);
   }
   uint8_t* sh = r.written.data() + off;
   if (!write) {
@@ -844,8 +638,7 @@ const unsigned char* simd_exchange(
     unsigned* lane) {
   Fiber* f = g_current;
   const unsigned sg = f->sg;
-  const unsigned global_sg = f->block * simdgroups_per_group() + sg;
-  uint8_t* slots = g_launch.simd_slots.data() + (global_sg * 2 + (f->simd_seq & 1)) * kSimd * 16;
+  uint8_t* slots = g_launch.simd_slots.data() + (sg * 2 + (f->simd_seq & 1)) * kSimd * 16;
   std::memcpy(slots + f->lane * 16, value, size);
   f->state = State::AtSimd;
   f->op = op;
@@ -865,29 +658,6 @@ void threadgroup_barrier(const char* file, int line) {
   f->file = file;
   f->line = line;
   yield();
-}
-
-void cluster_barrier(const char* file, int line) {
-  Fiber* f = g_current;
-  f->state = State::AtBarrier;
-  f->op = kClusterBarrierOp;
-  f->file = file;
-  f->line = line;
-  yield();
-}
-
-unsigned cluster_size() {
-  return g_launch.cluster_blocks;
-}
-
-void* cluster_block_memory(unsigned rank) {
-  if (rank >= g_launch.cluster_blocks) {
-    fail(format(
-        "address of the threadgroup memory of cluster rank %u: the cluster has %u "
-        "threadgroups%s",
-        rank, g_launch.cluster_blocks, who(__builtin_return_address(0)).c_str()));
-  }
-  return g_regions[tg_slot(rank)].data;
 }
 
 void* buffer_argument(const ThreadContext& c, int index, bool enabled) {
@@ -1059,29 +829,6 @@ int qsim_launch(
     const uint32_t* grid,
     const uint32_t* threads,
     int64_t threadgroup_bytes) {
-  const uint32_t one[3] = {1, 1, 1};
-  return qsim_launch_cluster(
-      kernel, n_constants, constant_index, constant_value, n_bindings, binding_index,
-      binding_buffer, binding_offset, grid, threads, one, threadgroup_bytes);
-}
-
-// The same with the threadgroups grouped into clusters of cluster[0] x
-// cluster[1] x cluster[2] (CUDA's thread-block clusters; the grid must be a
-// whole number of them): a cluster's threadgroups run together, rank r at
-// (r % cx, r / cx % cy, r / (cx cy)) from the cluster's first.
-int qsim_launch_cluster(
-    const char* kernel,
-    int n_constants,
-    const int* constant_index,
-    const int64_t* constant_value,
-    int n_bindings,
-    const int* binding_index,
-    const int64_t* binding_buffer,
-    const int64_t* binding_offset,
-    const uint32_t* grid,
-    const uint32_t* threads,
-    const uint32_t* cluster,
-    int64_t threadgroup_bytes) {
   using namespace qsim;
   g_error.clear();
   try {
@@ -1128,23 +875,6 @@ int qsim_launch_cluster(
         "threads per threadgroup (%u,%u,%u) = %llu: must be 1..%d", threads[0],
         threads[1], threads[2], static_cast<unsigned long long>(n_threads), kMaxThreads);
     return 1;
-  }
-  const uint64_t n_blocks = uint64_t(cluster[0]) * cluster[1] * cluster[2];
-  if (n_blocks == 0 || n_blocks > kMaxCluster || n_blocks * n_threads > kMaxThreads) {
-    g_error = format(
-        "cluster (%u,%u,%u) of threadgroups of %llu threads: at most %u threadgroups and %d "
-        "threads in all",
-        cluster[0], cluster[1], cluster[2], static_cast<unsigned long long>(n_threads),
-        kMaxCluster, kMaxThreads);
-    return 1;
-  }
-  for (int a = 0; a < 3; ++a) {
-    if (grid[a] % cluster[a] != 0) {
-      g_error = format(
-          "grid (%u,%u,%u) is not a whole number of clusters (%u,%u,%u)", grid[0], grid[1],
-          grid[2], cluster[0], cluster[1], cluster[2]);
-      return 1;
-    }
   }
   if (threadgroup_bytes < 0 || threadgroup_bytes > g_threadgroup_limit) {
     g_error = format(
@@ -1205,24 +935,15 @@ int qsim_launch_cluster(
     g_launch.threads[a] = threads[a];
   }
   g_launch.n_threads = static_cast<uint32_t>(n_threads);
-  g_launch.cluster_blocks = static_cast<unsigned>(n_blocks);
-  for (int a = 0; a < 3; ++a) {
-    g_launch.cluster[a] = cluster[a];
-  }
   g_launch.tg_length = static_cast<size_t>(threadgroup_bytes);
-  g_launch.simd_slots.assign(n_blocks * ((n_threads + kSimd - 1) / kSimd) * 2 * kSimd * 16, 0);
+  g_launch.simd_slots.assign(((n_threads + kSimd - 1) / kSimd) * 2 * kSimd * 16, 0);
   try {
-    for (unsigned r = 0; r < kMaxCluster; ++r) {
-      if (r < n_blocks) {
-        map_region(tg_slot(r), "threadgroup memory", static_cast<uint64_t>(threadgroup_bytes), false);
-      } else if (g_regions[tg_slot(r)].used) {
-        unmap_region(tg_slot(r));
-      }
-    }
+    map_region(kThreadgroupSlot, "threadgroup memory", static_cast<uint64_t>(threadgroup_bytes), false);
   } catch (const std::exception& e) {
     g_error = e.what();
     return 1;
   }
+  Region& tg = g_regions[kThreadgroupSlot];
 
   // Faults that escape the checks end the launch with a report too.
   stack_t ss{};
@@ -1241,25 +962,17 @@ int qsim_launch_cluster(
   if (sigsetjmp(g_abort, 1) == 0) {
     g_in_launch = true;
     g_arena_lo = reinterpret_cast<uintptr_t>(g_arena);
-    g_arena_span = kArenaSlots * kSlotBytes;
-    for (uint32_t z = 0; z < grid[2]; z += cluster[2]) {
-      for (uint32_t y = 0; y < grid[1]; y += cluster[1]) {
-        for (uint32_t x = 0; x < grid[0]; x += cluster[0]) {
-          g_order = ClusterOrder();
-          for (unsigned r = 0; r < n_blocks; ++r) {
-            g_launch.group[r][0] = x + r % cluster[0];
-            g_launch.group[r][1] = y + r / cluster[0] % cluster[1];
-            g_launch.group[r][2] = z + r / (cluster[0] * cluster[1]);
-            // Fresh threadgroup memory: unwritten, filled with 0xff (NaN).
-            Region& tg = g_regions[tg_slot(r)];
-            std::memset(tg.data, 0xff, tg.size);
-            std::fill(tg.written.begin(), tg.written.end(), 0);
-            if (n_blocks > 1) {
-              g_order.written_in[r].assign(tg.size, 0);
-              g_order.remote_read_in[r].assign(tg.size, 0);
-            }
-          }
-          run_cluster();
+    g_arena_span = kMaxSlots * kSlotBytes;
+    for (uint32_t z = 0; z < grid[2]; ++z) {
+      for (uint32_t y = 0; y < grid[1]; ++y) {
+        for (uint32_t x = 0; x < grid[0]; ++x) {
+          g_launch.group[0] = x;
+          g_launch.group[1] = y;
+          g_launch.group[2] = z;
+          // Fresh threadgroup memory: unwritten, filled with 0xff (NaN).
+          std::memset(tg.data, 0xff, tg.size);
+          std::fill(tg.written.begin(), tg.written.end(), 0);
+          run_threadgroup();
         }
       }
     }

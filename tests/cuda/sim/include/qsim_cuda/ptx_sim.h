@@ -22,7 +22,6 @@
 //   buffers.
 // * lop3.b32 with the caller's truth table; ex2.approx.ftz as exp2f with
 //   subnormal results flushed to zero.
-// * Clusters (barrier.cluster, mapa, ld.shared::cluster): below.
 //
 // QSIM_CUDA_MUTANT_MMA_ROWS swaps the A fragment's rows g and g + 8: a
 // wrong layout, which tests/cuda prove the comparison catches.
@@ -219,54 +218,6 @@ inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c, uint8_t lut) {
 
 inline uint32_t and_or(uint32_t x, uint32_t mask, uint32_t bits) {
   return lop3(x, mask, bits, 0xEA);
-}
-
-// Thread-block clusters (with QSDPA_CLUSTER_MERGE=1, as the sm_90 build):
-// the barrier is the runtime's cluster barrier (every thread of every block
-// of the cluster; the blocks of a cluster run together), a shared::cluster
-// address is modelled as rank << 24 | byte offset in that block's shared
-// memory, and the loads go through the runtime's checks (bounds, unwritten
-// bytes, and their order against the owner's writes and exit: runtime.cpp).
-#if defined(QSDPA_CLUSTER_MERGE) && QSDPA_CLUSTER_MERGE
-constexpr bool kClusterMergeBuilt = true;
-constexpr bool kClusterMerge = true;
-#else
-constexpr bool kClusterMergeBuilt = false;
-constexpr bool kClusterMerge = false;
-#endif
-
-inline void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  qsim::cluster_barrier(file, line);
-}
-
-inline uint32_t cluster_map(const void* p, uint32_t rank) {
-  const uint32_t off = smem_u32(p);
-  if (off >= (1u << 24)) {
-    qsim::kernel_fault("mapa of an address outside the block's shared memory");
-  }
-  (void)qsim::cluster_block_memory(rank); // a rank of the cluster (checked)
-  return rank << 24 | off;
-}
-
-namespace sim {
-inline const volatile float* cluster_address(uint32_t a, unsigned align) {
-  if (a % align) {
-    qsim::kernel_fault("ld.shared::cluster with a misaligned address");
-  }
-  const unsigned char* base = static_cast<const unsigned char*>(qsim::cluster_block_memory(a >> 24));
-  return reinterpret_cast<const volatile float*>(base + (a & 0xffffffu));
-}
-} // namespace sim
-
-// Four float loads of this (instrumented) translation unit: the runtime
-// checks each.
-inline float4 ld_cluster_f4(uint32_t a) {
-  const volatile float* p = sim::cluster_address(a, 16);
-  return float4{p[0], p[1], p[2], p[3]};
-}
-
-inline float ld_cluster_f32(uint32_t a) {
-  return *sim::cluster_address(a, 4);
 }
 
 inline float exp2_fast(float x) {

@@ -27,21 +27,6 @@ int qsim_launch(
     const uint32_t* grid,
     const uint32_t* threads,
     int64_t threadgroup_bytes);
-// The same with threadgroups grouped into clusters (CUDA thread-block
-// clusters): see runtime.cpp.
-int qsim_launch_cluster(
-    const char* kernel,
-    int n_constants,
-    const int* constant_index,
-    const int64_t* constant_value,
-    int n_bindings,
-    const int* binding_index,
-    const int64_t* binding_buffer,
-    const int64_t* binding_offset,
-    const uint32_t* grid,
-    const uint32_t* threads,
-    const uint32_t* cluster,
-    int64_t threadgroup_bytes);
 // The largest threadgroup memory a launch may ask for: 32768 bytes (Apple
 // GPUs) unless changed; the CUDA front end raises it to its per-block limit.
 void qsim_set_threadgroup_limit(int64_t bytes);

@@ -82,16 +82,6 @@ const unsigned char* simd_exchange(
 // this same barrier.
 void threadgroup_barrier(const char* file, int line);
 
-// Thread-block clusters (qsim_launch_cluster; CUDA front end):
-// cluster_barrier waits until every thread of every threadgroup of the
-// cluster reached this same barrier; cluster_block_memory is the
-// threadgroup memory of the cluster's threadgroup `rank` (reads of it are
-// checked for their order against its writes and its exit, see
-// runtime.cpp); cluster_size is the cluster's threadgroup count.
-void cluster_barrier(const char* file, int line);
-void* cluster_block_memory(unsigned rank);
-unsigned cluster_size();
-
 // The running thread's launch values (for front ends whose kernels read
 // them through globals, as CUDA's threadIdx: tests/cuda/sim).
 const ThreadContext& current_thread();
