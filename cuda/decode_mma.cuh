@@ -885,19 +885,14 @@ struct MmaDecode {
       }
     }
 
-    // Then the first steps' copies (QSDPA_STAGGER_PROLOGUE, an experiment:
-    // step 0 now, the others once the queries have landed).
-#ifndef QSDPA_STAGGER_PROLOGUE
-#define QSDPA_STAGGER_PROLOGUE 0
-#endif
-    constexpr int kFirstCopies = QSDPA_STAGGER_PROLOGUE ? 1 : NS - 1;
+    // Then the first steps' copies.
     Copier cp = copier(p, b, kvh, k_begin, k_end);
     const int n_steps = warp_steps(cp);
     // The warp's ring, and this lane's first copy unit in it.
     unsigned char* const ring = smem_raw + warp * kWarpRingBytes;
     unsigned char* const ring_unit = ring + lane * 16;
 #pragma unroll
-    for (int c = 0; c < kFirstCopies; ++c) {
+    for (int c = 0; c < NS - 1; ++c) {
       if (c < n_steps) {
         issue_chunk(cp, ring_unit + c * kStageBytes);
       }
@@ -936,14 +931,6 @@ struct MmaDecode {
           }
         }
       }
-    }
-
-#pragma unroll
-    for (int c = kFirstCopies; c < NS - 1; ++c) {
-      if (c < n_steps) {
-        issue_chunk(cp, ring_unit + c * kStageBytes);
-      }
-      mma_detail::cp_async_commit();
     }
 
     // The rows of this lane's accumulators: nt * 8 + 2t + e.
