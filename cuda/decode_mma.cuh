@@ -11,12 +11,14 @@
 // dot products' shuffles cost as much time as reading the cache.
 //
 // Streaming: a block (4 warps) owns one (batch, kv head, row tile) and one
-// key range, which it walks in chunks of 64 or 128 keys (TPW below). The
-// whole block copies a chunk (packed K rows, packed V rows, their scales and
-// biases: contiguous byte ranges) into shared memory with 16-byte cp.async,
-// NS chunks in flight; each warp then decodes its one or two 16-key tiles of
-// the chunk from shared memory. Copies advance running pointers, so a chunk
-// costs one 64-bit add per stream, not an address computation per copy.
+// key range, which it walks in chunks of 64 or 128 keys (TPW below), each
+// warp its one or two 16-key tiles of a chunk. A warp copies its keys' part
+// (packed K rows, packed V rows, their scales and biases: contiguous byte
+// ranges) into its own ring of NS shared-memory stages with 16-byte
+// cp.async, waits for its own copies and meets its lanes at a warp barrier,
+// so warps never wait for each other inside the loop. Copies advance running
+// pointers, so a step costs one 64-bit add per stream, not an address
+// computation per copy.
 //
 // Layout (keys and head dim on the M side, query rows on N = 8):
 //   S^T = K Q^T  (m16n8k16: A = K, 16 keys x 16 head-dim slots; B = Q^T).
