@@ -305,11 +305,12 @@ struct MmaDecode {
   }
 
   // The warp copies the next step of its keys into a stage (steps in
-  // order, each once); dst: the lane's first byte in it (stage + 16 lane; a lane's
-  // units are 512 bytes apart, constant offsets from it). Keys past the split's end are zero-filled without reading
-  // them (their scores are masked; zero codes and scales decode to finite
-  // zeros); their copies point at the step's first row instead, which is
-  // valid memory (a step has at least one key).
+  // order, each once); dst: the lane's first byte in it (stage + 16 lane;
+  // the lane's units are 512 bytes apart, constant offsets from dst). Keys
+  // past the split's end are zero-filled without reading them (their scores
+  // are masked; zero codes and scales decode to finite zeros); their copies
+  // point at the step's first row instead, which is valid memory (a step
+  // has at least one key).
   static __device__ __forceinline__ void issue_chunk(Copier& cp, unsigned char* dst) {
     const int valid = cp.left; // keys of the warp from this step on
     cp.left -= CK;
@@ -832,7 +833,7 @@ struct MmaDecode {
 
     // Q^T as B operands: query row nt * 8 + g, the slots of lane t's K
     // quarter (see the top). The query loads go out first: issued after the
-    // first steps' copies of every block they waited behind them (the
+    // first steps' copies, they waited behind every block's copies (the
     // kernel's top stall at 128K keys, 2026-11-29). A lane's slots of a K
     // span are one run of RK elements; where the layout allows (a dense last
     // axis and rows at 16-byte boundaries, as mx arrays usually are) it is
@@ -904,7 +905,7 @@ struct MmaDecode {
     // Scale after the MMA: each accumulator row's sum of the queries over
     // each K span (= group), and the sum of M q with each element's magic M
     // (the MMA's products are (M + c) q), from the T values the MMA sees.
-    float qsum[NT][NKS][2], nmsum[NT][NKS][2]; // nmsum: -sum M q, negated once here
+    float qsum[NT][NKS][2], nmsum[NT][NKS][2]; // nmsum: -sum M q (summed negative)
     if constexpr (kScaleAfter) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
