@@ -156,12 +156,12 @@ step_overhead() { # host building / recording / GPU wait per call (benchmarks/cu
   cat "$f"
 }
 
-step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits
+step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits; NCU_LQ: query length (1)
   : > "$out/ncutime.txt"
   for s in ${NCU_SPLITS:-0 16}; do
-    echo "== QSDPA_CUDA_SPLITS=$s" >> "$out/ncutime.txt"
+    echo "== QSDPA_CUDA_SPLITS=$s Lq=${NCU_LQ:-1}" >> "$out/ncutime.txt"
     QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 >> "$out/ncutime.txt" 2>&1
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "${NCU_LQ:-1}" >> "$out/ncutime.txt" 2>&1
   done
   grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
   summary+=("kernel durations: $out/ncutime_summary.txt")
