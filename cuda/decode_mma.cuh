@@ -264,9 +264,7 @@ struct MmaDecode {
     int64_t krow, vrow; // bytes between key rows
     const unsigned char* sc[NSU]; // the next step's scale units of this lane
     int row0; // the lane's first row in a step
-    int lane;
-    int keys; // keys of the split from this warp's first on
-    int left; // of those, keys from the next step to copy on
+    int left; // keys of the split from the warp's next step to copy on
   };
 
   static __device__ __forceinline__ const unsigned char* byte_ptr(const void* p, int64_t elems, int esz) {
@@ -278,7 +276,6 @@ struct MmaDecode {
     const int lane = threadIdx.x % 32;
     const int64_t first = int64_t(k_begin) + (threadIdx.x / 32) * CKW; // the warp's first key
     cp.row0 = lane / UPR;
-    cp.lane = lane;
     const int col = (lane % UPR) * 16;
     cp.krow = p.k.ws[2] * 4;
     cp.vrow = p.v.ws[2] * 4;
@@ -295,13 +292,13 @@ struct MmaDecode {
           bias ? int64_t(b) * x.bs[0] + int64_t(kvh) * x.bs[1] : int64_t(b) * x.ss[0] + int64_t(kvh) * x.ss[1];
       cp.sc[k] = byte_ptr(base, off, SB) + first * SRB + (u % US) * 16;
     }
-    cp.keys = cp.left = k_end - int(first);
+    cp.left = k_end - int(first);
     return cp;
   }
 
-  // The warp's steps: chunks in which it has keys.
+  // The warp's steps: chunks in which it has keys (before its first copy).
   static __device__ __forceinline__ int warp_steps(const Copier& cp) {
-    return cp.keys > 0 ? (cp.keys + CK - 1) / CK : 0;
+    return cp.left > 0 ? (cp.left + CK - 1) / CK : 0;
   }
 
   // The warp copies the next step of its keys into a stage (steps in
@@ -338,7 +335,7 @@ struct MmaDecode {
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = cp.lane + k * 32;
+        const int u = threadIdx.x % 32 + k * 32;
         if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
           mma_detail::cp_async16(dst + kOffS + k * 32 * 16, cp.sc[k], 16);
         }
@@ -358,7 +355,7 @@ struct MmaDecode {
       }
 #pragma unroll
       for (int k = 0; k < NSU; ++k) {
-        const int u = cp.lane + k * 32;
+        const int u = threadIdx.x % 32 + k * 32;
         if (kScaleUnits % 32 == 0 || u < kScaleUnits) {
           // A unit holds the scales of 16 / SRB keys: the last one of the
           // split may hold some past its end.
