@@ -955,19 +955,21 @@ struct MmaDecode {
     for (int j = 0; j < NCH; ++j) {
       zero_tiles(o[j]);
     }
-    // Per row of this lane: the reference max m, the exponent's base (m, or
-    // 0 while m is -inf), the lazy max's limit on a score over the base
+    // Per row of this lane: the exponent's base (the reference max m, or 0
+    // while m is -inf), the lazy max's limit on a score over the base
     // (kLazyMax, or -inf while m is -inf), and the lane's share of the
-    // denominator.
-    float m[NT][2], base[NT][2], lim[NT][2], l[NT][2];
+    // denominator. m itself is not kept: it is -inf where lim is and base
+    // elsewhere (ref_max), one register per row less in the loop.
+    float base[NT][2], lim[NT][2], l[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        m[nt][e] = lim[nt][e] = neg_inf();
+        lim[nt][e] = neg_inf();
         base[nt][e] = l[nt][e] = 0.0f;
       }
     }
+    const auto ref_max = [&](int nt, int e) { return lim[nt][e] == neg_inf() ? neg_inf() : base[nt][e]; };
 
 
     // Stage of step c: rd; the stage of step c - 1 (free once the warp is
@@ -1055,9 +1057,10 @@ struct MmaDecode {
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const float m_new = fmaxf(m[nt][e], mx + base[nt][e]);
+            const float m_old = ref_max(nt, e);
+            const float m_new = fmaxf(m_old, mx + base[nt][e]);
             const float b_new = m_new == neg_inf() ? 0.0f : m_new;
-            corr[e] = mma_detail::exp2_fast(m[nt][e] - b_new); // 0 while m is -inf, 1 if unchanged
+            corr[e] = mma_detail::exp2_fast(m_old - b_new); // 0 while m is -inf, 1 if unchanged
             const float shift = base[nt][e] - b_new;
 #pragma unroll
             for (int u = 0; u < TPW; ++u) {
@@ -1066,7 +1069,6 @@ struct MmaDecode {
                 s[u][nt][2 * h + e] += shift;
               }
             }
-            m[nt][e] = m_new;
             base[nt][e] = b_new;
             lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;
             l[nt][e] *= corr[e];
@@ -1122,7 +1124,7 @@ struct MmaDecode {
         x += __shfl_xor_sync(0xffffffffu, x, 8);
         x += __shfl_xor_sync(0xffffffffu, x, 16);
         if (g == 0) {
-          es.m[warp][nt * 8 + 2 * t + e] = m[nt][e];
+          es.m[warp][nt * 8 + 2 * t + e] = ref_max(nt, e);
           es.l[warp][nt * 8 + 2 * t + e] = x;
         }
       }
