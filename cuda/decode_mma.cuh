@@ -933,18 +933,6 @@ struct MmaDecode {
       }
     }
 
-    // The rows of this lane's accumulators: nt * 8 + 2t + e.
-    RowRef crow[NT][2];
-    bool crow_ok[NT][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = nt * 8 + 2 * t + e;
-        crow_ok[nt][e] = r < nr;
-        crow[nt][e] = row_ref(p, b, kvh, r0 + min(r, nr - 1));
-      }
-    }
     const bool causal = p.mask_type == kMaskCausal;
     const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
     // The first key the causal mask hides for some row of the block.
@@ -1009,17 +997,44 @@ struct MmaDecode {
       // where no mask applies); masks in a warp-uniform branch: most steps
       // see none.
       if (tail || causal_here || array_masked) {
-        each_score(s, [&](float& x, int u, int nt, int e4) {
-          const int e = e4 & 1;
-          const int key = key0 + 16 * u + g + 8 * (e4 >> 1);
-          x *= p.scale_log2;
-          if ((tail && key >= k_end) || (causal_here && key > crow[nt][e].causal_limit)) {
-            x = neg_inf();
-          } else if (array_masked && crow_ok[nt][e]) {
-            x += array_mask(p, b, crow[nt][e], key);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            // The rows of this lane's accumulators (nt * 8 + 2t + e) are
+            // found here, not kept over the loop: with two row tiles their
+            // references (three ints and a flag per row) made the loop
+            // spill (with one, the loop came out a few instructions longer
+            // with them kept). A row sees the keys up to `last`; a tail
+            // step alone needs no row reference (every row sees the keys
+            // before k_end, and all of this step's where no causal step is
+            // here).
+            const int r = nt * 8 + 2 * t + e;
+            int last = k_end - 1;
+            RowRef ref{};
+            if (causal_here || array_masked) {
+              ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+              if (causal_here) {
+                last = min(last, ref.causal_limit);
+              }
+            }
+#pragma unroll
+            for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                float& x = s[u][nt][2 * h + e];
+                const int key = key0 + 16 * u + g + 8 * h;
+                x *= p.scale_log2;
+                if (key > last) {
+                  x = neg_inf();
+                } else if (array_masked && r < nr) {
+                  x += array_mask(p, b, ref, key);
+                }
+                x -= base[nt][e];
+              }
+            }
           }
-          x -= base[nt][e];
-        });
+        }
       } else {
         each_score(s, [&](float& x, int, int nt, int e4) { x = fmaf(x, p.scale_log2, -base[nt][e4 & 1]); });
       }
