@@ -231,9 +231,14 @@ struct MmaDecode {
     int head[RT];
     float o[4][RT * kORowMma]; // per warp, scaled to the block's max
   };
-  static constexpr int kSmemBytes =
+  static constexpr int kMainSmemBytes =
       kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
-  static_assert(int(sizeof(MergeSmem)) <= kSmemBytes, "merge over the epilogue");
+  static_assert(int(sizeof(MergeSmem)) <= kMainSmemBytes, "merge over the epilogue");
+  // The query positions of a thread's accumulator rows (run() says why),
+  // 16 bytes per thread past the rest, for the kernels of two row tiles.
+  static constexpr bool kRowPosShared = NT == 2;
+  static constexpr int kRowPosOffset = (kMainSmemBytes + 15) / 16 * 16;
+  static constexpr int kSmemBytes = kRowPosShared ? kRowPosOffset + kThreads * 16 : kMainSmemBytes;
 
   // Scale arrays within a stage.
   static constexpr int kKS = 0;
@@ -933,6 +938,36 @@ struct MmaDecode {
       }
     }
 
+    // The query position of each of this lane's accumulator rows (nt * 8 +
+    // 2t + e), for the masked steps: the rest of a row's reference follows
+    // from it without row_ref's division by G (lane_row). In registers with
+    // one row tile (two ints). With two, four more registers over the loop
+    // made ptxas spill its hot state (132 bytes, 22 local loads and stores
+    // per step; the whole references, three ints and a flag per row, did
+    // the same), so the positions wait in the thread's own 16 bytes of
+    // shared memory, loaded on masked steps only.
+    int crow_i[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        crow_i[nt][e] = row_ref(p, b, kvh, r0 + min(nt * 8 + 2 * t + e, nr - 1)).i;
+      }
+    }
+    uint4* const row_pos = reinterpret_cast<uint4*>(smem_raw + kRowPosOffset) + threadIdx.x; // kRowPosShared only
+    if constexpr (kRowPosShared) {
+      static_assert(NT == 2, "four positions per thread");
+      *row_pos = uint4{uint32_t(crow_i[0][0]), uint32_t(crow_i[0][1]), uint32_t(crow_i[1][0]), uint32_t(crow_i[1][1])};
+    }
+    // row_ref of accumulator row (nt, e), from its query position i.
+    const auto lane_row = [&](int nt, int e, int i) {
+      RowRef ref;
+      ref.i = i;
+      ref.h = kvh * p.G + (r0 + min(nt * 8 + 2 * t + e, nr - 1) - i * p.G);
+      ref.out_row = (int64_t(b) * p.Hq + ref.h) * p.Lq + i;
+      ref.causal_limit = p.Lk - p.Lq + i;
+      return ref;
+    };
     const bool causal = p.mask_type == kMaskCausal;
     const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
     // The first key the causal mask hides for some row of the block.
@@ -996,24 +1031,38 @@ struct MmaDecode {
       // Scores in log2 units over their row's base (one fused multiply-add
       // where no mask applies); masks in a warp-uniform branch: most steps
       // see none.
-      if (tail || causal_here || array_masked) {
+      // Each kind of masked step takes a path of its own, which computes
+      // only what it needs: a tail step (a split's last for its warp, one
+      // in ~10 of a warp's steps at 32K keys) no row reference (every row
+      // sees the keys before k_end, and all of this step's where no causal
+      // step is here), a causal step the rows' limits, an array mask their
+      // whole references (lane_row). A row sees the keys up to `last`.
+      const auto masked_scores = [&](auto rows_here, auto array_here) {
+        int pos[NT][2];
+        if constexpr (decltype(rows_here)::value) {
+          if constexpr (kRowPosShared) {
+            const uint4 v = *row_pos;
+            pos[0][0] = int(v.x);
+            pos[0][1] = int(v.y);
+            pos[1][0] = int(v.z);
+            pos[1][1] = int(v.w);
+          } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              pos[nt][0] = crow_i[nt][0];
+              pos[nt][1] = crow_i[nt][1];
+            }
+          }
+        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            // The rows of this lane's accumulators (nt * 8 + 2t + e) are
-            // found here, not kept over the loop: with two row tiles their
-            // references (three ints and a flag per row) made the loop
-            // spill (with one, the loop came out a few instructions longer
-            // with them kept). A row sees the keys up to `last`; a tail
-            // step alone needs no row reference (every row sees the keys
-            // before k_end, and all of this step's where no causal step is
-            // here).
             const int r = nt * 8 + 2 * t + e;
-            int last = k_end - 1;
             RowRef ref{};
-            if (causal_here || array_masked) {
-              ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+            int last = k_end - 1;
+            if constexpr (decltype(rows_here)::value) {
+              ref = lane_row(nt, e, pos[nt][e]);
               if (causal_here) {
                 last = min(last, ref.causal_limit);
               }
@@ -1027,7 +1076,7 @@ struct MmaDecode {
                 x *= p.scale_log2;
                 if (key > last) {
                   x = neg_inf();
-                } else if (array_masked && r < nr) {
+                } else if (decltype(array_here)::value && r < nr) {
                   x += array_mask(p, b, ref, key);
                 }
                 x -= base[nt][e];
@@ -1035,6 +1084,13 @@ struct MmaDecode {
             }
           }
         }
+      };
+      if (array_masked) {
+        masked_scores(std::true_type{}, std::true_type{});
+      } else if (causal_here) {
+        masked_scores(std::true_type{}, std::false_type{});
+      } else if (tail) {
+        masked_scores(std::false_type{}, std::false_type{});
       } else {
         each_score(s, [&](float& x, int, int nt, int e4) { x = fmaf(x, p.scale_log2, -base[nt][e4 & 1]); });
       }

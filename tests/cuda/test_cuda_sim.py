@@ -38,7 +38,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # (case, forced split count: 0 = the host's plan for an H200 wave). Splits
 # hold a multiple of 64 keys, so more than 8 need Lk > 512.
-# Hq 8 / Hkv 2 everywhere (G = 4): Lq 1 gives 4 rows (one 8-row tile, half
+# Hq 8 / Hkv 2 (G = 4) but in the last two cases: Lq 1 gives 4 rows (one 8-row tile, half
 # empty), Lq 4 gives 16 rows (the 16-row kernel, NT = 2). Lk is never a
 # multiple of 64, so every split's last chunk is partial; it is a multiple of
 # 8, so that each kv head's scale rows start 16-byte aligned (the host's
@@ -59,6 +59,11 @@ CASES = [
     # Two 16-key tiles per warp; in the last split (248 keys) warp 3's
     # second tile of the second chunk holds 8 valid keys of 16.
     (Case(**G4, Lq=1, Lk=760, D=128, fmt=("affine", 4, 64), dtype=F16), 3),
+    # G = 3: a lane's accumulator rows 2t and 2t + 1 can be two query
+    # positions (the masked steps find each row's head and position), 12
+    # rows of the 16-row tile.
+    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="bool:BHQK"), 3),
+    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="causal"), 3),
 ]
 
 
