@@ -85,6 +85,17 @@ __device__ __forceinline__ float exp2_fast(float x) {
   return y;
 }
 
+// *counter += 1 at GPU scope with acquire and release semantics; returns the
+// old value. Orders this thread's earlier writes (and, after a block
+// barrier, its block's) before the count, and the count before its later
+// reads: one MEMBAR.ALL.GPU before the atomic and an L1 invalidate after
+// it, instead of __threadfence()'s sequentially consistent MEMBAR.SC.GPU.
+__device__ __forceinline__ unsigned int atomic_add_acq_rel(unsigned int* counter, unsigned int v) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(v) : "memory");
+  return old;
+}
+
 } // namespace mlx_qsdpa::cuda::mma_detail
 
 #endif // QSDPA_CUDA_SIM

@@ -27,6 +27,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
 
@@ -53,7 +54,7 @@ __device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int
 // other through shared memory).
 __device__ inline void merge_step(
     const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst) {
-  constexpr int kCols = 2; // float4 columns per thread and round
+  constexpr int kCols = kMergeRadix <= 8 ? 2 : 1; // float4 columns per thread and round (registers)
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
   const int D4 = p.D / 4;
   const int n_cols = nr * D4;
@@ -72,8 +73,9 @@ __device__ inline void merge_step(
         const bool ok = idx < n_cols && u < members;
         const int64_t slot_row = (first + u) * n_rows + row;
         x[k][u] = ok ? load_o4(p, slot_row, idx - r * D4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        m[k][u] = ok ? __ldcg(p.part_ml + slot_row * 2) : neg_inf();
-        l[k][u] = ok ? __ldcg(p.part_ml + slot_row * 2 + 1) : 0.0f;
+        const float2 ml = ok ? __ldcg(reinterpret_cast<const float2*>(p.part_ml) + slot_row) : make_float2(neg_inf(), 0.0f);
+        m[k][u] = ml.x;
+        l[k][u] = ml.y;
       }
     }
 #pragma unroll
@@ -128,6 +130,11 @@ __device__ inline void merge_step(
 // block is not the last of its group at some level, or has written the
 // output.
 __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
+#if defined(QSDPA_TIMING_SKIP_MERGE)
+  // Measurement builds only (run_gpu.sh variants): the call's time without
+  // the merge; the output is NOT written. The counters stay zero.
+  return;
+#endif
   const int64_t n_tiles = int64_t(gridDim.z) * gridDim.y;
   const int64_t tile = int64_t(b) * gridDim.y + blockIdx.y;
   int count = p.n_splits; // partials of this level
@@ -139,14 +146,16 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     const int first = group * kMergeRadix;
     const int members = min(kMergeRadix, count - first);
     // Every thread's partial writes are visible GPU-wide before the block is
-    // counted in: the barrier orders them before thread 0's fence, which is
-    // cumulative (the pattern of cooperative groups' grid barrier), so one
-    // fence per block does instead of one per thread.
+    // counted in: the barrier orders them before thread 0's release (the
+    // atomic's acq_rel), which is cumulative (the pattern of cooperative
+    // groups' grid barrier), so one fence per block does instead of one per
+    // thread. Its acquire half, followed by the second barrier, orders the
+    // other members' partials before this block's reads of them (which go
+    // to L2, ld.global.cg) when it arrives last.
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
       unsigned int* counter = p.counters + (counter_base + group) * n_tiles + tile;
-      const unsigned int before = atomicAdd(counter, 1u);
+      const unsigned int before = mma_detail::atomic_add_acq_rel(counter, 1u);
       s.last = before == unsigned(members - 1);
       if (s.last) {
         *counter = 0u; // every member has counted: ready for reuse
@@ -156,7 +165,6 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     if (!s.last) {
       return;
     }
-    __threadfence();
     const bool root = count <= kMergeRadix;
     const int64_t dst = root ? -1 : slot_base + count + group;
     merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst);

@@ -26,7 +26,7 @@ step_build() {
   # RelWithDebInfo: the GPU machine's g++ (/opt/gcc) cannot run lto-wrapper,
   # and nanobind links its module with LTO in Release builds only.
   if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} \
-      "-DCMAKE_CUDA_FLAGS=${QSDPA_CUDA_FLAGS:-}" > "$out/build.log" 2>&1; then
+      "-DCMAKE_CUDA_FLAGS=${QSDPA_CUDA_FLAGS:-}" "-DCMAKE_CXX_FLAGS=${QSDPA_CXX_FLAGS:-}" > "$out/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - t0)) s)")
   else
     summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
@@ -156,16 +156,18 @@ step_overhead() { # host building / recording / GPU wait per call (benchmarks/cu
   cat "$f"
 }
 
-step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits; NCU_LQ: query length (1)
-  : > "$out/ncutime.txt"
+step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, duration only); default plan and 16 splits; NCU_LQ: query length (1; other lengths get their own files)
+  local lq=${NCU_LQ:-1} f="$out/ncutime.txt" fs="$out/ncutime_summary.txt"
+  if [ "$lq" != 1 ]; then f="$out/ncutime_lq$lq.txt"; fs="$out/ncutime_lq${lq}_summary.txt"; fi
+  : > "$f"
   for s in ${NCU_SPLITS:-0 16}; do
-    echo "== QSDPA_CUDA_SPLITS=$s Lq=${NCU_LQ:-1}" >> "$out/ncutime.txt"
+    echo "== QSDPA_CUDA_SPLITS=$s Lq=$lq" >> "$f"
     QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "${NCU_LQ:-1}" >> "$out/ncutime.txt" 2>&1
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "$lq" >> "$f" 2>&1
   done
-  grep -E "^==|qsdpa|gpu__time_duration" "$out/ncutime.txt" | sed -E 's/^ +//' | cut -c1-60 > "$out/ncutime_summary.txt"
-  summary+=("kernel durations: $out/ncutime_summary.txt")
-  cat "$out/ncutime_summary.txt"
+  grep -E "^==|qsdpa|gpu__time_duration" "$f" | sed -E 's/^ +//' | cut -c1-60 > "$fs"
+  summary+=("kernel durations: $fs")
+  cat "$fs"
 }
 
 step_stalls() { # why warps wait, one 128K call: stall reasons per issued instruction, and per SASS line
@@ -181,13 +183,14 @@ step_stalls() { # why warps wait, one 128K call: stall reasons per issued instru
   grep -E "stalled|inst_executed|cycles_active" "$f" | sed -E 's/^ +//' | sort -k3 -rn | head -30
 }
 
-step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-DB=2"): one-call times, batched bench (QSDPA_VARIANTS_BENCH=0: none); then the plain build again if steps follow
+step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=2"; CUDA and host code): one-call times, batched bench (QSDPA_VARIANTS_BENCH=0: none); then the plain build again if steps follow
   local IFS_old=$IFS f="$out/variants.txt" v
   IFS=';'
   for v in ${QSDPA_VARIANTS:-}; do
     IFS=$IFS_old
     echo "== variant: $v" >> "$f"
-    QSDPA_CUDA_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
+    # The defines reach the host code too (QSDPA_MERGE_RADIX sizes the merge tree there).
+    QSDPA_CUDA_FLAGS="$v" QSDPA_CXX_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
     PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
       --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
       grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
@@ -200,7 +203,7 @@ step_variants() { # kernels built with extra CUDA flags (QSDPA_VARIANTS="-DA=1;-
   IFS=$IFS_old
   # Later steps must measure the plain kernels (none: no rebuild).
   if [ "$steps_left" -gt 0 ]; then
-    QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
+    QSDPA_CUDA_FLAGS="" QSDPA_CXX_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
   fi
   summary+=("variants: $f")
   cat "$f"

@@ -228,4 +228,10 @@ inline float exp2_fast(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
+// atom.acq_rel.gpu.add: blocks run one after another here, so the ordering
+// is given; the count is what the merge's logic depends on.
+inline unsigned int atomic_add_acq_rel(unsigned int* counter, unsigned int v) {
+  return atomicAdd(counter, v);
+}
+
 } // namespace mlx_qsdpa::cuda::mma_detail
