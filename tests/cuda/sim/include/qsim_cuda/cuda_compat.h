@@ -31,6 +31,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n)
@@ -63,18 +64,44 @@ inline unsigned char (*qsim_dynamic_smem())[] {
 struct uint3 {
   unsigned x, y, z;
 };
-struct alignas(8) uint2 {
-  unsigned x, y;
-};
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
-};
-struct alignas(8) float2 {
-  float x, y;
-};
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
+// The 2- and 4-element vector types copy member by member: a copy of a
+// whole struct becomes a memcpy intrinsic, which -fsanitize-coverage does
+// not trace, so a float4 row written to one buffer and read back by another
+// block went unchecked (found 2026-11-29, when the merge's copies of such
+// rows started to be checked byte by byte). Member copies are traced scalar
+// loads and stores.
+#define QSIM_CUDA_VEC2(name, T)                                   \
+  struct alignas(2 * sizeof(T)) name {                           \
+    T x, y;                                                       \
+    name() = default;                                             \
+    constexpr name(T x_, T y_) : x(x_), y(y_) {}                  \
+    name(const name& o) : x(o.x), y(o.y) {}                       \
+    name& operator=(const name& o) {                              \
+      x = o.x;                                                    \
+      y = o.y;                                                    \
+      return *this;                                               \
+    }                                                             \
+  };
+#define QSIM_CUDA_VEC4(name, T)                                           \
+  struct alignas(4 * sizeof(T)) name {                                   \
+    T x, y, z, w;                                                         \
+    name() = default;                                                     \
+    constexpr name(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {} \
+    name(const name& o) : x(o.x), y(o.y), z(o.z), w(o.w) {}               \
+    name& operator=(const name& o) {                                      \
+      x = o.x;                                                            \
+      y = o.y;                                                            \
+      z = o.z;                                                            \
+      w = o.w;                                                            \
+      return *this;                                                       \
+    }                                                                     \
+  };
+QSIM_CUDA_VEC2(uint2, unsigned)
+QSIM_CUDA_VEC4(uint4, unsigned)
+QSIM_CUDA_VEC2(float2, float)
+QSIM_CUDA_VEC4(float4, float)
+#undef QSIM_CUDA_VEC2
+#undef QSIM_CUDA_VEC4
 inline float4 make_float4(float x, float y, float z, float w) {
   return float4{x, y, z, w};
 }
