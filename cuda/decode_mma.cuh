@@ -233,6 +233,7 @@ struct MmaDecode {
   };
   static constexpr int kMainSmemBytes =
       kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
+  static_assert(int(sizeof(MergeSmem)) <= kMainSmemBytes, "merge over the epilogue");
   // The query positions of a thread's accumulator rows (run() says why),
   // 16 bytes per thread past the rest, for the kernels of two row tiles.
   static constexpr bool kRowPosShared = NT == 2;
@@ -1236,7 +1237,7 @@ struct MmaDecode {
       epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
     }
     if (p.n_splits > 1) {
-      merge_splits<kMainSmemBytes>(p, b, kvh, r0, nr, smem_raw);
+      merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
     }
   }
 };

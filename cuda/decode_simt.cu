@@ -89,7 +89,7 @@ __device__ __forceinline__ void decode_row(
 template <int MODE, int BITS>
 __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_constant__ Params p) {
   constexpr int RT = kSimtRows;
-  __shared__ __align__(16) EpilogueSmem<RT> smem; // 16-byte aligned: the merge streams float4 rows into it
+  __shared__ EpilogueSmem<RT> smem;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -211,7 +211,8 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   }
   epilogue_write<RT>(p, smem, b, kvh, r0, nr, split);
   if (p.n_splits > 1) {
-    merge_splits<int(sizeof(smem))>(p, b, kvh, r0, nr, reinterpret_cast<unsigned char*>(&smem));
+    static_assert(sizeof(MergeSmem) <= sizeof(smem), "merge over the epilogue");
+    merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(&smem));
   }
 }
 

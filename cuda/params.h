@@ -38,7 +38,6 @@ struct Params {
   int rows; // G * Lq
   int group_size;
   int n_splits; // key ranges; 1: the kernel writes the final output
-  int merge_radix; // partials a merge step combines (split_plan.h, split_merge.cuh)
   int keys_per_split; // a multiple of kKeysPerBlockStep
   float scale_log2; // scale * log2(e): scores live in base-2 units
 
@@ -73,6 +72,13 @@ struct Params {
 constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
+// Partials a merge step combines (split_merge.cuh). QSDPA_MERGE_RADIX
+// overrides it for measurements; host and kernels must agree (it sizes the
+// merge tree's slots and counters).
+#ifndef QSDPA_MERGE_RADIX
+#define QSDPA_MERGE_RADIX 8
+#endif
+constexpr int kMergeRadix = QSDPA_MERGE_RADIX;
 
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).

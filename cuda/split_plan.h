@@ -26,33 +26,13 @@ struct SplitInput {
   int64_t wave = 1; // blocks that fill the GPU once (blocks per SM x SMs)
   int min_keys_per_split = kKeysPerBlockStep;
   int forced_splits = 0; // > 0: this many splits (clamped), for tuning
-  int forced_merge_radix = 0; // > 0: this radix (clamped), for tuning and tests
 };
 
 struct SplitPlan {
   int row_tiles; // blocks along the rows of a kv head
   int n_splits; // key ranges (1: one pass, no merge)
   int keys_per_split; // a multiple of kKeysPerBlockStep
-  int merge_radix; // partials a merge step combines (merge_radix())
 };
-
-// The merge tree's radix: a merge step streams its members' rows (tile
-// rows x D floats each) through one block (split_merge.cuh), one round trip
-// to L2 plus the bytes, while every level costs a chain of round trips after
-// the last block (two levels of 8 took ~5 us of a 32K call on the H200,
-// 2026-11-29). So a step takes as many members as keep it near
-// kMergeStepBytes: 64 for the 4 rows of one decode token at D = 128, one
-// level up to 64 splits.
-constexpr int64_t kMergeStepBytes = int64_t(128) << 10;
-constexpr int kMaxMergeRadix = 64;
-inline int merge_radix(int tile_rows, int D, int forced = 0) {
-  if (forced > 0) {
-    return std::clamp(forced, 2, kMaxMergeRadix);
-  }
-  const int64_t member_bytes = std::max<int64_t>(1, int64_t(tile_rows) * D * 4);
-  // At least 8 (the radix before 2026-11-29) so that large tiles keep few levels.
-  return int(std::clamp<int64_t>(kMergeStepBytes / member_bytes, 8, kMaxMergeRadix));
-}
 
 // Whether a grid for these shapes fits CUDA's limits with blocks of
 // rows_per_block query rows.
@@ -83,31 +63,31 @@ inline SplitPlan plan_splits(const SplitInput& in) {
   kps = std::max<int64_t>(step, (kps + step - 1) / step * step);
   plan.keys_per_split = int(kps);
   plan.n_splits = int(std::max<int64_t>(1, (int64_t(in.Lk) + kps - 1) / kps));
-  plan.merge_radix = merge_radix(std::min(in.rows, in.rows_per_block), in.D, in.forced_merge_radix);
   return plan;
 }
 
 // The merge of the splits' partials is a tree (cuda/split_merge.cuh): the
-// last block of each group of `radix` partials of a level merges them into
-// one partial of the next level, or into the output once a level has at
-// most `radix` partials; the levels below the last one are merged while
-// other blocks still decode. Per output row a call needs `slots` partials,
-// and per (batch, row tile) `counters` counters.
+// last block of each group of kMergeRadix partials of a level merges them
+// into one partial of the next level, or into the output once a level has
+// at most kMergeRadix partials. A merge step then reads at most kMergeRadix
+// partials, one round of loads, and the levels below the last one are
+// merged while other blocks still decode. Per output row a call needs
+// `slots` partials, and per (batch, row tile) `counters` counters.
 struct MergeTree {
   int64_t slots = 0;
   int64_t counters = 0;
 };
 
-inline MergeTree merge_tree(int n_splits, int radix) {
+inline MergeTree merge_tree(int n_splits) {
   MergeTree t;
   int64_t count = n_splits;
   while (count > 1) {
     t.slots += count;
-    t.counters += (count + radix - 1) / radix;
-    if (count <= radix) {
+    t.counters += (count + kMergeRadix - 1) / kMergeRadix;
+    if (count <= kMergeRadix) {
       break;
     }
-    count = (count + radix - 1) / radix;
+    count = (count + kMergeRadix - 1) / kMergeRadix;
   }
   return t;
 }

@@ -197,7 +197,7 @@ step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=
   for v in ${QSDPA_VARIANTS:-}; do
     IFS=$IFS_old
     echo "== variant: $v" >> "$f"
-    # The defines reach the host code too.
+    # The defines reach the host code too (QSDPA_MERGE_RADIX sizes the merge tree there).
     QSDPA_CUDA_FLAGS="$v" QSDPA_CXX_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
     PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
       --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \

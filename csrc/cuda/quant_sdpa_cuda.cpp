@@ -373,14 +373,11 @@ void eval_gpu_kernel(
   si.min_keys_per_split = min_keys_per_split;
   static const int forced_splits = env_int("QSDPA_CUDA_SPLITS", 0);
   si.forced_splits = forced_splits;
-  static const int forced_radix = env_int("QSDPA_CUDA_MERGE_RADIX", 0);
-  si.forced_merge_radix = forced_radix;
   const cu::SplitPlan plan = cu::plan_splits(si);
   const int row_tiles = plan.row_tiles;
   const int64_t n_rows = si.n_rows;
   p.keys_per_split = plan.keys_per_split;
   p.n_splits = plan.n_splits;
-  p.merge_radix = plan.merge_radix;
 
   for (const auto& a : inputs) {
     encoder.set_input_array(a);
@@ -393,7 +390,7 @@ void eval_gpu_kernel(
   if (p.n_splits > 1) {
     // Split K: the partials and counters of the kernel's merge tree
     // (cuda/split_merge.cuh).
-    const cu::MergeTree tree = cu::merge_tree(p.n_splits, p.merge_radix);
+    const cu::MergeTree tree = cu::merge_tree(p.n_splits);
     const int64_t n_counters = int64_t(p.B) * p.Hkv * row_tiles * tree.counters;
     const int64_t o_bytes = tree.slots * n_rows * p.D * int64_t(sizeof(float));
     const int64_t ml_bytes = tree.slots * n_rows * 2 * int64_t(sizeof(float));

@@ -121,7 +121,7 @@ extern "C" int qsim_cuda_smem_{v.name}() {{
 
 
 PARAM_FIELDS = [
-    "B", "Hq", "Hkv", "Lq", "Lk", "D", "G", "rows", "group_size", "n_splits", "merge_radix", "keys_per_split",
+    "B", "Hq", "Hkv", "Lq", "Lk", "D", "G", "rows", "group_size", "n_splits", "keys_per_split",
     "scale_log2", "q", "qs", "q_type", "k", "v", "mask_type", "mask", "ms", "sinks", "sink_stride",
     "out", "out_type", "lse", "part_o", "part_ml", "counters",
 ]  # fmt: skip
@@ -178,10 +178,10 @@ extern "C" int qsim_cuda_params_layout(int64_t* out, int n) {{
 }}
 
 // The host's split plan (cuda/split_plan.h): out = row_tiles, n_splits,
-// keys_per_split, merge_radix; tree = merge slots, counters per tile.
+// keys_per_split; tree = merge slots, counters per tile.
 extern "C" void qsim_cuda_plan(
     int B, int Hkv, int rows, int Lk, int D, int64_t n_rows, int rows_per_block, int64_t wave,
-    int min_keys_per_split, int forced_splits, int forced_merge_radix, int* out, int64_t* tree) {{
+    int min_keys_per_split, int forced_splits, int* out, int64_t* tree) {{
   cu::SplitInput si;
   si.B = B;
   si.Hkv = Hkv;
@@ -193,13 +193,11 @@ extern "C" void qsim_cuda_plan(
   si.wave = wave;
   si.min_keys_per_split = min_keys_per_split;
   si.forced_splits = forced_splits;
-  si.forced_merge_radix = forced_merge_radix;
   const cu::SplitPlan plan = cu::plan_splits(si);
   out[0] = plan.row_tiles;
   out[1] = plan.n_splits;
   out[2] = plan.keys_per_split;
-  out[3] = plan.merge_radix;
-  const cu::MergeTree t = cu::merge_tree(plan.n_splits, plan.merge_radix);
+  const cu::MergeTree t = cu::merge_tree(plan.n_splits);
   tree[0] = t.slots;
   tree[1] = t.counters;
 }}
@@ -274,8 +272,7 @@ class Params(ctypes.Structure):
     _fields_ = [
         ("B", ctypes.c_int), ("Hq", ctypes.c_int), ("Hkv", ctypes.c_int), ("Lq", ctypes.c_int),
         ("Lk", ctypes.c_int), ("D", ctypes.c_int), ("G", ctypes.c_int), ("rows", ctypes.c_int),
-        ("group_size", ctypes.c_int), ("n_splits", ctypes.c_int), ("merge_radix", ctypes.c_int),
-        ("keys_per_split", ctypes.c_int),
+        ("group_size", ctypes.c_int), ("n_splits", ctypes.c_int), ("keys_per_split", ctypes.c_int),
         ("scale_log2", ctypes.c_float),
         ("q", ctypes.c_void_p), ("qs", I64x4), ("q_type", ctypes.c_int),
         ("k", QuantTensor), ("v", QuantTensor),
@@ -334,7 +331,6 @@ class Plan:
     row_tiles: int
     n_splits: int
     keys_per_split: int
-    merge_radix: int
     slots: int
     counters: int
 
@@ -346,7 +342,7 @@ class Library:
         self.lib = lib
         lib.qsim_cuda_smem.argtypes = [ctypes.c_char_p]
         lib.qsim_cuda_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
-        lib.qsim_cuda_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 3 + [
+        lib.qsim_cuda_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 2 + [
             ctypes.POINTER(ctypes.c_int),
             ctypes.POINTER(ctypes.c_int64),
         ]
@@ -360,13 +356,11 @@ class Library:
         if size != ctypes.sizeof(Params) or list(offs) != mine:
             raise BuildError(f"Params mirror out of date: C++ size {size} offsets {list(offs)}, ctypes {ctypes.sizeof(Params)} {mine}")
 
-    def plan(self, *, B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave=DEFAULT_WAVE, forced_splits=0, forced_merge_radix=0) -> Plan:
-        out = (ctypes.c_int * 4)()
+    def plan(self, *, B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave=DEFAULT_WAVE, forced_splits=0) -> Plan:
+        out = (ctypes.c_int * 3)()
         tree = (ctypes.c_int64 * 2)()
-        self.lib.qsim_cuda_plan(
-            B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave, MIN_KEYS_PER_SPLIT_MMA, forced_splits, forced_merge_radix, out, tree
-        )
-        return Plan(out[0], out[1], out[2], out[3], tree[0], tree[1])
+        self.lib.qsim_cuda_plan(B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave, MIN_KEYS_PER_SPLIT_MMA, forced_splits, out, tree)
+        return Plan(out[0], out[1], out[2], tree[0], tree[1])
 
     def alloc(self, nbytes: int, name: str, contents: np.ndarray | None = None) -> int:
         """A buffer; with contents it starts written, else unwritten (reads
@@ -414,7 +408,6 @@ class Library:
         sinks: Tensor | None = None,
         return_lse: bool = True,
         forced_splits: int = 0,
-        forced_merge_radix: int = 0,
         wave: int = DEFAULT_WAVE,
     ) -> tuple[np.ndarray, np.ndarray | None, Plan]:
         """quant_sdpa through the kernel, its Params filled as
@@ -473,9 +466,9 @@ class Library:
         rows_per_block = 8 * variant.NT
         plan = self.plan(
             B=B, Hkv=Hkv, rows=p.rows, Lk=Lk, D=D, n_rows=n_rows, rows_per_block=rows_per_block,
-            wave=wave, forced_splits=forced_splits, forced_merge_radix=forced_merge_radix,
+            wave=wave, forced_splits=forced_splits,
         )  # fmt: skip
-        p.keys_per_split, p.n_splits, p.merge_radix = plan.keys_per_split, plan.n_splits, plan.merge_radix
+        p.keys_per_split, p.n_splits = plan.keys_per_split, plan.n_splits
         counters_id = None
         n_counters = 0
         if plan.n_splits > 1:

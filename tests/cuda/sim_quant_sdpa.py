@@ -51,9 +51,7 @@ def padded_rows(a: np.ndarray, pad: int) -> Tensor:
     return Tensor(buf.reshape(-1), (H * L * (W + pad), L * (W + pad), W + pad, 1), a.shape)
 
 
-def run_case(
-    lib, c: qsdpa_case.Case, *, forced_splits: int = 0, forced_merge_radix: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0
-):
+def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0):
     """Runs the case on the simulator: (out, lse, ref, ref_lse, plan).
     row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent);
     q_pad > 0: the query rows sit q_pad elements apart."""
@@ -88,7 +86,6 @@ def run_case(
         sinks=sinks_t,
         return_lse=c.lse,
         forced_splits=forced_splits,
-        forced_merge_radix=forced_merge_radix,
     )
     ref, ref_lse = qsdpa_case.reference(c, q, kq, vq, mask, sinks)
     out_mx = mx.array(out).astype(c.dtype)  # exact: the values are the kernel's c.dtype bits

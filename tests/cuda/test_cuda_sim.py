@@ -45,31 +45,25 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # condition for this kernel, as mlx-lm's caches, grown by 256 keys, are).
 G4 = dict(B=1, Hq=8, Hkv=2)
 CASES = [
-    # (case, forced splits (0: the host's plan), forced merge radix (0: the host's)).
-    # One merge level of 12 members streamed in rounds (merge_radix: 64 for 4 rows at D = 128).
-    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 12, 0),
-    # Two merge levels (12 splits, radix 8: groups of 8 and 4, then the root).
-    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 12, 8),
-    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 1, 0),
-    (Case(**G4, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=BF16, mask="causal", sinks="f32"), 3, 0),
-    (Case(**G4, Lq=4, Lk=552, D=64, fmt=("affine", 4, 32), dtype=F16, mask="f16:QK"), 9, 0),
-    (Case(B=2, Hq=8, Hkv=2, Lq=1, Lk=520, D=128, fmt=("affine", 4, 128), dtype=BF16), 0, 0),
-    (Case(**G4, Lq=1, Lk=456, D=64, fmt=("affine", 8, 64), dtype=F16, sinks="f32"), 2, 0),
-    (Case(**G4, Lq=4, Lk=200, D=128, fmt=("affine", 8, 64), dtype=BF16, mask="causal"), 1, 0),
-    # Three merge levels (17 splits, radix 3: 6 groups, then 2, then the root).
-    (Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, mask="causal", sinks="f32"), 17, 3),
-    # One level of 17 members, rounds of fewer (the 16-row tile's 2 KB of
-    # shared memory per member and round... see split_merge.cuh).
-    (Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, mask="causal", sinks="f32"), 17, 0),
-    (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, mask="bool:HQK", lse=False), 4, 0),
+    # Two merge levels (12 splits: groups of 8 and 4, then the root).
+    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 12),
+    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16), 1),
+    (Case(**G4, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=BF16, mask="causal", sinks="f32"), 3),
+    (Case(**G4, Lq=4, Lk=552, D=64, fmt=("affine", 4, 32), dtype=F16, mask="f16:QK"), 9),
+    (Case(B=2, Hq=8, Hkv=2, Lq=1, Lk=520, D=128, fmt=("affine", 4, 128), dtype=BF16), 0),
+    (Case(**G4, Lq=1, Lk=456, D=64, fmt=("affine", 8, 64), dtype=F16, sinks="f32"), 2),
+    (Case(**G4, Lq=4, Lk=200, D=128, fmt=("affine", 8, 64), dtype=BF16, mask="causal"), 1),
+    # Three merge levels (17 splits: 3 groups, then the root).
+    (Case(**G4, Lq=4, Lk=1064, D=64, fmt=("mxfp4", 4, 32), dtype=F16, mask="causal", sinks="f32"), 17),
+    (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, mask="bool:HQK", lse=False), 4),
     # Two 16-key tiles per warp; in the last split (248 keys) warp 3's
     # second tile of the second chunk holds 8 valid keys of 16.
-    (Case(**G4, Lq=1, Lk=760, D=128, fmt=("affine", 4, 64), dtype=F16), 3, 0),
+    (Case(**G4, Lq=1, Lk=760, D=128, fmt=("affine", 4, 64), dtype=F16), 3),
     # G = 3: a lane's accumulator rows 2t and 2t + 1 can be two query
     # positions (the masked steps find each row's head and position), 12
     # rows of the 16-row tile.
-    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="bool:BHQK"), 3, 0),
-    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="causal"), 3, 0),
+    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="bool:BHQK"), 3),
+    (Case(B=1, Hq=6, Hkv=2, Lq=4, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="causal"), 3),
 ]
 
 
@@ -87,48 +81,46 @@ def _require_clang():
 def lib():
     """Every instantiation the cases use, in one library (built once)."""
     _require_clang()
-    return sim.Library(sim.build_library(sorted({variant_of(c) for c, _, _ in CASES}, key=lambda v: v.name)))
+    return sim.Library(sim.build_library([variant_of(c) for c, _ in CASES]))
 
 
 def _id(entry):
-    c, splits, radix = entry
-    return f"{c}-splits{splits or 'plan'}" + (f"-radix{radix}" if radix else "")
+    c, splits = entry
+    return f"{c}-splits{splits or 'plan'}"
 
 
 @pytest.mark.parametrize("entry", CASES, ids=[_id(e) for e in CASES])
 def test_decode_mma_matches_oracle(lib, entry):
-    c, splits, radix = entry
-    out, lse, ref, ref_lse, plan = run_case(lib, c, forced_splits=splits, forced_merge_radix=radix)
+    c, splits = entry
+    out, lse, ref, ref_lse, plan = run_case(lib, c, forced_splits=splits)
     if splits:
         assert plan.n_splits == splits, plan
-    if radix:
-        assert plan.merge_radix == radix, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("entry", CASES[:3], ids=[_id(e) for e in CASES[:3]])
+def test_strided_rows(lib, entry):
+    """Packed K/V rows 16 bytes apart (not adjacent, as in a slice of a wider
+    buffer): the chunk copies follow the row stride."""
+    c, splits = entry
+    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, row_pad=4)
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
 @pytest.mark.parametrize("entry", [CASES[0], CASES[2], CASES[3]], ids=[_id(e) for e in (CASES[0], CASES[2], CASES[3])])
-def test_strided_rows(lib, entry):
-    """Packed K/V rows 16 bytes apart (not adjacent, as in a slice of a wider
-    buffer): the chunk copies follow the row stride."""
-    c, splits, radix = entry
-    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, forced_merge_radix=radix, row_pad=4)
-    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
-
-
-@pytest.mark.parametrize("entry", [CASES[0], CASES[3], CASES[4]], ids=[_id(e) for e in (CASES[0], CASES[3], CASES[4])])
 def test_query_rows_off_16_bytes(lib, entry):
     """Query rows an odd number of elements apart: the kernel reads the
     queries element by element (16-byte loads need rows at 16-byte
     boundaries, which the other cases have)."""
-    c, splits, radix = entry
-    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, forced_merge_radix=radix, q_pad=3)
+    c, splits = entry
+    out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits, q_pad=3)
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
 def test_host_plan_splits_keys(lib):
     """The unforced plan of the B=2 case really splits (a wave of 396 blocks
     over 4 tiles), so its merge runs too."""
-    c = CASES[5][0]
+    c = CASES[4][0]
     v = variant_of(c)
     plan = lib.plan(B=c.B, Hkv=c.Hkv, rows=c.Hq // c.Hkv * c.Lq, Lk=c.Lk, D=c.D, n_rows=c.B * c.Hq * c.Lq, rows_per_block=8 * v.NT)
     assert plan.n_splits > 1, plan
@@ -173,22 +165,6 @@ def test_lazy_max_rescales(lib, c, splits):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
-# The merge streams a step's members in rounds (split_merge.cuh: 13 members
-# a round for this kernel's shared memory); keys that grow along the
-# sequence make a later round's max exceed the running one, so the running
-# merge must be rescaled.
-MERGE_RAMP_CASE = Case(**G4, Lq=1, Lk=1000, D=128, fmt=("affine", 4, 64), dtype=F16)
-MERGE_RAMP_SPLITS = 16
-
-
-def test_merge_rounds_rising_max(lib):
-    inputs = ramp_inputs(MERGE_RAMP_CASE)
-    assert ramp_rise(MERGE_RAMP_CASE, inputs) > 32
-    out, lse, ref, ref_lse, plan = run_case(lib, MERGE_RAMP_CASE, forced_splits=MERGE_RAMP_SPLITS, inputs=inputs)
-    assert plan.n_splits == MERGE_RAMP_SPLITS and plan.merge_radix >= MERGE_RAMP_SPLITS, plan  # one level
-    qsdpa_case.assert_matches(MERGE_RAMP_CASE, out, lse, ref, ref_lse)
-
-
 # fp4 codes decode without float where a tile's scales are exact in T, and
 # through float elsewhere (decode_mma.cuh, fp4_pair). Scales 2^-13 of the
 # usual ones put some groups' e8m0 scales under fp16's normal range, so both
@@ -231,7 +207,7 @@ MUTANTS = {
     # place higher up the mantissa (whose magic is smaller).
     "magic_sum": ("decode_mma.cuh", "y = fmaf(-magic_value(magic_pos(sh)), q2, y);", "y = fmaf(-magic_value(0), q2, y);"),
     # Every merge group believed full: the last group never completes.
-    "merge_members": ("split_merge.cuh", "const int members = min(radix, count - first);", "const int members = radix;"),
+    "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
     # The last chunk copies whole rows past the split's end: past the end of
     # the cache for the last kv head (the runtime's bounds check).
     "tail_copy": ("decode_mma.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
@@ -243,8 +219,6 @@ MUTANTS = {
     "lazy_threshold": ("decode_mma.cuh", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
     # The slow path forgets to rescale the denominator.
     "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
-    # The merge's running column is not rescaled when a later round raises the max.
-    "merge_keep": ("split_merge.cuh", "  run.acc = scale4(run.acc, keep);\n", ""),
 }
 # What each mutant's report must say (a wrong number is not enough where a
 # detector is meant to speak).
@@ -256,7 +230,6 @@ MUTANT_REPORT = {
     "warp_barrier": "never written",
     "lazy_threshold": "non-finite output",
     "lazy_rescale_l": "relative error",
-    "merge_keep": "relative error",
 }
 # The mutants that only a growing max exposes run on a ramp case.
 MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}
@@ -294,15 +267,10 @@ def test_unmutated_mutant_case_passes(lib):
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_kernel_mutant_is_caught(lib, name):
     kernels = _mutant_kernels(name)
-    if name == "merge_keep":
-        c, splits = MERGE_RAMP_CASE, MERGE_RAMP_SPLITS
-    elif name in MUTANT_RAMP:
-        c, splits = RAMP_CASES[0], 3
-    else:
-        c, splits = MUTANT_CASE, 10
-    inputs = ramp_inputs(c) if c is not MUTANT_CASE else None
+    c = RAMP_CASES[0] if name in MUTANT_RAMP else MUTANT_CASE
+    inputs = ramp_inputs(c) if name in MUTANT_RAMP else None
     library = sim.Library(sim.build_library([variant_of(c)], kernel_dir=kernels, tag=f"mutant-{name}"))
-    report = _fails(library, c, splits, inputs)
+    report = _fails(library, c, 10 if c is MUTANT_CASE else 3, inputs)
     assert report, f"mutant {name} went unnoticed"
     assert MUTANT_REPORT[name] in report, report
 
