@@ -173,7 +173,7 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
 step_floor() { # the GPU time of near-empty kernels with the decode kernel's 32K launch shape (launch_floor.cu)
   nvcc -O3 -arch=sm_90 -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu > "$out/floor.txt" 2>&1 &&
     timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum /tmp/launch_floor >> "$out/floor.txt" 2>&1
-  grep -E "floor_|gpu__time_duration|launch_floor:" "$out/floor.txt" | sed -E 's/^ +//' | cut -c1-70 > "$out/floor_summary.txt"
+  grep -E "^ +floor_|gpu__time_duration|^launch_floor:" "$out/floor.txt" | sed -E 's/^ +//' | cut -c1-70 > "$out/floor_summary.txt"
   summary+=("floor: $out/floor_summary.txt")
   cat "$out/floor_summary.txt"
 }
