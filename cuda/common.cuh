@@ -96,13 +96,19 @@ struct RowRef {
   int causal_limit; // keys j <= causal_limit are visible (causal mask)
 };
 
-__device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r) {
+// Row r of kv head kvh, whose query position i = r / G the caller knows
+// (the decode loop keeps it, instead of dividing again).
+__device__ __forceinline__ RowRef row_ref_at(const Params& p, int b, int kvh, int r, int i) {
   RowRef ref;
-  ref.i = r / p.G;
-  ref.h = kvh * p.G + r % p.G;
+  ref.i = i;
+  ref.h = kvh * p.G + (r - i * p.G);
   ref.out_row = (int64_t(b) * p.Hq + ref.h) * p.Lq + ref.i;
   ref.causal_limit = p.Lk - p.Lq + ref.i;
   return ref;
+}
+
+__device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r) {
+  return row_ref_at(p, b, kvh, r, r / p.G);
 }
 
 // The array mask's contribution to the base-2 score of (row, key j): 0,

@@ -961,12 +961,7 @@ struct MmaDecode {
     }
     // row_ref of accumulator row (nt, e), from its query position i.
     const auto lane_row = [&](int nt, int e, int i) {
-      RowRef ref;
-      ref.i = i;
-      ref.h = kvh * p.G + (r0 + min(nt * 8 + 2 * t + e, nr - 1) - i * p.G);
-      ref.out_row = (int64_t(b) * p.Hq + ref.h) * p.Lq + i;
-      ref.causal_limit = p.Lk - p.Lq + i;
-      return ref;
+      return row_ref_at(p, b, kvh, r0 + min(nt * 8 + 2 * t + e, nr - 1), i);
     };
     const bool causal = p.mask_type == kMaskCausal;
     const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
