@@ -72,13 +72,8 @@ struct Params {
 constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
-// Partials a merge step combines (split_merge.cuh). QSDPA_MERGE_RADIX
-// overrides it for measurements; host and kernels must agree (it sizes the
-// merge tree's slots and counters).
-#ifndef QSDPA_MERGE_RADIX
-#define QSDPA_MERGE_RADIX 8
-#endif
-constexpr int kMergeRadix = QSDPA_MERGE_RADIX;
+// Partials a merge step combines (split_merge.cuh).
+constexpr int kMergeRadix = 8;
 
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).

@@ -54,7 +54,7 @@ __device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int
 // other through shared memory).
 __device__ inline void merge_step(
     const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst) {
-  constexpr int kCols = kMergeRadix <= 8 ? 2 : 1; // float4 columns per thread and round (registers)
+  constexpr int kCols = 2; // float4 columns per thread and round
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
   const int D4 = p.D / 4;
   const int n_cols = nr * D4;

@@ -2,11 +2,13 @@
 // kernel's shapes at 32K keys (grid 64 x 8, 128 threads, ~54 KB of dynamic
 // shared memory): what a call costs before it reads a byte of the cache.
 // Run under Nsight Compute (run_gpu.sh floor):
-//   nvcc -O3 -arch=sm_90 -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I. -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu
 //   ncu --metrics gpu__time_duration.sum /tmp/launch_floor
 #include <cstdio>
 
 #include <cuda_runtime.h>
+
+#include "cuda/ptx.cuh"
 
 // Nothing at all.
 __global__ void floor_empty() {}
@@ -27,9 +29,7 @@ __global__ void floor_count(const float4* in, float4* out, unsigned int* counter
   out[i] = in[i];
   __syncthreads();
   if (threadIdx.x == 0) {
-    unsigned int old;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counters + blockIdx.y), "r"(1u) : "memory");
-    last = old == gridDim.x - 1;
+    last = mlx_qsdpa::cuda::mma_detail::atomic_add_acq_rel(counters + blockIdx.y, 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (last && threadIdx.x == 0) {

@@ -171,7 +171,7 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
 }
 
 step_floor() { # the GPU time of near-empty kernels with the decode kernel's 32K launch shape (launch_floor.cu)
-  nvcc -O3 -arch=sm_90 -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu > "$out/floor.txt" 2>&1 &&
+  nvcc -std=c++17 -O3 -arch=sm_90 -I. -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu > "$out/floor.txt" 2>&1 &&
     timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum /tmp/launch_floor >> "$out/floor.txt" 2>&1
   grep -E "^ +floor_|gpu__time_duration|^launch_floor:" "$out/floor.txt" | sed -E 's/^ +//' | cut -c1-70 > "$out/floor_summary.txt"
   summary+=("floor: $out/floor_summary.txt")
@@ -197,7 +197,7 @@ step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=
   for v in ${QSDPA_VARIANTS:-}; do
     IFS=$IFS_old
     echo "== variant: $v" >> "$f"
-    # The defines reach the host code too (QSDPA_MERGE_RADIX sizes the merge tree there).
+    # The defines reach the host code too (a define that the host's split plan reads must).
     QSDPA_CUDA_FLAGS="$v" QSDPA_CXX_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
     PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
       --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
