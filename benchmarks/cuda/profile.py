@@ -1,22 +1,38 @@
-"""Calls to profile under ncu: one quant_sdpa call per context length of
-the issue's shape (B=1, Hq=32, Hkv=8, D=128, Lq=1, 4-bit affine gs64, fp16),
-each evaluated on its own, after a warm-up."""
+"""Calls to profile under ncu: three quant_sdpa calls per context length
+(the first call of the process is cold), each evaluated on its own. The
+default shape is the issue's (B=1, Hq=32, Hkv=8, D=128, Lq=1, 4-bit affine
+gs64, fp16).
 
-import sys
+    python benchmarks/cuda/profile.py [CTXS [LQ]] [--batch B] [--bits N] [--mode M] [--group-size GS]
+
+benchmarks/cuda/ncu_table.py turns ncu's durations of such a run into a
+table (it needs the same CTXS and --calls)."""
+
+import argparse
 
 import mlx.core as mx
 
 from mlx_qsdpa import quant_sdpa
 
-ctxs = [int(c) for c in (sys.argv[1] if len(sys.argv) > 1 else "4096,32768,131072").split(",")]
-lq = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-for ctx in ctxs:
-    q = mx.random.normal((1, 32, lq, 128)).astype(mx.float16)
-    k = mx.random.normal((1, 8, ctx, 128)).astype(mx.float16)
-    v = mx.random.normal((1, 8, ctx, 128)).astype(mx.float16)
-    kq = mx.quantize(k, group_size=64, bits=4)
-    vq = mx.quantize(v, group_size=64, bits=4)
-    mx.eval(q, kq, vq)
-    for _ in range(3):
-        mx.eval(quant_sdpa(q, *kq, *vq, scale=128**-0.5, group_size=64, bits=4))
+ap = argparse.ArgumentParser()
+ap.add_argument("ctxs", nargs="?", default="4096,32768,131072")
+ap.add_argument("lq", nargs="?", type=int, default=1)
+ap.add_argument("--batch", type=int, default=1)
+ap.add_argument("--bits", type=int, default=4)
+ap.add_argument("--mode", default="affine")
+ap.add_argument("--group-size", type=int, default=64)
+ap.add_argument("--calls", type=int, default=3)
+args = ap.parse_args()
+
+for ctx in [int(c) for c in args.ctxs.split(",")]:
+    q = mx.random.normal((args.batch, 32, args.lq, 128)).astype(mx.float16)
+    k = mx.random.normal((args.batch, 8, ctx, 128)).astype(mx.float16)
+    v = mx.random.normal((args.batch, 8, ctx, 128)).astype(mx.float16)
+    kq = mx.quantize(k, group_size=args.group_size, bits=args.bits, mode=args.mode)
+    vq = mx.quantize(v, group_size=args.group_size, bits=args.bits, mode=args.mode)
+    if args.mode != "affine":
+        kq, vq = (kq[0], kq[1], None), (vq[0], vq[1], None)
+    mx.eval(q, *[a for a in (*kq, *vq) if a is not None])
+    for _ in range(args.calls):
+        mx.eval(quant_sdpa(q, *kq, *vq, scale=128**-0.5, group_size=args.group_size, bits=args.bits, mode=args.mode))
     mx.synchronize()

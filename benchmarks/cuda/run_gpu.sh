@@ -170,6 +170,16 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
   cat "$fs"
 }
 
+step_sweep() { # one call's GPU time (ncu) per forced split count: SWEEP_SPLITS (0: the plan), SWEEP_CTXS, SWEEP_ARGS (profile.py options), SWEEP_LABEL
+  local f="$out/sweep.txt" ctxs=${SWEEP_CTXS:-4096,16384,32768,131072} s
+  for s in ${SWEEP_SPLITS:-0 16 32 48 64}; do
+    QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum \
+      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py "$ctxs" ${SWEEP_ARGS:-} > "$out/sweep_raw.txt" 2>&1
+    python3 benchmarks/cuda/ncu_table.py "$out/sweep_raw.txt" "$ctxs" 3 "${SWEEP_LABEL:-main} splits=$s" >> "$f"
+  done
+  summary+=("sweep: $f")
+}
+
 step_floor() { # the GPU time of near-empty kernels with the decode kernel's 32K launch shape (launch_floor.cu)
   nvcc -std=c++17 -O3 -arch=sm_90 -I. -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu > "$out/floor.txt" 2>&1 &&
     timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum /tmp/launch_floor >> "$out/floor.txt" 2>&1
