@@ -41,15 +41,16 @@ inline bool grid_fits(int B, int Hkv, int rows, int rows_per_block) {
   return B <= 65535 && int64_t(Hkv) * row_tiles <= kMaxGridY;
 }
 
-// Split the keys until one wave of blocks fills the GPU, with at least
-// min_keys_per_split keys per block (each block pays an epilogue and a
-// share of the merge), at most kMaxSplits splits and kMaxPartialElements
-// partial elements; no split is empty.
+// Split the keys into as many ranges as one wave of blocks holds (never
+// more: a block past the wave runs after the others, the call's time
+// doubles), with at least min_keys_per_split keys per block (each block
+// pays an epilogue and a share of the merge), at most kMaxSplits splits and
+// kMaxPartialElements partial elements; no split is empty.
 inline SplitPlan plan_splits(const SplitInput& in) {
   SplitPlan plan;
   plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
   const int64_t base_blocks = std::max<int64_t>(1, int64_t(in.B) * in.Hkv * plan.row_tiles);
-  int64_t splits = (std::max<int64_t>(in.wave, 1) + base_blocks - 1) / base_blocks;
+  int64_t splits = std::max<int64_t>(in.wave, 1) / base_blocks;
   splits = std::min<int64_t>(splits, (int64_t(in.Lk) + in.min_keys_per_split - 1) / in.min_keys_per_split);
   if (in.forced_splits > 0) {
     splits = in.forced_splits;

@@ -1,11 +1,11 @@
 """Many calls in one evaluation. On a CUDA GPU, the calls of one mx.eval
 hold their split-K partials until the GPU has run them; these 24 calls need
-~60 MB of partials (25 splits on an H200), more than the 32 MB ring of the
-CUDA host code (csrc/cuda/quant_sdpa_cuda.cpp), so the later ones take the
-fallback memory while the earlier ones hold the ring. Every output must
-match the oracle, whichever memory its call got. With QSDPA_CUDA_SPLITS=100
-(benchmarks/cuda/run_gpu.sh tests_variants) the kernel's merge tree has
-three levels. On other devices: a batch of calls."""
+~46 MB of partials (25 splits of 512 keys on an H200), more than the 32 MB
+ring of the CUDA host code (csrc/cuda/quant_sdpa_cuda.cpp), so the later
+ones take the fallback memory while the earlier ones hold the ring. Every
+output must match the oracle, whichever memory its call got. With
+QSDPA_CUDA_SPLITS=100 (benchmarks/cuda/run_gpu.sh tests_variants) the
+kernel's merge tree has three levels. On other devices: a batch of calls."""
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +18,7 @@ N_CALLS = 24
 
 
 def test_many_calls_in_one_eval(device):
-    B, Hq, Hkv, Lq, Lk, D = 1, 32, 8, 4, 6400, 128
+    B, Hq, Hkv, Lq, Lk, D = 1, 32, 8, 4, 12800, 128
     mode, bits, gs = "affine", 4, 64
     _, k, v = oracle.make_qkv(B, Hq, Hkv, 1, Lk, D, dtype=F16, seed=11)
     kq = oracle.quantize(k, gs, bits, mode)

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -210,11 +211,18 @@ bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& input
 }
 
 // Each split pays a block epilogue and a step of the merge: at least this
-// many keys per block (4 chunks of the tensor-core kernel: on the H200 one
-// split of 256 keys ran a call in 9.8 us, two in 16.1 us; 8 tiles per warp
-// of the generic kernel).
-constexpr int kMinKeysPerSplitMma = 4 * cu::kKeysPerBlockStep;
+// many keys per block. The tensor-core kernel's plan (512 keys per split,
+// at most 3 blocks per SM in a wave) was chosen by a sweep of forced split
+// counts on the H200 (benchmarks/cuda/h200-2026-11-29d/2_split_sweep, one
+// call alone): 512 keys per split won at 4K and 16K keys (4K: 8 splits
+// 11.8 us, 16 splits 12.3 us), and 3 of the 4 blocks an SM holds won at 64K
+// and 128K (128K: 48 splits 48.2 us, 64 splits 50.4-51.3 us), as fewer
+// partials to merge than 4 and more warps to hide latency than 2. The
+// generic kernel keeps 8 tiles per warp and the occupancy's wave (not
+// swept).
+constexpr int kMinKeysPerSplitMma = 8 * cu::kKeysPerBlockStep;
 constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
+constexpr int kMmaWaveBlocksPerSm = 3;
 
 // Points p's partials and counters at memory for this call: ring ranges
 // where there is room (given back once the GPU has run the call), else a
@@ -339,6 +347,7 @@ void eval_gpu_kernel(
   cu::KernelRef kernel{nullptr, 0};
   int rows_per_block = cu::kSimtRows;
   int min_keys_per_split = kMinKeysPerSplitSimt;
+  int wave_blocks_per_sm = std::numeric_limits<int>::max(); // caps the occupancy in the wave
   if (!force_simt && mma_layout_ok(c, inputs, in, p.D)) {
     // Blocks of 8 query rows where the G * Lq rows of a kv head fit (one
     // decode token: G <= 8), else 16.
@@ -346,11 +355,13 @@ void eval_gpu_kernel(
     kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
     rows_per_block = 8 * row_tiles;
     min_keys_per_split = kMinKeysPerSplitMma;
+    wave_blocks_per_sm = kMmaWaveBlocksPerSm;
   }
   if (!kernel.fn) {
     kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
     rows_per_block = cu::kSimtRows;
     min_keys_per_split = kMinKeysPerSplitSimt;
+    wave_blocks_per_sm = std::numeric_limits<int>::max();
   }
   if (!kernel.fn) {
     throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
@@ -369,7 +380,7 @@ void eval_gpu_kernel(
   si.D = p.D;
   si.n_rows = int64_t(p.B) * p.Hq * p.Lq;
   si.rows_per_block = rows_per_block;
-  si.wave = int64_t(std::max(info.blocks_per_sm, 1)) * sm_count(device);
+  si.wave = int64_t(std::max(std::min(info.blocks_per_sm, wave_blocks_per_sm), 1)) * sm_count(device);
   si.min_keys_per_split = min_keys_per_split;
   static const int forced_splits = env_int("QSDPA_CUDA_SPLITS", 0);
   si.forced_splits = forced_splits;

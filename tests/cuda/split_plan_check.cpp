@@ -65,9 +65,16 @@ int main() {
                            "partials stay within int indexing", in, p);
                     if (forced == 0) {
                       const int64_t blocks = int64_t(B) * Hkv * p.row_tiles;
-                      // Never more blocks than a wave, beyond what the rows alone need.
-                      expect(p.n_splits == 1 || blocks * p.n_splits < wave + blocks * 2,
-                             "at most about one wave of blocks", in, p);
+                      // Never more blocks than a wave, beyond what the rows alone need
+                      // (a block past the wave runs after the others).
+                      expect(p.n_splits == 1 || blocks * p.n_splits <= wave, "at most one wave of blocks", in, p);
+                      // Nor much fewer, where the keys allow.
+                      expect(p.n_splits == kMaxSplits || int64_t(p.n_splits + 1) * min_keys > Lk ||
+                                 blocks * (p.n_splits + 1) > wave ||
+                                 int64_t(p.n_splits) * 2 * in.n_rows * D > kMaxPartialElements ||
+                                 (Lk + p.n_splits) / (p.n_splits + 1) <= kKeysPerBlockStep ||
+                                 blocks * p.n_splits * 2 > wave,
+                             "splits fill at least half a wave where the keys allow", in, p);
                       // Never fewer keys per split than asked, unless one split holds them all.
                       expect(p.n_splits == 1 || p.keys_per_split >= min_keys ||
                                  int64_t(p.n_splits) * min_keys > Lk,
