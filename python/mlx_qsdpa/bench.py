@@ -334,7 +334,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "one after another, as a model's layers do (default: independent calls)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--min-time", type=float, default=None, help="seconds to spend timing each method at least (default 1 CPU, 0.5 GPU)")
-    p.add_argument("--max-reps", type=int, default=50)
+    p.add_argument("--max-reps", type=int, default=None,
+                   help="evaluations per method at most (default 50 CPU, 5000 GPU: there --min-time decides)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot to this file (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
@@ -368,10 +369,15 @@ def main(args: argparse.Namespace) -> int:
         layers=args.layers if args.layers else (16 if on_gpu else 1), chain=args.chain,
     )
     min_time = args.min_time if args.min_time is not None else (0.5 if on_gpu else 1.0)
+    # On a GPU an evaluation of 16 calls takes well under a millisecond: 50 of
+    # them were a 30 ms burst, and such runs of the same build differed by up
+    # to a third (H200, 2026-11-29: 32K 23.5-31.2 us per call). The median
+    # over --min-time of evaluations is steadier.
+    max_reps = args.max_reps if args.max_reps is not None else (5000 if on_gpu else 50)
     progress = Progress(len(ctxs) * len(methods), enabled=not args.no_progress and sys.stderr.isatty())
     rows: List[Row] = []
     for ctx in ctxs:
-        rows += run_context(cfg, ctx, dev, methods, min_time, args.max_reps, progress)
+        rows += run_context(cfg, ctx, dev, methods, min_time, max_reps, progress)
     print(format_table(cfg, dev, rows))
     if args.json:
         with open(args.json, "w") as f:
