@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // GPU hooks of MLX's CUDA build: picks a decode kernel (cuda/*.cu), splits
-// the keys so that one wave of blocks fills the GPU, and records the kernel
+// the keys over at most one wave of blocks, and records the kernel
 // into MLX's CUDA command encoder (a CUDA graph): one node per call, the
 // kernel merges its own splits (cuda/split_merge.cuh).
 //

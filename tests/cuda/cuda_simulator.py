@@ -68,10 +68,10 @@ MODE_CPP = {"affine": "qsdpa::kAffine", "mxfp4": "qsdpa::kMxfp4", "mxfp8": "qsdp
 # params.h MaskType.
 MASK = {None: 0, "causal": 1, "bool": 2, "additive": 3}
 THREADS = 128  # params.h kThreads
-# csrc/cuda/quant_sdpa_cuda.cpp: kMinKeysPerSplitMma (4 chunks of 64 keys).
-MIN_KEYS_PER_SPLIT_MMA = 4 * 64
-# The H200's one-wave block count the host plans for (132 SMs; 3 blocks of
-# the 16-row kernel per SM), used unless a test forces the split count.
+# csrc/cuda/quant_sdpa_cuda.cpp: kMinKeysPerSplitMma (8 chunks of 64 keys).
+MIN_KEYS_PER_SPLIT_MMA = 8 * 64
+# The H200's one-wave block count the host plans for (132 SMs; 3 blocks per
+# SM, kMmaWaveBlocksPerSm), used unless a test forces the split count.
 DEFAULT_WAVE = 132 * 3
 # A CUDA block may use up to 227 KB of shared memory (sm_90).
 MAX_SMEM = 227 * 1024
