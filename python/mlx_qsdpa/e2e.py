@@ -85,8 +85,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--model", default=None, metavar="PATH",
                    help="local mlx-lm model directory (default: a random Llama-style model)")
     g.add_argument("--head-dim", type=int, default=None,
-                   help="head dimension of the random model (default 64; MLX-CUDA 0.32.4 runs mlx-lm's "
-                        "own quantized path for 128, not for 64)")
+                   help="head dimension of the random model (default 64; on MLX-CUDA 0.32.4 mlx-lm's own "
+                        "quantized path raised for bfloat16 models at 64 and at 128)")
     g.add_argument("--model-dtype", default=None, choices=list(DTYPES),
                    help="dtype of the random model (default bfloat16; --model keeps its own unless given)")
     g.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per timed run (default 32)")
