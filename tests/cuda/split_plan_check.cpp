@@ -68,7 +68,9 @@ int main() {
                       // Never more blocks than a wave, beyond what the rows alone need
                       // (a block past the wave runs after the others).
                       expect(p.n_splits == 1 || blocks * p.n_splits <= wave, "at most one wave of blocks", in, p);
-                      // Nor much fewer, where the keys allow.
+                      // Nor fewer than half a wave, unless a limit stops the next split:
+                      // kMaxSplits, min_keys, the wave, the partials' size, or keys per split
+                      // down to one block step.
                       expect(p.n_splits == kMaxSplits || int64_t(p.n_splits + 1) * min_keys > Lk ||
                                  blocks * (p.n_splits + 1) > wave ||
                                  int64_t(p.n_splits) * 2 * in.n_rows * D > kMaxPartialElements ||
