@@ -820,6 +820,8 @@ struct MmaDecode {
 
   static __device__ void run(const Params& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
+    QSDPA_TL_MARKS;
+    QSDPA_TL_MARK(kStart);
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4;
@@ -999,6 +1001,11 @@ struct MmaDecode {
       // its reads of step c - 1's stage before the copies into it.
       mma_detail::cp_async_wait<NS - 2>();
       __syncwarp();
+#if defined(QSDPA_DEBUG_TIMELINE)
+      if (c == 0) {
+        QSDPA_TL_MARK(kFirstKeys);
+      }
+#endif
       const int wr = rd == 0 ? NS - 1 : rd - 1;
       if (c + NS - 1 < n_steps) {
         issue_chunk(cp, ring_unit + wr * kStageBytes);
@@ -1172,6 +1179,7 @@ struct MmaDecode {
         v_accumulate(st, 16 * u, g, t, pb[u], o);
       }
     }
+    QSDPA_TL_MARK(kStreamed);
     // The ring is reused by the epilogue: no copy may still be landing.
     mma_detail::cp_async_wait_all();
     __syncthreads();
@@ -1231,9 +1239,11 @@ struct MmaDecode {
           es.o[3][r * kORowMma + d];
       epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
     }
+    QSDPA_TL_MARK(kPartial);
     if (p.n_splits > 1) {
       merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
     }
+    QSDPA_TL_PRINT_BLOCK(k_end - k_begin);
   }
 };
 

@@ -27,6 +27,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "debug_timeline.cuh"
 #include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
@@ -141,6 +142,7 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
   int index = blockIdx.x; // this block's partial in it
   int64_t slot_base = 0; // the level's first slot
   int64_t counter_base = 0; // and first counter
+  QSDPA_TL_MERGE_MARKS;
   while (true) {
     const int group = index / kMergeRadix;
     const int first = group * kMergeRadix;
@@ -162,13 +164,17 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
       }
     }
     __syncthreads();
+    QSDPA_TL_MERGE_ARRIVED(s.last);
     if (!s.last) {
+      QSDPA_TL_MERGE_PRINT();
       return;
     }
     const bool root = count <= kMergeRadix;
     const int64_t dst = root ? -1 : slot_base + count + group;
     merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst);
+    QSDPA_TL_MERGE_DONE();
     if (root) {
+      QSDPA_TL_MERGE_PRINT();
       return;
     }
     counter_base += (count + kMergeRadix - 1) / kMergeRadix;

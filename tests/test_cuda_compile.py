@@ -27,9 +27,9 @@ def nvcc():
     return found
 
 
-def compile_unit(compiler: str, src: Path, out_dir: Path):
+def compile_unit(compiler: str, src: Path, out_dir: Path, defines=()):
     cmd = [
-        compiler, "-std=c++20", "-arch=sm_90", "-cubin", "-Xptxas", "-O0",
+        compiler, "-std=c++20", "-arch=sm_90", "-cubin", "-Xptxas", "-O0", *defines,
         f"-I{ROOT}", f"-I{ROOT / 'csrc'}", str(src), "-o", str(out_dir / (src.stem + ".cubin")),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -48,3 +48,15 @@ def test_every_kernel_unit_compiles(tmp_path):
     assert not failed, "\n\n".join(f"{name}:\n{log}" for name, log in failed)
     for src in SOURCES:
         assert (tmp_path / (src.stem + ".cubin")).stat().st_size > 0
+
+
+def test_timeline_build_compiles(tmp_path):
+    """The measurement build of run_gpu.sh's timeline step (the kernels'
+    prints, cuda/debug_timeline.cuh) compiles: one unit with both kernels'
+    paths through the split merge."""
+    compiler = nvcc()
+    if compiler is None:
+        pytest.skip("nvcc not found")
+    for src in (ROOT / "cuda" / "decode_mma_f16_d128.cu", ROOT / "cuda" / "decode_simt.cu"):
+        name, rc, log = compile_unit(compiler, src, tmp_path, ("-DQSDPA_DEBUG_TIMELINE=1",))
+        assert rc == 0, f"{name}:\n{log}"

@@ -180,6 +180,20 @@ step_sweep() { # one call's GPU time (ncu) per forced split count: SWEEP_SPLITS 
   summary+=("sweep: $f")
 }
 
+step_timeline() { # when each block of a call reached its first keys, its stream's end, its partial, and the merge's levels (a -DQSDPA_DEBUG_TIMELINE=1 build, timeline.py): TIMELINE_CTXS, TIMELINE_ARGS (profile.py options); the plain build again if steps follow
+  local f="$out/timeline.txt" ctxs=${TIMELINE_CTXS:-256,32768,131072}
+  QSDPA_CUDA_FLAGS="-DQSDPA_DEBUG_TIMELINE=1" step_build >> "$f" 2>&1 || { summary+=("timeline: build failed"); return 1; }
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 120 python3 benchmarks/cuda/profile.py "$ctxs" ${TIMELINE_ARGS:-} --calls 2 \
+    > "$out/timeline_raw.txt" 2>&1
+  echo "== profile.py $ctxs ${TIMELINE_ARGS:-} --calls 2 (the process's first call is cold)" >> "$f"
+  python3 benchmarks/cuda/timeline.py "$out/timeline_raw.txt" >> "$f" 2>&1
+  if [ "$steps_left" -gt 0 ]; then
+    QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
+  fi
+  summary+=("timeline: $f")
+  cat "$f"
+}
+
 step_floor() { # the GPU time of near-empty kernels with the decode kernel's 32K launch shape (launch_floor.cu)
   nvcc -std=c++17 -O3 -arch=sm_90 -I. -o /tmp/launch_floor benchmarks/cuda/launch_floor.cu > "$out/floor.txt" 2>&1 &&
     timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum /tmp/launch_floor >> "$out/floor.txt" 2>&1

@@ -1,0 +1,106 @@
+"""A call's timeline from a -DQSDPA_DEBUG_TIMELINE=1 build's prints
+(cuda/debug_timeline.cuh; `run_gpu.sh timeline`):
+
+    python benchmarks/cuda/timeline.py PRINTS_FILE
+
+Per call (calls are told apart by gaps of 100 us between blocks' starts):
+the blocks' start skew, the time to their first keys, to the end of their
+stream and to their written partial (median and max over blocks, from the
+block's own start), when the last partial was written, and the merge's
+levels after that: when the last block arrived at each level and when its
+merge step was done. Times in us from the call's first block start
+(%globaltimer); cycles are the block's SM clock."""
+
+import statistics
+import sys
+
+
+def parse(path):
+    blocks, merges = [], []
+    for line in open(path, errors="replace"):
+        f = line.split()
+        if len(f) < 2 or f[0] != "qsdpa-tl":
+            continue
+        if f[1] == "B" and len(f) == 14:
+            x, y, z, sm, keys = map(int, f[2:7])
+            start, first, streamed, partial = map(int, f[7:11])
+            c_first, c_streamed, c_partial = map(int, f[11:14])
+            blocks.append(dict(x=x, y=y, z=z, sm=sm, keys=keys, start=start, first=first, streamed=streamed,
+                               partial=partial, c_first=c_first, c_streamed=c_streamed, c_partial=c_partial))
+        elif f[1] == "M" and len(f) == 9:
+            x, y, z, level, last = map(int, f[2:7])
+            merges.append(dict(x=x, y=y, z=z, level=level, last=bool(last), arrive=int(f[7]), done=int(f[8])))
+    return blocks, merges
+
+
+def calls_of(blocks, merges, gap_ns=100_000):
+    blocks = sorted(blocks, key=lambda b: b["start"])
+    calls, cur = [], []
+    for b in blocks:
+        if cur and b["start"] - cur[-1]["start"] > gap_ns:
+            calls.append(cur)
+            cur = []
+        cur.append(b)
+    if cur:
+        calls.append(cur)
+    out = []
+    for bs in calls:
+        t0 = bs[0]["start"]
+        t1 = max(max(b["partial"] for b in bs), t0) + 1_000_000
+        ms = [m for m in merges if t0 <= m["arrive"] <= t1]
+        out.append((bs, ms))
+    return out
+
+
+def us(ns):
+    return ns / 1000.0
+
+
+def med_max(xs):
+    return f"{us(statistics.median(xs)):6.2f} {us(max(xs)):6.2f}" if xs else "     -      -"
+
+
+def report(bs, ms):
+    t0 = min(b["start"] for b in bs)
+    grid_x = max(b["x"] for b in bs) + 1
+    keys = sorted({b["keys"] for b in bs})
+    lines = [f"call: {len(bs)} blocks (grid x {grid_x}), keys per block {keys[0]}..{keys[-1]}, "
+             f"{len({b['sm'] for b in bs})} SMs"]
+    lines.append(f"  block starts spread over        {us(max(b['start'] for b in bs) - t0):6.2f} us")
+    lines.append("  per block (median, max; us)     med    max")
+    got = [b for b in bs if b["first"]]
+    lines.append(f"    start -> first keys        {med_max([b['first'] - b['start'] for b in got])}")
+    lines.append(f"    first keys -> streamed     {med_max([b['streamed'] - b['first'] for b in got])}")
+    lines.append(f"    streamed -> partial written{med_max([b['partial'] - b['streamed'] for b in bs])}")
+    lines.append(f"    start -> partial written   {med_max([b['partial'] - b['start'] for b in bs])}")
+    cyc = [b["c_partial"] for b in bs]
+    lines.append(f"    cycles start -> partial    {statistics.median(cyc):8.0f} {max(cyc):8.0f}")
+    last_partial = max(b["partial"] for b in bs)
+    lines.append(f"  first / last partial written at {us(min(b['partial'] for b in bs) - t0):6.2f} / "
+                 f"{us(last_partial - t0):6.2f} us")
+    end = last_partial
+    for level in sorted({m["level"] for m in ms}):
+        at = [m for m in ms if m["level"] == level]
+        lasts = [m for m in at if m["last"]]
+        done = max((m["done"] for m in lasts), default=0)
+        lines.append(f"  merge level {level}: {len(at)} arrivals, {len(lasts)} merge steps; last arrival at "
+                     f"{us(max(m['arrive'] for m in at) - t0):6.2f} us, last step done at {us(done - t0):6.2f} us; "
+                     f"a step (arrival -> done) {med_max([m['done'] - m['arrive'] for m in lasts])}")
+        end = max(end, done)
+    lines.append(f"  call: first block start -> last work done {us(end - t0):6.2f} us "
+                 f"(after the last partial: {us(end - last_partial):6.2f} us)")
+    return "\n".join(lines)
+
+
+def main():
+    blocks, merges = parse(sys.argv[1])
+    if not blocks:
+        print("no qsdpa-tl lines (was the build made with -DQSDPA_DEBUG_TIMELINE=1?)")
+        return 1
+    for bs, ms in calls_of(blocks, merges):
+        print(report(bs, ms))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

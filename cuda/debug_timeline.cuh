@@ -1,0 +1,116 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// Measurement builds only (-DQSDPA_DEBUG_TIMELINE=1, run_gpu.sh timeline):
+// thread 0 of every block of the decode kernel prints when its block
+// reached a few points of its life (the GPU's global nanosecond timer) and
+// how many of its SM's cycles each phase took, and every step of the split
+// merge prints when its block arrived and when it finished merging.
+// benchmarks/cuda/timeline.py turns the prints into a call's timeline: how
+// long a block takes to get its first keys, to stream them, to write its
+// partial, and how long the merge runs after the last block has decoded.
+// Without the define every macro is empty and the kernels are unchanged.
+#pragma once
+
+#if defined(QSDPA_DEBUG_TIMELINE) && !defined(QSDPA_CUDA_SIM)
+
+#include <cstdio>
+
+namespace mlx_qsdpa::cuda::timeline {
+
+// The points of a block's life that run() marks, in order.
+enum Point { kStart = 0, kFirstKeys, kStreamed, kPartial, kPoints };
+
+struct Marks {
+  unsigned long long ns[kPoints]; // %globaltimer
+  long long cycles[kPoints]; // clock64() of the block's SM
+};
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned int sm_id() {
+  unsigned int id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
+__device__ __forceinline__ void mark(Marks& m, int point) {
+  if (threadIdx.x == 0) {
+    m.ns[point] = global_ns();
+    m.cycles[point] = clock64();
+  }
+}
+
+// "qsdpa-tl B x y z sm keys start_ns first_ns streamed_ns partial_ns
+// first_cyc streamed_cyc partial_cyc": the cycles are counted from kStart.
+__device__ __forceinline__ void print_block(const Marks& m, int keys) {
+  if (threadIdx.x == 0) {
+    printf("qsdpa-tl B %d %d %d %u %d %llu %llu %llu %llu %lld %lld %lld\n", blockIdx.x, blockIdx.y, blockIdx.z,
+           sm_id(), keys, m.ns[kStart], m.ns[kFirstKeys], m.ns[kStreamed], m.ns[kPartial],
+           m.cycles[kFirstKeys] - m.cycles[kStart], m.cycles[kStreamed] - m.cycles[kStart],
+           m.cycles[kPartial] - m.cycles[kStart]);
+  }
+}
+
+// A block's steps of the split merge: when it had counted itself in at
+// each level it reached, whether it arrived last there, and when its merge
+// step was done (the whole block: a barrier first). Printed once the block
+// leaves the merge, so that printing does not delay its next level.
+constexpr int kMaxMergeLevels = 8;
+struct MergeMarks {
+  int levels;
+  unsigned long long arrive[kMaxMergeLevels], done[kMaxMergeLevels];
+  bool last[kMaxMergeLevels];
+};
+
+__device__ __forceinline__ void merge_arrived(MergeMarks& m, bool last) {
+  if (threadIdx.x == 0 && m.levels < kMaxMergeLevels) {
+    m.arrive[m.levels] = global_ns();
+    m.last[m.levels] = last;
+    m.done[m.levels] = 0;
+    ++m.levels;
+  }
+}
+
+__device__ __forceinline__ void merge_done(MergeMarks& m) {
+  __syncthreads();
+  if (threadIdx.x == 0 && m.levels > 0) {
+    m.done[m.levels - 1] = global_ns();
+  }
+}
+
+// "qsdpa-tl M x y z level last arrive_ns done_ns" per level (done_ns 0
+// where the block did not arrive last).
+__device__ __forceinline__ void print_merges(const MergeMarks& m) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < m.levels; ++i) {
+      printf("qsdpa-tl M %d %d %d %d %d %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z, i, m.last[i] ? 1 : 0,
+             m.arrive[i], m.done[i]);
+    }
+  }
+}
+
+} // namespace mlx_qsdpa::cuda::timeline
+
+#define QSDPA_TL_MARKS ::mlx_qsdpa::cuda::timeline::Marks qsdpa_tl_marks {}
+#define QSDPA_TL_MARK(point) ::mlx_qsdpa::cuda::timeline::mark(qsdpa_tl_marks, ::mlx_qsdpa::cuda::timeline::point)
+#define QSDPA_TL_PRINT_BLOCK(keys) ::mlx_qsdpa::cuda::timeline::print_block(qsdpa_tl_marks, keys)
+#define QSDPA_TL_MERGE_MARKS ::mlx_qsdpa::cuda::timeline::MergeMarks qsdpa_tl_merge {}
+#define QSDPA_TL_MERGE_ARRIVED(last) ::mlx_qsdpa::cuda::timeline::merge_arrived(qsdpa_tl_merge, last)
+#define QSDPA_TL_MERGE_DONE() ::mlx_qsdpa::cuda::timeline::merge_done(qsdpa_tl_merge)
+#define QSDPA_TL_MERGE_PRINT() ::mlx_qsdpa::cuda::timeline::print_merges(qsdpa_tl_merge)
+
+#else
+
+#define QSDPA_TL_MARKS
+#define QSDPA_TL_MARK(point)
+#define QSDPA_TL_PRINT_BLOCK(keys)
+#define QSDPA_TL_MERGE_MARKS
+#define QSDPA_TL_MERGE_ARRIVED(last)
+#define QSDPA_TL_MERGE_DONE()
+#define QSDPA_TL_MERGE_PRINT()
+
+#endif
