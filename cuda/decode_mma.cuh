@@ -54,6 +54,18 @@
 #include "ptx.cuh"
 #include "split_merge.cuh"
 
+// Measurement knobs (run_gpu.sh variants: QSDPA_VARIANTS="-DQSDPA_MMA_RING_BUDGET=73728
+// -DQSDPA_MMA_MIN_BLOCKS=3"; cuda/README.md says why): a block's ring budget in bytes, which
+// sets the stages (NS) and the tiles per warp (TPW), and the blocks of the one-tile-row
+// kernels (D <= 128) that __launch_bounds__ must fit per SM (their register cap). The
+// defaults are the measured kernels'.
+#ifndef QSDPA_MMA_RING_BUDGET
+#define QSDPA_MMA_RING_BUDGET 57344
+#endif
+#ifndef QSDPA_MMA_MIN_BLOCKS
+#define QSDPA_MMA_MIN_BLOCKS 4
+#endif
+
 namespace mlx_qsdpa::cuda {
 
 namespace mma_detail {
@@ -166,6 +178,7 @@ struct MmaDecode {
   static constexpr bool kScaleAfter = kHalfMagic && GS * BITS >= 128;
   static constexpr int kNScaleArrays = kAffine ? 4 : 2;
   // Bytes of a ring stage of `keys` keys: K rows, V rows, scale arrays.
+  static constexpr int kRingBudget = QSDPA_MMA_RING_BUDGET; // bytes per block
   static constexpr int stage_bytes(int keys) {
     return 2 * keys * RB + kNScaleArrays * keys * SRB;
   }
@@ -179,7 +192,7 @@ struct MmaDecode {
   // formats: mxfp4 went 76 -> 84 us at 32K), or leave a ring of two stages
   // and three blocks per SM (8-bit codes: 32K 33.6 -> 38.5 us).
   static constexpr int TPW =
-      kScaleAfter && GS >= 64 && D <= 128 && NT == 1 && 3 * stage_bytes(128) <= 57344 ? 2 : 1;
+      kScaleAfter && GS >= 64 && D <= 128 && NT == 1 && 3 * stage_bytes(128) <= kRingBudget ? 2 : 1;
   static constexpr int CKW = 16 * TPW; // keys per warp and step: TPW tiles of 16
   static constexpr int CK = 4 * CKW; // keys per chunk: the four warps' steps, side by side
   static constexpr int KS = kScaleAfter ? GS : D; // K span: a lane takes a quarter of each
@@ -216,7 +229,7 @@ struct MmaDecode {
   static constexpr int kScaleArrayBytes = CKW * SRB;
   static constexpr int kStageBytes = stage_bytes(CKW);
   // Enough steps in flight to cover HBM latency, in about 56 KB per block.
-  static constexpr int NS = kStageBytes * 16 <= 57344 ? 4 : (kStageBytes * 12 <= 57344 ? 3 : 2);
+  static constexpr int NS = kStageBytes * 16 <= kRingBudget ? 4 : (kStageBytes * 12 <= kRingBudget ? 3 : 2);
   static constexpr int kWarpRingBytes = NS * kStageBytes;
   static constexpr int kRingBytes = 4 * kWarpRingBytes;
 
@@ -1249,7 +1262,7 @@ struct MmaDecode {
 
 // Register cap: MINB blocks of 4 warps per SM at the least.
 template <typename T, int MODE, int BITS, int GS, int D, int NT>
-__global__ void __launch_bounds__(kThreads, (D == 256 ? 2 : (NT == 1 ? 4 : 3)))
+__global__ void __launch_bounds__(kThreads, (D == 256 ? 2 : (NT == 1 ? QSDPA_MMA_MIN_BLOCKS : 3)))
     qsdpa_decode_mma(const __grid_constant__ Params p) {
   MmaDecode<T, MODE, BITS, GS, D, NT>::run(p);
 }
