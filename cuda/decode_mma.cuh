@@ -1014,11 +1014,9 @@ struct MmaDecode {
       // its reads of step c - 1's stage before the copies into it.
       mma_detail::cp_async_wait<NS - 2>();
       __syncwarp();
-#if defined(QSDPA_DEBUG_TIMELINE)
       if (c == 0) {
-        QSDPA_TL_MARK(kFirstKeys);
+        QSDPA_TL_MARK(kFirstKeys); // timeline builds only (debug_timeline.cuh)
       }
-#endif
       const int wr = rd == 0 ? NS - 1 : rd - 1;
       if (c + NS - 1 < n_steps) {
         issue_chunk(cp, ring_unit + wr * kStageBytes);

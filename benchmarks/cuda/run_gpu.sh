@@ -35,6 +35,21 @@ step_build() {
   grep -E "registers|spill" "$out/build.log" | sort | uniq -c | sort -rn | head -5 >> "$out/gpu.txt" || true
 }
 
+# Nsight Compute's GPU time of every decode kernel that a command runs
+# (unlocked clocks: the clocks a user's run sees): ncu_durations SECONDS CMD...
+ncu_durations() {
+  PYTHONPATH=$pkg:$PYTHONPATH timeout "$1" ncu --clock-control none --metrics gpu__time_duration.sum \
+    --kernel-name regex:qsdpa "${@:2}"
+}
+
+# Steps that build with extra defines build the plain kernels again where
+# steps follow, so that those measure the plain kernels.
+plain_build_if_steps_follow() { # log file
+  if [ "$steps_left" -gt 0 ]; then
+    QSDPA_CUDA_FLAGS="" QSDPA_CXX_FLAGS="" step_build >> "$1" 2>&1 || echo "plain rebuild failed" >> "$1"
+  fi
+}
+
 step_smoke() {
   PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 benchmarks/cuda/smoke.py > "$out/smoke.log" 2>&1
   summary+=("smoke: $(tail -1 "$out/smoke.log")")
@@ -162,8 +177,7 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
   : > "$f"
   for s in ${NCU_SPLITS:-0 16}; do
     echo "== QSDPA_CUDA_SPLITS=$s Lq=$lq" >> "$f"
-    QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "$lq" >> "$f" 2>&1
+    QSDPA_CUDA_SPLITS=$s ncu_durations 240 python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "$lq" >> "$f" 2>&1
   done
   grep -E "^==|qsdpa|gpu__time_duration" "$f" | sed -E 's/^ +//' | cut -c1-60 > "$fs"
   summary+=("kernel durations: $fs")
@@ -173,8 +187,7 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
 step_sweep() { # one call's GPU time (ncu) per forced split count: SWEEP_SPLITS (0: the plan), SWEEP_CTXS, SWEEP_ARGS (profile.py options), SWEEP_LABEL
   local f="$out/sweep.txt" ctxs=${SWEEP_CTXS:-4096,16384,32768,131072} s
   for s in ${SWEEP_SPLITS:-0 16 32 48 64}; do
-    QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py "$ctxs" ${SWEEP_ARGS:-} > "$out/sweep_raw.txt" 2>&1
+    QSDPA_CUDA_SPLITS=$s ncu_durations 120 python3 benchmarks/cuda/profile.py "$ctxs" ${SWEEP_ARGS:-} > "$out/sweep_raw.txt" 2>&1
     python3 benchmarks/cuda/ncu_table.py "$out/sweep_raw.txt" "$ctxs" 3 "${SWEEP_LABEL:-main} splits=$s" >> "$f"
   done
   summary+=("sweep: $f")
@@ -187,9 +200,7 @@ step_timeline() { # when each block of a call reached its first keys, its stream
     > "$out/timeline_raw.txt" 2>&1
   echo "== profile.py $ctxs ${TIMELINE_ARGS:-} --calls 2 (the process's first call is cold)" >> "$f"
   python3 benchmarks/cuda/timeline.py "$out/timeline_raw.txt" >> "$f" 2>&1
-  if [ "$steps_left" -gt 0 ]; then
-    QSDPA_CUDA_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
-  fi
+  plain_build_if_steps_follow "$f"
   summary+=("timeline: $f")
   cat "$f"
 }
@@ -223,8 +234,7 @@ step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=
     echo "== variant: $v" >> "$f"
     # The defines reach the host code too (a define that the host's split plan reads must).
     QSDPA_CUDA_FLAGS="$v" QSDPA_CXX_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
-    PYTHONPATH=$pkg:$PYTHONPATH timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
-      --kernel-name regex:qsdpa python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
+    ncu_durations 240 python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
       grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
     if [ "${QSDPA_VARIANTS_BENCH:-1}" != 0 ]; then
       PYTHONPATH=$pkg:$PYTHONPATH timeout 240 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
@@ -233,10 +243,7 @@ step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=
     IFS=';'
   done
   IFS=$IFS_old
-  # Later steps must measure the plain kernels (none: no rebuild).
-  if [ "$steps_left" -gt 0 ]; then
-    QSDPA_CUDA_FLAGS="" QSDPA_CXX_FLAGS="" step_build >> "$f" 2>&1 || echo "plain rebuild failed" >> "$f"
-  fi
+  plain_build_if_steps_follow "$f"
   summary+=("variants: $f")
   cat "$f"
 }
