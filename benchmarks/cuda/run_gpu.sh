@@ -132,6 +132,18 @@ step_quickbench() {
   bench quick_lq4 --lq 4 --ctx 32768 --methods quant_sdpa,fp16_sdpa
 }
 
+step_graphs() { # the protocol (16 calls per eval) beside MLX's graph settings and 64 calls per eval: how much of a batched call is the host's
+  local setting name
+  for setting in "" MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_OPS_PER_BUFFER=4 MLX_USE_CUDA_GRAPHS=0; do
+    name=graphs_${setting:-default}
+    (if [ -n "$setting" ]; then export "${setting?}"; fi
+     bench "$name" --ctx 4096,32768,131072 --methods quant_sdpa,fp16_sdpa,qmm_path)
+    sed -i "s/^== $name:/== ${setting:-(MLX defaults)} $name:/" "$out/bench_all.txt"
+  done
+  bench graphs_layers64 --layers 64 --ctx 4096,32768,131072 --methods quant_sdpa,fp16_sdpa,qmm_path
+  summary+=("graphs: $out/bench_all.txt")
+}
+
 step_chain() { # calls in sequence (each call's queries are the previous output), as a model's layers
   bench chain --chain --ctx 4096,32768,131072 --methods quant_sdpa,fp16_sdpa
 }
