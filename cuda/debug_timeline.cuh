@@ -18,7 +18,10 @@
 namespace mlx_qsdpa::cuda::timeline {
 
 // The points of a block's life that run() marks, in order.
-enum Point { kStart = 0, kFirstKeys, kStreamed, kPartial, kPoints };
+// kJoined: past the barrier that waits for the block's four warps;
+// kReduced: the rows' block max and sum known; kSummed: the warps' outputs
+// summed in shared memory (the epilogue's steps, decode_mma.cuh).
+enum Point { kStart = 0, kFirstKeys, kStreamed, kJoined, kReduced, kSummed, kPartial, kPoints };
 
 struct Marks {
   unsigned long long ns[kPoints]; // %globaltimer
@@ -44,14 +47,15 @@ __device__ __forceinline__ void mark(Marks& m, int point) {
   }
 }
 
-// "qsdpa-tl B x y z sm keys start_ns first_ns streamed_ns partial_ns
-// first_cyc streamed_cyc partial_cyc": the cycles are counted from kStart.
+// "qsdpa-tl B x y z sm keys" and then each point's ns (kStart first) and
+// each later point's cycles counted from kStart.
 __device__ __forceinline__ void print_block(const Marks& m, int keys) {
+  static_assert(kPoints == 7, "the format below");
   if (threadIdx.x == 0) {
-    printf("qsdpa-tl B %d %d %d %u %d %llu %llu %llu %llu %lld %lld %lld\n", blockIdx.x, blockIdx.y, blockIdx.z,
-           sm_id(), keys, m.ns[kStart], m.ns[kFirstKeys], m.ns[kStreamed], m.ns[kPartial],
-           m.cycles[kFirstKeys] - m.cycles[kStart], m.cycles[kStreamed] - m.cycles[kStart],
-           m.cycles[kPartial] - m.cycles[kStart]);
+    printf("qsdpa-tl B %d %d %d %u %d %llu %llu %llu %llu %llu %llu %llu %lld %lld %lld %lld %lld %lld\n", blockIdx.x,
+           blockIdx.y, blockIdx.z, sm_id(), keys, m.ns[0], m.ns[1], m.ns[2], m.ns[3], m.ns[4], m.ns[5], m.ns[6],
+           m.cycles[1] - m.cycles[0], m.cycles[2] - m.cycles[0], m.cycles[3] - m.cycles[0],
+           m.cycles[4] - m.cycles[0], m.cycles[5] - m.cycles[0], m.cycles[6] - m.cycles[0]);
   }
 }
 

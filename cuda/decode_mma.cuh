@@ -234,12 +234,21 @@ struct MmaDecode {
   static constexpr int kRingBytes = 4 * kWarpRingBytes;
 
   // The block epilogue's shared memory (over the ring, once it is drained).
-  // Rows of a warp's slice are padded by 4 floats: lanes (g, t) write rows
-  // 2t, 2t+1 at columns D/8 g + 2j, which would otherwise share banks.
-  static constexpr int kORowMma = D + 4;
+  // A warp writes its slice's rows 2t, 2t+1 from lanes (g, t) at columns
+  // RV g + 2j (+1): one float of padding after every RV columns and a row
+  // stride of 8 (mod 32) banks per two rows put the 32 lanes of every
+  // store on 32 banks (the plain D + 4 stride put them on 4: 8-way
+  // conflicts, ~0.6 us of every call's epilogue, 2026-11-29 timeline). The
+  // reads, consecutive columns, see at most 2-way conflicts.
+  static constexpr int kORowMma = D + 20; // >= D + D / RV, and 2 kORowMma = 8 (mod 32)
+  static_assert((2 * kORowMma) % 32 == 8 && kORowMma >= D + D / RV, "epilogue row stride");
+  static __device__ __forceinline__ int o_index(int r, int d) {
+    return r * kORowMma + d + d / RV;
+  }
   struct MmaEpilogue {
     float m[4][RT], l[4][RT]; // per warp and row
     float M[RT], L[RT]; // the block's
+    float mult[RT], lse[RT]; // one split: the output's normalisation and lse (finalize_row)
     int64_t out_row[RT];
     int head[RT];
     float o[4][RT * kORowMma]; // per warp, scaled to the block's max
@@ -849,57 +858,43 @@ struct MmaDecode {
     split_range(p, split, r0 + nr - 1, k_begin, k_end);
 
     // Q^T as B operands: query row nt * 8 + g, the slots of lane t's K
-    // quarter (see the top). The query loads go out first: issued after the
-    // first steps' copies, they waited behind every block's copies (the
-    // kernel's top stall at 128K keys, 2026-11-29). A lane's slots of a K
-    // span are one run of RK elements; where the layout allows (a dense last
-    // axis and rows at 16-byte boundaries, as mx arrays usually are) it is
-    // read with 16-byte loads, element by element otherwise.
+    // quarter (see the top). A lane's slots of a K span are one run of RK
+    // elements; where the layout allows (a dense last axis and rows at
+    // 16-byte boundaries, as mx arrays usually are) it is read with 16-byte
+    // loads, element by element otherwise. The query loads go out first:
+    // issued after the first steps' copies, they waited behind every block's
+    // copies (the kernel's top stall at 128K keys, 2026-11-29). The copies go
+    // out next, before the loaded words are unpacked: unpacked first, the
+    // copies waited for the queries' round trip (a block's first keys came
+    // a query round trip late).
     uint32_t qb[NT][NCH][2];
-    {
-      const uint16_t* qp = static_cast<const uint16_t*>(p.q);
-      const bool q_vec = p.qs[3] == 1 && (p.qs[0] | p.qs[1] | p.qs[2]) % 8 == 0 &&
-          reinterpret_cast<uintptr_t>(p.q) % 16 == 0;
+    const uint16_t* qp = static_cast<const uint16_t*>(p.q);
+    const bool q_vec = p.qs[3] == 1 && (p.qs[0] | p.qs[1] | p.qs[2]) % 8 == 0 &&
+        reinterpret_cast<uintptr_t>(p.q) % 16 == 0;
+    uint4 q_words[NT][NKS][RK / 8]; // the 16-byte path's loads, unpacked below
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int r = nt * 8 + g;
-        const bool ok = r < nr;
-        const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
-        const int64_t base = int64_t(b) * p.qs[0] + int64_t(ref.h) * p.qs[1] + int64_t(ref.i) * p.qs[2];
-        if (q_vec) {
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + g;
+      const bool ok = r < nr;
+      const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
+      const int64_t base = int64_t(b) * p.qs[0] + int64_t(ref.h) * p.qs[1] + int64_t(ref.i) * p.qs[2];
+      if (q_vec) {
 #pragma unroll
-          for (int sp = 0; sp < NKS; ++sp) {
-            uint32_t w[RK / 2]; // the run's elements, two per word
-            const uint4* src = reinterpret_cast<const uint4*>(qp + base + KS * sp + RK * t);
+        for (int sp = 0; sp < NKS; ++sp) {
+          const uint4* src = reinterpret_cast<const uint4*>(qp + base + KS * sp + RK * t);
 #pragma unroll
-            for (int v = 0; v < RK / 8; ++v) {
-              const uint4 x = ok ? src[v] : uint4{0u, 0u, 0u, 0u};
-              w[4 * v] = x.x;
-              w[4 * v + 1] = x.y;
-              w[4 * v + 2] = x.z;
-              w[4 * v + 3] = x.w;
-            }
-#pragma unroll
-            for (int cc = 0; cc < CPS; ++cc) {
-#pragma unroll
-              for (int j = 0; j < 2; ++j) {
-                // Elements lo and hi = lo + EW / 2 of the run: the same
-                // half of their words (EW / 2 is even).
-                const int lo = pair_lo(2 * cc + j);
-                const int hi = lo + EW / 2;
-                qb[nt][sp * CPS + cc][j] = __byte_perm(w[lo / 2], w[hi / 2], lo % 2 ? 0x7632u : 0x5410u);
-              }
-            }
+          for (int v = 0; v < RK / 8; ++v) {
+            q_words[nt][sp][v] = ok ? src[v] : uint4{0u, 0u, 0u, 0u};
           }
-        } else {
+        }
+      } else {
 #pragma unroll
-          for (int c = 0; c < NCH; ++c) {
+        for (int c = 0; c < NCH; ++c) {
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              const int lo = KS * (c / CPS) + RK * t + pair_lo(2 * (c % CPS) + j);
-              const int hi = lo + EW / 2;
-              qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
-            }
+          for (int j = 0; j < 2; ++j) {
+            const int lo = KS * (c / CPS) + RK * t + pair_lo(2 * (c % CPS) + j);
+            const int hi = lo + EW / 2;
+            qb[nt][c][j] = ok ? uint32_t(qp[base + lo * p.qs[3]]) | (uint32_t(qp[base + hi * p.qs[3]]) << 16) : 0u;
           }
         }
       }
@@ -917,6 +912,34 @@ struct MmaDecode {
         issue_chunk(cp, ring_unit + c * kStageBytes);
       }
       mma_detail::cp_async_commit();
+    }
+
+    if (q_vec) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int sp = 0; sp < NKS; ++sp) {
+          uint32_t w[RK / 2]; // the run's elements, two per word
+#pragma unroll
+          for (int v = 0; v < RK / 8; ++v) {
+            w[4 * v] = q_words[nt][sp][v].x;
+            w[4 * v + 1] = q_words[nt][sp][v].y;
+            w[4 * v + 2] = q_words[nt][sp][v].z;
+            w[4 * v + 3] = q_words[nt][sp][v].w;
+          }
+#pragma unroll
+          for (int cc = 0; cc < CPS; ++cc) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              // Elements lo and hi = lo + EW / 2 of the run: the same half
+              // of their words (EW / 2 is even).
+              const int lo = pair_lo(2 * cc + j);
+              const int hi = lo + EW / 2;
+              qb[nt][sp * CPS + cc][j] = __byte_perm(w[lo / 2], w[hi / 2], lo % 2 ? 0x7632u : 0x5410u);
+            }
+          }
+        }
+      }
     }
 
     // Scale after the MMA: each accumulator row's sum of the queries over
@@ -1194,6 +1217,7 @@ struct MmaDecode {
     // The ring is reused by the epilogue: no copy may still be landing.
     mma_detail::cp_async_wait_all();
     __syncthreads();
+    QSDPA_TL_MARK(kJoined);
 
     // ---- merge the four warps ----
     // Each warp writes its (m, l) and its output rows, already brought to
@@ -1215,12 +1239,19 @@ struct MmaDecode {
       }
     }
     if (threadIdx.x < RT) {
-      const int r = threadIdx.x;
-      const RowRef ref = row_ref(p, b, kvh, r0 + min(r, nr - 1));
-      es.out_row[r] = ref.out_row;
-      es.head[r] = ref.h;
+      const RowRef ref = row_ref(p, b, kvh, r0 + min(int(threadIdx.x), nr - 1));
+      es.out_row[threadIdx.x] = ref.out_row;
+      es.head[threadIdx.x] = ref.h;
     }
     epilogue_reduce_stats(es);
+    QSDPA_TL_MARK(kReduced);
+    if (threadIdx.x < RT && p.n_splits == 1) {
+      // Once per row, not per element (the next barrier publishes it).
+      const int r = threadIdx.x;
+      const Finalized fin = finalize_row(p, es.head[r], es.M[r], es.L[r]);
+      es.mult[r] = fin.mult;
+      es.lse[r] = fin.lse;
+    }
     float f[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -1238,17 +1269,59 @@ struct MmaDecode {
         for (int e4 = 0; e4 < 4; ++e4) {
           const int r = nt * 8 + 2 * t + (e4 & 1);
           const int d = RV * g + 2 * j + (e4 >> 1);
-          es.o[warp][r * kORowMma + d] = o[j][nt][e4] * f[nt][e4 & 1];
+          es.o[warp][o_index(r, d)] = o[j][nt][e4] * f[nt][e4 & 1];
         }
       }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
-      const int r = idx / D;
-      const int d = idx % D;
-      const float v = es.o[0][r * kORowMma + d] + es.o[1][r * kORowMma + d] + es.o[2][r * kORowMma + d] +
-          es.o[3][r * kORowMma + d];
-      epilogue_store(p, split, es.out_row[r], es.head[r], d, es.M[r], es.L[r], v);
+    QSDPA_TL_MARK(kSummed);
+    // Rounds of 4 elements per thread, each round's shared-memory reads
+    // before its global stores: the stores go through generic pointers,
+    // which the compiler must assume may alias shared memory, so a read
+    // after a store would wait for it (the element-at-a-time loop took ~1
+    // us for 4 rows). Rounds past the block's rows are skipped.
+    constexpr int kRound = 4;
+    constexpr int kStoreIters = RT * D / kThreads;
+    static_assert(kStoreIters % kRound == 0, "whole store rounds");
+    const bool one_split = p.n_splits == 1;
+    const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
+#pragma unroll
+    for (int i0 = 0; i0 < kStoreIters; i0 += kRound) {
+      if (i0 * kThreads / D >= nr) {
+        break; // (uniform) no row of the block from here on
+      }
+      float v[kRound], row_a[kRound], row_b[kRound]; // row_a, row_b: mult, lse or M, L
+      int64_t row_out[kRound];
+#pragma unroll
+      for (int i = 0; i < kRound; ++i) {
+        const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
+        const int r = idx / D;
+        const int k = o_index(r, idx % D);
+        v[i] = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
+        row_out[i] = es.out_row[r];
+        row_a[i] = one_split ? es.mult[r] : es.M[r];
+        row_b[i] = one_split ? es.lse[r] : es.L[r];
+      }
+#pragma unroll
+      for (int i = 0; i < kRound; ++i) {
+        const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
+        const int d = idx % D;
+        if (idx / D < nr) {
+          if (one_split) {
+            store_from_float(p.out, row_out[i] * D + d, v[i] * row_a[i], p.out_type);
+            if (d == 0 && p.lse) {
+              p.lse[row_out[i]] = row_b[i];
+            }
+          } else {
+            const int64_t prow = split * n_rows + row_out[i];
+            p.part_o[prow * D + d] = v[i];
+            if (d == 0) {
+              p.part_ml[prow * 2] = row_a[i];
+              p.part_ml[prow * 2 + 1] = row_b[i];
+            }
+          }
+        }
+      }
     }
     QSDPA_TL_MARK(kPartial);
     if (p.n_splits > 1) {

@@ -4,9 +4,10 @@
     python benchmarks/cuda/timeline.py PRINTS_FILE
 
 Per call (calls are told apart by gaps of 100 us between blocks' starts):
-the blocks' start skew, the time to their first keys, to the end of their
-stream and to their written partial (median and max over blocks, from the
-block's own start), when the last partial was written, and the merge's
+the blocks' start skew and each phase of a block's life: its first keys,
+the end of its stream, the epilogue's steps (the four warps joined, the
+rows' max and sum reduced, the warps' outputs summed) and its written
+partial (median and max over blocks), when the last partial was written, and the merge's
 levels after that: when the last block arrived at each level and when its
 merge step was done. Times in us from the call's first block start
 (%globaltimer); cycles are the block's SM clock."""
@@ -15,18 +16,22 @@ import statistics
 import sys
 
 
+POINTS = ("start", "first", "streamed", "joined", "reduced", "summed", "partial")  # debug_timeline.cuh's order
+
+
 def parse(path):
     blocks, merges = [], []
+    n = len(POINTS)
     for line in open(path, errors="replace"):
         f = line.split()
         if len(f) < 2 or f[0] != "qsdpa-tl":
             continue
-        if f[1] == "B" and len(f) == 14:
+        if f[1] == "B" and len(f) == 7 + 2 * n - 1:
             x, y, z, sm, keys = map(int, f[2:7])
-            start, first, streamed, partial = map(int, f[7:11])
-            c_first, c_streamed, c_partial = map(int, f[11:14])
-            blocks.append(dict(x=x, y=y, z=z, sm=sm, keys=keys, start=start, first=first, streamed=streamed,
-                               partial=partial, c_first=c_first, c_streamed=c_streamed, c_partial=c_partial))
+            b = dict(x=x, y=y, z=z, sm=sm, keys=keys)
+            b.update(zip(POINTS, map(int, f[7:7 + n])))
+            b.update(zip(["c_" + q for q in POINTS[1:]], map(int, f[7 + n:])))
+            blocks.append(b)
         elif f[1] == "M" and len(f) == 9:
             x, y, z, level, last = map(int, f[2:7])
             merges.append(dict(x=x, y=y, z=z, level=level, last=bool(last), arrive=int(f[7]), done=int(f[8])))
@@ -68,11 +73,13 @@ def report(bs, ms):
              f"{len({b['sm'] for b in bs})} SMs"]
     lines.append(f"  block starts spread over        {us(max(b['start'] for b in bs) - t0):6.2f} us")
     lines.append("  per block (median, max; us)     med    max")
-    got = [b for b in bs if b["first"]]
-    lines.append(f"    start -> first keys        {med_max([b['first'] - b['start'] for b in got])}")
-    lines.append(f"    first keys -> streamed     {med_max([b['streamed'] - b['first'] for b in got])}")
-    lines.append(f"    streamed -> partial written{med_max([b['partial'] - b['streamed'] for b in bs])}")
-    lines.append(f"    start -> partial written   {med_max([b['partial'] - b['start'] for b in bs])}")
+    phases = (("start", "first", "start -> first keys"), ("first", "streamed", "first keys -> streamed"),
+              ("streamed", "joined", "streamed -> warps joined"), ("joined", "reduced", "joined -> rows reduced"),
+              ("reduced", "summed", "reduced -> outputs summed"), ("summed", "partial", "summed -> partial written"),
+              ("streamed", "partial", "streamed -> partial written"), ("start", "partial", "start -> partial written"))
+    for a, z, name in phases:
+        got = [b for b in bs if b[a] and b[z]]
+        lines.append(f"    {name:<27}{med_max([b[z] - b[a] for b in got])}")
     cyc = [b["c_partial"] for b in bs]
     lines.append(f"    cycles start -> partial    {statistics.median(cyc):8.0f} {max(cyc):8.0f}")
     last_partial = max(b["partial"] for b in bs)
