@@ -208,25 +208,36 @@ __device__ __forceinline__ float epilogue_factor(const S& s, int w, int r) {
   return m == neg_inf() ? 0.0f : exp2f(m - s.M[r]);
 }
 
+// Element d of output row out_row, v not yet normalised (mult, lse:
+// finalize_row's), and once per row its lse.
+__device__ __forceinline__ void store_output(const Params& p, int64_t out_row, int d, float v, float mult, float lse) {
+  store_from_float(p.out, out_row * p.D + d, v * mult, p.out_type);
+  if (d == 0 && p.lse) {
+    p.lse[out_row] = lse;
+  }
+}
+
+// Element d of a block's partial of output row out_row in slot `split`,
+// and once per row the block's row max M and sum L.
+__device__ __forceinline__ void store_partial(const Params& p, int split, int64_t out_row, int d, float v, float M, float L) {
+  const int64_t prow = split * (int64_t(p.B) * p.Hq * p.Lq) + out_row;
+  p.part_o[prow * p.D + d] = v;
+  if (d == 0) {
+    p.part_ml[prow * 2] = M;
+    p.part_ml[prow * 2 + 1] = L;
+  }
+}
+
 // Element d of one of a block's result rows (output row out_row, query head
 // h; the block's row max M and sum L; v not normalised): the output (and the
 // lse) when the call has one split, else the block's partial in slot `split`.
 __device__ __forceinline__ void epilogue_store(
     const Params& p, int split, int64_t out_row, int h, int d, float M, float L, float v) {
-  const int D = p.D;
   if (p.n_splits == 1) {
     const Finalized f = finalize_row(p, h, M, L);
-    store_from_float(p.out, out_row * D + d, v * f.mult, p.out_type);
-    if (d == 0 && p.lse) {
-      p.lse[out_row] = f.lse;
-    }
+    store_output(p, out_row, d, v, f.mult, f.lse);
   } else {
-    const int64_t prow = split * (int64_t(p.B) * p.Hq * p.Lq) + out_row;
-    p.part_o[prow * D + d] = v;
-    if (d == 0) {
-      p.part_ml[prow * 2] = M;
-      p.part_ml[prow * 2 + 1] = L;
-    }
+    store_partial(p, split, out_row, d, v, M, L);
   }
 }
 

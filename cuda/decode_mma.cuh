@@ -1284,7 +1284,6 @@ struct MmaDecode {
     constexpr int kStoreIters = RT * D / kThreads;
     static_assert(kStoreIters % kRound == 0, "whole store rounds");
     const bool one_split = p.n_splits == 1;
-    const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
 #pragma unroll
     for (int i0 = 0; i0 < kStoreIters; i0 += kRound) {
       if (i0 * kThreads / D >= nr) {
@@ -1308,17 +1307,9 @@ struct MmaDecode {
         const int d = idx % D;
         if (idx / D < nr) {
           if (one_split) {
-            store_from_float(p.out, row_out[i] * D + d, v[i] * row_a[i], p.out_type);
-            if (d == 0 && p.lse) {
-              p.lse[row_out[i]] = row_b[i];
-            }
+            store_output(p, row_out[i], d, v[i], row_a[i], row_b[i]);
           } else {
-            const int64_t prow = split * n_rows + row_out[i];
-            p.part_o[prow * D + d] = v[i];
-            if (d == 0) {
-              p.part_ml[prow * 2] = row_a[i];
-              p.part_ml[prow * 2 + 1] = row_b[i];
-            }
+            store_partial(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
           }
         }
       }
