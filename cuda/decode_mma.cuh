@@ -1275,41 +1275,63 @@ struct MmaDecode {
     }
     __syncthreads();
     QSDPA_TL_MARK(kSummed);
-    // Rounds of 4 elements per thread, each round's shared-memory reads
-    // before its global stores: the stores go through generic pointers,
-    // which the compiler must assume may alias shared memory, so a read
-    // after a store would wait for it (the element-at-a-time loop took ~1
-    // us for 4 rows). Rounds past the block's rows are skipped.
-    constexpr int kRound = 4;
-    constexpr int kStoreIters = RT * D / kThreads;
-    static_assert(kStoreIters % kRound == 0, "whole store rounds");
     const bool one_split = p.n_splits == 1;
-#pragma unroll
-    for (int i0 = 0; i0 < kStoreIters; i0 += kRound) {
-      if (i0 * kThreads / D >= nr) {
-        break; // (uniform) no row of the block from here on
-      }
-      float v[kRound], row_a[kRound], row_b[kRound]; // row_a, row_b: mult, lse or M, L
-      int64_t row_out[kRound];
-#pragma unroll
-      for (int i = 0; i < kRound; ++i) {
-        const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
+    if constexpr (NT == 2) {
+      // The 16-row kernels (Lq > 1) write element by element in a loop that
+      // is not unrolled: the unrolled store rounds below raised ptxas's
+      // register pressure over the whole kernel and put spills into their
+      // main loop (4-bit gs64: 7 local accesses per step, 1 this way), and
+      // cost one call of Lq=4 ~5 us at 4K keys and ~3 us at 32K on the H200
+      // (2026-11-29, against this loop; 128K equal).
+#pragma unroll 1
+      for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
         const int r = idx / D;
-        const int k = o_index(r, idx % D);
-        v[i] = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
-        row_out[i] = es.out_row[r];
-        row_a[i] = one_split ? es.mult[r] : es.M[r];
-        row_b[i] = one_split ? es.lse[r] : es.L[r];
-      }
-#pragma unroll
-      for (int i = 0; i < kRound; ++i) {
-        const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
         const int d = idx % D;
-        if (idx / D < nr) {
-          if (one_split) {
-            store_output(p, row_out[i], d, v[i], row_a[i], row_b[i]);
-          } else {
-            store_partial(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
+        const int k = o_index(r, d);
+        const float v = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
+        if (one_split) {
+          store_output(p, es.out_row[r], d, v, es.mult[r], es.lse[r]);
+        } else {
+          store_partial(p, split, es.out_row[r], d, v, es.M[r], es.L[r]);
+        }
+      }
+    } else {
+      // The one-tile-row kernels (8 rows): rounds of 4 elements per thread,
+      // each round's shared-memory reads before its global stores: the
+      // stores go through generic pointers, which the compiler must assume
+      // may alias shared memory, so a read after a store would wait for it
+      // (the element-at-a-time loop took ~1 us for 4 rows). Rounds past the
+      // block's rows are skipped.
+      constexpr int kRound = 4;
+      constexpr int kStoreIters = RT * D / kThreads;
+      static_assert(kStoreIters % kRound == 0, "whole store rounds");
+#pragma unroll
+      for (int i0 = 0; i0 < kStoreIters; i0 += kRound) {
+        if (i0 * kThreads / D >= nr) {
+          break; // (uniform) no row of the block from here on
+        }
+        float v[kRound], row_a[kRound], row_b[kRound]; // row_a, row_b: mult, lse or M, L
+        int64_t row_out[kRound];
+#pragma unroll
+        for (int i = 0; i < kRound; ++i) {
+          const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
+          const int r = idx / D;
+          const int k = o_index(r, idx % D);
+          v[i] = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
+          row_out[i] = es.out_row[r];
+          row_a[i] = one_split ? es.mult[r] : es.M[r];
+          row_b[i] = one_split ? es.lse[r] : es.L[r];
+        }
+#pragma unroll
+        for (int i = 0; i < kRound; ++i) {
+          const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
+          const int d = idx % D;
+          if (idx / D < nr) {
+            if (one_split) {
+              store_output(p, row_out[i], d, v[i], row_a[i], row_b[i]);
+            } else {
+              store_partial(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
+            }
           }
         }
       }
