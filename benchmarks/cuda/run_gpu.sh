@@ -205,6 +205,55 @@ step_sweep() { # one call's GPU time (ncu) per forced split count: SWEEP_SPLITS 
   summary+=("sweep: $f")
 }
 
+# One call of every shape the issue reports (the plan's split count), labelled SHAPES_LABEL:
+# SHAPES (default: all) from main (4-bit gs64 fp16 Lq=1), bits8, mxfp4, nvfp4, lq4, bf16, b8.
+shape_sweep() { # label, shapes...
+  local label=$1 sh ctxs args; shift
+  for sh in "$@"; do
+    case $sh in
+      main) ctxs=256,4096,32768,131072 args="" ;;
+      bits8) ctxs=32768,131072 args="--bits 8" ;;
+      mxfp4) ctxs=32768,131072 args="--mode mxfp4 --bits 4 --group-size 32" ;;
+      nvfp4) ctxs=32768,131072 args="--mode nvfp4 --bits 4 --group-size 16" ;;
+      lq4) ctxs=4096,32768,131072 args="4" ;; # profile.py's second positional argument: Lq
+      bf16) ctxs=4096,32768,131072 args="--dtype bfloat16" ;;
+      b8) ctxs=4096,32768 args="--batch 8" ;;
+      *) echo "shapes: unknown shape $sh" >> "$out/sweep.txt"; continue ;;
+    esac
+    SWEEP_SPLITS=0 SWEEP_CTXS=$ctxs SWEEP_ARGS=$args SWEEP_LABEL="$label $sh" step_sweep
+  done
+}
+
+step_shapes() { # one call of each shape (shape_sweep): SHAPES, SHAPES_LABEL
+  # shellcheck disable=SC2086
+  shape_sweep "${SHAPES_LABEL:-this}" ${SHAPES:-main bits8 mxfp4 nvfp4 lq4 bf16 b8}
+  grep -E "^${SHAPES_LABEL:-this} " "$out/sweep.txt" | tail -40
+}
+
+# A/B of the kernels of other commits on one machine: AB_TARS="name=file.tar ..."
+# (each `git archive <commit> cuda csrc/cuda > file.tar`, carried to the machine), then the
+# working tree's own kernels as "tree"; each is built and swept (step_shapes) in turn, twice
+# over (AB_ROUNDS). Extracted with `tar xmf`: plain `tar xf` restores the archive's older
+# mtimes, so ninja would rebuild nothing and the "other" kernels would be the last ones built
+# (seen 2026-11-29f). Files that an archive lacks stay as the tree has them.
+step_ab() {
+  local own round spec name file
+  own=$(mktemp /tmp/qsdpa-ab-XXXX.tar)
+  tar cf "$own" cuda csrc/cuda
+  for round in $(seq "${AB_ROUNDS:-2}"); do
+    for spec in ${AB_TARS:-} "tree=$own"; do
+      name=${spec%%=*} file=${spec#*=}
+      tar xmf "$file" || { summary+=("ab: cannot extract $file"); continue; }
+      step_build > /dev/null 2>&1 || { summary+=("ab: build of $name failed"); continue; }
+      SHAPES_LABEL="$name.$round" step_shapes > /dev/null
+    done
+  done
+  tar xmf "$own"
+  rm -f "$own"
+  summary+=("ab: $out/sweep.txt")
+  grep -E "^[^ ]+\.[0-9]+ " "$out/sweep.txt" | cut -c1-100
+}
+
 step_timeline() { # when each block of a call reached its first keys, its stream's end, its partial, and the merge's levels (a -DQSDPA_DEBUG_TIMELINE=1 build, timeline.py): TIMELINE_CTXS, TIMELINE_ARGS (profile.py options); the plain build again if steps follow
   local f="$out/timeline.txt" ctxs=${TIMELINE_CTXS:-256,32768,131072}
   QSDPA_CUDA_FLAGS="-DQSDPA_DEBUG_TIMELINE=1" step_build >> "$f" 2>&1 || { summary+=("timeline: build failed"); return 1; }
