@@ -228,6 +228,18 @@ __device__ __forceinline__ void store_partial(const Params& p, int split, int64_
   }
 }
 
+// Element d of one of a block's result rows, v not normalised: the output
+// when the call has one split (a, b: finalize_row's mult and lse), else the
+// block's partial in slot `split` (a, b: the row's max M and sum L).
+__device__ __forceinline__ void store_result(
+    const Params& p, int split, int64_t out_row, int d, float v, float a, float b) {
+  if (p.n_splits == 1) {
+    store_output(p, out_row, d, v, a, b);
+  } else {
+    store_partial(p, split, out_row, d, v, a, b);
+  }
+}
+
 // Element d of one of a block's result rows (output row out_row, query head
 // h; the block's row max M and sum L; v not normalised): the output (and the
 // lse) when the call has one split, else the block's partial in slot `split`.

@@ -1282,7 +1282,9 @@ struct MmaDecode {
       // register pressure over the whole kernel and put spills into their
       // main loop (4-bit gs64: 7 local accesses per step, 1 this way), and
       // cost one call of Lq=4 ~5 us at 4K keys and ~3 us at 32K on the H200
-      // (2026-11-29, against this loop; 128K equal).
+      // (2026-11-29, against this loop; 128K equal). Each branch reads only
+      // the row values it stores (store_result's selected pair changed this
+      // loop's code from the measured one).
 #pragma unroll 1
       for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
         const int r = idx / D;
@@ -1327,11 +1329,7 @@ struct MmaDecode {
           const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
           const int d = idx % D;
           if (idx / D < nr) {
-            if (one_split) {
-              store_output(p, row_out[i], d, v[i], row_a[i], row_b[i]);
-            } else {
-              store_partial(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
-            }
+            store_result(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
           }
         }
       }

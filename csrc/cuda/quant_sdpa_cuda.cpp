@@ -344,7 +344,8 @@ void eval_gpu_kernel(
     const char* force = std::getenv("QSDPA_CUDA_KERNEL");
     return force && std::string(force) == "simt";
   }();
-  cu::KernelRef kernel{nullptr, 0};
+  // The generic kernel's settings unless a tensor-core kernel takes the call.
+  cu::KernelRef kernel{cu::simt_kernel(c.mode, c.bits), 0};
   int rows_per_block = cu::kSimtRows;
   int min_keys_per_split = kMinKeysPerSplitSimt;
   int wave_blocks_per_sm = std::numeric_limits<int>::max(); // caps the occupancy in the wave
@@ -352,16 +353,13 @@ void eval_gpu_kernel(
     // Blocks of 8 query rows where the G * Lq rows of a kv head fit (one
     // decode token: G <= 8), else 16.
     const int row_tiles = p.rows <= 8 ? 1 : 2;
-    kernel = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
-    rows_per_block = 8 * row_tiles;
-    min_keys_per_split = kMinKeysPerSplitMma;
-    wave_blocks_per_sm = kMmaWaveBlocksPerSm;
-  }
-  if (!kernel.fn) {
-    kernel = cu::KernelRef{cu::simt_kernel(c.mode, c.bits), 0};
-    rows_per_block = cu::kSimtRows;
-    min_keys_per_split = kMinKeysPerSplitSimt;
-    wave_blocks_per_sm = std::numeric_limits<int>::max();
+    const cu::KernelRef mma = cu::mma_kernel(p.q_type, c.mode, c.bits, c.group_size, p.D, row_tiles);
+    if (mma.fn) {
+      kernel = mma;
+      rows_per_block = 8 * row_tiles;
+      min_keys_per_split = kMinKeysPerSplitMma;
+      wave_blocks_per_sm = kMmaWaveBlocksPerSm;
+    }
   }
   if (!kernel.fn) {
     throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
