@@ -219,6 +219,15 @@ MUTANTS = {
     "lazy_threshold": ("decode_mma.cuh", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
     # The slow path forgets to rescale the denominator.
     "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
+    # The merge reads partial rows as float4 from 8 bytes into the row: the
+    # GPU faults on a vector load that is not aligned to its size (as a
+    # float4 of shared memory at an 8-byte offset did on the H200,
+    # 2026-11-29), so the simulator must too.
+    "misaligned_float4": (
+        "split_merge.cuh",
+        "reinterpret_cast<const float4*>(p.part_o + slot_row * p.D) + d4",
+        "reinterpret_cast<const float4*>(p.part_o + slot_row * p.D + 2) + d4",
+    ),
 }
 # What each mutant's report must say (a wrong number is not enough where a
 # detector is meant to speak).
@@ -230,6 +239,7 @@ MUTANT_REPORT = {
     "warp_barrier": "never written",
     "lazy_threshold": "non-finite output",
     "lazy_rescale_l": "relative error",
+    "misaligned_float4": "not aligned to its size",
 }
 # The mutants that only a growing max exposes run on a ramp case.
 MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}

@@ -68,14 +68,29 @@ struct uint3 {
 // not trace, so a float4 row written to one buffer and read back by another
 // block went unchecked (found 2026-11-29, when the merge's copies of such
 // rows started to be checked byte by byte). Member copies are traced scalar
-// loads and stores.
+// loads and stores. Each copy also checks that both addresses are aligned
+// to the vector's size, as the GPU's vector loads and stores require (a
+// float4 at an 8-byte offset of shared memory faulted the kernel on the
+// H200, 2026-11-29, where member copies had let it pass here).
+// The empty asm hides where the addresses came from: the compiler assumes
+// that a reference to a vector is aligned and would fold the test away.
+inline void qsim_check_vector_align(const void* a, const void* b, std::size_t align) {
+  std::uintptr_t ua = reinterpret_cast<std::uintptr_t>(a), ub = reinterpret_cast<std::uintptr_t>(b);
+  asm volatile("" : "+r"(ua), "+r"(ub));
+  if (ua % align != 0 || ub % align != 0) {
+    qsim::kernel_fault("vector load or store at an address not aligned to its size");
+  }
+}
 #define QSIM_CUDA_VEC2(name, T)                                   \
   struct alignas(2 * sizeof(T)) name {                           \
     T x, y;                                                       \
     name() = default;                                             \
     constexpr name(T x_, T y_) : x(x_), y(y_) {}                  \
-    name(const name& o) : x(o.x), y(o.y) {}                       \
+    name(const name& o) : x(o.x), y(o.y) {                        \
+      qsim_check_vector_align(this, &o, sizeof(name));            \
+    }                                                             \
     name& operator=(const name& o) {                              \
+      qsim_check_vector_align(this, &o, sizeof(name));            \
       x = o.x;                                                    \
       y = o.y;                                                    \
       return *this;                                               \
@@ -86,8 +101,11 @@ struct uint3 {
     T x, y, z, w;                                                         \
     name() = default;                                                     \
     constexpr name(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {} \
-    name(const name& o) : x(o.x), y(o.y), z(o.z), w(o.w) {}               \
+    name(const name& o) : x(o.x), y(o.y), z(o.z), w(o.w) {               \
+      qsim_check_vector_align(this, &o, sizeof(name));                    \
+    }                                                                     \
     name& operator=(const name& o) {                                      \
+      qsim_check_vector_align(this, &o, sizeof(name));                    \
       x = o.x;                                                            \
       y = o.y;                                                            \
       z = o.z;                                                            \
