@@ -49,6 +49,11 @@ KERNEL_FLAGS = [
     "-std=c++20",
     "-fPIC",
     "-O1",
+    # No auto-vectorization (as the Metal simulator): the runtime checks that
+    # every 16-byte access is 16-byte aligned, which merged scalar accesses
+    # need not be.
+    "-fno-slp-vectorize",
+    "-fno-vectorize",
     "-gline-tables-only",
     "-fno-strict-aliasing",  # the kernels reinterpret registers (as CUDA allows)
     "-DQSDPA_CUDA_SIM=1",

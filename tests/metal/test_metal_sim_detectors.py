@@ -107,3 +107,8 @@ def test_read_of_unwritten_device_memory(lib):
         launch(lib, "accumulates_into_unwritten_output")
     out = launch(lib, "accumulates_into_unwritten_output", init_out=True)
     assert np.all(out == 1.0)
+
+
+def test_misaligned_vector_store(lib):
+    with pytest.raises(SimulatorError, match=r"write of 16 bytes \(a 4-vector\) at byte offset 4 of buffer 'out': not 16-byte aligned"):
+        launch(lib, "misaligned_float4_store", init_out=True)

@@ -127,3 +127,12 @@ constant bool fc_never_set [[function_constant(7)]];
     uint gid [[thread_position_in_grid]]) {
   out[gid] += 1.0f;
 }
+
+// Stores a float4 at a 4-byte offset: Metal's float4 has alignment 16.
+[[kernel]] void misaligned_float4_store(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid < 8) {
+    *((device float4*)(out + 1 + 4 * gid)) = float4(1.0f);
+  }
+}
