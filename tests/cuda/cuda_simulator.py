@@ -50,8 +50,8 @@ KERNEL_FLAGS = [
     "-fPIC",
     "-O1",
     # No auto-vectorization (as the Metal simulator): the runtime checks that
-    # every 16-byte access is 16-byte aligned, which merged scalar accesses
-    # need not be.
+    # every access is aligned to its size, which merged scalar accesses need
+    # not be.
     "-fno-slp-vectorize",
     "-fno-vectorize",
     "-gline-tables-only",

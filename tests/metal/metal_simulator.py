@@ -37,9 +37,10 @@ KERNEL_FLAGS = [
     "-std=c++17",
     "-fPIC",
     "-O2",
-    # No auto-vectorization: a 16-byte access is then one of the kernel's own
-    # 4-vectors, whose alignment the runtime checks (the SLP vectorizer
-    # merged four uint stores into one 16-byte store at a 4-byte offset).
+    # No auto-vectorization: an access is then one of the kernel's own
+    # scalars or vectors, whose alignment the runtime checks (the SLP
+    # vectorizer merged four uint stores into one 16-byte store at a 4-byte
+    # offset).
     "-fno-slp-vectorize",
     "-fno-vectorize",
     "-gline-tables-only",

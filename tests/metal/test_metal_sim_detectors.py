@@ -110,5 +110,10 @@ def test_read_of_unwritten_device_memory(lib):
 
 
 def test_misaligned_vector_store(lib):
-    with pytest.raises(SimulatorError, match=r"write of 16 bytes \(a 4-vector\) at byte offset 4 of buffer 'out': not 16-byte aligned"):
+    with pytest.raises(SimulatorError, match=r"write of 16 bytes at byte offset 4 of buffer 'out': not 16-byte aligned"):
         launch(lib, "misaligned_float4_store", init_out=True)
+
+
+def test_misaligned_scalar_store(lib):
+    with pytest.raises(SimulatorError, match=r"write of 4 bytes at byte offset 2 of buffer 'out': not 4-byte aligned"):
+        launch(lib, "misaligned_float_store", init_out=True)

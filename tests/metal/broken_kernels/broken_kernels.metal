@@ -136,3 +136,13 @@ constant bool fc_never_set [[function_constant(7)]];
     *((device float4*)(out + 1 + 4 * gid)) = float4(1.0f);
   }
 }
+
+// Stores a float 2 bytes into the buffer: a scalar must be aligned to its
+// size too.
+[[kernel]] void misaligned_float_store(
+    device float* out [[buffer(0)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid == 0) {
+    *((device float*)((device uchar*)out + 2)) = 1.0f;
+  }
+}

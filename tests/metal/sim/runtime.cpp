@@ -557,15 +557,17 @@ void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
         kind_name(write), n, static_cast<long long>(off), r.name.c_str(),
         static_cast<unsigned long long>(r.size), who(pc).c_str()));
   }
-  // A 16-byte access is a 4-vector of 32-bit elements (float4, uint4): the
-  // GPUs require it to be aligned to its size (Metal's float4 has alignment
-  // 16; on CUDA a misaligned vector access faults the kernel). Buffers and
-  // threadgroup memory start 16-byte aligned here, so the offset decides.
-  if (n == 16 && off % 16 != 0) {
+  // Every access must be aligned to its size, as the GPUs require of their
+  // loads and stores (Metal's float4 has alignment 16; on CUDA a misaligned
+  // access faults the kernel). The kernels are built without
+  // auto-vectorization, so an access of n bytes is one of the kernel's own
+  // scalars or vectors. Buffers and threadgroup memory start 16-byte
+  // aligned here, so the offset decides.
+  if (off % n != 0) {
     fail(format(
-        "%s of 16 bytes (a 4-vector) at byte offset %lld of %s: not 16-byte aligned%s",
-        kind_name(write), static_cast<long long>(off),
-        tg ? "threadgroup memory" : ("buffer '" + r.name + "'").c_str(), who(pc).c_str()));
+        "%s of %u bytes at byte offset %lld of %s: not %u-byte aligned%s",
+        kind_name(write), n, static_cast<long long>(off),
+        tg ? "threadgroup memory" : ("buffer '" + r.name + "'").c_str(), n, who(pc).c_str()));
   }
   uint8_t* sh = r.written.data() + off;
   if (!write) {
