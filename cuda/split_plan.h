@@ -43,10 +43,11 @@ inline bool grid_fits(int B, int Hkv, int rows, int rows_per_block) {
 
 // Split the keys into as many ranges as one wave of blocks holds (never
 // more: a block past the wave waits for a free slot and runs after the
-// others; 99-264 forced splits, 1.5 to 5 waves, were 6-16 us slower at
-// 32K and 128K keys on the H200, 2026-11-29g), with at least min_keys_per_split keys per block (each block
-// pays an epilogue and a share of the merge), at most kMaxSplits splits and
-// kMaxPartialElements partial elements; no split is empty.
+// others; 99-264 forced splits, 1.5 to 5 waves, were 6-16 us slower at 32K
+// and 128K keys on the H200, 2026-11-29g), with at least min_keys_per_split
+// keys per block (each block pays an epilogue and a share of the merge), at
+// most kMaxSplits splits and kMaxPartialElements partial elements; no split
+// is empty.
 inline SplitPlan plan_splits(const SplitInput& in) {
   SplitPlan plan;
   plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
