@@ -2,7 +2,8 @@
 //
 // How the CUDA host code spreads one call over blocks: row tiles, key splits
 // and keys per split. Plain C++ (no CUDA headers), so that it is unit-tested
-// on machines without a GPU (tests/test_cuda_split_plan.py).
+// on machines without a GPU (tests/cuda/split_plan_check.cpp, run by
+// tests/test_cuda_host_logic.py).
 #pragma once
 
 #include <algorithm>
