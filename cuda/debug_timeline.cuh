@@ -20,7 +20,10 @@ namespace mlx_qsdpa::cuda::timeline {
 // The points of a block's life that run() marks, in order.
 // kJoined: past the barrier that waits for the block's four warps;
 // kReduced: the rows' block max and sum known; kSummed: the warps' outputs
-// summed in shared memory (the epilogue's steps, decode_mma.cuh).
+// summed in shared memory (the epilogue's steps). The tensor-core kernel
+// (decode_mma.cuh) has one barrier, after its warps wrote their slices, and
+// works out the statistics and sums as it writes the rows: its three points
+// coincide, and its "streamed -> joined" includes writing the slices.
 enum Point { kStart = 0, kFirstKeys, kStreamed, kJoined, kReduced, kSummed, kPartial, kPoints };
 
 struct Marks {

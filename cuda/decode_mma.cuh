@@ -245,16 +245,59 @@ struct MmaDecode {
   static __device__ __forceinline__ int o_index(int r, int d) {
     return r * kORowMma + d + d / RV;
   }
-  struct MmaEpilogue {
-    float m[4][RT], l[4][RT]; // per warp and row
-    float M[RT], L[RT]; // the block's
-    float mult[RT], lse[RT]; // one split: the output's normalisation and lse (finalize_row)
+  // A warp's slice of the epilogue: its rows' max and sum and its output
+  // rows, not rescaled (the store pass brings each warp to the block's max
+  // as it sums); warp 0's slice also holds the rows' output row and head.
+  // Each slice lies over its own warp's ring where it fits, so a warp
+  // writes it as soon as its own copies have landed, and one block barrier
+  // ends the epilogue's shared-memory work (four did: ~0.8 us of every
+  // call, 2026-11-29e timeline).
+  struct WarpSlice {
+    float m[RT], l[RT];
     int64_t out_row[RT];
     int head[RT];
-    float o[4][RT * kORowMma]; // per warp, scaled to the block's max
+    float o[RT * kORowMma];
   };
-  static constexpr int kMainSmemBytes =
-      kRingBytes > int(sizeof(MmaEpilogue)) ? kRingBytes : int(sizeof(MmaEpilogue));
+  static constexpr bool kSliceInRing = int(sizeof(WarpSlice)) <= kWarpRingBytes;
+  static constexpr int kSliceStride = kSliceInRing ? kWarpRingBytes : (int(sizeof(WarpSlice)) + 15) / 16 * 16;
+  static_assert(kWarpRingBytes % 16 == 0, "slices 16-byte aligned");
+  static __device__ __forceinline__ WarpSlice& slice(unsigned char* smem, int w) {
+    return *reinterpret_cast<WarpSlice*>(smem + w * kSliceStride);
+  }
+  static constexpr int kMainSmemBytes = kRingBytes > 4 * kSliceStride ? kRingBytes : 4 * kSliceStride;
+  // Row r's block max M and sum L, and the factor that brings each warp's
+  // slice to M (0 for a warp that saw no key of the row).
+  struct RowStats {
+    float M, L, f[4];
+  };
+  static __device__ __forceinline__ RowStats row_stats(unsigned char* smem, int r) {
+    RowStats st;
+    float m[4];
+    st.M = neg_inf();
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      m[w] = slice(smem, w).m[r];
+      st.M = fmaxf(st.M, m[w]);
+    }
+    st.L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      st.f[w] = m[w] == neg_inf() ? 0.0f : exp2f(m[w] - st.M);
+      st.L = st.L + __fmul_rn(slice(smem, w).l[r], st.f[w]);
+    }
+    return st;
+  }
+  // Element k of a row summed over the four slices, each brought to the
+  // row's max. The products are rounded before the sum (no fused
+  // multiply-add), as when each warp wrote its rows already rescaled.
+  static __device__ __forceinline__ float row_value(unsigned char* smem, const RowStats& st, int k) {
+    float v = __fmul_rn(slice(smem, 0).o[k], st.f[0]);
+#pragma unroll
+    for (int w = 1; w < 4; ++w) {
+      v = v + __fmul_rn(slice(smem, w).o[k], st.f[w]);
+    }
+    return v;
+  }
   static_assert(int(sizeof(MergeSmem)) <= kMainSmemBytes, "merge over the epilogue");
   // The query positions of a thread's accumulator rows (run() says why),
   // 16 bytes per thread past the rest, for the kernels of two row tiles.
@@ -1214,16 +1257,20 @@ struct MmaDecode {
       }
     }
     QSDPA_TL_MARK(kStreamed);
-    // The ring is reused by the epilogue: no copy may still be landing.
-    mma_detail::cp_async_wait_all();
-    __syncthreads();
-    QSDPA_TL_MARK(kJoined);
 
     // ---- merge the four warps ----
-    // Each warp writes its (m, l) and its output rows, already brought to
-    // the block's max, into its own slice; one pass then sums the slices
-    // while writing the rows out.
-    MmaEpilogue& es = *reinterpret_cast<MmaEpilogue*>(smem_raw);
+    // Each warp writes its rows' (m, l) and its output rows, as they are,
+    // into its slice; after one barrier a single pass brings each warp's
+    // rows to the block's max while summing them and writes the rows out.
+    // A slice lies over its warp's own ring: once the warp's copies have
+    // landed and its lanes are past the loop, nothing else touches it.
+    mma_detail::cp_async_wait_all();
+    if constexpr (kSliceInRing) {
+      __syncwarp();
+    } else {
+      __syncthreads(); // the slices overlap other warps' rings
+    }
+    WarpSlice& ws = slice(smem_raw, warp);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -1233,33 +1280,15 @@ struct MmaDecode {
         x += __shfl_xor_sync(0xffffffffu, x, 8);
         x += __shfl_xor_sync(0xffffffffu, x, 16);
         if (g == 0) {
-          es.m[warp][nt * 8 + 2 * t + e] = ref_max(nt, e);
-          es.l[warp][nt * 8 + 2 * t + e] = x;
+          ws.m[nt * 8 + 2 * t + e] = ref_max(nt, e);
+          ws.l[nt * 8 + 2 * t + e] = x;
         }
       }
     }
-    if (threadIdx.x < RT) {
+    if (threadIdx.x < RT) { // warp 0, into its own slice
       const RowRef ref = row_ref(p, b, kvh, r0 + min(int(threadIdx.x), nr - 1));
-      es.out_row[threadIdx.x] = ref.out_row;
-      es.head[threadIdx.x] = ref.h;
-    }
-    epilogue_reduce_stats(es);
-    QSDPA_TL_MARK(kReduced);
-    if (threadIdx.x < RT && p.n_splits == 1) {
-      // Once per row, not per element (the next barrier publishes it).
-      const int r = threadIdx.x;
-      const Finalized fin = finalize_row(p, es.head[r], es.M[r], es.L[r]);
-      es.mult[r] = fin.mult;
-      es.lse[r] = fin.lse;
-    }
-    float f[NT][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = nt * 8 + 2 * t + e;
-        f[nt][e] = epilogue_factor(es, warp, r);
-      }
+      ws.out_row[threadIdx.x] = ref.out_row;
+      ws.head[threadIdx.x] = ref.h;
     }
 #pragma unroll
     for (int j = 0; j < NCH; ++j) {
@@ -1269,68 +1298,44 @@ struct MmaDecode {
         for (int e4 = 0; e4 < 4; ++e4) {
           const int r = nt * 8 + 2 * t + (e4 & 1);
           const int d = RV * g + 2 * j + (e4 >> 1);
-          es.o[warp][o_index(r, d)] = o[j][nt][e4] * f[nt][e4 & 1];
+          ws.o[o_index(r, d)] = o[j][nt][e4];
         }
       }
     }
     __syncthreads();
+    // One barrier: the warps joined, and the rows' statistics and sums come
+    // with the stores below (the timeline's three points coincide).
+    QSDPA_TL_MARK(kJoined);
+    QSDPA_TL_MARK(kReduced);
     QSDPA_TL_MARK(kSummed);
-    const bool one_split = p.n_splits == 1;
-    if constexpr (NT == 2) {
-      // The 16-row kernels (Lq > 1) write element by element in a loop that
-      // is not unrolled: the unrolled store rounds below raised ptxas's
-      // register pressure over the whole kernel and put spills into their
-      // main loop (4-bit gs64: 7 local accesses per step, 1 this way), and
-      // cost one call of Lq=4 ~5 us at 4K keys and ~3 us at 32K on the H200
-      // (2026-11-29, against this loop; 128K equal). Each branch reads only
-      // the row values it stores (store_result's selected pair changed this
-      // loop's code from the measured one).
+    // Warp w writes rows w, w + 4, ..: each lane works out the row's
+    // statistics (and, with one split, its normalisation) once, then reads
+    // its columns of the four slices before it stores any of them (the
+    // stores go through generic pointers, which the compiler must assume
+    // may alias shared memory: a read after a store would wait for it).
+    const WarpSlice& s0 = slice(smem_raw, 0);
+    constexpr int kCols = (D + 31) / 32; // a lane's columns of a row
 #pragma unroll 1
-      for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
-        const int r = idx / D;
-        const int d = idx % D;
-        const int k = o_index(r, d);
-        const float v = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
-        if (one_split) {
-          store_output(p, es.out_row[r], d, v, es.mult[r], es.lse[r]);
-        } else {
-          store_partial(p, split, es.out_row[r], d, v, es.M[r], es.L[r]);
-        }
+    for (int r = warp; r < nr; r += 4) {
+      const RowStats st = row_stats(smem_raw, r);
+      float row_a = st.M, row_b = st.L; // store_result's pair: M and L, or mult and lse
+      if (p.n_splits == 1) {
+        const Finalized fin = finalize_row(p, s0.head[r], st.M, st.L);
+        row_a = fin.mult;
+        row_b = fin.lse;
       }
-    } else {
-      // The one-tile-row kernels (8 rows): rounds of 4 elements per thread,
-      // each round's shared-memory reads before its global stores: the
-      // stores go through generic pointers, which the compiler must assume
-      // may alias shared memory, so a read after a store would wait for it
-      // (the element-at-a-time loop took ~1 us for 4 rows). Rounds past the
-      // block's rows are skipped.
-      constexpr int kRound = 4;
-      constexpr int kStoreIters = RT * D / kThreads;
-      static_assert(kStoreIters % kRound == 0, "whole store rounds");
+      const int64_t out_row = s0.out_row[r];
+      float v[kCols];
 #pragma unroll
-      for (int i0 = 0; i0 < kStoreIters; i0 += kRound) {
-        if (i0 * kThreads / D >= nr) {
-          break; // (uniform) no row of the block from here on
-        }
-        float v[kRound], row_a[kRound], row_b[kRound]; // row_a, row_b: mult, lse or M, L
-        int64_t row_out[kRound];
+      for (int c = 0; c < kCols; ++c) {
+        const int d = lane + 32 * c;
+        v[c] = d < D ? row_value(smem_raw, st, o_index(r, d)) : 0.0f;
+      }
 #pragma unroll
-        for (int i = 0; i < kRound; ++i) {
-          const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
-          const int r = idx / D;
-          const int k = o_index(r, idx % D);
-          v[i] = es.o[0][k] + es.o[1][k] + es.o[2][k] + es.o[3][k];
-          row_out[i] = es.out_row[r];
-          row_a[i] = one_split ? es.mult[r] : es.M[r];
-          row_b[i] = one_split ? es.lse[r] : es.L[r];
-        }
-#pragma unroll
-        for (int i = 0; i < kRound; ++i) {
-          const int idx = int(threadIdx.x) + (i0 + i) * kThreads;
-          const int d = idx % D;
-          if (idx / D < nr) {
-            store_result(p, split, row_out[i], d, v[i], row_a[i], row_b[i]);
-          }
+      for (int c = 0; c < kCols; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D) {
+          store_result(p, split, out_row, d, v[c], row_a, row_b);
         }
       }
     }

@@ -214,7 +214,7 @@ MUTANTS = {
     # A warp reads its stage without the warp barrier after its lanes' waits:
     # other lanes' copies have not landed (the cp.async model lands a copy at
     # its issuing lane's wait).
-    "warp_barrier": ("decode_mma.cuh", "      __syncwarp();\n", ""),
+    "warp_barrier": ("decode_mma.cuh", "cp_async_wait<NS - 2>();\n      __syncwarp();\n", "cp_async_wait<NS - 2>();\n"),
     # The lazy max lets weights grow to 2^64: fp16 P overflows.
     "lazy_threshold": ("decode_mma.cuh", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
     # The slow path forgets to rescale the denominator.

@@ -273,6 +273,11 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 
+// A product rounded to float that the compiler may not fuse into an FMA
+// (the host compiler fuses only within one expression; this is a call).
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}
 inline int min(int a, int b) {
   return a < b ? a : b;
 }
