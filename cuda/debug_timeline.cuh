@@ -62,23 +62,59 @@ __device__ __forceinline__ void print_block(const Marks& m, int keys) {
   }
 }
 
-// A block's steps of the split merge: when it had counted itself in at
-// each level it reached, whether it arrived last there, and when its merge
-// step was done (the whole block: a barrier first). Printed once the block
-// leaves the merge, so that printing does not delay its next level.
+// A block's steps of the split merge: per level it reached, when it entered
+// the count-in (before the block barrier), when thread 0's counter atomic
+// returned, when the block had counted itself in (after the second barrier)
+// and whether it arrived last there; where it did, when thread 0 had its
+// first column's loads in registers (merge_step) and when the step was done
+// (the whole block: a barrier first). Printed once the block leaves the
+// merge, so that printing does not delay its next level.
 constexpr int kMaxMergeLevels = 8;
 struct MergeMarks {
   int levels;
-  unsigned long long arrive[kMaxMergeLevels], done[kMaxMergeLevels];
+  unsigned long long enter[kMaxMergeLevels], counted[kMaxMergeLevels], arrive[kMaxMergeLevels];
+  unsigned long long loaded[kMaxMergeLevels], done[kMaxMergeLevels];
   bool last[kMaxMergeLevels];
+  unsigned long long pending_enter, pending_counted, pending_loaded; // of the level in progress
 };
+
+__device__ __forceinline__ void merge_enter(MergeMarks& m) {
+  if (threadIdx.x == 0) {
+    m.pending_enter = global_ns();
+  }
+}
+
+// The timer reads below are taken on a branch on a value they must follow
+// (the counter's old value; a sum of the loaded partials), so the GPU
+// reads the timer only once that value is there.
+__device__ __forceinline__ unsigned long long global_ns_after(unsigned int dep) {
+  return dep == 0xFFFFFFFFu ? 0ull : global_ns();
+}
+
+// Thread 0 only, once its atomic has returned `before`.
+__device__ __forceinline__ void merge_counted(MergeMarks& m, unsigned int before) {
+  m.pending_counted = global_ns_after(before);
+}
 
 __device__ __forceinline__ void merge_arrived(MergeMarks& m, bool last) {
   if (threadIdx.x == 0 && m.levels < kMaxMergeLevels) {
-    m.arrive[m.levels] = global_ns();
-    m.last[m.levels] = last;
-    m.done[m.levels] = 0;
+    const int i = m.levels;
+    m.arrive[i] = global_ns();
+    m.enter[i] = m.pending_enter;
+    m.counted[i] = m.pending_counted;
+    m.last[i] = last;
+    m.loaded[i] = 0;
+    m.done[i] = 0;
+    m.pending_loaded = 0;
     ++m.levels;
+  }
+}
+
+// In merge_step, thread 0 once its first column's loads are in registers
+// (dep is computed from them).
+__device__ __forceinline__ void step_loaded(unsigned long long& loaded, float dep) {
+  if (threadIdx.x == 0) {
+    loaded = global_ns_after(__float_as_uint(dep) ^ 0x7FC00123u ^ 0xFFFFFFFFu);
   }
 }
 
@@ -86,16 +122,18 @@ __device__ __forceinline__ void merge_done(MergeMarks& m) {
   __syncthreads();
   if (threadIdx.x == 0 && m.levels > 0) {
     m.done[m.levels - 1] = global_ns();
+    m.loaded[m.levels - 1] = m.pending_loaded;
   }
 }
 
-// "qsdpa-tl M x y z level last arrive_ns done_ns" per level (done_ns 0
-// where the block did not arrive last).
+// "qsdpa-tl M x y z level last arrive_ns done_ns enter_ns counted_ns
+// loaded_ns" per level (done_ns and loaded_ns 0 where the block did not
+// arrive last).
 __device__ __forceinline__ void print_merges(const MergeMarks& m) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < m.levels; ++i) {
-      printf("qsdpa-tl M %d %d %d %d %d %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z, i, m.last[i] ? 1 : 0,
-             m.arrive[i], m.done[i]);
+      printf("qsdpa-tl M %d %d %d %d %d %llu %llu %llu %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z, i,
+             m.last[i] ? 1 : 0, m.arrive[i], m.done[i], m.enter[i], m.counted[i], m.loaded[i]);
     }
   }
 }
@@ -106,9 +144,15 @@ __device__ __forceinline__ void print_merges(const MergeMarks& m) {
 #define QSDPA_TL_MARK(point) ::mlx_qsdpa::cuda::timeline::mark(qsdpa_tl_marks, ::mlx_qsdpa::cuda::timeline::point)
 #define QSDPA_TL_PRINT_BLOCK(keys) ::mlx_qsdpa::cuda::timeline::print_block(qsdpa_tl_marks, keys)
 #define QSDPA_TL_MERGE_MARKS ::mlx_qsdpa::cuda::timeline::MergeMarks qsdpa_tl_merge {}
+#define QSDPA_TL_MERGE_ENTER() ::mlx_qsdpa::cuda::timeline::merge_enter(qsdpa_tl_merge)
+#define QSDPA_TL_MERGE_COUNTED(before) ::mlx_qsdpa::cuda::timeline::merge_counted(qsdpa_tl_merge, before)
 #define QSDPA_TL_MERGE_ARRIVED(last) ::mlx_qsdpa::cuda::timeline::merge_arrived(qsdpa_tl_merge, last)
 #define QSDPA_TL_MERGE_DONE() ::mlx_qsdpa::cuda::timeline::merge_done(qsdpa_tl_merge)
 #define QSDPA_TL_MERGE_PRINT() ::mlx_qsdpa::cuda::timeline::print_merges(qsdpa_tl_merge)
+// merge_step's extra parameter and argument (its "loaded" mark), and the mark.
+#define QSDPA_TL_STEP_PARAM , unsigned long long& qsdpa_tl_loaded
+#define QSDPA_TL_STEP_ARG , qsdpa_tl_merge.pending_loaded
+#define QSDPA_TL_STEP_LOADED(dep) ::mlx_qsdpa::cuda::timeline::step_loaded(qsdpa_tl_loaded, dep)
 
 #else
 
@@ -116,8 +160,13 @@ __device__ __forceinline__ void print_merges(const MergeMarks& m) {
 #define QSDPA_TL_MARK(point)
 #define QSDPA_TL_PRINT_BLOCK(keys)
 #define QSDPA_TL_MERGE_MARKS
+#define QSDPA_TL_MERGE_ENTER()
+#define QSDPA_TL_MERGE_COUNTED(before)
 #define QSDPA_TL_MERGE_ARRIVED(last)
 #define QSDPA_TL_MERGE_DONE()
 #define QSDPA_TL_MERGE_PRINT()
+#define QSDPA_TL_STEP_PARAM
+#define QSDPA_TL_STEP_ARG
+#define QSDPA_TL_STEP_LOADED(dep)
 
 #endif

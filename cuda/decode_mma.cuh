@@ -1341,7 +1341,7 @@ struct MmaDecode {
     }
     QSDPA_TL_MARK(kPartial);
     if (p.n_splits > 1) {
-      merge_splits(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
+      merge_splits<D, NT>(p, b, kvh, r0, nr, *reinterpret_cast<MergeSmem*>(smem_raw));
     }
     QSDPA_TL_PRINT_BLOCK(k_end - k_begin);
   }

@@ -42,23 +42,31 @@ __device__ __forceinline__ float4 fma4(float4 x, float f, float4 acc) {
   return make_float4(fmaf(x.x, f, acc.x), fmaf(x.y, f, acc.y), fmaf(x.z, f, acc.z), fmaf(x.w, f, acc.w));
 }
 
-// Partial rows are read with ld.global.cg (from L2): other blocks wrote them.
-__device__ __forceinline__ float4 load_o4(const Params& p, int64_t slot_row, int d4) {
-  return __ldcg(reinterpret_cast<const float4*>(p.part_o + slot_row * p.D) + d4);
-}
-
 // Merge the partials in slots [first, first + members) of the tile's rows
 // into slot `dst` (dst >= 0) or into the output (dst < 0). One round of
 // loads: a thread reads, for each of its float4 columns, every member's
 // column and (m, l), and works out the row's max and denominator itself
 // (the threads of a row repeat that arithmetic instead of waiting on each
-// other through shared memory).
+// other through shared memory). Partial rows are read with ld.global.cg
+// (from L2): other blocks wrote them.
+//
+// The step runs with one warp per scheduler and nothing to hide its
+// latencies, so the instructions before its loads are issued count: a
+// member's column is one pointer step from the previous member's (slots
+// lie n_rows rows apart), not a 64-bit index product per member, and a
+// column past the tile's rows skips its loads (cuobjdump, fp16 4-bit gs64
+// D=128: the loads issued 121-191 instructions after the counter atomic,
+// 363-571 before). kD: the head dim where the kernel has it at compile
+// time (its divisions become shifts), else 0. kCols: float4 columns per
+// thread and round (each adds 24 registers; the one-tile-row tensor-core
+// kernels take 1, so that the merge does not make them spill).
+template <int kD, int kCols>
 __device__ inline void merge_step(
-    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst) {
-  constexpr int kCols = 2; // float4 columns per thread and round
+    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst QSDPA_TL_STEP_PARAM) {
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
-  const int D4 = p.D / 4;
+  const int D4 = (kD > 0 ? kD : p.D) / 4;
   const int n_cols = nr * D4;
+  const int64_t o_slot = n_rows * D4; // float4s from a slot's row to the next slot's
   for (int c0 = threadIdx.x; c0 < n_cols; c0 += kCols * kThreads) {
     float4 x[kCols][kMergeRadix];
     float m[kCols][kMergeRadix], l[kCols][kMergeRadix];
@@ -68,15 +76,20 @@ __device__ inline void merge_step(
       const int idx = c0 + k * kThreads;
       const int r = idx / D4;
       refs[k] = row_ref(p, b, kvh, r0 + min(r, nr - 1)); // r < nr unless idx >= n_cols
-      const int64_t row = refs[k].out_row;
+      if (idx < n_cols) {
+        const int64_t slot_row = first * n_rows + refs[k].out_row; // member 0's
+        const float4* po = reinterpret_cast<const float4*>(p.part_o) + slot_row * D4 + (idx - r * D4);
+        const float2* pml = reinterpret_cast<const float2*>(p.part_ml) + slot_row;
 #pragma unroll
-      for (int u = 0; u < kMergeRadix; ++u) {
-        const bool ok = idx < n_cols && u < members;
-        const int64_t slot_row = (first + u) * n_rows + row;
-        x[k][u] = ok ? load_o4(p, slot_row, idx - r * D4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const float2 ml = ok ? __ldcg(reinterpret_cast<const float2*>(p.part_ml) + slot_row) : make_float2(neg_inf(), 0.0f);
-        m[k][u] = ml.x;
-        l[k][u] = ml.y;
+        for (int u = 0; u < kMergeRadix; ++u) {
+          const bool ok = u < members;
+          x[k][u] = ok ? __ldcg(po) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          const float2 ml = ok ? __ldcg(pml) : make_float2(neg_inf(), 0.0f);
+          m[k][u] = ml.x;
+          l[k][u] = ml.y;
+          po += o_slot;
+          pml += n_rows;
+        }
       }
     }
 #pragma unroll
@@ -101,16 +114,19 @@ __device__ inline void merge_step(
         L = fmaf(l[k][u], f, L);
         acc = fma4(x[k][u], f, acc);
       }
+      if (k == 0 && c0 == 0) {
+        QSDPA_TL_STEP_LOADED(acc.x + L); // timeline builds only
+      }
       if (dst >= 0) {
         const int64_t row = dst * n_rows + ref.out_row;
-        reinterpret_cast<float4*>(p.part_o + row * p.D)[d4] = acc;
+        reinterpret_cast<float4*>(p.part_o)[row * D4 + d4] = acc;
         if (d4 == 0) {
           p.part_ml[row * 2] = M;
           p.part_ml[row * 2 + 1] = L;
         }
       } else {
         const Finalized fin = finalize_row(p, ref.h, M, L);
-        const int64_t o = ref.out_row * p.D + 4 * d4;
+        const int64_t o = (ref.out_row * D4 + d4) * 4;
         store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
         store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
         store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
@@ -129,7 +145,8 @@ __device__ inline void merge_step(
 // nr - 1 of kv head kvh, batch b; slot blockIdx.x of level 0) are written;
 // `s` may alias shared memory the block no longer reads. Returns once the
 // block is not the last of its group at some level, or has written the
-// output.
+// output. kD, kCols: merge_step's.
+template <int kD = 0, int kCols = 2>
 __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
 #if defined(QSDPA_TIMING_SKIP_MERGE)
   // Measurement builds only (run_gpu.sh variants): the call's time without
@@ -154,10 +171,12 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     // thread. Its acquire half, followed by the second barrier, orders the
     // other members' partials before this block's reads of them (which go
     // to L2, ld.global.cg) when it arrives last.
+    QSDPA_TL_MERGE_ENTER();
     __syncthreads();
     if (threadIdx.x == 0) {
       unsigned int* counter = p.counters + (counter_base + group) * n_tiles + tile;
       const unsigned int before = mma_detail::atomic_add_acq_rel(counter, 1u);
+      QSDPA_TL_MERGE_COUNTED(before);
       s.last = before == unsigned(members - 1);
       if (s.last) {
         *counter = 0u; // every member has counted: ready for reuse
@@ -171,7 +190,7 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     }
     const bool root = count <= kMergeRadix;
     const int64_t dst = root ? -1 : slot_base + count + group;
-    merge_detail::merge_step(p, b, kvh, r0, nr, slot_base + first, members, dst);
+    merge_detail::merge_step<kD, kCols>(p, b, kvh, r0, nr, slot_base + first, members, dst QSDPA_TL_STEP_ARG);
     QSDPA_TL_MERGE_DONE();
     if (root) {
       QSDPA_TL_MERGE_PRINT();

@@ -7,9 +7,11 @@ Per call (calls are told apart by gaps of 100 us between blocks' starts):
 the blocks' start skew and each phase of a block's life: its first keys,
 the end of its stream, the epilogue's steps (the four warps joined, the
 rows' max and sum reduced, the warps' outputs summed) and its written
-partial (median and max over blocks), when the last partial was written, and the merge's
-levels after that: when the last block arrived at each level and when its
-merge step was done. Times in us from the call's first block start
+partial (median and max over blocks), when the last partial was written,
+and the merge's levels after that: when the last block arrived at each
+level and when its merge step was done (and, from builds of 2026-11-29h
+on, how a step splits into the count-in's barrier and atomic, the second
+barrier, the loads and the rest). Times in us from the call's first block start
 (%globaltimer); cycles are the block's SM clock."""
 
 import statistics
@@ -32,9 +34,12 @@ def parse(path):
             b.update(zip(POINTS, map(int, f[7:7 + n])))
             b.update(zip(["c_" + q for q in POINTS[1:]], map(int, f[7 + n:])))
             blocks.append(b)
-        elif f[1] == "M" and len(f) == 9:
+        elif f[1] == "M" and len(f) in (9, 12):  # 12: with enter, counted and loaded (2026-11-29h)
             x, y, z, level, last = map(int, f[2:7])
-            merges.append(dict(x=x, y=y, z=z, level=level, last=bool(last), arrive=int(f[7]), done=int(f[8])))
+            m = dict(x=x, y=y, z=z, level=level, last=bool(last), arrive=int(f[7]), done=int(f[8]))
+            if len(f) == 12:
+                m.update(enter=int(f[9]), counted=int(f[10]), loaded=int(f[11]))
+            merges.append(m)
     return blocks, merges
 
 
@@ -94,6 +99,12 @@ def report(bs, ms):
                      f"{us(max(m['arrive'] for m in at) - t0):6.2f} us, last step done at {us(done - t0):6.2f} us; "
                      f"a step (arrival -> done) {med_max([m['done'] - m['arrive'] for m in lasts])}")
         end = max(end, done)
+        timed = [m for m in lasts if m.get("loaded")]
+        if timed:  # where a step's time goes (the blocks that merged at this level)
+            parts = (("enter", "counted", "barrier + counter atomic"), ("counted", "arrive", "second barrier"),
+                     ("arrive", "loaded", "loads in registers"), ("loaded", "done", "compute, stores, barrier"))
+            lines.append("    " + "; ".join(f"{name} {med_max([m[z] - m[a] for m in timed]).split()[0]}"
+                                          for a, z, name in parts) + " (median us)")
     lines.append(f"  call: first block start -> last work done {us(end - t0):6.2f} us "
                  f"(after the last partial: {us(end - last_partial):6.2f} us)")
     return "\n".join(lines)

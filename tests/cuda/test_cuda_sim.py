@@ -225,8 +225,8 @@ MUTANTS = {
     # 2026-11-29), so the simulator must too.
     "misaligned_float4": (
         "split_merge.cuh",
-        "reinterpret_cast<const float4*>(p.part_o + slot_row * p.D) + d4",
-        "reinterpret_cast<const float4*>(p.part_o + slot_row * p.D + 2) + d4",
+        "reinterpret_cast<const float4*>(p.part_o) + slot_row * D4",
+        "reinterpret_cast<const float4*>(p.part_o + 2) + slot_row * D4",
     ),
 }
 # What each mutant's report must say (a wrong number is not enough where a
