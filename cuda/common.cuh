@@ -228,28 +228,30 @@ __device__ __forceinline__ void store_partial(const Params& p, int split, int64_
   }
 }
 
+// What store_result needs of a block's result row (query head h, the
+// block's row max M and sum L): with one split finalize_row's mult and lse,
+// else M and L. Worked out once per row where a loop stores many elements.
+struct ResultPair {
+  float a, b;
+};
+
+__device__ __forceinline__ ResultPair result_pair(const Params& p, int h, float M, float L) {
+  if (p.n_splits == 1) {
+    const Finalized f = finalize_row(p, h, M, L);
+    return {f.mult, f.lse};
+  }
+  return {M, L};
+}
+
 // Element d of one of a block's result rows, v not normalised: the output
-// when the call has one split (a, b: finalize_row's mult and lse), else the
-// block's partial in slot `split` (a, b: the row's max M and sum L).
+// when the call has one split, else the block's partial in slot `split`
+// (a, b: the row's result_pair).
 __device__ __forceinline__ void store_result(
     const Params& p, int split, int64_t out_row, int d, float v, float a, float b) {
   if (p.n_splits == 1) {
     store_output(p, out_row, d, v, a, b);
   } else {
     store_partial(p, split, out_row, d, v, a, b);
-  }
-}
-
-// Element d of one of a block's result rows (output row out_row, query head
-// h; the block's row max M and sum L; v not normalised): the output (and the
-// lse) when the call has one split, else the block's partial in slot `split`.
-__device__ __forceinline__ void epilogue_store(
-    const Params& p, int split, int64_t out_row, int h, int d, float M, float L, float v) {
-  if (p.n_splits == 1) {
-    const Finalized f = finalize_row(p, h, M, L);
-    store_output(p, out_row, d, v, f.mult, f.lse);
-  } else {
-    store_partial(p, split, out_row, d, v, M, L);
   }
 }
 
@@ -262,7 +264,8 @@ __device__ __forceinline__ void epilogue_write(
     const int r = idx / D;
     const int d = idx - r * D;
     const RowRef ref = row_ref(p, b, kvh, r0 + r);
-    epilogue_store(p, split, ref.out_row, ref.h, d, s.M[r], s.L[r], s.o[oidx(r, d)]);
+    const ResultPair rp = result_pair(p, ref.h, s.M[r], s.L[r]);
+    store_result(p, split, ref.out_row, d, s.o[oidx(r, d)], rp.a, rp.b);
   }
 }
 

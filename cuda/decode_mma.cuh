@@ -1318,12 +1318,7 @@ struct MmaDecode {
 #pragma unroll 1
     for (int r = warp; r < nr; r += 4) {
       const RowStats st = row_stats(smem_raw, r);
-      float row_a = st.M, row_b = st.L; // store_result's pair: M and L, or mult and lse
-      if (p.n_splits == 1) {
-        const Finalized fin = finalize_row(p, s0.head[r], st.M, st.L);
-        row_a = fin.mult;
-        row_b = fin.lse;
-      }
+      const ResultPair rp = result_pair(p, s0.head[r], st.M, st.L);
       const int64_t out_row = s0.out_row[r];
       float v[kCols];
 #pragma unroll
@@ -1335,7 +1330,7 @@ struct MmaDecode {
       for (int c = 0; c < kCols; ++c) {
         const int d = lane + 32 * c;
         if (d < D) {
-          store_result(p, split, out_row, d, v[c], row_a, row_b);
+          store_result(p, split, out_row, d, v[c], rp.a, rp.b);
         }
       }
     }
