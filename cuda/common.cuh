@@ -88,6 +88,23 @@ __device__ __forceinline__ float decode_scale(uint32_t raw, int type) {
   }
 }
 
+// n / d for 0 <= n < 2^31 (params.h's FastDiv says why and how).
+__device__ __forceinline__ int fast_div(FastDiv d, int n) {
+  return int((__umulhi(uint32_t(n), d.mul) + uint32_t(n)) >> d.shift);
+}
+
+// The block's (kv head, first row) from blockIdx.y = row tile * Hkv + kv head.
+struct TileRef {
+  int kvh;
+  int r0;
+};
+
+template <int RT>
+__device__ __forceinline__ TileRef tile_ref(const Params& p) {
+  const int tile = fast_div(p.div_Hkv, int(blockIdx.y));
+  return TileRef{int(blockIdx.y) - tile * p.Hkv, tile * RT};
+}
+
 // Where row r (of the G * Lq rows of one kv head) lives.
 struct RowRef {
   int i; // query position
@@ -108,7 +125,7 @@ __device__ __forceinline__ RowRef row_ref_at(const Params& p, int b, int kvh, in
 }
 
 __device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r) {
-  return row_ref_at(p, b, kvh, r, r / p.G);
+  return row_ref_at(p, b, kvh, r, fast_div(p.div_G, r));
 }
 
 // The array mask's contribution to the base-2 score of (row, key j): 0,
@@ -129,7 +146,7 @@ __device__ __forceinline__ void split_range(
   k_begin = split * p.keys_per_split;
   k_end = min(p.Lk, k_begin + p.keys_per_split);
   if (p.mask_type == kMaskCausal) {
-    const int i_max = last_row / p.G;
+    const int i_max = fast_div(p.div_G, last_row);
     k_end = min(k_end, p.Lk - p.Lq + i_max + 1);
   }
 }

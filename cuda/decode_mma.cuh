@@ -892,8 +892,9 @@ struct MmaDecode {
     const int g = lane / 4;
     const int t = lane % 4;
     const int split = blockIdx.x;
-    const int kvh = blockIdx.y % p.Hkv;
-    const int r0 = (blockIdx.y / p.Hkv) * RT;
+    const TileRef tile = tile_ref<RT>(p);
+    const int kvh = tile.kvh;
+    const int r0 = tile.r0;
     const int b = blockIdx.z;
     const int nr = min(RT, p.rows - r0);
 

@@ -94,8 +94,9 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int split = blockIdx.x;
-  const int kvh = blockIdx.y % p.Hkv;
-  const int r0 = (blockIdx.y / p.Hkv) * RT;
+  const TileRef tile = tile_ref<RT>(p);
+  const int kvh = tile.kvh;
+  const int r0 = tile.r0;
   const int b = blockIdx.z;
   const int nr = min(RT, p.rows - r0);
   const int D = p.D;

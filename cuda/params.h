@@ -29,6 +29,31 @@ struct QuantTensor {
   int scale_type; // qsdpa::ElemType of scales and biases
 };
 
+// n / d for 0 <= n < 2^31 and a divisor 1 <= d < 2^31 fixed for a call: one
+// multiply-high, an add and a shift on the GPU (fast_div in common.cuh),
+// with the divisor's magic worked out once on the host (make_fast_div). The
+// GPU's own integer division is ~20 dependent instructions through a float
+// reciprocal; the kernels divide by G and Hkv on their start and merge
+// paths, which run with few warps to hide latencies (cuda/README.md).
+// With s = ceil(log2 d) and mul = floor(2^32 (2^s - d) / d) + 1 (< 2^32),
+// n / d = (mulhi(n, mul) + n) >> s (Granlund and Montgomery's round-up
+// multiplier; mul + 2^32 is the 33-bit magic, n < 2^31 keeps the add in 32
+// bits). tests/cuda/split_plan_check.cpp checks it against `/`.
+struct FastDiv {
+  uint32_t mul;
+  uint32_t shift;
+};
+
+inline FastDiv make_fast_div(int d) {
+  uint32_t s = 0;
+  while ((uint64_t(1) << s) < uint64_t(d)) {
+    ++s;
+  }
+  const uint64_t d64 = uint64_t(d);
+  const uint64_t mul = (((uint64_t(1) << s) - d64) << 32) / d64 + 1;
+  return FastDiv{uint32_t(mul), s};
+}
+
 // Query rows: the G * Lq rows that share a kv head are numbered
 // r = i * G + g (i: query position, g: head within the group), as the CPU
 // kernel does. A block handles a tile of consecutive rows of one
@@ -40,6 +65,7 @@ struct Params {
   int n_splits; // key ranges; 1: the kernel writes the final output
   int keys_per_split; // a multiple of kKeysPerBlockStep
   float scale_log2; // scale * log2(e): scores live in base-2 units
+  FastDiv div_G, div_Hkv; // set_divisors: G's and Hkv's
 
   const void* q;
   int64_t qs[4];
@@ -66,6 +92,12 @@ struct Params {
   float* part_ml;
   unsigned int* counters;
 };
+
+// The divisors of p's fields the kernels divide by (after B .. G are set).
+inline void set_divisors(Params& p) {
+  p.div_G = make_fast_div(p.G);
+  p.div_Hkv = make_fast_div(p.Hkv);
+}
 
 // Keys a block advances per step of its four warps: every split starts at a
 // multiple of it.

@@ -312,6 +312,7 @@ void eval_gpu_kernel(
   p.Lk = inputs[in.k].shape(2);
   p.G = p.Hq / p.Hkv;
   p.rows = p.G * p.Lq;
+  cu::set_divisors(p);
   p.group_size = c.group_size;
   p.scale_log2 = c.scale * 1.4426950408889634f;
   p.q = mx::gpu_ptr<void>(q);

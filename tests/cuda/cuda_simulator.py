@@ -127,7 +127,7 @@ extern "C" int qsim_cuda_smem_{v.name}() {{
 
 PARAM_FIELDS = [
     "B", "Hq", "Hkv", "Lq", "Lk", "D", "G", "rows", "group_size", "n_splits", "keys_per_split",
-    "scale_log2", "q", "qs", "q_type", "k", "v", "mask_type", "mask", "ms", "sinks", "sink_stride",
+    "scale_log2", "div_G", "div_Hkv", "q", "qs", "q_type", "k", "v", "mask_type", "mask", "ms", "sinks", "sink_stride",
     "out", "out_type", "lse", "part_o", "part_ml", "counters",
 ]  # fmt: skip
 
@@ -180,6 +180,11 @@ extern "C" int qsim_cuda_params_layout(int64_t* out, int n) {{
   const int count = int(sizeof(offsets) / sizeof(offsets[0]));
   for (int i = 0; i < n && i < count; ++i) out[i] = offsets[i];
   return int(sizeof(cu::Params));
+}}
+
+// The host's divisors (params.h's set_divisors), once B .. G are set.
+extern "C" void qsim_cuda_set_divisors(cu::Params* p) {{
+  cu::set_divisors(*p);
 }}
 
 // The host's split plan (cuda/split_plan.h): out = row_tiles, n_splits,
@@ -273,12 +278,16 @@ class QuantTensor(ctypes.Structure):
     ]  # fmt: skip
 
 
+class FastDiv(ctypes.Structure):
+    _fields_ = [("mul", ctypes.c_uint32), ("shift", ctypes.c_uint32)]
+
+
 class Params(ctypes.Structure):
     _fields_ = [
         ("B", ctypes.c_int), ("Hq", ctypes.c_int), ("Hkv", ctypes.c_int), ("Lq", ctypes.c_int),
         ("Lk", ctypes.c_int), ("D", ctypes.c_int), ("G", ctypes.c_int), ("rows", ctypes.c_int),
         ("group_size", ctypes.c_int), ("n_splits", ctypes.c_int), ("keys_per_split", ctypes.c_int),
-        ("scale_log2", ctypes.c_float),
+        ("scale_log2", ctypes.c_float), ("div_G", FastDiv), ("div_Hkv", FastDiv),
         ("q", ctypes.c_void_p), ("qs", I64x4), ("q_type", ctypes.c_int),
         ("k", QuantTensor), ("v", QuantTensor),
         ("mask_type", ctypes.c_int), ("mask", ctypes.c_void_p), ("ms", I64x4),
@@ -347,6 +356,7 @@ class Library:
         self.lib = lib
         lib.qsim_cuda_smem.argtypes = [ctypes.c_char_p]
         lib.qsim_cuda_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        lib.qsim_cuda_set_divisors.argtypes = [ctypes.POINTER(Params)]
         lib.qsim_cuda_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 2 + [
             ctypes.POINTER(ctypes.c_int),
             ctypes.POINTER(ctypes.c_int64),
@@ -426,6 +436,7 @@ class Library:
         p.B, p.Hq, p.Lq, p.D, p.Hkv, p.Lk = B, Hq, Lq, D, Hkv, Lk
         p.G = Hq // Hkv
         p.rows = p.G * Lq
+        self.lib.qsim_cuda_set_divisors(ctypes.byref(p))
         p.group_size = variant.gs
         p.scale_log2 = scale * 1.4426950408889634
         elem = ELEM[variant.dtype]

@@ -97,6 +97,55 @@ int main() {
       }
     }
   }
+  // params.h's FastDiv (the kernels' n / G and n / Hkv) against `/`, as
+  // common.cuh's fast_div computes it: every n below 20000 for divisors up
+  // to 1024, and, for those and some large divisors, pseudo-random n and
+  // the n next to multiples of d up to 2^31 - 1.
+  {
+    auto fast = [](const FastDiv& f, uint32_t n) {
+      const uint32_t hi = uint32_t((uint64_t(n) * f.mul) >> 32);
+      return (hi + n) >> f.shift;
+    };
+    auto check_div = [&](int d, uint32_t n) {
+      if (fast(make_fast_div(d), n) != n / uint32_t(d)) {
+        ++failures;
+        if (failures < 20) {
+          std::printf("FAIL fast_div: %u / %d\n", n, d);
+        }
+      }
+    };
+    std::vector<int> divisors;
+    for (int d = 1; d <= 1024; ++d) {
+      divisors.push_back(d);
+    }
+    for (int d : {4095, 4096, 4097, 65535, 65536, 65537, 1 << 20, (1 << 30) - 1, 1 << 30, (1 << 30) + 1, 0x7fffffff}) {
+      divisors.push_back(d);
+    }
+    uint64_t state = 88172645463325252ull;
+    for (int d : divisors) {
+      const FastDiv f = make_fast_div(d);
+      for (uint32_t n = 0; d <= 1024 && n < 20000; ++n) {
+        if (fast(f, n) != n / uint32_t(d)) {
+          check_div(d, n); // reports it
+        }
+      }
+      for (int i = 0; i < 2000; ++i) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        check_div(d, uint32_t(state) & 0x7fffffffu);
+      }
+      for (uint64_t k : {uint64_t(1), uint64_t(2), uint64_t(0x7fffffff) / uint64_t(d)}) {
+        for (int64_t delta : {-1, 0, 1}) {
+          const int64_t n = int64_t(k * uint64_t(d)) + delta;
+          if (n >= 0 && n <= 0x7fffffff) {
+            check_div(d, uint32_t(n));
+          }
+        }
+      }
+      check_div(d, 0x7fffffffu);
+    }
+  }
   // Grid limits: kv heads x row tiles <= 65535, B <= 65535.
   if (!grid_fits(1, 8, 4, 8) || !grid_fits(65535, 8, 4, 8) || grid_fits(65536, 8, 4, 8) ||
       !grid_fits(1, 64, 1023 * 8, 8) || grid_fits(1, 64, 1023 * 8 + 1, 8) || !grid_fits(1, 1, 65535 * 16, 16)) {
