@@ -56,14 +56,17 @@
 
 // Measurement knobs (run_gpu.sh variants: QSDPA_VARIANTS="-DQSDPA_MMA_RING_BUDGET=73728
 // -DQSDPA_MMA_MIN_BLOCKS=3"; cuda/README.md says why): a block's ring budget in bytes, which
-// sets the stages (NS) and the tiles per warp (TPW), and the blocks of the one-tile-row
-// kernels (D <= 128) that __launch_bounds__ must fit per SM (their register cap). The
-// defaults are the measured kernels'.
+// sets the stages (NS, at most QSDPA_MMA_MAX_STAGES) and the tiles per warp (TPW), and the
+// blocks of the one-tile-row kernels (D <= 128) that __launch_bounds__ must fit per SM (their
+// register cap). The defaults are the measured kernels'.
 #ifndef QSDPA_MMA_RING_BUDGET
 #define QSDPA_MMA_RING_BUDGET 57344
 #endif
 #ifndef QSDPA_MMA_MIN_BLOCKS
 #define QSDPA_MMA_MIN_BLOCKS 4
+#endif
+#ifndef QSDPA_MMA_MAX_STAGES
+#define QSDPA_MMA_MAX_STAGES 4
 #endif
 
 namespace mlx_qsdpa::cuda {
@@ -228,8 +231,12 @@ struct MmaDecode {
   static constexpr int kOffS = 2 * CKW * RB;
   static constexpr int kScaleArrayBytes = CKW * SRB;
   static constexpr int kStageBytes = stage_bytes(CKW);
-  // Enough steps in flight to cover HBM latency, in about 56 KB per block.
-  static constexpr int NS = kStageBytes * 16 <= kRingBudget ? 4 : (kStageBytes * 12 <= kRingBudget ? 3 : 2);
+  // Enough steps in flight to cover HBM latency, in about 56 KB per block:
+  // as many stages as the four warps' rings fit in the budget, 2 to
+  // QSDPA_MMA_MAX_STAGES.
+  static constexpr int NS = kRingBudget / (4 * kStageBytes) >= QSDPA_MMA_MAX_STAGES
+      ? QSDPA_MMA_MAX_STAGES
+      : (kRingBudget / (4 * kStageBytes) >= 2 ? kRingBudget / (4 * kStageBytes) : 2);
   static constexpr int kWarpRingBytes = NS * kStageBytes;
   static constexpr int kRingBytes = 4 * kWarpRingBytes;
 

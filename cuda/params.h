@@ -104,8 +104,12 @@ inline void set_divisors(Params& p) {
 constexpr int kKeysPerBlockStep = 64;
 constexpr int kThreads = 128; // 4 warps per block, every decode kernel
 constexpr int kMaxHeadDim = 256;
-// Partials a merge step combines (split_merge.cuh).
-constexpr int kMergeRadix = 8;
+// Partials a merge step combines (split_merge.cuh). QSDPA_MERGE_RADIX: a
+// measurement knob (run_gpu.sh variants; host and kernels must agree).
+#ifndef QSDPA_MERGE_RADIX
+#define QSDPA_MERGE_RADIX 8
+#endif
+constexpr int kMergeRadix = QSDPA_MERGE_RADIX;
 
 // Rows per block of the generic decode kernel; the tensor-core kernel takes
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).

@@ -222,7 +222,10 @@ bool mma_layout_ok(const QuantSDPAConfig& c, const std::vector<mx::array>& input
 // swept).
 constexpr int kMinKeysPerSplitMma = 8 * cu::kKeysPerBlockStep;
 constexpr int kMinKeysPerSplitSimt = 8 * cu::kKeysPerBlockStep;
-constexpr int kMmaWaveBlocksPerSm = 3;
+#ifndef QSDPA_MMA_WAVE_BLOCKS // a measurement knob (run_gpu.sh variants)
+#define QSDPA_MMA_WAVE_BLOCKS 3
+#endif
+constexpr int kMmaWaveBlocksPerSm = QSDPA_MMA_WAVE_BLOCKS;
 
 // Points p's partials and counters at memory for this call: ring ranges
 // where there is room (given back once the GPU has run the call), else a
