@@ -88,11 +88,6 @@ __device__ __forceinline__ float decode_scale(uint32_t raw, int type) {
   }
 }
 
-// n / d for 0 <= n < 2^31 (params.h's FastDiv says why and how).
-__device__ __forceinline__ int fast_div(FastDiv d, int n) {
-  return int((__umulhi(uint32_t(n), d.mul) + uint32_t(n)) >> d.shift);
-}
-
 // The block's (kv head, first row) from blockIdx.y = row tile * Hkv + kv head.
 struct TileRef {
   int kvh;

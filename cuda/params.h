@@ -30,7 +30,7 @@ struct QuantTensor {
 };
 
 // n / d for 0 <= n < 2^31 and a divisor 1 <= d < 2^31 fixed for a call: one
-// multiply-high, an add and a shift on the GPU (fast_div in common.cuh),
+// multiply-high, an add and a shift on the GPU (fast_div below),
 // with the divisor's magic worked out once on the host (make_fast_div). The
 // GPU's own integer division is ~20 dependent instructions through a float
 // reciprocal; the kernels divide by G and Hkv on their start and merge
@@ -52,6 +52,19 @@ inline FastDiv make_fast_div(int d) {
   const uint64_t d64 = uint64_t(d);
   const uint64_t mul = (((uint64_t(1) << s) - d64) << 32) / d64 + 1;
   return FastDiv{uint32_t(mul), s};
+}
+
+// n / d for 0 <= n < 2^31, d's FastDiv: the kernels' division, and the one
+// the host checks run (QSDPA_FUNC: formats.h's host-and-device qualifier).
+// The GPU takes its multiply-high intrinsic (one IMAD.HI; the 64-bit
+// product compiled to wide multiplies and a longer kernel, cuobjdump).
+QSDPA_FUNC int fast_div(FastDiv d, int n) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t hi = __umulhi(uint32_t(n), d.mul);
+#else
+  const uint32_t hi = uint32_t((uint64_t(uint32_t(n)) * d.mul) >> 32);
+#endif
+  return int((hi + uint32_t(n)) >> d.shift);
 }
 
 // Query rows: the G * Lq rows that share a kv head are numbered

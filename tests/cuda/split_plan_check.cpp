@@ -97,17 +97,13 @@ int main() {
       }
     }
   }
-  // params.h's FastDiv (the kernels' n / G and n / Hkv) against `/`, as
-  // common.cuh's fast_div computes it: every n below 20000 for divisors up
-  // to 1024, and, for those and some large divisors, pseudo-random n and
-  // the n next to multiples of d up to 2^31 - 1.
+  // params.h's fast_div (the kernels' n / G and n / Hkv) against `/`: every
+  // n below 20000 for divisors up to 1024, and, for those and some large
+  // divisors, pseudo-random n and the n next to multiples of d up to
+  // 2^31 - 1.
   {
-    auto fast = [](const FastDiv& f, uint32_t n) {
-      const uint32_t hi = uint32_t((uint64_t(n) * f.mul) >> 32);
-      return (hi + n) >> f.shift;
-    };
     auto check_div = [&](int d, uint32_t n) {
-      if (fast(make_fast_div(d), n) != n / uint32_t(d)) {
+      if (uint32_t(fast_div(make_fast_div(d), int(n))) != n / uint32_t(d)) {
         ++failures;
         if (failures < 20) {
           std::printf("FAIL fast_div: %u / %d\n", n, d);
@@ -125,7 +121,7 @@ int main() {
     for (int d : divisors) {
       const FastDiv f = make_fast_div(d);
       for (uint32_t n = 0; d <= 1024 && n < 20000; ++n) {
-        if (fast(f, n) != n / uint32_t(d)) {
+        if (uint32_t(fast_div(f, int(n))) != n / uint32_t(d)) {
           check_div(d, n); // reports it
         }
       }

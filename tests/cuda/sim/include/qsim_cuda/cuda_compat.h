@@ -273,11 +273,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 
-// The high 32 bits of the 64-bit product (PTX mul.hi.u32).
-inline unsigned __umulhi(unsigned a, unsigned b) {
-  return unsigned((uint64_t(a) * uint64_t(b)) >> 32);
-}
-
 // A product rounded to float that the compiler may not fuse into an FMA
 // (the host compiler fuses only within one expression; this is a call).
 inline float __fmul_rn(float a, float b) {
