@@ -14,6 +14,7 @@
 #include "mlx_qsdpa/quant_sdpa.h"
 
 #include "backend.h"
+#include "cpu/variants.h"
 #include "errors.h"
 
 namespace nb = nanobind;
@@ -134,6 +135,21 @@ NB_MODULE(_ext, m) {
   m.def("version", &mlx_qsdpa::version);
   m.def("mlx_build_version", &mlx_qsdpa::mlx_build_version);
   m.def("gpu_backend", &mlx_qsdpa::gpu_backend_name);
+  m.def(
+      "cpu_variant",
+      [] { return std::string(mlx_qsdpa::cpu::active_variant().name); },
+      "The CPU kernel variant in use (the instruction set it was compiled for).");
+  m.def(
+      "cpu_variants",
+      &mlx_qsdpa::cpu::compiled_variants,
+      "The compiled CPU kernel variants, best first, as (name, runs on this CPU).");
+  m.def(
+      "_set_cpu_variant",
+      [](const std::optional<std::string>& name) {
+        mlx_qsdpa::cpu::select_variant(name.value_or(""));
+      },
+      "name"_a.none(),
+      "Tests only: run the CPU kernel variant `name` (None: the automatic choice).");
   m.def("_decode_table", &decode_table, "what"_a);
   m.def("_unpack_row", &unpack_row, "words"_a, "bits"_a);
 }

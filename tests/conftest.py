@@ -25,6 +25,15 @@ DEVICE = os.environ.get("QSDPA_DEVICE", "cpu").lower()
 if DEVICE not in ("cpu", "gpu"):
     raise RuntimeError(f"QSDPA_DEVICE must be 'cpu' or 'gpu', got {DEVICE!r}")
 
+# QSDPA_CPU_VARIANT=<name> runs the whole suite on that variant of the CPU
+# kernel (mlx_qsdpa._ext.cpu_variants() lists them); a name this CPU cannot
+# run fails here rather than silently testing another.
+CPU_VARIANT = os.environ.get("QSDPA_CPU_VARIANT")
+if CPU_VARIANT:
+    from mlx_qsdpa import _ext  # noqa: E402
+
+    _ext._set_cpu_variant(CPU_VARIANT)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _default_device():

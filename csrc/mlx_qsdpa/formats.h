@@ -51,7 +51,12 @@ QSDPA_FUNC float bits_to_float(u32_t u) {
 }
 } // namespace qsdpa
 #else
+// The CPU kernel's per-instruction-set builds define QSDPA_FUNC as `static
+// inline` so that each build keeps private copies of these functions (see
+// csrc/cpu/kernel.h).
+#ifndef QSDPA_FUNC
 #define QSDPA_FUNC inline
+#endif
 #define QSDPA_CONSTEXPR constexpr
 #include <cstdint>
 #include <cstring>

@@ -1,0 +1,859 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The CPU kernel's compute, compiled once per instruction set into one
+// library (kernel.h says why everything here is private to the build). CMake
+// defines QSDPA_CPU_VARIANT (the Variant object this build defines) and
+// QSDPA_CPU_VARIANT_NAME, and passes the target's -march flags; the vector
+// width follows from the target: 16 floats with AVX-512, 8 with AVX2, 4 with
+// SSE4 or NEON.
+//
+// Per block of kb keys, an item
+//  1. decodes the keys into Kt[D][kb], keys along the vector lanes: the
+//     packed words of the block are transposed first (one 32-bit word holds
+//     4 to 32 elements, so this moves little), then each word vector yields
+//     its elements for W keys at once, scaled by per-key scale vectors;
+//  2. decodes the values into Vf[kb][D], head dim along the lanes;
+//  3. per tile of up to 4 query rows: S = Q Kt, register-blocked with the
+//     scores of W keys per accumulator (no horizontal sums), the masks, the
+//     online softmax on S, then O += P Vf, register-blocked over D.
+// Scores are in base-2 units (queries are pre-multiplied by scale * log2 e),
+// so the exponentials are exp2. A block's decoded K and V serve every query
+// row of the item: the G heads of a GQA group and every query position.
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define QSDPA_FUNC static inline
+#include "mlx_qsdpa/formats.h"
+
+#include "cpu/kernel.h"
+
+#ifndef QSDPA_CPU_VARIANT
+#error "QSDPA_CPU_VARIANT must name the Variant this build defines"
+#endif
+
+namespace mlx_qsdpa::cpu {
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int W = 16; // floats per vector register
+constexpr int kQkVecs = 2; // key vectors per score tile
+constexpr int kPvVecs = 2; // head-dim vectors per output tile
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int kQkVecs = 2;
+constexpr int kPvVecs = 2;
+#elif defined(__aarch64__)
+constexpr int W = 4; // 32 NEON registers: larger tiles
+constexpr int kQkVecs = 4;
+constexpr int kPvVecs = 4;
+#else
+constexpr int W = 4;
+constexpr int kQkVecs = 2;
+constexpr int kPvVecs = 2;
+#endif
+constexpr int kRowTile = 4; // query rows per tile
+constexpr int kMaxKeyBlock = 64;
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint32_t u32x1 __attribute__((vector_size(4)));
+typedef uint32_t u32x2 __attribute__((vector_size(8)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+constexpr float kInf = __builtin_inff();
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vu loadu(const uint32_t* p) {
+  vu v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline vf splat(float x) {
+  // x - 0 is x for every x, so this compiles to a bare broadcast (0 + x is
+  // not: 0 + -0 is +0, and the addition would stay).
+  return x - vf{};
+}
+inline vu select(vi mask, vu a, vu b) {
+  return (vu(mask) & a) | (~vu(mask) & b);
+}
+template <int... I>
+inline vu interleave_lo(vu a, vu b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, (I / 2 + (I % 2) * W)...);
+}
+template <int... I>
+inline vu interleave_hi(vu a, vu b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, (W / 2 + I / 2 + (I % 2) * W)...);
+}
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) {
+    m = v[i] > m ? v[i] : m;
+  }
+  return m;
+}
+inline int imin(int a, int b) {
+  return a < b ? a : b;
+}
+inline int imax(int a, int b) {
+  return a > b ? a : b;
+}
+
+// 2^x for lanes x <= 0 (scores minus their running maximum); lanes at or
+// below -126, and -inf (masked keys), give exactly 0. Truncation (which
+// rounds up for x <= 0) splits x = n + f with f in (-1, 0]; 2^f is a
+// degree-6 Taylor series of e^y, y = (f + 1/2) ln 2 in (-0.35, 0.35]
+// (truncation error ~1.2e-7), times 2^-1/2.
+inline vf exp2_nonpos(vf x) {
+  const vi live = x > -126.0f;
+  const vf xc = x > -126.0f ? x : splat(-126.0f);
+  const vi n = __builtin_convertvector(xc, vi);
+  const vf y = (xc - __builtin_convertvector(n, vf) + 0.5f) * kLn2;
+  vf p = y * (1.0f / 720.0f) + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  const vf two_n = vf((n + 127) << 23);
+  const vf r = p * two_n * 0.70710678118654752f;
+  return vf(vi(r) & live);
+}
+
+// ---------------------------------------------------------------------------
+// Decoding: element codes to values (formats.h defines each format; these
+// are its vector forms, checked code by code by tests/test_decode_codes.py).
+// ---------------------------------------------------------------------------
+
+// The five encodings of a scale: the affine scales' float dtypes and the fp
+// modes' 8-bit codes.
+enum ScaleKind : int { kScaleF32, kScaleF16, kScaleBF16, kScaleE8M0, kScaleE4M3 };
+
+// float16 bits to float: the instruction where the target has one.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 x;
+  std::memcpy(&x, &h, sizeof(x));
+  return x;
+#else
+  return qsdpa::half_bits_to_float(h);
+#endif
+}
+
+template <int SK>
+inline float scale_at(const void* p, int64_t i) {
+  if constexpr (SK == kScaleF32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (SK == kScaleF16) {
+    return half_to_float(static_cast<const uint16_t*>(p)[i]);
+  } else if constexpr (SK == kScaleBF16) {
+    return qsdpa::bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+  } else if constexpr (SK == kScaleE8M0) {
+    return qsdpa::e8m0_to_float(static_cast<const uint8_t*>(p)[i]);
+  } else {
+    return qsdpa::fp8_e4m3_to_float(static_cast<const uint8_t*>(p)[i]);
+  }
+}
+
+// Values of W element codes (before the scale), as formats.h's decode_code.
+template <int MODE>
+inline vf decode_codes(vu c) {
+  if constexpr (MODE == qsdpa::kAffine) {
+    return __builtin_convertvector(vi(c), vf);
+  } else if constexpr (MODE == qsdpa::kMxfp8) {
+    // e4m3: exponent and mantissa moved into a float's fields with the bias
+    // raised from 7 to 127; exponent 0 is the subnormal m * 2^-9, and
+    // 0x7f/0xff are NaN.
+    const vu em = c & 0x7fu;
+    const vu normal = (em << 20) + (120u << 23);
+    const vu sub = vu(__builtin_convertvector(vi(em), vf) * 0.001953125f);
+    vu mag = select(em < 8u, sub, normal);
+    mag = select(em == 0x7fu, vu{} + 0x7fc00000u, mag);
+    return vf(mag | ((c & 0x80u) << 24));
+  } else {
+    // e2m1: the same with the bias raised from 1 to 127; exponent 0 is the
+    // subnormal m * 0.5 (codes 0 and 1 are 0 and 0.5).
+    const vu em = c & 7u;
+    const vu normal = (em << 22) + (126u << 23);
+    const vu sub = vu(__builtin_convertvector(vi(em), vf) * 0.5f);
+    const vu mag = select(em < 2u, sub, normal);
+    return vf(mag | ((c & 8u) << 28));
+  }
+}
+
+// The BITS packed words of a run of 32 elements, loaded with exactly their
+// size (no read past the row) into the lanes of the smallest vector that
+// holds them: lane permutations of it then need no trip through memory.
+template <int BITS>
+inline auto load_run(const uint32_t* p) {
+  if constexpr (BITS == 1) {
+    u32x1 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (BITS == 2) {
+    u32x2 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (BITS == 4) {
+    u32x4 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (BITS == 8) {
+    u32x8 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (BITS == 3) {
+    u32x2 a;
+    std::memcpy(&a, p, sizeof(a));
+    const u32x2 b = {p[2], 0u};
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3);
+  } else {
+    static_assert(BITS == 5 || BITS == 6);
+    u32x4 a;
+    std::memcpy(&a, p, sizeof(a));
+    const u32x4 b = {p[4], BITS == 6 ? p[5] : 0u, 0u, 0u};
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+}
+
+// Codes of elements [BASE, BASE + W) of a run of 32 elements whose packed
+// words are the lanes of `w` (load_run). Word and shift of each lane come
+// from formats.h (element_word / element_shift) as compile-time constants:
+// a lane permutation, shifts and a mask.
+template <int BITS, int BASE, typename RunVec, int... L>
+inline vu unpack_run(RunVec w, std::integer_sequence<int, L...>) {
+  constexpr vu sh = {uint32_t(qsdpa::element_shift(BASE + L, BITS))...};
+  vu v = __builtin_shufflevector(w, w, qsdpa::element_word(BASE + L, BITS)...) >> sh;
+  if constexpr (BITS == 3 || BITS == 5 || BITS == 6) {
+    // Elements straddling two words take their high bits from the next word.
+    const vu hi = __builtin_shufflevector(w, w, (qsdpa::element_word(BASE + L, BITS) + 1)...);
+    v |= (hi << 1) << (31 - sh);
+  }
+  return v & uint32_t((1u << BITS) - 1u);
+}
+
+// ---------------------------------------------------------------------------
+// The per-thread scratch of an item.
+// ---------------------------------------------------------------------------
+
+// Keys per block: a multiple of the score tile's width, smaller for large
+// head dims so that a block's decoded K and V stay in the L2 cache.
+inline int key_block(int D) {
+  constexpr int unit = kQkVecs * W;
+  int kb = (8192 / D) / unit * unit;
+  return imin(kMaxKeyBlock > unit ? kMaxKeyBlock : unit, imax(kb, unit));
+}
+
+// Units of a row that the key decoder transposes: 32/BITS elements each
+// (1, 2, 4, 8 bits: exactly the packed words; 3, 5, 6 bits: 10, 6 or 5
+// elements cut from the bit stream).
+inline int row_units(int D, int bits) {
+  const int e = 32 / bits;
+  return (D + e - 1) / e;
+}
+
+inline size_t round64(size_t n) {
+  return (n + 63) / 64 * 64;
+}
+
+struct Layout {
+  int kb;
+  size_t q, limit, kt, vf, s, st, bt, wt, row, vs, vb, total; // byte offsets
+};
+
+Layout layout(const Problem& p, int max_rows) {
+  Layout L;
+  const size_t D = p.D, ng = p.D / p.group_size;
+  L.kb = key_block(p.D);
+  const size_t kb = L.kb;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    size_t o = at;
+    at += round64(bytes);
+    return o;
+  };
+  L.q = take(sizeof(float) * max_rows * D);
+  L.limit = take(sizeof(int) * max_rows);
+  L.kt = take(sizeof(float) * D * kb);
+  L.vf = take(sizeof(float) * kb * D);
+  L.s = take(sizeof(float) * kRowTile * kb);
+  L.st = take(sizeof(float) * ng * kb);
+  L.bt = take(sizeof(float) * ng * kb);
+  L.wt = take(sizeof(uint32_t) * row_units(p.D, p.bits) * kb);
+  L.row = take(sizeof(uint32_t) * (D * p.bits / 32 + 8)); // + room for 8-byte reads
+  L.vs = take(sizeof(float) * ng);
+  L.vb = take(sizeof(float) * ng);
+  L.total = at;
+  return L;
+}
+
+struct Scratch {
+  int kb;
+  float* q;
+  int* limit;
+  float* kt;
+  float* vf;
+  float* s;
+  float* st;
+  float* bt;
+  uint32_t* wt;
+  uint32_t* row;
+  float* vs;
+  float* vb;
+};
+
+Scratch carve(const Layout& L, void* base) {
+  char* c = static_cast<char*>(base);
+  Scratch s;
+  s.kb = L.kb;
+  s.q = reinterpret_cast<float*>(c + L.q);
+  s.limit = reinterpret_cast<int*>(c + L.limit);
+  s.kt = reinterpret_cast<float*>(c + L.kt);
+  s.vf = reinterpret_cast<float*>(c + L.vf);
+  s.s = reinterpret_cast<float*>(c + L.s);
+  s.st = reinterpret_cast<float*>(c + L.st);
+  s.bt = reinterpret_cast<float*>(c + L.bt);
+  s.wt = reinterpret_cast<uint32_t*>(c + L.wt);
+  s.row = reinterpret_cast<uint32_t*>(c + L.row);
+  s.vs = reinterpret_cast<float*>(c + L.vs);
+  s.vb = reinterpret_cast<float*>(c + L.vb);
+  return s;
+}
+
+// The packed row of key `key`, contiguous: the cache itself when its last
+// axis is contiguous, else a copy in `buf`.
+inline const uint32_t* packed_row(const QuantView& qv, int b, int h, int64_t key, int words, uint32_t* buf) {
+  const uint32_t* w = qv.w + b * qv.ws[0] + h * qv.ws[1] + key * qv.ws[2];
+  if (qv.ws[3] == 1) {
+    return w;
+  }
+  for (int t = 0; t < words; ++t) {
+    buf[t] = w[t * qv.ws[3]];
+  }
+  return buf;
+}
+
+// ---------------------------------------------------------------------------
+// Key decoding: Kt[d * kb + j] = value of element d of key j0 + j.
+// ---------------------------------------------------------------------------
+
+// dst[i * dst_stride + j] = src[j * src_stride + i] for a W x W block of
+// words, in registers: the shuffles of a vector transpose (unpack, then
+// shuffles of pairs, then of halves on AVX2; two-source permutes of
+// interleaving rounds otherwise).
+inline void transpose_block(const uint32_t* src, int64_t src_stride, uint32_t* dst, int dst_stride) {
+  vu r[W];
+  for (int j = 0; j < W; ++j) {
+    r[j] = loadu(src + j * src_stride);
+  }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  vu t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * k + 1] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int k = 0; k < 2; ++k) {
+    for (int h = 0; h < 2; ++h) {
+      const vu a = t[4 * k + h], b = t[4 * k + h + 2];
+      u[4 * k + 2 * h] = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * k + 2 * h + 1] = __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+#else
+  // log2(W) rounds of interleaving row i with row i + W/2 (lows into row
+  // 2i, highs into row 2i + 1) transpose the block.
+  for (int round = 1; round < W; round *= 2) {
+    vu n[W];
+    for (int i = 0; i < W / 2; ++i) {
+      n[2 * i] = interleave_lo(r[i], r[i + W / 2], std::make_integer_sequence<int, W>());
+      n[2 * i + 1] = interleave_hi(r[i], r[i + W / 2], std::make_integer_sequence<int, W>());
+    }
+    for (int i = 0; i < W; ++i) {
+      r[i] = n[i];
+    }
+  }
+#endif
+  for (int i = 0; i < W; ++i) {
+    std::memcpy(dst + i * dst_stride, &r[i], sizeof(vu));
+  }
+}
+
+template <int MODE, int BITS, int SK>
+void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
+  constexpr int E = 32 / BITS; // elements per unit
+  constexpr bool kWordUnits = E * BITS == 32;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const QuantView& qv = p.k;
+  const int D = p.D, gs = p.group_size, ng = D / gs, kb = sc.kb;
+  const int gshift = __builtin_ctz(gs); // group sizes are powers of two
+  const int words = D * BITS / 32;
+  const int units = row_units(D, BITS);
+
+  // Scales and biases, transposed to [group][key]; padding keys get 0 so
+  // that their decoded values are 0.
+  for (int j = 0; j < kb; ++j) {
+    const int64_t key = j0 + j;
+    const void* sp = static_cast<const char*>(qv.scales);
+    for (int g = 0; g < ng; ++g) {
+      float s = 0.0f, bias = 0.0f;
+      if (j < nk) {
+        const int64_t si = b * qv.ss[0] + h * qv.ss[1] + key * qv.ss[2] + g * qv.ss[3];
+        s = scale_at<SK>(sp, si);
+        if constexpr (MODE == qsdpa::kAffine) {
+          const int64_t bi = b * qv.bs[0] + h * qv.bs[1] + key * qv.bs[2] + g * qv.bs[3];
+          bias = scale_at<SK>(qv.biases, bi);
+        }
+      }
+      sc.st[g * kb + j] = s;
+      sc.bt[g * kb + j] = bias;
+    }
+  }
+
+  // The block's units, transposed to [unit][key].
+  const bool transposable = qv.ws[3] == 1 && units % W == 0;
+  for (int j = 0; j < kb; ++j) {
+    if (j >= nk) {
+      for (int u = 0; u < units; ++u) {
+        sc.wt[u * kb + j] = 0;
+      }
+      continue;
+    }
+    if (kWordUnits && transposable && j % W == 0 && j + W <= nk) {
+      // W whole keys: their words as W x W blocks.
+      const uint32_t* rows = qv.w + b * qv.ws[0] + h * qv.ws[1] + (j0 + j) * qv.ws[2];
+      for (int u = 0; u < units; u += W) {
+        transpose_block(rows + u, qv.ws[2], sc.wt + u * kb + j, kb);
+      }
+      j += W - 1;
+      continue;
+    }
+    const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
+    if constexpr (kWordUnits) {
+      for (int u = 0; u < units; ++u) {
+        sc.wt[u * kb + j] = row[u];
+      }
+    } else {
+      // Unit u is bits [u * E * BITS, + E * BITS) of the row's bit stream,
+      // read as 8 bytes from a zero-padded copy (no read past the row).
+      unsigned char* bytes = reinterpret_cast<unsigned char*>(sc.row);
+      if (row != sc.row) {
+        std::memcpy(bytes, row, sizeof(uint32_t) * words);
+      }
+      std::memset(bytes + sizeof(uint32_t) * words, 0, 8);
+      for (int u = 0; u < units; ++u) {
+        const int bit = u * E * BITS;
+        uint64_t x;
+        std::memcpy(&x, bytes + bit / 8, sizeof(x));
+        sc.wt[u * kb + j] = uint32_t(x >> (bit % 8)) & uint32_t((1ull << (E * BITS)) - 1u);
+      }
+    }
+  }
+
+  // Each unit vector (one unit of W keys) yields E element vectors.
+  for (int u = 0; u < units; ++u) {
+    const int e0 = u * E;
+    const int ne = imin(E, D - e0);
+    const int g0 = e0 >> gshift;
+    const int split = (g0 + 1) * gs - e0; // elements of the unit in group g0
+    for (int jv = 0; jv < kb; jv += W) {
+      const vu wv = loadu(sc.wt + u * kb + jv);
+      const vf s0 = load(sc.st + g0 * kb + jv), b0 = load(sc.bt + g0 * kb + jv);
+      vf s1 = s0, b1 = b0;
+      if (!kWordUnits && split < ne) {
+        s1 = load(sc.st + (g0 + 1) * kb + jv);
+        b1 = load(sc.bt + (g0 + 1) * kb + jv);
+      }
+#pragma GCC unroll 32
+      for (int k = 0; k < E; ++k) {
+        if (!kWordUnits && k >= ne) {
+          break;
+        }
+        const vf val = decode_codes<MODE>((wv >> uint32_t(k * BITS)) & kMask);
+        const bool first = kWordUnits || k < split;
+        vf out = val * (first ? s0 : s1);
+        if constexpr (MODE == qsdpa::kAffine) {
+          out += first ? b0 : b1;
+        }
+        store(sc.kt + (e0 + k) * kb + jv, out);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Value decoding: Vf[j * D + d] = value of element d of key j0 + j.
+// ---------------------------------------------------------------------------
+
+template <int MODE, int BITS, int BASE, typename RunVec>
+inline void decode_run_part(RunVec words, float s, float bias, float* out) {
+  const vu codes = unpack_run<BITS, BASE>(words, std::make_integer_sequence<int, W>());
+  vf val = decode_codes<MODE>(codes) * s;
+  if constexpr (MODE == qsdpa::kAffine) {
+    val += bias;
+  }
+  store(out + BASE, val);
+}
+
+// The W-element parts of the first N elements (32, or 16 for the last run
+// of a row whose D is an odd multiple of 16) of a run of 32 elements from
+// element e0. Every group size is a power of two of at least 16, so a part
+// lies in one group: group (e0 + base) >> gshift.
+template <int MODE, int BITS, int N, typename RunVec, int... P>
+inline void decode_run(RunVec run, int e0, int gshift, const float* vs, const float* vb,
+                       float* out, std::integer_sequence<int, P...>) {
+  ((P * W < N ? decode_run_part<MODE, BITS, P * W>(run, vs[(e0 + P * W) >> gshift],
+                                                   vb[(e0 + P * W) >> gshift], out)
+              : void()),
+   ...);
+}
+
+template <int MODE, int BITS, int SK>
+void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
+  const QuantView& qv = p.v;
+  const int D = p.D, ng = D / p.group_size, gshift = __builtin_ctz(p.group_size);
+  const int words = D * BITS / 32;
+  const int full = D / 32 * 32; // elements in whole runs of 32
+  constexpr auto kParts = std::make_integer_sequence<int, 32 / W>();
+  for (int j = 0; j < nk; ++j) {
+    const int64_t key = j0 + j;
+    const uint32_t* row = packed_row(qv, b, h, key, words, sc.row);
+    const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + key * qv.ss[2];
+    const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + key * qv.bs[2];
+    for (int g = 0; g < ng; ++g) {
+      sc.vs[g] = scale_at<SK>(qv.scales, s0 + g * qv.ss[3]);
+      sc.vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
+    }
+    float* out = sc.vf + static_cast<int64_t>(j) * D;
+    for (int e0 = 0; e0 < full; e0 += 32) {
+      decode_run<MODE, BITS, 32>(load_run<BITS>(row + e0 / 32 * BITS), e0, gshift, sc.vs, sc.vb,
+                                 out + e0, kParts);
+    }
+    if (full < D) {
+      // Half a run: its BITS / 2 words, zero-padded to a whole run.
+      uint32_t tail[8] = {};
+      std::memcpy(tail, row + full / 32 * BITS, sizeof(uint32_t) * (BITS / 2));
+      decode_run<MODE, BITS, 16>(load_run<BITS>(tail), full, gshift, sc.vs, sc.vb, out + full,
+                                 kParts);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The score and output tiles.
+// ---------------------------------------------------------------------------
+
+// S[r * kb + j] = sum_d Q[r * D + d] * Kt[d * kb + j] for NR rows, all kb
+// keys; the accumulators hold kQkVecs * W keys of each row.
+template <int NR>
+void score_tile(const float* Q, int D, const float* Kt, int kb, float* S) {
+  for (int j = 0; j < kb; j += kQkVecs * W) {
+    vf acc[NR][kQkVecs] = {};
+    for (int d = 0; d < D; ++d) {
+      const float* kr = Kt + static_cast<int64_t>(d) * kb + j;
+      vf kv[kQkVecs];
+      for (int v = 0; v < kQkVecs; ++v) {
+        kv[v] = load(kr + v * W);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const vf qb = splat(Q[r * D + d]);
+        for (int v = 0; v < kQkVecs; ++v) {
+          acc[r][v] += qb * kv[v];
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      for (int v = 0; v < kQkVecs; ++v) {
+        store(S + r * kb + j + v * W, acc[r][v]);
+      }
+    }
+  }
+}
+
+// O[r * D + d] += sum_{j < nk} P[r * kb + j] * Vf[j * D + d] for NR rows and
+// the NV * W dims from d0; the accumulators stay in registers over the keys.
+template <int NR, int NV>
+inline void output_cols(const float* P, int kb, const float* Vf, int nk, int D, float* O, int d0) {
+  vf acc[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = load(O + r * D + d0 + v * W);
+    }
+  }
+  for (int j = 0; j < nk; ++j) {
+    const float* vr = Vf + static_cast<int64_t>(j) * D + d0;
+    vf vv[NV];
+    for (int v = 0; v < NV; ++v) {
+      vv[v] = load(vr + v * W);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const vf pb = splat(P[r * kb + j]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] += pb * vv[v];
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      store(O + r * D + d0 + v * W, acc[r][v]);
+    }
+  }
+}
+
+template <int NR>
+void output_tile(const float* P, int kb, const float* Vf, int nk, int D, float* O) {
+  int d = 0;
+  for (; d + kPvVecs * W <= D; d += kPvVecs * W) {
+    output_cols<NR, kPvVecs>(P, kb, Vf, nk, D, O, d);
+  }
+  for (; d < D; d += W) {
+    output_cols<NR, 1>(P, kb, Vf, nk, D, O, d);
+  }
+}
+
+using ScoreFn = void (*)(const float*, int, const float*, int, float*);
+using OutputFn = void (*)(const float*, int, const float*, int, int, float*);
+constexpr ScoreFn kScoreTiles[kRowTile + 1] = {
+    nullptr, score_tile<1>, score_tile<2>, score_tile<3>, score_tile<4>};
+constexpr OutputFn kOutputTiles[kRowTile + 1] = {
+    nullptr, output_tile<1>, output_tile<2>, output_tile<3>, output_tile<4>};
+
+// The masks of one row's kb scores: keys at or past `visible` (the causal
+// limit or the block's end, relative to j0) and the mask array's entries.
+void mask_row(const Problem& p, int b, const RowRef& ref, int j0, int visible, int kb, float* s) {
+  for (int j = imax(visible, 0); j < kb; ++j) {
+    s[j] = -kInf;
+  }
+  const int n = imin(visible, kb);
+  if (p.mask == kMaskBool || p.mask == kMaskAdditive) {
+    const int64_t base = b * p.ms[0] + ref.h * p.ms[1] + ref.i * p.ms[2] + j0 * p.ms[3];
+    if (p.mask == kMaskBool) {
+      const bool* mp = static_cast<const bool*>(p.mask_ptr) + base;
+      for (int j = 0; j < n; ++j) {
+        if (!mp[j * p.ms[3]]) {
+          s[j] = -kInf;
+        }
+      }
+    } else {
+      const float* mp = static_cast<const float*>(p.mask_ptr) + base;
+      for (int j = 0; j < n; ++j) {
+        s[j] += mp[j * p.ms[3]] * kLog2e;
+      }
+    }
+  }
+}
+
+// The online softmax step of one row over a block's scores: turns s into
+// probabilities 2^(s - m) (zeros where the row takes nothing from this
+// block) and updates m, l and the row's output. A NaN or +inf score makes
+// the row NaN, as in MLX's softmax: m becomes NaN and stays so. Returns
+// whether the row takes anything from this block.
+bool softmax_row(float* s, int kb, float& m, float& l, float* o, int D) {
+  if (m != m) {
+    std::memset(s, 0, sizeof(float) * kb);
+    return false;
+  }
+  vf vmax = splat(-kInf);
+  vi bad = {};
+  for (int j = 0; j < kb; j += W) {
+    const vf x = load(s + j);
+    bad |= (x != x) | (x == kInf);
+    vmax = x > vmax ? x : vmax;
+  }
+  bool any_bad = false;
+  for (int i = 0; i < W; ++i) {
+    any_bad |= bad[i] != 0;
+  }
+  const float bm = hmax(vmax);
+  const float m_new = bm > m ? bm : m;
+  if (any_bad || m_new == -kInf) {
+    if (any_bad) {
+      m = __builtin_nanf("");
+      l = __builtin_nanf("");
+    }
+    std::memset(s, 0, sizeof(float) * kb);
+    return false;
+  }
+  const float corr = m == -kInf ? 0.0f : __builtin_exp2f(m - m_new);
+  vf vsum = {};
+  for (int j = 0; j < kb; j += W) {
+    const vf e = exp2_nonpos(load(s + j) - m_new);
+    store(s + j, e);
+    vsum += e;
+  }
+  l = l * corr + hsum(vsum);
+  m = m_new;
+  if (corr != 1.0f) {
+    const vf c = splat(corr);
+    for (int d = 0; d < D; d += W) {
+      store(o + d, load(o + d) * c);
+    }
+  }
+  return true;
+}
+
+inline float load_query(const void* q, int64_t i, int type) {
+  switch (type) {
+    case qsdpa::kElemFloat32:
+      return static_cast<const float*>(q)[i];
+    case qsdpa::kElemFloat16:
+      return half_to_float(static_cast<const uint16_t*>(q)[i]);
+    default:
+      return qsdpa::bf16_bits_to_float(static_cast<const uint16_t*>(q)[i]);
+  }
+}
+
+using DecodeFn = void (*)(const Problem&, int, int, int, int, const Scratch&);
+
+void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemResult& out,
+                   DecodeFn decode_k, DecodeFn decode_v) {
+  const Scratch sc = carve(layout(p, it.nr), scratch);
+  const int D = p.D, kb = sc.kb, nr = it.nr;
+
+  int key_end = 0; // the last key any row sees, + 1
+  for (int r = 0; r < nr; ++r) {
+    const RowRef ref = row_ref(p, it.kvh, it.r0 + r);
+    sc.limit[r] = ref.limit;
+    key_end = imax(key_end, ref.limit);
+    const int64_t qb = it.b * p.qs[0] + ref.h * p.qs[1] + ref.i * p.qs[2];
+    float* qr = sc.q + static_cast<int64_t>(r) * D;
+    bool finite = true;
+    for (int d = 0; d < D; ++d) {
+      const float x = load_query(p.q, qb + d * p.qs[3], p.q_type);
+      finite &= x - x == 0.0f;
+      qr[d] = x * p.q_mult;
+    }
+    std::memset(out.o + static_cast<int64_t>(r) * D, 0, sizeof(float) * D);
+    // A non-finite query makes every score it meets NaN or infinite: the
+    // row is NaN (as in MLX) unless it sees no key at all.
+    out.m[r] = finite || ref.limit <= it.k0 ? -kInf : __builtin_nanf("");
+    out.l[r] = finite || ref.limit <= it.k0 ? 0.0f : __builtin_nanf("");
+  }
+
+  const int kend = imin(it.k1, key_end);
+  for (int j0 = it.k0; j0 < kend; j0 += kb) {
+    const int nk = imin(kb, kend - j0);
+    decode_k(p, it.b, it.kvh, j0, nk, sc);
+    decode_v(p, it.b, it.kvh, j0, nk, sc);
+    for (int t0 = 0; t0 < nr; t0 += kRowTile) {
+      const int nt = imin(kRowTile, nr - t0);
+      bool live = false;
+      for (int t = 0; t < nt; ++t) {
+        live |= sc.limit[t0 + t] > j0 && out.m[t0 + t] == out.m[t0 + t];
+      }
+      if (!live) {
+        continue; // every row of the tile is masked here, or already NaN
+      }
+      kScoreTiles[nt](sc.q + static_cast<int64_t>(t0) * D, D, sc.kt, kb, sc.s);
+      bool any = false;
+      for (int t = 0; t < nt; ++t) {
+        const int r = t0 + t;
+        float* st = sc.s + t * kb;
+        const RowRef ref = row_ref(p, it.kvh, it.r0 + r);
+        mask_row(p, it.b, ref, j0, imin(nk, sc.limit[r] - j0), kb, st);
+        any |= softmax_row(st, kb, out.m[r], out.l[r], out.o + static_cast<int64_t>(r) * D, D);
+      }
+      if (any) {
+        kOutputTiles[nt](sc.s, kb, sc.vf, nk, D, out.o + static_cast<int64_t>(t0) * D);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The decoders of each format, and the variant's entry points.
+// ---------------------------------------------------------------------------
+
+struct Decoders {
+  DecodeFn keys, values;
+};
+
+template <int MODE, int BITS>
+DecodeFn pick(bool keys, int scale_type) {
+  if constexpr (MODE == qsdpa::kAffine) {
+    switch (scale_type) {
+      case qsdpa::kElemFloat32:
+        return keys ? decode_keys<MODE, BITS, kScaleF32> : decode_values<MODE, BITS, kScaleF32>;
+      case qsdpa::kElemFloat16:
+        return keys ? decode_keys<MODE, BITS, kScaleF16> : decode_values<MODE, BITS, kScaleF16>;
+      default:
+        return keys ? decode_keys<MODE, BITS, kScaleBF16> : decode_values<MODE, BITS, kScaleBF16>;
+    }
+  } else if constexpr (MODE == qsdpa::kNvfp4) {
+    return keys ? decode_keys<MODE, BITS, kScaleE4M3> : decode_values<MODE, BITS, kScaleE4M3>;
+  } else {
+    return keys ? decode_keys<MODE, BITS, kScaleE8M0> : decode_values<MODE, BITS, kScaleE8M0>;
+  }
+}
+
+DecodeFn pick_decoder(const Problem& p, bool keys) {
+  const int st = keys ? p.k.scale_type : p.v.scale_type;
+  switch (p.mode) {
+    case qsdpa::kMxfp4:
+      return pick<qsdpa::kMxfp4, 4>(keys, st);
+    case qsdpa::kMxfp8:
+      return pick<qsdpa::kMxfp8, 8>(keys, st);
+    case qsdpa::kNvfp4:
+      return pick<qsdpa::kNvfp4, 4>(keys, st);
+    default:
+      break;
+  }
+  switch (p.bits) {
+    case 1:
+      return pick<qsdpa::kAffine, 1>(keys, st);
+    case 2:
+      return pick<qsdpa::kAffine, 2>(keys, st);
+    case 3:
+      return pick<qsdpa::kAffine, 3>(keys, st);
+    case 4:
+      return pick<qsdpa::kAffine, 4>(keys, st);
+    case 5:
+      return pick<qsdpa::kAffine, 5>(keys, st);
+    case 6:
+      return pick<qsdpa::kAffine, 6>(keys, st);
+    default:
+      return pick<qsdpa::kAffine, 8>(keys, st);
+  }
+}
+
+size_t scratch_bytes(const Problem& p, int max_rows) {
+  return layout(p, max_rows).total;
+}
+
+void run_item(const Problem& p, const Item& it, void* scratch, const ItemResult& out) {
+  run_item_with(p, it, scratch, out, pick_decoder(p, true), pick_decoder(p, false));
+}
+
+} // namespace
+
+extern const Variant QSDPA_CPU_VARIANT = {QSDPA_CPU_VARIANT_NAME, scratch_bytes, run_item};
+
+} // namespace mlx_qsdpa::cpu
