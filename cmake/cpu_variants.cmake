@@ -7,11 +7,13 @@ include(CheckCXXCompilerFlag)
 
 # qsdpa_cpu_variant(<Variant symbol> <name> <flags>...)
 function(qsdpa_cpu_variant symbol name)
-  string(MAKE_C_IDENTIFIER "mlx_qsdpa_cpu_${name}" lib)
+  string(MAKE_C_IDENTIFIER "${name}" ns)
+  set(lib mlx_qsdpa_cpu_${ns})
   add_library(${lib} OBJECT csrc/cpu/kernel.cpp)
   target_include_directories(${lib} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
   target_compile_definitions(${lib} PRIVATE QSDPA_CPU_VARIANT=${symbol}
-                                            QSDPA_CPU_VARIANT_NAME="${name}")
+                                            QSDPA_CPU_VARIANT_NAME="${name}"
+                                            QSDPA_CPU_VARIANT_NS=${ns})
   # -Wno-psabi: the vector types never cross a non-inlined call boundary
   # whose ABI another build would see (everything is internal).
   target_compile_options(${lib} PRIVATE ${ARGN} -ffp-contract=fast -Wno-psabi

@@ -32,12 +32,15 @@
 
 #include "cpu/kernel.h"
 
-#ifndef QSDPA_CPU_VARIANT
-#error "QSDPA_CPU_VARIANT must name the Variant this build defines"
+#if !defined(QSDPA_CPU_VARIANT) || !defined(QSDPA_CPU_VARIANT_NS)
+#error "QSDPA_CPU_VARIANT and QSDPA_CPU_VARIANT_NS must name this build's Variant and namespace"
 #endif
 
 namespace mlx_qsdpa::cpu {
 
+// The build's own namespace names its functions after the variant in the
+// library's symbols (tests/test_cpu_isa.py reads them).
+namespace QSDPA_CPU_VARIANT_NS {
 namespace {
 
 #if defined(__AVX512F__)
@@ -853,7 +856,9 @@ void run_item(const Problem& p, const Item& it, void* scratch, const ItemResult&
 }
 
 } // namespace
+} // namespace QSDPA_CPU_VARIANT_NS
 
-extern const Variant QSDPA_CPU_VARIANT = {QSDPA_CPU_VARIANT_NAME, scratch_bytes, run_item};
+extern const Variant QSDPA_CPU_VARIANT = {
+    QSDPA_CPU_VARIANT_NAME, QSDPA_CPU_VARIANT_NS::scratch_bytes, QSDPA_CPU_VARIANT_NS::run_item};
 
 } // namespace mlx_qsdpa::cpu
