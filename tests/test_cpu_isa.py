@@ -60,8 +60,9 @@ def library() -> str:
     pytest.fail(f"libmlx_qsdpa not found in {d}")
 
 
-def functions(path: str):
-    """{demangled function name: [(mnemonic, operands), ...]} of the library's code."""
+def functions(path: str, with_addresses: bool = False):
+    """{demangled function name: [(mnemonic, operands), ...]} of the library's
+    code ([(address, mnemonic, operands), ...] with_addresses)."""
     objdump = shutil.which("objdump")
     if objdump is None:
         if os.environ.get("CI"):
@@ -72,7 +73,7 @@ def functions(path: str):
         check=True, capture_output=True, text=True).stdout
     funcs, current = {}, None
     head = re.compile(r"^[0-9a-f]+ <(.+)>:$")
-    insn = re.compile(r"^\s+[0-9a-f]+:\s+(?:(?:rep[a-z]*|lock|notrack|bnd|data16|addr32)\s+)*([a-z][a-z0-9.]*)\s*(.*)$")
+    insn = re.compile(r"^\s+([0-9a-f]+):\s+(?:(?:rep[a-z]*|lock|notrack|bnd|data16|addr32)\s+)*([a-z][a-z0-9.]*)\s*(.*)$")
     for line in text.splitlines():
         m = head.match(line)
         if m:
@@ -81,8 +82,23 @@ def functions(path: str):
             continue
         m = insn.match(line)
         if m and current is not None:
-            funcs[current].append((m.group(1), m.group(2)))
+            entry = (int(m.group(1), 16), m.group(2), m.group(3))
+            funcs[current].append(entry if with_addresses else entry[1:])
     return funcs
+
+
+def innermost_loops(insns):
+    """(first, last) addresses of the loops of a function that contain no
+    other loop, from its backward jumps."""
+    if not insns:
+        return []
+    lo, hi = insns[0][0], insns[-1][0]
+    loops = []
+    for addr, mnem, ops in insns:
+        m = re.match(r"([0-9a-f]+) <", ops)
+        if mnem.startswith("j") and m and lo <= int(m.group(1), 16) <= addr:
+            loops.append((int(m.group(1), 16), addr))
+    return [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
 
 
 def variant_of(name: str):
@@ -145,3 +161,31 @@ def test_the_check_finds_avx_outside_the_variants():
     assert not violations([("pshufb", "%xmm1,%xmm2")], "x86-64-v2")
     assert not violations([("vfmadd231ps", "%ymm1,%ymm2,%ymm3")], "x86-64-v3")
     assert not violations([("addps", "%xmm1,%xmm2"), ("movss", "(%rax),%xmm0")], "x86-64")
+
+
+# A vector register stored to the stack inside a loop is read back there
+# (a spill or a vector built in memory): a stack round trip per iteration.
+VECTOR_STORE_TO_STACK = re.compile(r"%[xyz]mm\d+,\s*-?(0x[0-9a-f]+)?\(%rsp\)")
+# SSE4 (x86-64-v2) has no per-lane shifts: its 3/5/6-bit value decoder, whose
+# lanes straddle words, is scalarised through the stack. 3/5/6-bit caches on
+# pre-AVX2 CPUs are the one case left.
+ROUND_TRIP_ALLOWED = re.compile(r"x86_64_v2::.*decode_values<0, [356],")
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 only")
+def test_no_stack_round_trips_in_the_kernels_inner_loops():
+    """No innermost loop of a variant stores a vector register to the stack
+    (GCC's vector extensions spill whole vectors when a vector type is wider
+    than the target's registers, or a lane permutation has no register form)."""
+    funcs = functions(library(), with_addresses=True)
+    problems, loops = [], 0
+    for name, insns in funcs.items():
+        if variant_of(name) is None or ROUND_TRIP_ALLOWED.search(name):
+            continue
+        for first, last in innermost_loops(insns):
+            loops += 1
+            bad = [f"{m} {o}" for a, m, o in insns if first <= a <= last and VECTOR_STORE_TO_STACK.search(o)]
+            if bad:
+                problems.append(f"{name}: {bad[:2]}")
+    assert loops > 100, loops
+    assert not problems, "vector stack round trips in inner loops:\n" + "\n".join(problems[:20])

@@ -118,10 +118,10 @@ inline float hmax(vf v) {
   }
   return m;
 }
-inline int imin(int a, int b) {
+constexpr int imin(int a, int b) {
   return a < b ? a : b;
 }
-inline int imax(int a, int b) {
+constexpr int imax(int a, int b) {
   return a > b ? a : b;
 }
 
@@ -209,39 +209,22 @@ inline vf decode_codes(vu c) {
   }
 }
 
-// The BITS packed words of a run of 32 elements, loaded with exactly their
-// size (no read past the row) into the lanes of the smallest vector that
-// holds them: lane permutations of it then need no trip through memory.
+// Words loaded for a run of 32 elements: its BITS words rounded up to a
+// power of two and to at least W, read in one load, so that the lane
+// permutations of unpack_run take a register of the output's width or
+// wider (a narrower source went through the stack). A row's last runs,
+// whose load would pass the row's end, are read from a zero-padded copy
+// (decode_values).
+template <int BITS>
+constexpr int kRunLoadWords = imax(BITS <= 1 ? 1 : BITS <= 2 ? 2 : BITS <= 4 ? 4 : 8, W);
+
 template <int BITS>
 inline auto load_run(const uint32_t* p) {
-  if constexpr (BITS == 1) {
-    u32x1 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  } else if constexpr (BITS == 2) {
-    u32x2 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  } else if constexpr (BITS == 4) {
-    u32x4 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  } else if constexpr (BITS == 8) {
-    u32x8 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  } else if constexpr (BITS == 3) {
-    u32x2 a;
-    std::memcpy(&a, p, sizeof(a));
-    const u32x2 b = {p[2], 0u};
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3);
-  } else {
-    static_assert(BITS == 5 || BITS == 6);
-    u32x4 a;
-    std::memcpy(&a, p, sizeof(a));
-    const u32x4 b = {p[4], BITS == 6 ? p[5] : 0u, 0u, 0u};
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
-  }
+  constexpr int n = kRunLoadWords<BITS>;
+  typedef uint32_t run_t __attribute__((vector_size(4 * n)));
+  run_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
 // Codes of elements [BASE, BASE + W) of a run of 32 elements whose packed
@@ -286,7 +269,7 @@ inline size_t round64(size_t n) {
 
 struct Layout {
   int kb;
-  size_t q, limit, kt, vf, s, st, bt, wt, row, vs, vb, total; // byte offsets
+  size_t q, limit, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
 };
 
 Layout layout(const Problem& p, int max_rows) {
@@ -309,6 +292,7 @@ Layout layout(const Problem& p, int max_rows) {
   L.bt = take(sizeof(float) * ng * kb);
   L.wt = take(sizeof(uint32_t) * row_units(p.D, p.bits) * kb);
   L.row = take(sizeof(uint32_t) * (D * p.bits / 32 + 8)); // + room for 8-byte reads
+  L.tail = take(sizeof(uint32_t) * 40); // < 2 loads of kRunLoadWords, + padding
   L.vs = take(sizeof(float) * ng);
   L.vb = take(sizeof(float) * ng);
   L.total = at;
@@ -326,6 +310,7 @@ struct Scratch {
   float* bt;
   uint32_t* wt;
   uint32_t* row;
+  uint32_t* tail; // a value row's last runs, zero-padded
   float* vs;
   float* vb;
 };
@@ -343,6 +328,7 @@ Scratch carve(const Layout& L, void* base) {
   s.bt = reinterpret_cast<float*>(c + L.bt);
   s.wt = reinterpret_cast<uint32_t*>(c + L.wt);
   s.row = reinterpret_cast<uint32_t*>(c + L.row);
+  s.tail = reinterpret_cast<uint32_t*>(c + L.tail);
   s.vs = reinterpret_cast<float*>(c + L.vs);
   s.vb = reinterpret_cast<float*>(c + L.vb);
   return s;
@@ -539,6 +525,39 @@ inline void decode_run(RunVec run, int e0, int gshift, const float* vs, const fl
    ...);
 }
 
+typedef uint8_t u8xw __attribute__((vector_size(W)));
+
+// Whether W consecutive elements (from a multiple of W) load straight into
+// their lanes: they lie in one word (a broadcast of it, then per-lane
+// shifts), or are bytes (a zero-extending load). Otherwise they are cut from
+// a run of 32 elements (decode_run).
+template <int BITS>
+constexpr bool kDirectParts = BITS == 8 || (32 % (BITS * W) == 0) || (BITS == 4 && W == 16);
+
+// Codes of elements [e, e + W) of a packed row (e a multiple of W), for the
+// formats of kDirectParts.
+template <int BITS, int... L>
+inline vu direct_codes(const uint32_t* row, int e, std::integer_sequence<int, L...>) {
+  if constexpr (BITS == 8) {
+    u8xw bytes;
+    std::memcpy(&bytes, reinterpret_cast<const uint8_t*>(row) + e, sizeof(bytes));
+    return __builtin_convertvector(bytes, vu);
+  } else if constexpr (BITS == 4 && W == 16) {
+    // 8 bytes hold the 16 elements: each byte into two lanes, zero-extended,
+    // then the high nibble of the odd lanes shifted down.
+    typedef uint8_t u8x8 __attribute__((vector_size(8)));
+    u8x8 bytes;
+    std::memcpy(&bytes, reinterpret_cast<const uint8_t*>(row) + e / 2, sizeof(bytes));
+    const u8xw twice = __builtin_shufflevector(bytes, bytes, (L / 2)...);
+    constexpr vu sh = {uint32_t((L % 2) * 4)...};
+    return (__builtin_convertvector(twice, vu) >> sh) & 15u;
+  } else {
+    constexpr vu sh = {uint32_t(L * BITS)...};
+    const uint32_t word = row[e * BITS / 32];
+    return ((word - vu{}) >> (sh + uint32_t(e * BITS % 32))) & uint32_t((1u << BITS) - 1u);
+  }
+}
+
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantView& qv = p.v;
@@ -556,16 +575,43 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
       sc.vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
     }
     float* out = sc.vf + static_cast<int64_t>(j) * D;
-    for (int e0 = 0; e0 < full; e0 += 32) {
-      decode_run<MODE, BITS, 32>(load_run<BITS>(row + e0 / 32 * BITS), e0, gshift, sc.vs, sc.vb,
-                                 out + e0, kParts);
+    if constexpr (kDirectParts<BITS>) {
+      for (int e = 0; e < D; e += W) {
+        const vu codes = direct_codes<BITS>(row, e, std::make_integer_sequence<int, W>());
+        vf val = decode_codes<MODE>(codes) * sc.vs[e >> gshift];
+        if constexpr (MODE == qsdpa::kAffine) {
+          val += sc.vb[e >> gshift];
+        }
+        store(out + e, val);
+      }
+      continue;
+    }
+    // Runs whose load stays inside the row read the row; the others (and a
+    // last half run of 16 elements) read a zero-padded copy of the row's
+    // end, made first so that its stores have retired when it is read.
+    constexpr int kLoad = kRunLoadWords<BITS>;
+    int direct = 0; // runs read from the row
+    while ((direct + 1) * 32 <= full && direct * BITS + kLoad <= words) {
+      ++direct;
+    }
+    const int copied = words - direct * BITS;
+    for (int t = 0; t < copied; ++t) {
+      sc.tail[t] = row[direct * BITS + t];
+    }
+    for (int t = copied; t < copied + kLoad; ++t) {
+      sc.tail[t] = 0;
+    }
+    for (int r = 0; r < direct; ++r) {
+      decode_run<MODE, BITS, 32>(load_run<BITS>(row + r * BITS), r * 32, gshift, sc.vs, sc.vb,
+                                 out + r * 32, kParts);
+    }
+    for (int e0 = direct * 32; e0 < full; e0 += 32) {
+      decode_run<MODE, BITS, 32>(load_run<BITS>(sc.tail + (e0 / 32 - direct) * BITS), e0, gshift,
+                                 sc.vs, sc.vb, out + e0, kParts);
     }
     if (full < D) {
-      // Half a run: its BITS / 2 words, zero-padded to a whole run.
-      uint32_t tail[8] = {};
-      std::memcpy(tail, row + full / 32 * BITS, sizeof(uint32_t) * (BITS / 2));
-      decode_run<MODE, BITS, 16>(load_run<BITS>(tail), full, gshift, sc.vs, sc.vb, out + full,
-                                 kParts);
+      decode_run<MODE, BITS, 16>(load_run<BITS>(sc.tail + (full / 32 - direct) * BITS), full,
+                                 gshift, sc.vs, sc.vb, out + full, kParts);
     }
   }
 }
