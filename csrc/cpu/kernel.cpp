@@ -406,6 +406,12 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
   const int gshift = __builtin_ctz(gs); // group sizes are powers of two
   const int words = D * BITS / 32;
   const int units = row_units(D, BITS);
+  // Local copies: the stores below (memcpy, char-typed) may alias anything,
+  // and would make every use of sc's fields a reload.
+  float* const kt = sc.kt;
+  float* const st = sc.st;
+  float* const bt = sc.bt;
+  uint32_t* const wt = sc.wt;
 
   // Scales and biases, transposed to [group][key]; padding keys get 0 so
   // that their decoded values are 0.
@@ -422,8 +428,8 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
           bias = scale_at<SK>(qv.biases, bi);
         }
       }
-      sc.st[g * kb + j] = s;
-      sc.bt[g * kb + j] = bias;
+      st[g * kb + j] = s;
+      bt[g * kb + j] = bias;
     }
   }
 
@@ -432,7 +438,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
   for (int j = 0; j < kb; ++j) {
     if (j >= nk) {
       for (int u = 0; u < units; ++u) {
-        sc.wt[u * kb + j] = 0;
+        wt[u * kb + j] = 0;
       }
       continue;
     }
@@ -440,7 +446,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
       // W whole keys: their words as W x W blocks.
       const uint32_t* rows = qv.w + b * qv.ws[0] + h * qv.ws[1] + (j0 + j) * qv.ws[2];
       for (int u = 0; u < units; u += W) {
-        transpose_block(rows + u, qv.ws[2], sc.wt + u * kb + j, kb);
+        transpose_block(rows + u, qv.ws[2], wt + u * kb + j, kb);
       }
       j += W - 1;
       continue;
@@ -448,7 +454,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
     const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
     if constexpr (kWordUnits) {
       for (int u = 0; u < units; ++u) {
-        sc.wt[u * kb + j] = row[u];
+        wt[u * kb + j] = row[u];
       }
     } else {
       // Unit u is bits [u * E * BITS, + E * BITS) of the row's bit stream,
@@ -462,7 +468,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
         const int bit = u * E * BITS;
         uint64_t x;
         std::memcpy(&x, bytes + bit / 8, sizeof(x));
-        sc.wt[u * kb + j] = uint32_t(x >> (bit % 8)) & uint32_t((1ull << (E * BITS)) - 1u);
+        wt[u * kb + j] = uint32_t(x >> (bit % 8)) & uint32_t((1ull << (E * BITS)) - 1u);
       }
     }
   }
@@ -474,12 +480,12 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
     const int g0 = e0 >> gshift;
     const int split = (g0 + 1) * gs - e0; // elements of the unit in group g0
     for (int jv = 0; jv < kb; jv += W) {
-      const vu wv = loadu(sc.wt + u * kb + jv);
-      const vf s0 = load(sc.st + g0 * kb + jv), b0 = load(sc.bt + g0 * kb + jv);
+      const vu wv = loadu(wt + u * kb + jv);
+      const vf s0 = load(st + g0 * kb + jv), b0 = load(bt + g0 * kb + jv);
       vf s1 = s0, b1 = b0;
       if (!kWordUnits && split < ne) {
-        s1 = load(sc.st + (g0 + 1) * kb + jv);
-        b1 = load(sc.bt + (g0 + 1) * kb + jv);
+        s1 = load(st + (g0 + 1) * kb + jv);
+        b1 = load(bt + (g0 + 1) * kb + jv);
       }
 #pragma GCC unroll 32
       for (int k = 0; k < E; ++k) {
@@ -492,7 +498,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
         if constexpr (MODE == qsdpa::kAffine) {
           out += first ? b0 : b1;
         }
-        store(sc.kt + (e0 + k) * kb + jv, out);
+        store(kt + (e0 + k) * kb + jv, out);
       }
     }
   }
@@ -535,8 +541,9 @@ template <int BITS>
 constexpr bool kDirectParts = BITS == 8 || (32 % (BITS * W) == 0) || (BITS == 4 && W == 16);
 
 // Codes of elements [e, e + W) of a packed row (e a multiple of W), for the
-// formats of kDirectParts.
-template <int BITS, int... L>
+// formats of kDirectParts. For elements narrower than a byte, `e % (32 /
+// BITS)` is the compile-time P * W: the part of the word they are in.
+template <int BITS, int P, int... L>
 inline vu direct_codes(const uint32_t* row, int e, std::integer_sequence<int, L...>) {
   if constexpr (BITS == 8) {
     u8xw bytes;
@@ -552,16 +559,36 @@ inline vu direct_codes(const uint32_t* row, int e, std::integer_sequence<int, L.
     constexpr vu sh = {uint32_t((L % 2) * 4)...};
     return (__builtin_convertvector(twice, vu) >> sh) & 15u;
   } else {
-    constexpr vu sh = {uint32_t(L * BITS)...};
-    const uint32_t word = row[e * BITS / 32];
-    return ((word - vu{}) >> (sh + uint32_t(e * BITS % 32))) & uint32_t((1u << BITS) - 1u);
+    constexpr vu sh = {uint32_t((P * W + L) * BITS)...};
+    return ((row[e * BITS / 32] - vu{}) >> sh) & uint32_t((1u << BITS) - 1u);
   }
+}
+
+// Parts of W elements that one step of the direct loop decodes: the W-wide
+// parts of one word for elements narrower than a byte, else one.
+template <int BITS>
+constexpr int kStepParts = (BITS == 8 || W * BITS >= 32) ? 1 : 32 / (W * BITS);
+
+template <int MODE, int BITS, int... P>
+inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float* out,
+                               std::integer_sequence<int, P...>) {
+  constexpr auto kLanes = std::make_integer_sequence<int, W>();
+  ((store(out + e + P * W,
+          MODE == qsdpa::kAffine
+              ? decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s + bias
+              : decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s)),
+   ...);
 }
 
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantView& qv = p.v;
-  const int D = p.D, ng = D / p.group_size, gshift = __builtin_ctz(p.group_size);
+  const int D = p.D, gs = p.group_size, ng = D / gs, gshift = __builtin_ctz(gs);
+  // Local copies (see decode_keys).
+  float* const vf_rows = sc.vf;
+  float* const vs = sc.vs;
+  float* const vb = sc.vb;
+  uint32_t* const tail = sc.tail;
   const int words = D * BITS / 32;
   const int full = D / 32 * 32; // elements in whole runs of 32
   constexpr auto kParts = std::make_integer_sequence<int, 32 / W>();
@@ -571,18 +598,18 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
     const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + key * qv.ss[2];
     const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + key * qv.bs[2];
     for (int g = 0; g < ng; ++g) {
-      sc.vs[g] = scale_at<SK>(qv.scales, s0 + g * qv.ss[3]);
-      sc.vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
+      vs[g] = scale_at<SK>(qv.scales, s0 + g * qv.ss[3]);
+      vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
     }
-    float* out = sc.vf + static_cast<int64_t>(j) * D;
+    float* out = vf_rows + static_cast<int64_t>(j) * D;
     if constexpr (kDirectParts<BITS>) {
-      for (int e = 0; e < D; e += W) {
-        const vu codes = direct_codes<BITS>(row, e, std::make_integer_sequence<int, W>());
-        vf val = decode_codes<MODE>(codes) * sc.vs[e >> gshift];
-        if constexpr (MODE == qsdpa::kAffine) {
-          val += sc.vb[e >> gshift];
+      constexpr int kStep = kStepParts<BITS> * W; // elements per step
+      for (int g = 0; g < ng; ++g) {
+        const vf s = splat(vs[g]), bias = splat(vb[g]);
+        for (int e = g * gs; e < (g + 1) * gs; e += kStep) {
+          decode_direct_step<MODE, BITS>(row, e, s, bias, out,
+                                         std::make_integer_sequence<int, kStepParts<BITS>>());
         }
-        store(out + e, val);
       }
       continue;
     }
@@ -596,22 +623,22 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
     }
     const int copied = words - direct * BITS;
     for (int t = 0; t < copied; ++t) {
-      sc.tail[t] = row[direct * BITS + t];
+      tail[t] = row[direct * BITS + t];
     }
     for (int t = copied; t < copied + kLoad; ++t) {
-      sc.tail[t] = 0;
+      tail[t] = 0;
     }
     for (int r = 0; r < direct; ++r) {
-      decode_run<MODE, BITS, 32>(load_run<BITS>(row + r * BITS), r * 32, gshift, sc.vs, sc.vb,
+      decode_run<MODE, BITS, 32>(load_run<BITS>(row + r * BITS), r * 32, gshift, vs, vb,
                                  out + r * 32, kParts);
     }
     for (int e0 = direct * 32; e0 < full; e0 += 32) {
-      decode_run<MODE, BITS, 32>(load_run<BITS>(sc.tail + (e0 / 32 - direct) * BITS), e0, gshift,
-                                 sc.vs, sc.vb, out + e0, kParts);
+      decode_run<MODE, BITS, 32>(load_run<BITS>(tail + (e0 / 32 - direct) * BITS), e0, gshift,
+                                 vs, vb, out + e0, kParts);
     }
     if (full < D) {
-      decode_run<MODE, BITS, 16>(load_run<BITS>(sc.tail + (full / 32 - direct) * BITS), full,
-                                 gshift, sc.vs, sc.vb, out + full, kParts);
+      decode_run<MODE, BITS, 16>(load_run<BITS>(tail + (full / 32 - direct) * BITS), full,
+                                 gshift, vs, vb, out + full, kParts);
     }
   }
 }
