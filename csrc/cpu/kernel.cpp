@@ -269,7 +269,7 @@ inline size_t round64(size_t n) {
 
 struct Layout {
   int kb;
-  size_t q, limit, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
+  size_t q, o, limit, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
 };
 
 Layout layout(const Problem& p, int max_rows) {
@@ -284,6 +284,7 @@ Layout layout(const Problem& p, int max_rows) {
     return o;
   };
   L.q = take(sizeof(float) * max_rows * D);
+  L.o = take(sizeof(float) * max_rows * D);
   L.limit = take(sizeof(int) * max_rows);
   L.kt = take(sizeof(float) * D * kb);
   L.vf = take(sizeof(float) * kb * D);
@@ -302,6 +303,7 @@ Layout layout(const Problem& p, int max_rows) {
 struct Scratch {
   int kb;
   float* q;
+  float* o; // the rows' outputs in value order (values_permuted)
   int* limit;
   float* kt;
   float* vf;
@@ -320,6 +322,7 @@ Scratch carve(const Layout& L, void* base) {
   Scratch s;
   s.kb = L.kb;
   s.q = reinterpret_cast<float*>(c + L.q);
+  s.o = reinterpret_cast<float*>(c + L.o);
   s.limit = reinterpret_cast<int*>(c + L.limit);
   s.kt = reinterpret_cast<float*>(c + L.kt);
   s.vf = reinterpret_cast<float*>(c + L.vf);
@@ -580,6 +583,43 @@ inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float*
    ...);
 }
 
+// Value rows of 1, 2, 4 or 8-bit elements whose words fill whole vectors
+// are decoded in "value order": a vector of W words yields, per element
+// position k of a word, the W elements k of those words with one shift and
+// mask: no lane permutation, no per-lane shifts. Element e of chunk c (W
+// words, W * 32/BITS elements) sits at position k * W + l of the chunk,
+// where l = word in the chunk and k = element in the word. The outputs are
+// accumulated in the same order and put back in place once per item
+// (unpermute_rows).
+inline bool values_permuted(const Problem& p) {
+  const int words = p.D * p.bits / 32;
+  return (p.bits == 1 || p.bits == 2 || p.bits == 4 || p.bits == 8) && words % W == 0;
+}
+
+inline void unpermute_rows(const float* src, int rows, int D, int bits, float* dst) {
+  const int e = 32 / bits, chunk = W * e;
+  for (int r = 0; r < rows; ++r) {
+    const float* s = src + static_cast<int64_t>(r) * D;
+    float* d = dst + static_cast<int64_t>(r) * D;
+    for (int c = 0; c < D; c += chunk) {
+      for (int k = 0; k < e; ++k) {
+        for (int l = 0; l < W; ++l) {
+          d[c + l * e + k] = s[c + k * W + l];
+        }
+      }
+    }
+  }
+}
+
+template <int MODE, int BITS, int... K>
+inline void decode_value_chunk(vu words, vf s, vf bias, float* out, std::integer_sequence<int, K...>) {
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  ((store(out + K * W, MODE == qsdpa::kAffine
+                           ? decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s + bias
+                           : decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s)),
+   ...);
+}
+
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantView& qv = p.v;
@@ -591,6 +631,7 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
   uint32_t* const tail = sc.tail;
   const int words = D * BITS / 32;
   const int full = D / 32 * 32; // elements in whole runs of 32
+  const bool permuted = values_permuted(p);
   constexpr auto kParts = std::make_integer_sequence<int, 32 / W>();
   for (int j = 0; j < nk; ++j) {
     const int64_t key = j0 + j;
@@ -602,6 +643,28 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
       vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
     }
     float* out = vf_rows + static_cast<int64_t>(j) * D;
+    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
+      if (permuted) {
+        constexpr int E = 32 / BITS;
+        for (int c = 0; c < words; c += W) {
+          const int e0 = c * E; // first element of the chunk
+          vf sv, bv;
+          if (W * E <= gs) {
+            sv = splat(vs[e0 >> gshift]);
+            bv = splat(vb[e0 >> gshift]);
+          } else {
+            // Several groups in the chunk: lane l holds group (c + l) * E / gs.
+            for (int l = 0; l < W; ++l) {
+              sv[l] = vs[((c + l) * E) >> gshift];
+              bv[l] = vb[((c + l) * E) >> gshift];
+            }
+          }
+          decode_value_chunk<MODE, BITS>(loadu(row + c), sv, bv, out + e0,
+                                         std::make_integer_sequence<int, E>());
+        }
+        continue;
+      }
+    }
     if constexpr (kDirectParts<BITS>) {
       constexpr int kStep = kStepParts<BITS> * W; // elements per step
       for (int g = 0; g < ng; ++g) {
@@ -813,6 +876,8 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
                    DecodeFn decode_k, DecodeFn decode_v) {
   const Scratch sc = carve(layout(p, it.nr), scratch);
   const int D = p.D, kb = sc.kb, nr = it.nr;
+  const bool permuted = values_permuted(p);
+  float* const o = permuted ? sc.o : out.o; // the outputs, in value order
 
   int key_end = 0; // the last key any row sees, + 1
   for (int r = 0; r < nr; ++r) {
@@ -827,7 +892,7 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
       finite &= x - x == 0.0f;
       qr[d] = x * p.q_mult;
     }
-    std::memset(out.o + static_cast<int64_t>(r) * D, 0, sizeof(float) * D);
+    std::memset(o + static_cast<int64_t>(r) * D, 0, sizeof(float) * D);
     // A non-finite query makes every score it meets NaN or infinite: the
     // row is NaN (as in MLX) unless it sees no key at all.
     out.m[r] = finite || ref.limit <= it.k0 ? -kInf : __builtin_nanf("");
@@ -855,12 +920,15 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
         float* st = sc.s + t * kb;
         const RowRef ref = row_ref(p, it.kvh, it.r0 + r);
         mask_row(p, it.b, ref, j0, imin(nk, sc.limit[r] - j0), kb, st);
-        any |= softmax_row(st, kb, out.m[r], out.l[r], out.o + static_cast<int64_t>(r) * D, D);
+        any |= softmax_row(st, kb, out.m[r], out.l[r], o + static_cast<int64_t>(r) * D, D);
       }
       if (any) {
-        kOutputTiles[nt](sc.s, kb, sc.vf, nk, D, out.o + static_cast<int64_t>(t0) * D);
+        kOutputTiles[nt](sc.s, kb, sc.vf, nk, D, o + static_cast<int64_t>(t0) * D);
       }
     }
+  }
+  if (permuted) {
+    unpermute_rows(o, nr, D, p.bits, out.o);
   }
 }
 
