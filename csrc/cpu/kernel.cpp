@@ -169,6 +169,11 @@ inline float half_to_float(uint16_t h) {
 }
 
 template <int SK>
+constexpr int64_t scale_bytes() {
+  return SK == kScaleF32 ? 4 : (SK == kScaleF16 || SK == kScaleBF16) ? 2 : 1;
+}
+
+template <int SK>
 inline float scale_at(const void* p, int64_t i) {
   if constexpr (SK == kScaleF32) {
     return static_cast<const float*>(p)[i];
@@ -418,21 +423,24 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
 
   // Scales and biases, transposed to [group][key]; padding keys get 0 so
   // that their decoded values are 0.
-  for (int j = 0; j < kb; ++j) {
-    const int64_t key = j0 + j;
-    const void* sp = static_cast<const char*>(qv.scales);
-    for (int g = 0; g < ng; ++g) {
-      float s = 0.0f, bias = 0.0f;
-      if (j < nk) {
-        const int64_t si = b * qv.ss[0] + h * qv.ss[1] + key * qv.ss[2] + g * qv.ss[3];
-        s = scale_at<SK>(sp, si);
-        if constexpr (MODE == qsdpa::kAffine) {
-          const int64_t bi = b * qv.bs[0] + h * qv.bs[1] + key * qv.bs[2] + g * qv.bs[3];
-          bias = scale_at<SK>(qv.biases, bi);
-        }
+  {
+    const int64_t ss2 = qv.ss[2], ss3 = qv.ss[3], bs2 = qv.bs[2], bs3 = qv.bs[3];
+    const char* sp = static_cast<const char*>(qv.scales) +
+        scale_bytes<SK>() * (b * qv.ss[0] + h * qv.ss[1] + j0 * ss2);
+    const char* bp = MODE == qsdpa::kAffine ? static_cast<const char*>(qv.biases) +
+            scale_bytes<SK>() * (b * qv.bs[0] + h * qv.bs[1] + j0 * bs2)
+                                            : nullptr;
+    for (int j = 0; j < nk; ++j) {
+      for (int g = 0; g < ng; ++g) {
+        st[g * kb + j] = scale_at<SK>(sp, j * ss2 + g * ss3);
+        bt[g * kb + j] = MODE == qsdpa::kAffine ? scale_at<SK>(bp, j * bs2 + g * bs3) : 0.0f;
       }
-      st[g * kb + j] = s;
-      bt[g * kb + j] = bias;
+    }
+    for (int g = 0; g < ng; ++g) {
+      for (int j = nk; j < kb; ++j) {
+        st[g * kb + j] = 0.0f;
+        bt[g * kb + j] = 0.0f;
+      }
     }
   }
 
