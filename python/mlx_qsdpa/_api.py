@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -52,7 +54,8 @@ def quant_sdpa(
             modes. Views along the sequence axis of a larger cache
             (``cache[..., :Lk, :]``) are read in place.
         values, value_scales, value_biases: the same for the values.
-        scale: multiplies ``q @ k.T`` (typically ``D ** -0.5``).
+        scale: multiplies ``q @ k.T`` (typically ``D ** -0.5``); a Python
+            or NumPy real number.
         mask: ``None``; ``"causal"`` (aligned bottom-right: query ``i`` sees
             keys ``j <= Lk - Lq + i``); a bool array (True = attend) or an
             additive float array, broadcastable to ``[B, Hq, Lq, Lk]``.
@@ -60,7 +63,8 @@ def quant_sdpa(
             (attention sinks, as ``mx.fast.scaled_dot_product_attention``).
         group_size, bits, mode: the quantization of keys and values: affine
             with bits 1/2/3/4/5/6/8 and group_size 32/64/128; ``"mxfp4"``
-            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16).
+            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16). ``group_size`` and
+            ``bits`` are Python or NumPy integers.
         return_lse: also return ``lse`` ``[B, Hq, Lq]`` float32, the natural
             log of the softmax denominator (sink included), so attention over
             disjoint key ranges can be merged exactly.
@@ -91,7 +95,8 @@ def quant_sdpa(
             f"got {type(mask).__name__}."
         )
     # One cheap test for the common case (this runs once per attention call
-    # and layer); the slow checks only name what is wrong.
+    # and layer); the slow checks convert NumPy scalars and name what is
+    # wrong.
     A = mx.array
     if not (
         type(scale) in _REALS
@@ -107,7 +112,7 @@ def quant_sdpa(
         and (value_biases is None or isinstance(value_biases, A))
         and (sinks is None or isinstance(sinks, A))
     ):
-        _check_types(
+        scale, group_size, bits, mode = _check_types(
             scale, group_size, bits, mode,
             queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
         )
@@ -137,13 +142,21 @@ _REALS = (float, int)
 def _check_types(
     scale, group_size, bits, mode,
     queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
-) -> None:
-    """Raise a TypeError naming the first argument of a wrong type."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"[quant_sdpa] scale must be a float; got {type(scale).__name__}.")
-    for name, val in (("group_size", group_size), ("bits", bits)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"[quant_sdpa] {name} must be an int; got {type(val).__name__}.")
+) -> Tuple[float, int, int, str]:
+    """``(scale, group_size, bits, mode)`` as Python scalars, or a TypeError
+    naming the first argument of a wrong type.
+
+    Takes what MLX's own functions take: any real number for ``scale``
+    (NumPy's ``float32`` included), any integer for ``group_size`` and
+    ``bits`` (NumPy's ``int64`` included, through ``__index__``), never a
+    bool.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            "[quant_sdpa] scale must be a float (a Python or NumPy real number); "
+            f"got {type(scale).__name__}."
+        )
+    group_size, bits = _as_int("group_size", group_size), _as_int("bits", bits)
     if not isinstance(mode, str):
         raise TypeError(f"[quant_sdpa] mode must be a str; got {type(mode).__name__}.")
     arrays = (
@@ -161,3 +174,16 @@ def _check_types(
             raise TypeError(
                 f"[quant_sdpa] {name} must be an mx.array or None; got {type(val).__name__}."
             )
+    return float(scale), group_size, bits, str(mode)
+
+
+def _as_int(name: str, val) -> int:
+    """``val`` as an int if it is an integer (a bool is not), else a TypeError naming ``name``."""
+    if not isinstance(val, bool):
+        try:
+            return operator.index(val)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"[quant_sdpa] {name} must be an int (a Python or NumPy integer); got {type(val).__name__}."
+    )
