@@ -11,7 +11,7 @@ Pass the cache exactly as ``mx.quantize`` returns it (and as mlx-lm's
     out = quant_sdpa(q, k_q, k_s, k_b, v_q, v_s, v_b, scale=D**-0.5)
 """
 
-from ._api import quant_sdpa, is_supported_format, SUPPORTED_FORMATS
+from ._api import quant_sdpa, is_supported_format, SUPPORTED_FORMATS, cpu_variant, cpu_variants
 from . import fast
 from ._ext import gpu_backend, mlx_build_version, version as _version
 
@@ -24,6 +24,8 @@ __all__ = [
     "fast",
     "gpu_backend",
     "mlx_build_version",
+    "cpu_variant",
+    "cpu_variants",
     "cmake_dir",
     "include_dir",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -20,6 +20,29 @@ SUPPORTED_FORMATS = tuple(
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool:
     """Whether ``quant_sdpa`` accepts K/V quantized with these parameters."""
     return bool(_ext.is_supported_format(mode, bits, group_size))
+
+
+def cpu_variant() -> str:
+    """The CPU kernel variant in use.
+
+    One of ``"x86-64-v2"``, ``"x86-64-v3"``, ``"x86-64-v4"``,
+    ``"arm64-neon"``, ``"generic"`` (portable code) or ``"native"``
+    (compiled for the build machine), chosen when the extension loads among
+    the variants compiled in; ``"unknown"`` for an extension that does not
+    report it.
+    """
+    # Extensions built before the run-time dispatch lack the function.
+    f = getattr(_ext, "cpu_variant", None)
+    return f() if f is not None else "unknown"
+
+
+def cpu_variants() -> List[Tuple[str, bool]]:
+    """The CPU kernel variants compiled in, each with whether this CPU can run it.
+
+    Empty for an extension that does not report them.
+    """
+    f = getattr(_ext, "cpu_variants", None)
+    return [(str(name), bool(ok)) for name, ok in f()] if f is not None else []
 
 
 def quant_sdpa(
