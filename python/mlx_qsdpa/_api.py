@@ -6,9 +6,13 @@ import numbers
 import operator
 from typing import List, Optional, Tuple, Union
 
-import mlx.core as mx
+from . import _build_info
+from ._mlx_check import load_extension
 
-from . import _ext
+# First: it checks the installed MLX before anything loads libmlx.
+_ext = load_extension(_build_info)
+
+import mlx.core as mx  # noqa: E402
 
 # (mode, bits, group_size) triples that mx.quantize (MLX 0.32.4) produces.
 SUPPORTED_FORMATS = tuple(
@@ -20,6 +24,16 @@ SUPPORTED_FORMATS = tuple(
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool:
     """Whether ``quant_sdpa`` accepts K/V quantized with these parameters."""
     return bool(_ext.is_supported_format(mode, bits, group_size))
+
+
+def gpu_backend() -> str:
+    """``"metal"``, ``"cuda"`` or ``"none"``: the GPU kernels compiled into this build."""
+    return _ext.gpu_backend()
+
+
+def mlx_build_version() -> str:
+    """The version of MLX the extension was compiled against."""
+    return _ext.mlx_build_version()
 
 
 def cpu_variant() -> str:

@@ -54,9 +54,10 @@ import sys
 import threading
 from typing import Dict, Iterator, Optional
 
-import mlx.core as mx
-
+# _api first: it checks the installed MLX before anything loads libmlx.
 from ._api import is_supported_format, quant_sdpa
+
+import mlx.core as mx  # noqa: E402
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "stats", "reset_stats", "SUPPORTED_MLX_LM"]
 
