@@ -30,6 +30,55 @@ def test_public_names():
     assert isinstance(mlx_qsdpa.__version__, str) and mlx_qsdpa.__version__
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [dict(scale=np.float32(0.125)), dict(scale=np.float64(0.125)), dict(scale=np.float16(0.125)),
+     dict(scale=np.int64(1)), dict(group_size=np.int64(64)), dict(group_size=np.int32(64)),
+     dict(bits=np.int64(4)), dict(bits=np.uint8(4)), dict(mode=np.str_("affine")),
+     dict(scale=np.float32(0.125), group_size=np.int64(64), bits=np.int64(4))],
+    ids=lambda kw: ",".join(f"{k}={type(v).__name__}" for k, v in kw.items()),
+)
+def test_numpy_scalars_are_accepted(device, kw):
+    # As MLX's own functions accept them (mx.quantize(group_size=np.int64(64))):
+    # the same result as with Python scalars of the same value.
+    c = Case(Hq=4, Hkv=2, Lq=2, Lk=40, D=64, seed=5)
+    q, kq, vq, _, _ = build(c)
+    args = {**dict(scale=0.125, group_size=64, bits=4, mode="affine"), **kw}
+    want = quant_sdpa(q, *kq, *vq, **{k: v.item() if isinstance(v, np.generic) else v for k, v in args.items()},
+                      stream=device)
+    got = quant_sdpa(q, *kq, *vq, **args, stream=device)
+    assert np.array_equal(np.array(got), np.array(want))
+
+
+KNOWN_CPU_VARIANTS = {"x86-64-v2", "x86-64-v3", "x86-64-v4", "arm64-neon", "generic", "native"}
+
+
+def test_cpu_variant_names_one_compiled_in():
+    variant, variants = mlx_qsdpa.cpu_variant(), mlx_qsdpa.cpu_variants()
+    assert all(isinstance(n, str) and isinstance(ok, bool) for n, ok in variants)
+    if hasattr(mlx_qsdpa._ext, "cpu_variant"):
+        # The extension has the run-time dispatch: a variant it compiled in
+        # and this CPU runs.
+        assert variant in KNOWN_CPU_VARIANTS
+        assert {n for n, _ in variants} <= KNOWN_CPU_VARIANTS
+        assert not variants or (variant, True) in variants
+    else:
+        assert (variant, variants) == ("unknown", [])
+
+
+def test_cpu_variant_reads_the_extension(monkeypatch):
+    from mlx_qsdpa import _api
+
+    monkeypatch.setattr(_api, "_ext", type("Ext", (), {})())  # an extension without them
+    assert (mlx_qsdpa.cpu_variant(), mlx_qsdpa.cpu_variants()) == ("unknown", [])
+    ext = type("Ext", (), {})()
+    ext.cpu_variant = lambda: "x86-64-v3"
+    ext.cpu_variants = lambda: [("generic", True), ("x86-64-v3", True), ("x86-64-v4", False)]
+    monkeypatch.setattr(_api, "_ext", ext)
+    assert mlx_qsdpa.cpu_variant() == "x86-64-v3"
+    assert mlx_qsdpa.cpu_variants() == [("generic", True), ("x86-64-v3", True), ("x86-64-v4", False)]
+
+
 MODES = ["affine", "mxfp4", "mxfp8", "nvfp4", "int4", "", "AFFINE"]
 BITS = list(range(0, 10)) + [16, -4]
 GROUPS = [0, 8, 16, 32, 64, 128, 256, -32]

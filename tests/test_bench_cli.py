@@ -1,8 +1,8 @@
 """The bench CLI runs end to end on a tiny problem and reports sane rows.
 
 No timing is asserted (timings belong in benchmarks/RESULTS.md); this checks
-the command, the table, the JSON, and that quant_sdpa's output agrees with
-dequantize + SDPA inside the benchmark. The bench runs on the suite's device
+the command, the table (its header, units and legend), the JSON, and that
+quant_sdpa's output agrees with dequantize + SDPA inside the benchmark. The bench runs on the suite's device
 (QSDPA_DEVICE, conftest.py). A baseline MLX cannot run there (MLX-CUDA's
 quantized_matmul has no kernel for some small shapes) is reported as n/a
 with MLX's error; that report is checked on any device by making the
@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+import mlx_qsdpa
 from mlx_qsdpa import bench
 from mlx_qsdpa.__main__ import main
 
@@ -52,6 +53,67 @@ def test_bench_small_run(tmp_path):
     # On the CPU every baseline runs; on a GPU, MLX-CUDA's quantized_matmul
     # may have no kernel for these shapes (then the row says so).
     _check_rows(data["rows"], may_be_unavailable=() if DEVICE == "cpu" else ("qmm_path",))
+    # The header names the CPU and the kernel variant, as the JSON does.
+    assert data["cpu"] == bench.cpu_model() and data["cpu_variant"] == mlx_qsdpa.cpu_variant()
+    assert f"CPU: {data['cpu']} " in r.stdout
+    assert f"CPU kernel variant: {data['cpu_variant']}" in r.stdout
+    # Each timed row prints its time as the JSON's microseconds in a readable unit.
+    table = {(int(line.split()[0]), line.split()[1]): line.split() for line in r.stdout.splitlines()
+             if line.split()[:1] in (["128"], ["320"])}
+    assert len(table) == len(data["rows"])
+    for row in data["rows"]:
+        if row["unavailable"] is None:
+            cells = table[(row["ctx"], row["method"])]
+            assert " ".join(cells[2:4]) == bench.format_time(row["us_per_call"] * 1e-6)
+            assert cells[3] in ("ns", "us", "ms", "s") and len(cells[2].replace(".", "")) == 3
+    # The legend explains every column of the table.
+    header = next(line for line in r.stdout.splitlines() if line.split()[:2] == ["ctx", "method"])
+    columns = ["ctx", "method", "time/call", "GB/s", "x vs ours", "reps", "note"]
+    assert header.split() == ["ctx", "method", "time/call", "GB/s", "x", "vs", "ours", "reps", "note"]
+    for column in columns:
+        assert any(line.startswith(f"{column}: ") for line in r.stdout.splitlines()), column
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0.0869, "86.9 ms"), (412e-6, "412 us"), (2.31, "2.31 s"), (0.0136, "13.6 ms"), (9.8634, "9.86 s"),
+     (19.04e-6, "19.0 us"), (5.734e-6, "5.73 us"), (999.7e-6, "1.00 ms"), (0.99951, "1.00 s"),
+     (626.8e-3, "627 ms"), (123.4, "123 s"), (1234.5, "1230 s"), (85e-9, "85.0 ns")],
+)
+def test_times_have_three_significant_digits(seconds, text):
+    assert bench.format_time(seconds) == text
+
+
+def test_cpu_model_from_the_os(monkeypatch):
+    if sys.platform == "linux":
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            assert bench.cpu_model() == names[0]
+
+    class Done:
+        returncode, stdout = 0, "Apple M3 Max\n"
+
+    calls = []
+    monkeypatch.setattr(bench.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    assert bench.cpu_model() == "Apple M3 Max"
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+    # Elsewhere, or when the OS says nothing: what platform knows.
+    monkeypatch.setattr(bench.platform, "system", lambda: "Windows")
+    monkeypatch.setattr(bench.platform, "processor", lambda: "Intel64 Family 6")
+    assert bench.cpu_model() == "Intel64 Family 6"
+
+
+def test_plot_without_matplotlib_fails_before_the_benchmark(monkeypatch, tmp_path):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run_context", must_not_run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit, match=r"--plot needs matplotlib: pip install matplotlib .*mlx-qsdpa\[bench\]"):
+        main(["bench", *SMALL, "--plot", str(tmp_path / "p.png")])
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_unavailable_baseline_is_reported(tmp_path, capsys, monkeypatch):

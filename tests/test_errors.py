@@ -102,6 +102,12 @@ def test_bad_mode_string(device, affine, mode):
         (dict(bits=True), "bits must be an int"),
         (dict(group_size=64.0), "group_size must be an int"),
         (dict(group_size=None), "group_size must be an int"),
+        # NumPy integers are ints (test_api.py); NumPy floats and bools are not.
+        (dict(group_size=64.5), r"group_size must be an int \(a Python or NumPy integer\); got float\."),
+        (dict(group_size=np.float32(64)), r"group_size must be an int \(a Python or NumPy integer\); got float32\."),
+        (dict(bits=np.float64(4)), r"bits must be an int \(a Python or NumPy integer\); got float64\."),
+        (dict(bits=np.bool_(True)), r"bits must be an int \(a Python or NumPy integer\); got bool"),
+        (dict(group_size="64"), r"group_size must be an int \(a Python or NumPy integer\); got str\."),
     ],
 )
 def test_format_argument_types(device, affine, kw, match):
@@ -112,15 +118,16 @@ def test_format_argument_types(device, affine, kw, match):
 # --- scale ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan"), 1e39])
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan"), 1e39, np.float32("inf"), np.float64("nan")])
 def test_non_finite_scale(device, affine, scale):
     with pytest.raises(ValueError, match="scale must be a finite float"):
         call(affine, device, scale=scale)
 
 
-@pytest.mark.parametrize("scale", ["0.1", None, True, mx.array(0.1), [0.1]])
+@pytest.mark.parametrize("scale", ["0.1", None, True, mx.array(0.1), [0.1], np.bool_(True), np.array([0.1]), 1j])
 def test_scale_type(device, affine, scale):
-    with pytest.raises(TypeError, match="scale must be a float"):
+    # NumPy real scalars are floats (test_api.py); strings, arrays, bools are not.
+    with pytest.raises(TypeError, match=r"scale must be a float \(a Python or NumPy real number\); got "):
         call(affine, device, scale=scale)
 
 

@@ -554,29 +554,36 @@ runpy.run_module("mlx_lm.generate", run_name="__main__", alter_sys=True)
 """
 
 
+def _saved_model(path):
+    """make_llama() saved as an mlx-lm model directory with a word-level
+    tokenizer (words t0..t511, t0 the end of text); returns a prompt."""
+    import json
+
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = make_llama()
+    save_model(path, model)
+    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    save_config({**config, "eos_token_id": 0}, path / "config.json")
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0", "unk_token": "t1"})
+    )
+    return " ".join(f"t{2 + (i * 37) % (VOCAB - 2)}" for i in range(PROMPT))
+
+
 def test_generate_command_patched(tmp_path):
     """``python -m mlx_qsdpa.mlx_lm`` is mlx-lm's generate command, patched:
     same text as ``python -m mlx_lm.generate`` on a saved model with a
     word-level tokenizer. Both run on MLX's default device; the reference
     command's quantized attention runs on the CPU stream, as in the tests
     above (``_GENERATE_REF``)."""
-    import json
     import subprocess
 
-    from mlx_lm.utils import save_config, save_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    model = make_llama()
-    save_model(tmp_path, model)
-    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
-    save_config({**config, "eos_token_id": 0}, tmp_path / "config.json")
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0", "unk_token": "t1"})
-    )
-    prompt = " ".join(f"t{2 + (i * 37) % (VOCAB - 2)}" for i in range(PROMPT))
+    prompt = _saved_model(tmp_path)
     args = ["--model", str(tmp_path), "--prompt", prompt, "--kv-bits", "4", "--quantized-kv-start", "0",
             "--max-tokens", "24", "--ignore-chat-template"]
     texts = []
@@ -586,5 +593,45 @@ def test_generate_command_patched(tmp_path):
         texts.append(r.stdout.split("==========")[1].strip())
     # The patched command reports its calls on stderr: some, all routed.
     assert re.search(r"mlx_qsdpa: [1-9][0-9]* quantized-KV attention calls through quant_sdpa, 0 through", r.stderr)
+    assert "no call went through quant_sdpa" not in r.stderr
     assert len(set(texts[0].split())) > 8
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize(
+    "kv_args, why",
+    [([], "no --kv-bits was given, so mlx-lm kept a float KV cache"),
+     (["--kv-bits", "4"], "mlx-lm keeps the first --quantized-kv-start tokens (5000; default 5000) in a float "
+                          "cache and quantizes it only once the context passes that, which this run did not; "
+                          "pass --quantized-kv-start 0 to quantize from the first token.")],
+)
+def test_generate_command_says_why_no_call_was_routed(tmp_path, kv_args, why):
+    # The two ways a first run sends nothing to quant_sdpa: no quantized
+    # cache asked for, or a context shorter than --quantized-kv-start.
+    import subprocess
+
+    prompt = _saved_model(tmp_path)
+    args = ["--model", str(tmp_path), "--prompt", prompt, *kv_args, "--max-tokens", "4", "--ignore-chat-template"]
+    r = subprocess.run([sys.executable, "-m", "mlx_qsdpa.mlx_lm", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "mlx_qsdpa: 0 quantized-KV attention calls through quant_sdpa, 0 through mlx-lm's own path" in r.stderr
+    assert f"mlx_qsdpa: no call went through quant_sdpa: {why}" in r.stderr
+
+
+def test_why_no_call_was_routed_when_all_fell_back():
+    why = qlm._why_none_routed(kv_bits=4, quantized_kv_start=0, fallback=3)
+    assert "all 3 went to mlx-lm's own path" in why
+    assert "no attention call over a quantized cache" in qlm._why_none_routed(4, 0, 0)
+
+
+def test_generate_command_help_says_what_it_is():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "mlx_qsdpa.mlx_lm", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert text.startswith("usage: python -m mlx_qsdpa.mlx_lm ")
+    assert "mlx-lm's generate command (python -m mlx_lm.generate, same arguments) with mlx_qsdpa.mlx_lm's patch on" in text
+    assert "runs through mlx_qsdpa's fused quant_sdpa" in text
+    assert "pass --quantized-kv-start 0 to quantize, and so use quant_sdpa, from the first token" in text
+    assert "--kv-bits KV_BITS" in text  # mlx-lm's own arguments

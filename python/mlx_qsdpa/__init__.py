@@ -9,13 +9,19 @@ Pass the cache exactly as ``mx.quantize`` returns it (and as mlx-lm's
     k_q, k_s, k_b = mx.quantize(keys, group_size=64, bits=4)
     v_q, v_s, v_b = mx.quantize(values, group_size=64, bits=4)
     out = quant_sdpa(q, k_q, k_s, k_b, v_q, v_s, v_b, scale=D**-0.5)
+
+The compiled extension runs only with the MLX it was built against: importing
+the package with another one raises ImportError naming both and the fix
+(``python -m mlx_qsdpa info`` shows them).
 """
 
-from ._api import quant_sdpa, is_supported_format, SUPPORTED_FORMATS
-from . import fast
-from ._ext import gpu_backend, mlx_build_version, version as _version
+import os
+import sys
 
-__version__ = _version()
+from . import _build_info
+from ._mlx_check import load_extension
+
+__version__ = _build_info.version
 
 __all__ = [
     "quant_sdpa",
@@ -24,20 +30,58 @@ __all__ = [
     "fast",
     "gpu_backend",
     "mlx_build_version",
+    "cpu_variant",
+    "cpu_variants",
     "cmake_dir",
     "include_dir",
 ]
 
 
+def _is_the_command() -> bool:
+    """Whether this process runs ``python -m mlx_qsdpa`` or the ``mlx-qsdpa`` script.
+
+    ``python -m`` imports the package before it runs ``__main__`` (with
+    ``sys.argv[0] == "-m"`` meanwhile), so the command's ``info`` could not
+    report a broken install if the import raised.
+    """
+    arg0 = (getattr(sys, "argv", None) or [""])[0]
+    return arg0 == "-m" or os.path.basename(arg0) == "mlx-qsdpa"
+
+
+# Checks the installed MLX before the extension is loaded: see _mlx_check.py.
+try:
+    load_extension(_build_info)
+except ImportError as e:
+    if not _is_the_command():
+        raise
+    # The command reports the error (``info``) or exits with it; every
+    # public name not defined below (they all need the extension) raises it.
+    _load_error = e
+
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(str(_load_error)) from _load_error
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+else:
+    _load_error = None
+    from ._api import (
+        SUPPORTED_FORMATS,
+        cpu_variant,
+        cpu_variants,
+        gpu_backend,
+        is_supported_format,
+        mlx_build_version,
+        quant_sdpa,
+    )
+    from . import fast
+
+
 def cmake_dir() -> str:
     """The directory of the installed CMake package (``find_package(mlx_qsdpa)``)."""
-    import os
-
     return os.path.join(os.path.dirname(__file__), "share", "cmake", "mlx_qsdpa")
 
 
 def include_dir() -> str:
     """The directory of the installed C++ headers."""
-    import os
-
     return os.path.join(os.path.dirname(__file__), "include")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import numbers
+import operator
+from typing import List, Optional, Tuple, Union
 
-import mlx.core as mx
+from . import _build_info
+from ._mlx_check import load_extension
 
-from . import _ext
+# First: it checks the installed MLX before anything loads libmlx.
+_ext = load_extension(_build_info)
+
+import mlx.core as mx  # noqa: E402
 
 # (mode, bits, group_size) triples that mx.quantize (MLX 0.32.4) produces.
 SUPPORTED_FORMATS = tuple(
@@ -18,6 +24,39 @@ SUPPORTED_FORMATS = tuple(
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool:
     """Whether ``quant_sdpa`` accepts K/V quantized with these parameters."""
     return bool(_ext.is_supported_format(mode, bits, group_size))
+
+
+def gpu_backend() -> str:
+    """``"metal"``, ``"cuda"`` or ``"none"``: the GPU kernels compiled into this build."""
+    return _ext.gpu_backend()
+
+
+def mlx_build_version() -> str:
+    """The version of MLX the extension was compiled against."""
+    return _ext.mlx_build_version()
+
+
+def cpu_variant() -> str:
+    """The CPU kernel variant in use.
+
+    One of ``"x86-64-v2"``, ``"x86-64-v3"``, ``"x86-64-v4"``,
+    ``"arm64-neon"``, ``"generic"`` (portable code) or ``"native"``
+    (compiled for the build machine), chosen when the extension loads among
+    the variants compiled in; ``"unknown"`` for an extension that does not
+    report it.
+    """
+    # Extensions built before the run-time dispatch lack the function.
+    f = getattr(_ext, "cpu_variant", None)
+    return f() if f is not None else "unknown"
+
+
+def cpu_variants() -> List[Tuple[str, bool]]:
+    """The CPU kernel variants compiled in, each with whether this CPU can run it.
+
+    Empty for an extension that does not report them.
+    """
+    f = getattr(_ext, "cpu_variants", None)
+    return [(str(name), bool(ok)) for name, ok in f()] if f is not None else []
 
 
 def quant_sdpa(
@@ -52,7 +91,8 @@ def quant_sdpa(
             modes. Views along the sequence axis of a larger cache
             (``cache[..., :Lk, :]``) are read in place.
         values, value_scales, value_biases: the same for the values.
-        scale: multiplies ``q @ k.T`` (typically ``D ** -0.5``).
+        scale: multiplies ``q @ k.T`` (typically ``D ** -0.5``); a Python
+            or NumPy real number.
         mask: ``None``; ``"causal"`` (aligned bottom-right: query ``i`` sees
             keys ``j <= Lk - Lq + i``); a bool array (True = attend) or an
             additive float array, broadcastable to ``[B, Hq, Lq, Lk]``.
@@ -60,7 +100,8 @@ def quant_sdpa(
             (attention sinks, as ``mx.fast.scaled_dot_product_attention``).
         group_size, bits, mode: the quantization of keys and values: affine
             with bits 1/2/3/4/5/6/8 and group_size 32/64/128; ``"mxfp4"``
-            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16).
+            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16). ``group_size`` and
+            ``bits`` are Python or NumPy integers.
         return_lse: also return ``lse`` ``[B, Hq, Lq]`` float32, the natural
             log of the softmax denominator (sink included), so attention over
             disjoint key ranges can be merged exactly.
@@ -91,7 +132,8 @@ def quant_sdpa(
             f"got {type(mask).__name__}."
         )
     # One cheap test for the common case (this runs once per attention call
-    # and layer); the slow checks only name what is wrong.
+    # and layer); the slow checks convert NumPy scalars and name what is
+    # wrong.
     A = mx.array
     if not (
         type(scale) in _REALS
@@ -107,7 +149,7 @@ def quant_sdpa(
         and (value_biases is None or isinstance(value_biases, A))
         and (sinks is None or isinstance(sinks, A))
     ):
-        _check_types(
+        scale, group_size, bits, mode = _check_types(
             scale, group_size, bits, mode,
             queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
         )
@@ -137,13 +179,21 @@ _REALS = (float, int)
 def _check_types(
     scale, group_size, bits, mode,
     queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
-) -> None:
-    """Raise a TypeError naming the first argument of a wrong type."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"[quant_sdpa] scale must be a float; got {type(scale).__name__}.")
-    for name, val in (("group_size", group_size), ("bits", bits)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"[quant_sdpa] {name} must be an int; got {type(val).__name__}.")
+) -> Tuple[float, int, int, str]:
+    """``(scale, group_size, bits, mode)`` as Python scalars, or a TypeError
+    naming the first argument of a wrong type.
+
+    Takes what MLX's own functions take: any real number for ``scale``
+    (NumPy's ``float32`` included), any integer for ``group_size`` and
+    ``bits`` (NumPy's ``int64`` included, through ``__index__``), never a
+    bool.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            "[quant_sdpa] scale must be a float (a Python or NumPy real number); "
+            f"got {type(scale).__name__}."
+        )
+    group_size, bits = _as_int("group_size", group_size), _as_int("bits", bits)
     if not isinstance(mode, str):
         raise TypeError(f"[quant_sdpa] mode must be a str; got {type(mode).__name__}.")
     arrays = (
@@ -161,3 +211,16 @@ def _check_types(
             raise TypeError(
                 f"[quant_sdpa] {name} must be an mx.array or None; got {type(val).__name__}."
             )
+    return float(scale), group_size, bits, str(mode)
+
+
+def _as_int(name: str, val) -> int:
+    """``val`` as an int if it is an integer (a bool is not), else a TypeError naming ``name``."""
+    if not isinstance(val, bool):
+        try:
+            return operator.index(val)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"[quant_sdpa] {name} must be an int (a Python or NumPy integer); got {type(val).__name__}."
+    )

@@ -23,9 +23,24 @@ def quant_sdpa(
     stream: Union[None, mx.Stream, mx.Device],
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]: ...
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool: ...
-def version() -> str: ...
-def mlx_build_version() -> str: ...
+def version() -> str:
+    """The version of mlx-qsdpa."""
+def mlx_build_version() -> str:
+    """The version of MLX the extension was compiled against."""
 def gpu_backend() -> str:
     """'metal', 'cuda' or 'none': the GPU kernels compiled into this build."""
+def cpu_variant() -> str:
+    """The CPU kernel variant in use, chosen at load time among those compiled in:
+    'x86-64-v2', 'x86-64-v3', 'x86-64-v4', 'arm64-neon', 'generic' or 'native'.
+
+    Only in extensions with the CPU kernel's run-time dispatch: call
+    ``mlx_qsdpa.cpu_variant()``, which says 'unknown' without it.
+    """
+def cpu_variants() -> List[Tuple[str, bool]]:
+    """The CPU kernel variants compiled in, each with whether this CPU can run it.
+
+    Only in extensions with the CPU kernel's run-time dispatch: call
+    ``mlx_qsdpa.cpu_variants()``, which returns [] without it.
+    """
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...

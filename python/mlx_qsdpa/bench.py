@@ -25,6 +25,19 @@ unavailable: ``n/a`` in the table with MLX's error as the note, and
 ``"unavailable": "<error>"`` with null timings in the JSON. The other
 methods are timed as usual; a failure of ``quant_sdpa`` itself still fails
 the run.
+
+The table prints times with three significant digits in the unit that fits
+(``412 us``, ``86.9 ms``, ``2.31 s``), and a legend of its columns. The
+header names the device, the CPU's model and the CPU kernel variant of
+quant_sdpa in use (``mlx_qsdpa.cpu_variant()``).
+
+``--json FILE`` writes ``{"config", "device", "machine", "cpu",
+"cpu_variant", "mlx", "date", "command", "rows"}``; each row has ``ctx``,
+``method``, ``us_per_call`` (microseconds per call, a float),
+``bytes_per_call``, ``gbps`` (1e9 bytes per second), ``speedup_of_quant_sdpa``
+(the method's time over quant_sdpa's), ``max_abs_diff``, ``repeats`` (the
+timed evaluations whose median gives the time), ``unavailable`` and
+``check_unavailable``.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, asdict
@@ -42,7 +56,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ._api import quant_sdpa
+from ._api import cpu_variant, quant_sdpa
 
 METHODS = ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
 
@@ -159,6 +173,44 @@ def error_text(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def format_time(seconds: float) -> str:
+    """``seconds`` with three significant digits in the unit that fits:
+    ``"412 us"``, ``"86.9 ms"``, ``"2.31 s"``."""
+    t = float(f"{seconds:.3g}")  # rounded first, so that 999.7 us prints as 1.00 ms
+    for unit, per_second in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        if t * per_second >= 1.0:
+            break
+    else:
+        unit, per_second = "ns", 1e9
+    return f"{_sig3(t * per_second)} {unit}"
+
+
+def _sig3(v: float) -> str:
+    """``v`` with three significant digits, trailing zeros kept, no exponent (1401 stays 1401)."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:.0f}" if v == 0 else str(v)
+    return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (Linux: /proc/cpuinfo; macOS: sysctl)."""
+    try:
+        if platform.system() == "Linux":
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        elif platform.system() == "Darwin":
+            r = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                               capture_output=True, text=True, timeout=10)
+            if r.returncode == 0 and r.stdout.strip():
+                return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # Arm Linux has no "model name"; platform.processor() is often empty there.
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def nbytes(arrays) -> int:
     return int(sum(a.nbytes for a in arrays if a is not None))
 
@@ -263,18 +315,19 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
 
 
 def format_table(cfg: Config, device, rows: List[Row]) -> str:
-    head = (
-        f"quant_sdpa bench on {device} ({platform.machine()}, mlx {mx.__version__}): "
+    lines = [
+        f"quant_sdpa bench on {device}, mlx {mx.__version__}",
+        f"CPU: {cpu_model()} ({platform.machine()}); quant_sdpa's CPU kernel variant: {cpu_variant()}",
         f"B={cfg.batch} Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.dim} Lq={cfg.lq} "
         f"{cfg.mode} bits={cfg.bits} gs={cfg.group_size} {cfg.dtype}, {cfg.layers} call(s) per eval"
-        f"{', chained' if cfg.chain else ''}"
-    )
-    lines = [head, ""]
-    lines.append(f"{'ctx':>8} {'method':<13} {'us/call':>11} {'GB/s':>8} {'x vs ours':>10} {'reps':>5}  note")
+        f"{', chained' if cfg.chain else ''}",
+        "",
+        f"{'ctx':>8} {'method':<13} {'time/call':>10} {'GB/s':>7} {'x vs ours':>10} {'reps':>5}  note",
+    ]
     for r in rows:
         if r.unavailable is not None:
             lines.append(
-                f"{r.ctx:>8} {r.method:<13} {'n/a':>11} {'n/a':>8} {'n/a':>10} {'-':>5}  unavailable: {r.unavailable}"
+                f"{r.ctx:>8} {r.method:<13} {'n/a':>10} {'n/a':>7} {'n/a':>10} {'-':>5}  unavailable: {r.unavailable}"
             )
             continue
         note = ""
@@ -282,13 +335,24 @@ def format_table(cfg: Config, device, rows: List[Row]) -> str:
             note = f"max|ours - dequant_sdpa| = {r.max_abs_diff:.2e}"
         elif r.check_unavailable is not None:
             note = f"max|ours - dequant_sdpa| n/a ({r.check_unavailable})"
-        sp = "" if r.method == "quant_sdpa" else f"{r.speedup_of_quant_sdpa:9.1f}x"
+        sp = "" if r.method == "quant_sdpa" else f"{_sig3(r.speedup_of_quant_sdpa)}x"
         lines.append(
-            f"{r.ctx:>8} {r.method:<13} {r.us_per_call:>11.1f} {r.gbps:>8.1f} {sp:>10} {r.repeats:>5}  {note}"
+            f"{r.ctx:>8} {r.method:<13} {format_time(r.us_per_call * 1e-6):>10} {_sig3(r.gbps):>7} {sp:>10} "
+            f"{r.repeats:>5}  {note}"
         )
-    lines.append("")
-    lines.append("x vs ours: how many times longer the method takes than quant_sdpa.")
-    lines.append("GB/s: bytes the call must read (packed K/V + scales + biases; fp16_sdpa: its float K/V) / time.")
+    lines += [
+        "",
+        "ctx: keys in the cache (context length).",
+        "method: quant_sdpa = this package; fp16_sdpa = mx.fast.scaled_dot_product_attention on an "
+        "unquantized cache; qmm_path = mlx-lm's quantized_matmul -> softmax -> quantized_matmul; "
+        "dequant_sdpa = mx.dequantize, then mx.fast.scaled_dot_product_attention.",
+        f"time/call: the median time of one timed evaluation divided by its {cfg.layers} call(s).",
+        "GB/s: bytes the call must read (packed K/V + scales + biases; fp16_sdpa: its float K/V) / time.",
+        "x vs ours: how many times longer the method takes than quant_sdpa.",
+        "reps: how many timed evaluations (after one warm-up) the median is taken over.",
+        "note: max|ours - dequant_sdpa| = the largest absolute difference between the outputs of "
+        "quant_sdpa and dequant_sdpa on the same inputs.",
+    ]
     if any(r.unavailable is not None for r in rows):
         lines.append("n/a: MLX could not run that baseline on this device for this shape (its error is the note).")
     return "\n".join(lines)
@@ -337,7 +401,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--max-reps", type=int, default=None,
                    help="evaluations per method at most (default 50 CPU, 5000 GPU: there --min-time decides)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
-    p.add_argument("--plot", default=None, help="write a PNG plot to this file (needs matplotlib)")
+    p.add_argument("--plot", default=None, help='write a PNG plot to this file (needs matplotlib: pip install "mlx-qsdpa[bench]")')
     p.add_argument("--no-progress", action="store_true")
     from . import e2e
 
@@ -349,6 +413,14 @@ def main(args: argparse.Namespace) -> int:
         from . import e2e
 
         return e2e.main(args)
+    if args.plot:
+        # Before the benchmark, which may run for minutes.
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                '--plot needs matplotlib: pip install matplotlib (or pip install "mlx-qsdpa[bench]")'
+            ) from None
     device = {"cpu": mx.cpu, "gpu": mx.gpu, None: mx.default_device()}[args.device]
     if isinstance(device, mx.Device):
         dev = device
@@ -383,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(
                 {"config": asdict(cfg), "device": str(dev), "machine": platform.platform(),
-                 "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 "cpu": cpu_model(), "cpu_variant": cpu_variant(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]},
                 f, indent=2,
             )

@@ -49,14 +49,16 @@ that ``QuantizedKVCache`` builds.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import sys
 import threading
 from typing import Dict, Iterator, Optional
 
-import mlx.core as mx
-
+# _api first: it checks the installed MLX before anything loads libmlx.
 from ._api import is_supported_format, quant_sdpa
+
+import mlx.core as mx  # noqa: E402
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "stats", "reset_stats", "SUPPORTED_MLX_LM"]
 
@@ -331,19 +333,91 @@ def reset_stats() -> None:
         _stats["routed"] = _stats["fallback"] = 0
 
 
-if __name__ == "__main__":
-    # ``python -m mlx_qsdpa.mlx_lm [mlx_lm.generate arguments]``: mlx-lm's
-    # generate command with the patch on. Patch through the package's module,
-    # not this __main__ copy of it, so that there is one patch state.
-    import mlx_qsdpa.mlx_lm as _this
-    from mlx_lm.generate import main as _generate
+# ---------------------------------------------------------------------------
+# python -m mlx_qsdpa.mlx_lm
+# ---------------------------------------------------------------------------
 
-    _this.patch()
-    _generate()
+_COMMAND_DESCRIPTION = (
+    "mlx-lm's generate command (python -m mlx_lm.generate, same arguments) with "
+    "mlx_qsdpa.mlx_lm's patch on: mlx-lm's attention over a quantized KV cache "
+    "runs through mlx_qsdpa's fused quant_sdpa instead of quantized_matmul -> "
+    "softmax -> quantized_matmul. Nothing else changes."
+)
+_COMMAND_EPILOG = (
+    "mlx-lm quantizes the KV cache only with --kv-bits, and only once the context "
+    "passes --quantized-kv-start tokens (default 5000); pass --quantized-kv-start 0 "
+    "to quantize, and so use quant_sdpa, from the first token. The command ends by "
+    "printing on stderr how many attention calls went through quant_sdpa."
+)
+
+
+def _why_none_routed(kv_bits: Optional[int], quantized_kv_start: int, fallback: int) -> str:
+    """Why a generate run sent no attention call to quant_sdpa, most likely."""
+    if kv_bits is None:
+        return (
+            "no --kv-bits was given, so mlx-lm kept a float KV cache, whose attention "
+            "is mx.fast.scaled_dot_product_attention; add e.g. --kv-bits 4."
+        )
+    if fallback:
+        return (
+            f"quant_sdpa does not take this model's quantized-KV attention calls "
+            f"(all {fallback} went to mlx-lm's own path; see mlx_qsdpa.mlx_lm._route)."
+        )
+    if quantized_kv_start > 0:
+        return (
+            f"mlx-lm keeps the first --quantized-kv-start tokens ({quantized_kv_start}; "
+            "default 5000) in a float cache and quantizes it only once the context passes "
+            "that, which this run did not; pass --quantized-kv-start 0 to quantize from "
+            "the first token."
+        )
+    return "mlx-lm made no attention call over a quantized cache (a model without attention layers?)."
+
+
+def _generate_command() -> int:
+    """``python -m mlx_qsdpa.mlx_lm``: mlx-lm's generate command with the patch on.
+
+    Reads ``sys.argv`` as mlx-lm's command does; its ``--help`` says what
+    this command is, and its end reports on stderr how many calls went
+    through quant_sdpa (and why none did, when none did).
+    """
+    # The module: the package's attribute of that name is its generate() function.
+    generate = importlib.import_module("mlx_lm.generate")
+
+    setup_arg_parser = generate.setup_arg_parser
+    parsers = []
+
+    def our_arg_parser():
+        parser = setup_arg_parser()
+        parser.prog = "python -m mlx_qsdpa.mlx_lm"
+        parser.description = _COMMAND_DESCRIPTION
+        parser.epilog = _COMMAND_EPILOG
+        parsers.append(parser)
+        return parser
+
+    # generate.main() builds its parser through this module-level name.
+    generate.setup_arg_parser = our_arg_parser
+    patch()
+    try:
+        generate.main()
+    finally:
+        generate.setup_arg_parser = setup_arg_parser
     # On stderr, so that the command's output stays mlx-lm's.
-    _s = _this.stats()
+    s = stats()
     print(
-        f"mlx_qsdpa: {_s['routed']} quantized-KV attention calls through quant_sdpa, "
-        f"{_s['fallback']} through mlx-lm's own path",
+        f"mlx_qsdpa: {s['routed']} quantized-KV attention calls through quant_sdpa, "
+        f"{s['fallback']} through mlx-lm's own path",
         file=sys.stderr,
     )
+    if s["routed"] == 0:
+        args, _ = parsers[-1].parse_known_args()
+        why = _why_none_routed(args.kv_bits, args.quantized_kv_start, s["fallback"])
+        print(f"mlx_qsdpa: no call went through quant_sdpa: {why}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package's module, not this __main__ copy of it, so that
+    # there is one patch state.
+    import mlx_qsdpa.mlx_lm as _this
+
+    sys.exit(_this._generate_command())
