@@ -28,6 +28,9 @@ def test_cmake_dir_cli_matches_package():
     assert os.path.isfile(os.path.join(mlx_qsdpa.include_dir(), "mlx_qsdpa", "quant_sdpa.h"))
 
 
+# A CMake build of the consumer: left out of `python -m pytest tests` (and so
+# needs no cmake there), run by .ci/run's `python -m pytest tests -m slow` step.
+@pytest.mark.slow
 def test_cpp_consumer_builds_and_runs(tmp_path):
     cmake = shutil.which("cmake")
     assert cmake, "cmake is needed to build the C++ consumer (pip install cmake)"

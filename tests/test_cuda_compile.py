@@ -19,6 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "cuda").glob("*.cu"))
 
+# Minutes of nvcc on two cores: left out of `python -m pytest tests`, run by
+# .ci/run's `python -m pytest tests -m slow` step.
+pytestmark = pytest.mark.slow
+
 
 def nvcc():
     found = shutil.which("nvcc")

@@ -58,7 +58,7 @@ step_smoke() {
 
 step_tests() {
   local t0=$SECONDS
-  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 python3 -m pytest tests -q --maxfail=40 -p no:cacheprovider \
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 python3 -m pytest tests -m "not sanitize" -q --maxfail=40 -p no:cacheprovider \
     -n 8 --timeout 300 --ignore=tests/metal > "$out/tests_gpu.log" 2>&1
   summary+=("tests (QSDPA_DEVICE=gpu): $(tail -1 "$out/tests_gpu.log") [$((SECONDS - t0)) s]")
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10

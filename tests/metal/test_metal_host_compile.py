@@ -22,6 +22,10 @@ import pytest
 from metal_requirements import require
 from metal_simulator import ROOT, find_clang
 
+# clang++ over the Metal host code: left out of `python -m pytest tests`, run
+# by .ci/run's `python -m pytest tests -m slow` step.
+pytestmark = pytest.mark.slow
+
 HEADERS = ROOT / "build" / f"mlx-metal-{mx.__version__}" / "mlx" / "include"
 SOURCES = sorted((ROOT / "csrc" / "metal").glob("*.cpp"))
 
