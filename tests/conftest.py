@@ -21,14 +21,11 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-DEVICE = os.environ.get("QSDPA_DEVICE", "cpu").lower()
-if DEVICE not in ("cpu", "gpu"):
-    raise RuntimeError(f"QSDPA_DEVICE must be 'cpu' or 'gpu', got {DEVICE!r}")
+from qsdpa_env import CPU_VARIANT, DEVICE  # noqa: E402
 
 # QSDPA_CPU_VARIANT=<name> runs the whole suite on that variant of the CPU
 # kernel (mlx_qsdpa._ext.cpu_variants() lists them); a name this CPU cannot
 # run fails here rather than silently testing another.
-CPU_VARIANT = os.environ.get("QSDPA_CPU_VARIANT")
 if CPU_VARIANT:
     from mlx_qsdpa import _ext  # noqa: E402
 

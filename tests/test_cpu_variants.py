@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from conftest import CPU_VARIANT, DEVICE
+from qsdpa_env import CPU_VARIANT, DEVICE
 from mlx_qsdpa import _ext
 from qsdpa_case import Case, F32, check_case
 from test_correctness import LONG_CASES, RANDOM_CASES

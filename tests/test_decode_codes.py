@@ -20,7 +20,7 @@ import pytest
 import mlx.core as mx
 
 import oracle
-from conftest import CPU_VARIANT, DEVICE
+from qsdpa_env import CPU_VARIANT, DEVICE
 from mlx_qsdpa import _ext, quant_sdpa
 
 D = 256  # every 8-bit code once per row; a multiple of every group size

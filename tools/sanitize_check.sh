@@ -92,4 +92,17 @@ for threads in 1 default; do
     exit "$rc"
   fi
 done
+# Every code of every format through every CPU kernel variant this machine
+# runs, and the oracle sweep on each variant: the decoders' loads and stores
+# at every element width.
+echo "== sanitize_check: every code and the sweep on every CPU kernel variant"
+set +e
+"$venv/bin/python" -m pytest tests/test_decode_codes.py tests/test_cpu_variants.py -q \
+  -p no:cacheprovider --capture=sys "$@"
+rc=$?
+set -e
+if [ "$rc" -ne 0 ]; then
+  echo "sanitize_check: FAILED (pytest exit status $rc, decode codes / variants)" >&2
+  exit "$rc"
+fi
 echo "== sanitize_check: passed"
