@@ -23,7 +23,7 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -204,6 +204,19 @@ inline vf decode_codes(vu c) {
     mag = select(em == 0x7fu, vu{} + 0x7fc00000u, mag);
     return vf(mag | ((c & 0x80u) << 24));
   } else {
+#if defined(__AVX512F__)
+    // e2m1 has 16 codes: one permute of a register holding every value (it
+    // reads the low 4 bits of each index).
+    const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
+                                        -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+    return vf(_mm512_permutexvar_ps(__m512i(c), table));
+#elif defined(__AVX2__)
+    // The 8 magnitudes by one permute (it reads the low 3 bits of each
+    // index), the sign bit moved in place.
+    const __m256 table = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+    const vf mag = vf(_mm256_permutevar8x32_ps(table, __m256i(c)));
+    return vf(vu(mag) | ((c & 8u) << 28));
+#else
     // e2m1: the same with the bias raised from 1 to 127; exponent 0 is the
     // subnormal m * 0.5 (codes 0 and 1 are 0 and 0.5).
     const vu em = c & 7u;
@@ -211,6 +224,7 @@ inline vf decode_codes(vu c) {
     const vu sub = vu(__builtin_convertvector(vi(em), vf) * 0.5f);
     const vu mag = select(em < 2u, sub, normal);
     return vf(mag | ((c & 8u) << 28));
+#endif
   }
 }
 
