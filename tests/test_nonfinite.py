@@ -82,15 +82,16 @@ def test_nonfinite_fallback_matches_oracle(device, cid, c):
     assert_matches(c, out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("fallback", [False, True], ids=["device", "fallback"])
 @pytest.mark.parametrize("poison", ["q_nan", "vscale_nan"])
-def test_empty_row_beside_poisoned_rows(device, poison):
+def test_empty_row_beside_poisoned_rows(device, poison, fallback):
     """A row that sees no key is zero (lse -inf) in the same call, kv head
     and tile of rows as poisoned ones: beside a NaN row, and beside rows
     that see a key whose value is NaN (which the empty row meets, masked,
-    with weight 0 in the kernels' accumulation)."""
+    with weight 0 in the kernels' accumulation and the fallback's p @ v)."""
     c = Case(Hq=8, Hkv=2, Lq=2, Lk=700, D=64, dtype=F16, mask="bool:HQK", poison=poison, seed=9)
     h = c.Hq - 1  # the poisoned row's head: its kv head's other rows
-    out, lse, ref, ref_lse = run(c, device, emptied_row(c, build(c), h=h, i=0))
+    out, lse, ref, ref_lse = run(c, device, emptied_row(c, build(c), h=h, i=0), fallback=fallback)
     assert (ref[0, h, 0] == 0).all() and np.isneginf(ref_lse[0, h, 0])
     assert np.isnan(ref[0, h, 1]).any()
     assert_matches(c, out, lse, ref, ref_lse)
