@@ -251,8 +251,16 @@ def _poisoned(base, kind):
     return c.replace(poison=kind, mask=mask), splits
 
 
-POISON_CASES = [_poisoned(base, kind) for base in POISON_BASES for kind in sorted(qsdpa_case.POISONS)]
-SIMT_POISON_CASES = [_poisoned(SIMT_POISON_BASE, kind) for kind in sorted(qsdpa_case.POISONS)]
+# The fp formats' scale codes: mxfp4's e8m0 has no NaN (0xff is +inf, which
+# makes the key's scores NaN or infinite), nvfp4's e4m3 0x7f is NaN; their
+# scales go through float, not the magic form.
+POISON_CASES = [_poisoned(base, kind) for base in POISON_BASES for kind in sorted(qsdpa_case.POISONS)] + [
+    (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, poison="kscale_nan", seed=26), 4),
+]
+SIMT_POISON_CASES = [_poisoned(SIMT_POISON_BASE, kind) for kind in sorted(qsdpa_case.POISONS)] + [
+    (Case(B=1, Hq=6, Hkv=2, Lq=3, Lk=264, D=80, fmt=("nvfp4", 4, 16), dtype=BF16, mask="causal", sinks="f32",
+          poison="kscale_nan", seed=27), 2),  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("entry", POISON_CASES, ids=[_id(e) for e in POISON_CASES])
