@@ -155,32 +155,47 @@ std::vector<mx::array> dequantized_attention(
     scores = add(scores, m, s);
   }
 
-  // Row max over the keys and the sink; -inf rows use 0 to stay finite.
-  auto mx_ = max(scores, -1, true, s);
+  // The non-finite semantics of MLX's own SDPA (and of the kernels): a row
+  // with a NaN or +inf score (the sink counts as one) is NaN throughout,
+  // lse included, whatever max() does with a NaN on the device. -inf
+  // scores weigh nothing; a row that sees no key (l = 0) gives zeros and
+  // lse = -inf, even where a masked key's value is NaN (p @ v there is
+  // 0 * NaN).
+  auto poisoned = [&](const array& x) { return logical_or(isnan(x, s), isposinf(x, s), s); };
+  auto bad = any(poisoned(scores), -1, true, s);
   std::optional<array> sink;
   if (c.has_sinks) {
     sink = reshape(inputs[in.sinks], {1, Hkv, G, 1, 1}, s);
+    bad = logical_or(bad, poisoned(*sink), s);
+  }
+  // Row max over the keys and the sink; rows that see nothing (max -inf)
+  // and poisoned rows use 0, so that exp() stays finite where it matters.
+  auto mx_ = max(scores, -1, true, s);
+  if (sink) {
     mx_ = maximum(mx_, *sink, s);
   }
-  auto safe_max = where(isinf(mx_, s), zeros_like(mx_, s), mx_, s);
+  auto safe_max = where(logical_or(isneginf(mx_, s), bad, s), zeros_like(mx_, s), mx_, s);
   auto p = exp(subtract(scores, safe_max, s), s);
   auto l = sum(p, -1, true, s);
   if (sink) {
     l = add(l, exp(subtract(*sink, safe_max, s), s), s);
   }
   auto o = matmul(p, expand_dims(v, 2, s), s); // [B, Hkv, G, Lq, D]
-  auto positive = greater(l, array(0.0f), s);
-  o = where(positive, divide(o, where(positive, l, ones_like(l, s), s), s),
-            zeros_like(o, s), s);
+  auto empty = equal(l, array(0.0f), s);
+  auto safe_l = where(empty, ones_like(l, s), l, s);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  o = where(empty, zeros_like(o, s), divide(o, safe_l, s), s);
+  o = where(bad, array(nan), o, s);
   o = astype(reshape(o, {B, Hq, Lq, D}, s), q.dtype(), s);
   std::vector<array> outs = {o};
   if (c.return_lse) {
     // -inf for empty rows, without log(0) (whose gradient is NaN).
     auto lse = where(
-        positive,
-        add(log(where(positive, l, ones_like(l, s), s), s), safe_max, s),
+        empty,
         array(-std::numeric_limits<float>::infinity()),
+        add(log(safe_l, s), safe_max, s),
         s);
+    lse = where(bad, array(nan), lse, s);
     outs.push_back(reshape(lse, {B, Hq, Lq}, s));
   }
   return outs;

@@ -13,6 +13,7 @@
 
 #include "mlx_qsdpa/formats.h"
 #include "params.h"
+#include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
 
@@ -22,6 +23,26 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float neg_inf() {
   return -__int_as_float(0x7f800000);
 }
+
+__device__ __forceinline__ float pos_inf() {
+  return __int_as_float(0x7f800000);
+}
+
+__device__ __forceinline__ float nan_f() {
+  return __int_as_float(0x7fffffff);
+}
+
+// Non-finite inputs, as MLX's own SDPA treats them: a score that is NaN or
+// +inf (a NaN or inf query element, key scale, bias or code, or additive
+// mask entry) makes its row NaN, output and lse. The kernels track this
+// as a poisoned row state, whose running max is NaN: it stays NaN through
+// mma_detail::fmax_nan (the max of the block epilogue and of the split
+// merge), every weight and rescale 2^(x - NaN) makes the row's sum and
+// output NaN too, and finalize_row writes NaN. Nothing is added to the
+// per-key work: the generic kernel sets the NaN on its new-max branch, the
+// tensor-core kernel on its lazy max's slow path, which such scores take
+// anyway. -inf scores weigh nothing, and a row that sees no key gives zeros
+// and lse = -inf.
 
 // A value of a run-time element type (queries, sinks, affine scales).
 __device__ __forceinline__ float load_as_float(const void* base, int64_t i, int type) {
@@ -123,15 +144,17 @@ __device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r
   return row_ref_at(p, b, kvh, r, fast_div(p.div_G, r));
 }
 
-// The array mask's contribution to the base-2 score of (row, key j): 0,
-// -inf, or the additive value times log2(e).
-__device__ __forceinline__ float array_mask(const Params& p, int b, const RowRef& ref, int j) {
+// The array mask applied to the base-2 score x of (row, key j): a bool mask
+// selects (False gives -inf whatever x is, so that a NaN score of a key the
+// row does not see stays out, as with MLX's where), an additive one adds
+// its value times log2(e) (a NaN or +inf there poisons the row).
+__device__ __forceinline__ float apply_array_mask(const Params& p, int b, const RowRef& ref, int j, float x) {
   const int64_t off = int64_t(b) * p.ms[0] + int64_t(ref.h) * p.ms[1] +
       int64_t(ref.i) * p.ms[2] + int64_t(j) * p.ms[3];
   if (p.mask_type == kMaskBool) {
-    return static_cast<const uint8_t*>(p.mask)[off] ? 0.0f : neg_inf();
+    return static_cast<const uint8_t*>(p.mask)[off] ? x : neg_inf();
   }
-  return static_cast<const float*>(p.mask)[off] * kLog2e;
+  return x + static_cast<const float*>(p.mask)[off] * kLog2e;
 }
 
 // The key range [k_begin, k_end) of this block's split, cut at the last key
@@ -148,24 +171,39 @@ __device__ __forceinline__ void split_range(
 
 // The final normalisation of one row: the sink joins as a key of value 0,
 // then out = o / l and lse = ln(l) + max. A row that sees nothing (l = 0 and
-// no sink) gives zeros and lse = -inf.
+// no sink) gives zeros and lse = -inf; a poisoned row (max NaN, see the
+// top; a NaN or +inf sink poisons it here) gives NaN.
 struct Finalized {
-  float mult; // out = o * mult
+  float mult; // out = o * mult (scaled_output); 0: exactly zero
   float lse;
 };
 
 __device__ __forceinline__ Finalized finalize_row(const Params& p, int h, float m, float l) {
+  float c = 1.0f;
   if (p.sinks) {
     const float s2 = p.sinks[int64_t(h) * p.sink_stride] * kLog2e;
-    const float mm = fmaxf(m, s2);
-    const float c = m == neg_inf() ? 0.0f : exp2f(m - mm);
-    l = l * c + exp2f(s2 - mm);
-    return {c / l, (mm + log2f(l)) * kLn2};
+    if (s2 != neg_inf()) { // a -inf sink is no key
+      const float mm = mma_detail::fmax_nan(m, s2);
+      c = m == neg_inf() ? 0.0f : exp2f(m - mm);
+      l = l * c + exp2f(s2 - mm);
+      m = mm;
+    }
+  }
+  if (m != m || l != l) {
+    return {nan_f(), nan_f()};
   }
   if (!(l > 0.0f)) {
     return {0.0f, neg_inf()};
   }
-  return {1.0f / l, (m + log2f(l)) * kLn2};
+  return {c / l, (m + log2f(l)) * kLn2};
+}
+
+// An output element v (not normalised) times its row's finalize_row mult.
+// A row that sees no key (mult 0) is exactly zero, also where v is NaN: its
+// masked keys still met the MMA and the accumulation with weight 0, and a
+// NaN value there (a cache slot nobody attends) is 0 * NaN.
+__device__ __forceinline__ float scaled_output(float v, float mult) {
+  return mult == 0.0f ? 0.0f : v * mult;
 }
 
 // Shared memory of the generic kernel's block epilogue for RT rows (the
@@ -198,7 +236,7 @@ __device__ __forceinline__ void epilogue_reduce_stats(S& s) {
     const int r = threadIdx.x;
     float M = neg_inf();
     for (int w = 0; w < 4; ++w) {
-      M = fmaxf(M, s.m[w][r]);
+      M = mma_detail::fmax_nan(M, s.m[w][r]); // NaN: a warp's row is poisoned
     }
     float L = 0.0f;
     if (M != neg_inf()) {
@@ -223,7 +261,7 @@ __device__ __forceinline__ float epilogue_factor(const S& s, int w, int r) {
 // Element d of output row out_row, v not yet normalised (mult, lse:
 // finalize_row's), and once per row its lse.
 __device__ __forceinline__ void store_output(const Params& p, int64_t out_row, int d, float v, float mult, float lse) {
-  store_from_float(p.out, out_row * p.D + d, v * mult, p.out_type);
+  store_from_float(p.out, out_row * p.D + d, scaled_output(v, mult), p.out_type);
   if (d == 0 && p.lse) {
     p.lse[out_row] = lse;
   }

@@ -284,7 +284,7 @@ struct MmaDecode {
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       m[w] = slice(smem, w).m[r];
-      st.M = fmaxf(st.M, m[w]);
+      st.M = mma_detail::fmax_nan(st.M, m[w]); // NaN: a warp's row is poisoned
     }
     st.L = 0.0f;
 #pragma unroll
@@ -1164,7 +1164,7 @@ struct MmaDecode {
                 if (key > last) {
                   x = neg_inf();
                 } else if (decltype(array_here)::value && r < nr) {
-                  x += array_mask(p, b, ref, key);
+                  x = apply_array_mask(p, b, ref, key, x);
                 }
                 x -= base[nt][e];
               }
@@ -1188,10 +1188,11 @@ struct MmaDecode {
       // (exact enough in T, far from its overflow), and a step whose scores
       // stay under their rows' thresholds (nearly all, once the first steps
       // have set the max) costs one vote instead of a max reduction across
-      // the row's lanes (three shuffles). A NaN score also fails the test,
-      // so the slow path alone handles NaN (an inf code or scale meeting a
-      // masked or zero query, or inf - inf under a mask): it takes no part,
-      // as in the generic kernel.
+      // the row's lanes (three shuffles). A NaN or +inf score also fails
+      // the test, so the slow path alone sees them: its max keeps the NaN
+      // (fmax_nan) and turns +inf into NaN, which poisons the row
+      // (common.cuh). A poisoned row's scores over its NaN base are NaN,
+      // so it takes the slow path on every later step, and stays NaN.
       bool over = false;
       each_score(s, [&](float& x, int, int nt, int e4) { over |= !(x <= lim[nt][e4 & 1]); });
       if (__any_sync(0xffffffffu, over)) {
@@ -1205,18 +1206,15 @@ struct MmaDecode {
             for (int u = 0; u < TPW; ++u) {
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
-                float& x = s[u][nt][2 * h + e];
-                if (x != x) {
-                  x = neg_inf();
-                }
-                mx = fmaxf(mx, x);
+                mx = mma_detail::fmax_nan(mx, s[u][nt][2 * h + e]);
               }
             }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            mx = mma_detail::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = mma_detail::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = mma_detail::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
             const float m_old = ref_max(nt, e);
-            const float m_new = fmaxf(m_old, mx + base[nt][e]);
+            const float m_max = mma_detail::fmax_nan(m_old, mx + base[nt][e]);
+            const float m_new = m_max == pos_inf() ? nan_f() : m_max; // NaN: poisoned
             const float b_new = m_new == neg_inf() ? 0.0f : m_new;
             corr[e] = mma_detail::exp2_fast(m_old - b_new); // 0 while m is -inf, 1 if unchanged
             const float shift = base[nt][e] - b_new;

@@ -19,7 +19,11 @@ namespace mlx_qsdpa::cuda {
 
 namespace {
 
+// Head-dim elements per lane: a row of up to kMaxHeadDim elements, the
+// largest D the host sends here (gpu_kernel_supports; wider rows take the
+// dequantize fallback).
 constexpr int kMaxE = kMaxHeadDim / 32;
+static_assert(kMaxE * 32 == kMaxHeadDim, "whole elements per lane");
 
 // Packed words with a stride between consecutive words (formats.h's
 // unpack_element indexes any such "pointer").
@@ -86,10 +90,16 @@ __device__ __forceinline__ void decode_row(
   }
 }
 
+// The block epilogue's shared memory, the kernel's only: dynamic (the
+// launch passes kSimtSmemBytes), as the tensor-core kernel's, which lets
+// the CPU simulator (tests/cuda) run this kernel unchanged too.
+constexpr int kSimtSmemBytes = int(sizeof(EpilogueSmem<kSimtRows>));
+
 template <int MODE, int BITS>
 __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_constant__ Params p) {
   constexpr int RT = kSimtRows;
-  __shared__ EpilogueSmem<RT> smem;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EpilogueSmem<RT>& smem = *reinterpret_cast<EpilogueSmem<RT>*>(smem_raw);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -158,19 +168,20 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
       if (r >= nr || (p.mask_type == kMaskCausal && j > refs[r].causal_limit)) {
         sc = neg_inf();
       } else if (p.mask_type == kMaskBool || p.mask_type == kMaskAdditive) {
-        sc += array_mask(p, b, refs[r], j);
+        sc = apply_array_mask(p, b, refs[r], j, sc);
       }
-      if (sc != sc) {
-        sc = neg_inf(); // a NaN score (NaN additive mask) attends nothing
-      }
-      if (sc > m[r]) {
-        const float c = exp2f(m[r] - sc); // 0 while m is -inf
+      // A new max, or (every comparison with a NaN being false) a NaN or
+      // +inf score or a poisoned row, whose max it makes or keeps NaN
+      // (common.cuh).
+      if (!(sc <= m[r])) {
+        const float m_new = sc < pos_inf() && m[r] == m[r] ? sc : nan_f();
+        const float c = exp2f(m[r] - m_new); // 0 while m is -inf
         l[r] *= c;
 #pragma unroll
         for (int e = 0; e < kMaxE; ++e) {
           o[r][e] *= c;
         }
-        m[r] = sc;
+        m[r] = m_new;
       }
       pr[r] = sc == neg_inf() ? 0.0f : exp2f(sc - m[r]);
       l[r] += pr[r];
@@ -217,36 +228,42 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   }
 }
 
+// The generic kernel of a format, as a KernelRef (its dynamic shared memory).
+template <int MODE, int BITS>
+KernelRef simt_ref() {
+  return KernelRef{reinterpret_cast<const void*>(&qsdpa_decode_simt<MODE, BITS>), kSimtSmemBytes};
+}
+
 } // namespace
 
-const void* simt_kernel(int mode, int bits) {
+KernelRef simt_kernel(int mode, int bits) {
   switch (mode) {
     case qsdpa::kMxfp4:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kMxfp4, 4>);
+      return simt_ref<qsdpa::kMxfp4, 4>();
     case qsdpa::kMxfp8:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kMxfp8, 8>);
+      return simt_ref<qsdpa::kMxfp8, 8>();
     case qsdpa::kNvfp4:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kNvfp4, 4>);
+      return simt_ref<qsdpa::kNvfp4, 4>();
     default:
       break;
   }
   switch (bits) {
     case 1:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 1>);
+      return simt_ref<qsdpa::kAffine, 1>();
     case 2:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 2>);
+      return simt_ref<qsdpa::kAffine, 2>();
     case 3:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 3>);
+      return simt_ref<qsdpa::kAffine, 3>();
     case 4:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 4>);
+      return simt_ref<qsdpa::kAffine, 4>();
     case 5:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 5>);
+      return simt_ref<qsdpa::kAffine, 5>();
     case 6:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 6>);
+      return simt_ref<qsdpa::kAffine, 6>();
     case 8:
-      return reinterpret_cast<const void*>(&qsdpa_decode_simt<qsdpa::kAffine, 8>);
+      return simt_ref<qsdpa::kAffine, 8>();
     default:
-      return nullptr;
+      return KernelRef{nullptr, 0};
   }
 }
 

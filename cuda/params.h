@@ -128,15 +128,15 @@ constexpr int kMergeRadix = QSDPA_MERGE_RADIX;
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).
 constexpr int kSimtRows = 8;
 
-// The generic decode kernel (fp32 arithmetic, any format, any head dim up to
-// kMaxHeadDim, any last-axis stride): never null for a valid format.
-const void* simt_kernel(int mode, int bits);
-
 // A kernel and the dynamic shared memory (bytes) it is launched with.
 struct KernelRef {
   const void* fn;
   int smem_bytes;
 };
+
+// The generic decode kernel (fp32 arithmetic, any format, any head dim up to
+// kMaxHeadDim, any last-axis stride): never null for a valid format.
+KernelRef simt_kernel(int mode, int bits);
 
 // The tensor-core decode kernel for fp16/bf16 queries (q_type kElemFloat16/kElemBFloat16)
 // and blocks of 8 * row_tiles query rows (row_tiles 1 or 2), or {nullptr, 0}

@@ -85,6 +85,15 @@ __device__ __forceinline__ float exp2_fast(float x) {
   return y;
 }
 
+// max(a, b), NaN if either is NaN (max.NaN.f32, sm_80+: one instruction,
+// as fmaxf, which instead ignores a NaN operand). A row's running max
+// through it stays NaN once a NaN score has entered (a poisoned row).
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
 // *counter += 1 at GPU scope with acquire and release semantics; returns the
 // old value. Orders this thread's earlier writes (and, after a block
 // barrier, its block's) before the count, and the count before its later

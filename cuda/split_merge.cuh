@@ -104,7 +104,7 @@ __device__ inline void merge_step(
       float M = neg_inf();
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
-        M = fmaxf(M, m[k][u]);
+        M = mma_detail::fmax_nan(M, m[k][u]); // NaN: a poisoned partial (common.cuh)
       }
       float L = 0.0f;
       float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -127,10 +127,10 @@ __device__ inline void merge_step(
       } else {
         const Finalized fin = finalize_row(p, ref.h, M, L);
         const int64_t o = (ref.out_row * D4 + d4) * 4;
-        store_from_float(p.out, o, acc.x * fin.mult, p.out_type);
-        store_from_float(p.out, o + 1, acc.y * fin.mult, p.out_type);
-        store_from_float(p.out, o + 2, acc.z * fin.mult, p.out_type);
-        store_from_float(p.out, o + 3, acc.w * fin.mult, p.out_type);
+        store_from_float(p.out, o, scaled_output(acc.x, fin.mult), p.out_type);
+        store_from_float(p.out, o + 1, scaled_output(acc.y, fin.mult), p.out_type);
+        store_from_float(p.out, o + 2, scaled_output(acc.z, fin.mult), p.out_type);
+        store_from_float(p.out, o + 3, scaled_output(acc.w, fin.mult), p.out_type);
         if (d4 == 0 && p.lse) {
           p.lse[ref.out_row] = fin.lse;
         }

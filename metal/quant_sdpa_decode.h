@@ -26,6 +26,7 @@
 #include "function_constants.h"
 #include "quant_sdpa_io.h"
 #include "quant_sdpa_params.h"
+#include "quant_sdpa_softmax.h"
 
 namespace qsdpa {
 
@@ -212,10 +213,11 @@ inline void quant_sdpa_decode(
           dot += q[rr][t] * kv[t];
         }
         const float s = metal::simd_sum(dot) + mask_add;
-        if (!(s > -INFINITY)) {
-          continue; // masked by -inf (the key does not count)
+        if (s == -INFINITY) {
+          continue; // masked by -inf: the key weighs nothing
         }
-        const float m_new = metal::max(m[rr], s);
+        // A NaN or +inf score poisons the row (quant_sdpa_softmax.h).
+        const float m_new = running_max(m[rr], s);
         const float corr = metal::exp2(m[rr] - m_new);
         const float pr = metal::exp2(s - m_new);
         l[rr] = l[rr] * corr + pr;
@@ -254,7 +256,7 @@ inline void quant_sdpa_decode(
         const int slot = (split * n_row_groups + row_group) * RPS + rr;
         const float m_b = x_stats[slot * 2];
         const float l_b = x_stats[slot * 2 + 1];
-        const float m_new = metal::max(m[rr], m_b);
+        const float m_new = max_nan(m[rr], m_b); // NaN: either is poisoned
         if (m_new == -INFINITY) {
           continue; // neither saw a key
         }
@@ -294,26 +296,17 @@ inline void quant_sdpa_decode(
       }
     }
     if (fc_write_final) {
-      float mm = m[rr];
-      float ll = l[rr];
-      float c = 1.0f;
-      if (fc_has_sinks) {
-        // The sink: one more key with logit sinks[head] and a zero value.
-        const float s2 = buf.sinks[head[rr] * p.sink_stride] * log2e();
-        const float m_new = metal::max(mm, s2);
-        c = metal::exp2(mm - m_new);
-        ll = ll * c + metal::exp2(s2 - m_new);
-        mm = m_new;
-      }
-      const float inv = ll > 0.0f ? c / ll : 0.0f;
+      // The sink: one more key with logit sinks[head] and a zero value.
+      const float s2 = fc_has_sinks ? buf.sinks[head[rr] * p.sink_stride] * log2e() : 0.0f;
+      const Finalized f = finalize_row(m[rr], l[rr], fc_has_sinks, s2);
       for (int t = 0; t < DPL; ++t) {
         const int d = int(lane) + t * kSimdWidth;
         if (d < D) {
-          store_elem(buf.out, row * D + d, o[rr][t] * inv, fc_query_type);
+          store_elem(buf.out, row * D + d, scaled_output(o[rr][t], f.mult), fc_query_type);
         }
       }
       if (fc_write_lse && lane == 0) {
-        buf.lse[row] = ll > 0.0f ? (mm + metal::log2(ll)) * ln2() : -INFINITY;
+        buf.lse[row] = f.lse;
       }
     }
   }

@@ -2,13 +2,15 @@
 //
 // Pass 2 of the 2-pass decode: merges the partial results of the key
 // blocks of each output row exactly (rescaling every block by 2^(m_block -
-// m)), adds the sink and writes the output and lse. One simdgroup per row:
-// the lanes split the blocks for the max and the sum, then the head dim.
+// m), m the row's max over the blocks and the sink), adds the sink and
+// writes the output and lse (finalize_row). One simdgroup per row: the
+// lanes split the blocks for the max and the sum, then the head dim.
 #pragma once
 
 #include "function_constants.h"
 #include "quant_sdpa_io.h"
 #include "quant_sdpa_params.h"
+#include "quant_sdpa_softmax.h"
 
 namespace qsdpa {
 
@@ -30,42 +32,51 @@ inline void quant_sdpa_merge(
   const device float* stats = partial_stats + int64_t(row) * p.blocks * 2;
   const device float* part = partial_out + int64_t(row) * p.blocks * p.D;
 
+  // The blocks' max. A poisoned block (max NaN, quant_sdpa_softmax.h)
+  // poisons the row: counted by a sum, whatever simd_max does with a NaN.
   float m = -INFINITY;
+  float poisoned = 0.0f;
   for (int blk = int(lane); blk < p.blocks; blk += kSimdWidth) {
-    m = metal::max(m, stats[blk * 2]);
+    const float mb = stats[blk * 2];
+    m = metal::max(m, mb);
+    poisoned += mb != mb ? 1.0f : 0.0f;
   }
   m = metal::simd_max(m);
-  float sink = 0.0f;
-  if (fc_has_sinks) {
-    sink = sinks[head * p.sink_stride] * log2e();
-    m = metal::max(m, sink);
+  if (metal::simd_sum(poisoned) > 0.0f) {
+    m = NAN;
+  }
+  // The sink joins the max first (a -inf sink is no key).
+  const float sink = fc_has_sinks ? sinks[head * p.sink_stride] * log2e() : -INFINITY;
+  if (sink != -INFINITY) {
+    m = max_nan(m, sink);
   }
   // Blocks that saw no key have max -inf and contribute nothing (and m is
   // -inf only if every block is empty and there is no sink).
   float l = 0.0f;
   for (int blk = int(lane); blk < p.blocks; blk += kSimdWidth) {
     const float mb = stats[blk * 2];
-    if (mb > -INFINITY) {
+    if (mb != -INFINITY) {
       l += stats[blk * 2 + 1] * metal::exp2(mb - m);
     }
   }
   l = metal::simd_sum(l);
-  if (fc_has_sinks) {
+  if (sink != -INFINITY) {
     l += metal::exp2(sink - m);
   }
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  // The sink is in m and l already.
+  const Finalized f = finalize_row(m, l, false, 0.0f);
   for (int d = int(lane); d < p.D; d += kSimdWidth) {
     float acc = 0.0f;
     for (int blk = 0; blk < p.blocks; ++blk) {
       const float mb = stats[blk * 2];
-      if (mb > -INFINITY) {
+      if (mb != -INFINITY) {
         acc += part[int64_t(blk) * p.D + d] * metal::exp2(mb - m);
       }
     }
-    store_elem(out, int64_t(row) * p.D + d, acc * inv, fc_query_type);
+    store_elem(out, int64_t(row) * p.D + d, scaled_output(acc, f.mult), fc_query_type);
   }
   if (fc_write_lse && lane == 0) {
-    lse[row] = l > 0.0f ? (m + metal::log2(l)) * ln2() : -INFINITY;
+    lse[row] = f.lse;
   }
 }
 

@@ -69,15 +69,29 @@ def attention64(q, k, v, scale, mask=None, sinks=None):
 
     mask: None, "causal" (bottom-right aligned), or a NumPy bool (True =
     attend) / float (additive) array broadcastable to [B,Hq,Lq,Lk].
-    Returns (out [B,Hq,Lq,D], lse [B,Hq,Lq]); rows that see no key (and
-    have no sink) give zeros and lse = -inf.
+    Returns (out [B,Hq,Lq,D], lse [B,Hq,Lq]).
+
+    Non-finite inputs follow MLX's own SDPA (mx.fast.scaled_dot_product_
+    attention on the dequantized cache): a row whose scores (after the
+    mask; the sink counts as one) hold a NaN or +inf is NaN in every
+    output element and in lse. -inf scores (causal, bool False, additive
+    -inf) weigh nothing; a row that sees no key (and has no sink) gives
+    zeros and lse = -inf. NaN/inf in a value reaches the output through
+    p @ v by IEEE arithmetic (only keys of weight > 0 are specified: a
+    masked key's NaN value still meets its weight 0 here, as in MLX).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     k = np.repeat(k, G, axis=1)
     v = np.repeat(v, G, axis=1)
-    s = scale * (q @ np.swapaxes(k, -1, -2))
+    finite = bool(np.isfinite(q).all() and np.isfinite(k).all() and np.isfinite(v).all())
+    with np.errstate(invalid="ignore", over="ignore"):
+        # einsum's own loops where an operand is not finite: a BLAS kernel
+        # may multiply padding zeros by an inf and make NaN of a finite
+        # product sum.
+        qk = q @ np.swapaxes(k, -1, -2) if finite else np.einsum("bhqd,bhkd->bhqk", q, k)
+        s = scale * qk
     if isinstance(mask, str):
         assert mask == "causal"
         vis = (np.arange(Lq)[:, None] + (Lk - Lq)) >= np.arange(Lk)[None, :]
@@ -87,19 +101,29 @@ def attention64(q, k, v, scale, mask=None, sinks=None):
         if mask.dtype == np.bool_:
             s = np.where(mask, s, -np.inf)
         else:
-            s = s + mask.astype(np.float64)
-    m = s.max(axis=-1, keepdims=True) if Lk > 0 else np.full((B, Hq, Lq, 1), -np.inf)
+            with np.errstate(invalid="ignore"):
+                s = s + mask.astype(np.float64)
+    s = np.broadcast_to(s, (B, Hq, Lq, Lk))
+    bad = (np.isnan(s) | (s == np.inf)).any(axis=-1)
+    sk = None
     if sinks is not None:
         sk = np.asarray(sinks, dtype=np.float64)[None, :, None, None]
-        m = np.maximum(m, sk)
+        bad = bad | (np.isnan(sk) | (sk == np.inf))[..., 0]
+    s = np.where(bad[..., None], -np.inf, s)  # poisoned rows: NaN below
+    m = s.max(axis=-1, keepdims=True) if Lk > 0 else np.full((B, Hq, Lq, 1), -np.inf)
+    if sk is not None:
+        m = np.maximum(m, np.where(bad[..., None], -np.inf, sk))
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
     l = p.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        l = l + np.exp(sk - m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        o = np.where(l > 0, (p @ v) / np.where(l > 0, l, 1.0), 0.0)
+    if sk is not None:
+        l = l + np.where(bad[..., None], 0.0, np.exp(sk - m))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        pv = p @ v if finite else np.einsum("bhqk,bhkd->bhqd", p, v)
+        o = np.where(l > 0, pv / np.where(l > 0, l, 1.0), 0.0)
         lse = (np.log(l) + m)[..., 0]
+    o = np.where(bad[..., None], np.nan, o)
+    lse = np.where(bad, np.nan, lse)
     return o, lse
 
 
@@ -128,18 +152,53 @@ def assert_close(out, ref, dtype, what=""):
     assert err <= RTOL[dtype], f"{what}: relative error {err:.3e} > {RTOL[dtype]:.1e}"
 
 
+def assert_close_nonfinite(out, ref, dtype, what=""):
+    """assert_close for a reference with non-finite elements (NaN rows,
+    NaN/inf columns of a value): NaN exactly where the reference is NaN,
+    the same infinity where it is infinite, and the finite elements within
+    assert_close's tolerance of the largest finite |reference|."""
+    out = to_numpy(out)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    nan_ref, nan_out = np.isnan(ref), np.isnan(out)
+    assert np.array_equal(nan_out, nan_ref), (
+        f"{what}: NaN at {_where(nan_out & ~nan_ref)} (not in the reference), "
+        f"missing at {_where(nan_ref & ~nan_out)}"
+    )
+    inf_ref = np.isinf(ref)
+    assert np.array_equal(np.isinf(out), inf_ref), f"{what}: infinite elements differ"
+    assert np.array_equal(out[inf_ref], ref[inf_ref]), f"{what}: infinities of the wrong sign"
+    fin = np.isfinite(ref)
+    if fin.any():
+        scale = max(np.abs(ref[fin]).max(), 1e-6)
+        err = np.abs(out[fin] - ref[fin]).max() / scale
+        assert err <= RTOL[dtype], f"{what}: relative error {err:.3e} > {RTOL[dtype]:.1e}"
+
+
+def _where(mask, n=6):
+    """The first few indices where mask is set, for messages."""
+    idx = np.argwhere(mask)
+    return f"{len(idx)} elements {idx[:n].tolist()}" if len(idx) else "none"
+
+
 def assert_lse_close(lse, ref_lse, what="", dtype=None):
     """lse against the oracle's. `dtype` is the cache's dtype (that of its
     scales; the queries' for affine caches): mx.dequantize rounds decoded
     values to it (even with dtype=float32), while the kernels decode in
-    float32, so scores, and the lse, may differ at that dtype's precision."""
+    float32, so scores, and the lse, may differ at that dtype's precision.
+    -inf (rows that see no key) and NaN (rows with a NaN or +inf score)
+    must be exactly where the reference has them."""
     lse = np.array(lse).astype(np.float64)
     assert lse.shape == ref_lse.shape
     inf_ref = np.isneginf(ref_lse)
     assert np.array_equal(np.isneginf(lse), inf_ref), f"{what}: -inf rows differ"
-    assert not np.isnan(lse).any(), f"{what}: NaN in lse"
-    if (~inf_ref).any():
+    nan_ref = np.isnan(ref_lse)
+    assert np.array_equal(np.isnan(lse), nan_ref), (
+        f"{what}: NaN lse at {_where(np.isnan(lse) & ~nan_ref)} (not in the reference), "
+        f"missing at {_where(nan_ref & ~np.isnan(lse))}"
+    )
+    fin = ~inf_ref & ~nan_ref
+    if fin.any():
         rel = 1e-4 if dtype is None or dtype == mx.float32 else RTOL[dtype]
-        err = np.abs(lse[~inf_ref] - ref_lse[~inf_ref]).max()
-        tol = rel * max(1.0, np.abs(ref_lse[~inf_ref]).max())
+        err = np.abs(lse[fin] - ref_lse[fin]).max()
+        tol = rel * max(1.0, np.abs(ref_lse[fin]).max())
         assert err <= tol, f"{what}: lse error {err:.3e} > {tol:.1e}"

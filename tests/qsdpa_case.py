@@ -20,6 +20,12 @@ Layouts of the quantized K/V (words, scales and biases alike):
   "prefix"            cache[..., :Lk, :] of a longer preallocated cache,
   "seq_major"         quantized as [B, Lk, Hkv, D], seen through transpose,
   "seq_major_prefix"  both: [B, Lmax, Hkv, D][:, :Lk] then transposed.
+
+Non-finite inputs (`poison`, contiguous layouts only; see POISONS): one
+element of the inputs is made NaN or infinite, or one row fully masked,
+at a query row and key that the mask lets see each other (the test of a
+kernel's NaN/inf handling, tests/test_nonfinite.py). The oracle then
+expects NaN (or zero) rows, which assert_matches compares NaN-aware.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 import oracle
-from mlx_qsdpa import quant_sdpa
+from mlx_qsdpa import _ext, quant_sdpa
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32
 CPU = oracle.CPU
@@ -71,6 +77,8 @@ class Case:
     q_layout: str = "contiguous"  # or "seq_major": [B, Lq, Hq, D] transposed
     scale: Optional[float] = None  # None: D ** -0.5
     seed: int = 0
+    poison: Optional[str] = None  # a key of POISONS
+
 
     def replace(self, **kw) -> "Case":
         return dataclasses.replace(self, **kw)
@@ -92,6 +100,8 @@ class Case:
             s += f"-scale{self.scale:g}"
         if not self.lse:
             s += "-nolse"
+        if self.poison:
+            s += f"-{self.poison}"
         return s + f"-s{self.seed}"
 
 
@@ -130,7 +140,10 @@ def quantized(x, c: Case, layout: str):
 def build(c: Case):
     """Inputs of the case: (q, kq triple, vq triple, mask, sinks), made on the CPU."""
     with mx.stream(CPU):
-        return oracle.evaluated(*_build(c))
+        inputs = _build(c)
+        if c.poison:
+            inputs = poisoned(c, *inputs)
+        return oracle.evaluated(*inputs)
 
 
 def _build(c: Case):
@@ -152,19 +165,163 @@ def _build(c: Case):
     return q, kq, vq, mask, sinks
 
 
+# What `poison` changes (see poisoned()): one query element (NaN, +inf,
+# -inf), the first key/value scale of a key (NaN), one additive mask entry
+# (NaN, +inf, -inf), or one whole row of the mask (additive -inf, bool
+# False).
+POISONS = {
+    "q_nan": "a NaN query element",
+    "q_inf": "a +inf query element",
+    "q_ninf": "a -inf query element",
+    "kscale_nan": "a NaN key scale",
+    "vscale_nan": "a NaN value scale",
+    "mask_nan": "a NaN additive mask entry",
+    "mask_inf": "a +inf additive mask entry",
+    "mask_ninf": "a -inf additive mask entry (the key weighs nothing)",
+    "mask_ninf_row": "a row of additive -inf",
+    "bool_row_empty": "a row of bool False",
+}
+
+
+def poison_site(c: Case):
+    """(b, h, i, j): the batch, query head and position of the poisoned
+    row and the key it sees the poison at. The last query position, the
+    last kv head's last query head, and a key every query position sees
+    under the causal mask, two thirds into the keys (a later split of
+    the key range than the first)."""
+    j = max(c.Lk - c.Lq, 0) * 2 // 3
+    return c.B - 1, c.Hq - 1, c.Lq - 1, j
+
+
+def _set(a: mx.array, index, value) -> mx.array:
+    """A copy of `a` with a[index] = value (on the CPU)."""
+    sel = np.zeros(a.shape, np.bool_)
+    sel[index] = True
+    return mx.where(mx.array(sel), mx.array(value, dtype=a.dtype), a)
+
+
+def _mask_index(spec: str, c: Case, b, h, i, j):
+    """The element of a mask of spec `spec` ("kind:DIMS") at (b, h, i, j)."""
+    at = {"B": b, "H": h, "Q": i, "K": j, "1": 0}
+    return tuple(at[d] for d in spec.split(":")[1])
+
+
+def poisoned(c: Case, q, kq, vq, mask, sinks):
+    """The case's inputs with its poison applied (see POISONS)."""
+    assert c.poison in POISONS, c.poison
+    assert c.layout == "contiguous" and c.q_layout == "contiguous", "poison: contiguous inputs only"
+    b, h, i, j = poison_site(c)
+    kind = c.poison
+    G = c.Hq // c.Hkv
+    kvh = h // G
+    nan, inf = float("nan"), float("inf")
+    if isinstance(mask, mx.array):
+        # The poisoned key is visible to every row (a NaN value reaches
+        # every row of its kv head, whose outputs then all hold NaN).
+        col = np.zeros(mask.shape, np.bool_)
+        if mask.shape[-1] == c.Lk:
+            col[..., j] = True
+            fill = True if mask.dtype == mx.bool_ else 0.0
+            mask = mx.where(mx.array(col), mx.array(fill, dtype=mask.dtype), mask)
+    if kind in ("q_nan", "q_inf", "q_ninf"):
+        q = _set(q, (b, h, i, c.D // 3), {"q_nan": nan, "q_inf": inf, "q_ninf": -inf}[kind])
+    elif kind in ("kscale_nan", "vscale_nan"):
+        w, s, bi = kq if kind == "kscale_nan" else vq
+        # fp modes: the scale code that decodes to NaN where there is one
+        # (nvfp4's e4m3 0x7f; e8m0 has none: 0xff is +inf, as in MLX).
+        s = _set(s, (b, kvh, j, 0), nan if s.dtype != mx.uint8 else (0x7F if c.fmt[0] == "nvfp4" else 0xFF))
+        if kind == "kscale_nan":
+            kq = (w, s, bi)
+        else:
+            vq = (w, s, bi)
+    elif kind in ("mask_nan", "mask_inf", "mask_ninf", "mask_ninf_row"):
+        assert isinstance(mask, mx.array) and mask.dtype != mx.bool_, f"{kind} needs an additive mask"
+        if kind == "mask_ninf_row":
+            at = _mask_index(c.mask, c, b, h, i, j)[:-1] + (slice(None),)
+            mask = _set(mask, at, -inf)
+        else:
+            value = {"mask_nan": nan, "mask_inf": inf, "mask_ninf": -inf}[kind]
+            mask = _set(mask, _mask_index(c.mask, c, b, h, i, j), value)
+    elif kind == "bool_row_empty":
+        assert isinstance(mask, mx.array) and mask.dtype == mx.bool_, f"{kind} needs a bool mask"
+        at = _mask_index(c.mask, c, b, h, i, j)[:-1] + (slice(None),)
+        mask = _set(mask, at, False)
+    return q, kq, vq, mask, sinks
+
+
+def emptied_row(c: Case, inputs, h: int = 0, i: int = 0):
+    """The case's inputs with the bool mask's row (query head h, position i)
+    all False, in every batch item: a row that sees no key, beside rows
+    that see the poisoned key (c.mask: "bool:HQK" or "bool:BHQK")."""
+    q, kq, vq, mask, sinks = inputs
+    assert c.mask in ("bool:HQK", "bool:BHQK"), c.mask
+    with mx.stream(CPU):
+        m = np.array(mask)
+        m[..., h, i, :] = False
+        return oracle.evaluated(q, kq, vq, mx.array(m), sinks)
+
+
+def poison_premise(c: Case, ref, ref_lse):
+    """Asserts what the oracle must say for a poisoned case to test its
+    poison: the poisoned row (b, h, i) NaN, or NaN columns of one group in
+    the rows of the kv head, or an empty row; the other rows finite."""
+    b, h, i, _ = poison_site(c)
+    kind = c.poison
+    row = ref[b, h, i]
+    others = np.ones(ref.shape[:3], np.bool_)
+    if kind in ("q_nan", "q_inf", "q_ninf", "mask_nan", "mask_inf"):
+        assert np.isnan(row).all() and np.isnan(ref_lse[b, h, i]), kind
+        if c.mask and c.poison.startswith("mask") and c.mask.split(":")[1] != "BHQK":
+            return  # a broadcast mask poisons the same position of other heads too
+        others[b, h, i] = False
+        assert np.isfinite(ref[others]).all()
+    elif kind == "kscale_nan":
+        G = c.Hq // c.Hkv
+        kvh = h // G
+        assert np.isnan(ref[b, kvh * G : (kvh + 1) * G]).all(), kind  # every row of the kv head
+        others[b, kvh * G : (kvh + 1) * G] = False
+        assert np.isfinite(ref[others]).all()
+    elif kind == "vscale_nan":
+        G = c.Hq // c.Hkv
+        kvh = h // G
+        gs = c.fmt[2]
+        rows = ref[b, kvh * G : (kvh + 1) * G]
+        assert np.isnan(rows[..., :gs]).all() and np.isfinite(rows[..., gs:]).all(), kind
+        assert np.isfinite(ref_lse).all()
+    elif kind in ("mask_ninf_row", "bool_row_empty"):
+        if c.sinks:
+            assert (row == 0).all() and np.isfinite(ref_lse[b, h, i]), kind
+        else:
+            assert (row == 0).all() and np.isneginf(ref_lse[b, h, i]), kind
+        assert np.isfinite(ref).all()
+    elif kind == "mask_ninf":
+        assert np.isfinite(ref).all() and not np.isnan(ref_lse).any()
+    else:
+        raise AssertionError(kind)
+
+
 def scale_of(c: Case) -> float:
     return c.D**-0.5 if c.scale is None else c.scale
 
 
-def run(c: Case, device, inputs=None):
-    """Runs the op; returns (out, lse or None, ref, ref_lse)."""
+def run(c: Case, device, inputs=None, fallback: bool = False):
+    """Runs the op; returns (out, lse or None, ref, ref_lse). fallback: the
+    op through the GPU backends' dequantize fallback (dequantized_attention,
+    which runs on any device) instead of the device's kernel."""
     q, kq, vq, mask, sinks = build(c) if inputs is None else inputs
     mode, bits, gs = c.fmt
     scale = scale_of(c)
-    res = quant_sdpa(
-        q, *kq, *vq, scale=scale, mask=mask, sinks=sinks,
-        group_size=gs, bits=bits, mode=mode, return_lse=c.lse, stream=device,
-    )  # fmt: skip
+    if fallback:
+        mask_mode = "" if mask is None else ("causal" if isinstance(mask, str) else "array")
+        res = _ext._quant_sdpa_dequantized(
+            q, *kq, *vq, scale, mask_mode, mask if isinstance(mask, mx.array) else None, sinks,
+            gs, bits, mode, c.lse, device,
+        )  # fmt: skip
+    else:
+        res = quant_sdpa(
+            q, *kq, *vq, scale=scale, mask=mask, sinks=sinks,
+            group_size=gs, bits=bits, mode=mode, return_lse=c.lse, stream=device,
+        )  # fmt: skip
     out, lse = res if c.lse else (res, None)
     mx.eval(out, *([lse] if c.lse else []))
     ref, ref_lse = reference(c, q, kq, vq, mask, sinks)
@@ -206,7 +363,10 @@ def tol_dtype(c: Case):
 def assert_matches(c: Case, out, lse, ref, ref_lse):
     assert out.shape == (c.B, c.Hq, c.Lq, c.D), (str(c), out.shape)
     assert out.dtype == c.dtype, (str(c), out.dtype)
-    oracle.assert_close(out, ref, tol_dtype(c), what=str(c))
+    if np.isfinite(ref).all():
+        oracle.assert_close(out, ref, tol_dtype(c), what=str(c))
+    else:
+        oracle.assert_close_nonfinite(out, ref, tol_dtype(c), what=str(c))
     empty = np.isneginf(ref_lse)
     if empty.any():
         # A row that sees no key (and has no sink) is exactly zero.
@@ -217,7 +377,7 @@ def assert_matches(c: Case, out, lse, ref, ref_lse):
         oracle.assert_lse_close(lse, ref_lse, what=str(c), dtype=cache_dtype(c))
 
 
-def check_case(c: Case, device):
-    out, lse, ref, ref_lse = run(c, device)
+def check_case(c: Case, device, fallback: bool = False):
+    out, lse, ref, ref_lse = run(c, device, fallback=fallback)
     assert_matches(c, out, lse, ref, ref_lse)
     return out, lse, ref, ref_lse

@@ -306,6 +306,12 @@ void eval_gpu_kernel(
     return;
   }
 
+  // The kernels hold a row of at most kMaxHeadDim elements (the generic
+  // kernel in registers, kMaxHeadDim / 32 per lane): wider rows never get
+  // here (gpu_kernel_supports routes them to the dequantize fallback).
+  if (q.shape(3) > cu::kMaxHeadDim) {
+    throw std::invalid_argument("[quant_sdpa] head dim beyond the CUDA kernels' " + std::to_string(cu::kMaxHeadDim));
+  }
   cu::Params p{};
   p.B = q.shape(0);
   p.Hq = q.shape(1);
@@ -349,7 +355,7 @@ void eval_gpu_kernel(
     return force && std::string(force) == "simt";
   }();
   // The generic kernel's settings unless a tensor-core kernel takes the call.
-  cu::KernelRef kernel{cu::simt_kernel(c.mode, c.bits), 0};
+  cu::KernelRef kernel = cu::simt_kernel(c.mode, c.bits);
   int rows_per_block = cu::kSimtRows;
   int min_keys_per_split = kMinKeysPerSplitSimt;
   int wave_blocks_per_sm = std::numeric_limits<int>::max(); // caps the occupancy in the wave

@@ -105,7 +105,9 @@ KeySplit choose_key_split(int threadgroups, int Lk, int D, int gpu_cores) {
   if (blocks <= 1) {
     return {1, Lk};
   }
-  const int tile = qsdpa::keys_per_tile(D);
+  // Whole tiles per block. A head dim past kTileElems has no kernel (the
+  // plan refuses it) and no whole key per tile: one, not a division by 0.
+  const int tile = std::max(qsdpa::keys_per_tile(D), 1);
   const int kpb = ceil_div(ceil_div(Lk, blocks), tile) * tile;
   blocks = ceil_div(Lk, kpb);
   if (blocks <= 1) {

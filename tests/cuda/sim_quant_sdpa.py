@@ -13,9 +13,9 @@ import numpy as np
 
 import oracle
 import qsdpa_case
-from cuda_simulator import Tensor, Variant, dense
+from cuda_simulator import SimtVariant, Tensor, Variant, dense
 
-KIND = {mx.float16: "f16", mx.bfloat16: "bf16"}
+KIND = {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32", mx.uint8: "u8"}
 
 
 def raw(a: mx.array) -> np.ndarray:
@@ -26,10 +26,26 @@ def raw(a: mx.array) -> np.ndarray:
     return np.array(a)
 
 
-def variant_of(c: qsdpa_case.Case) -> Variant:
-    """The kernel the host picks for the case: 8-row blocks where the G * Lq
-    rows of a kv head fit in one, else 16 (quant_sdpa_cuda.cpp)."""
+def mma_kernel_exists(c: qsdpa_case.Case) -> bool:
+    """Whether mma_kernel() has a tensor-core kernel for the case's query
+    dtype, format and head dim (decode_mma.cuh's instantiations)."""
     mode, bits, gs = c.fmt
+    return (
+        c.dtype in (mx.float16, mx.bfloat16)
+        and c.D in (64, 128, 256)
+        and (mode != "affine" or (bits in (2, 4, 8) and gs <= c.D))
+    )
+
+
+def variant_of(c: qsdpa_case.Case, simt: bool = False) -> Variant | SimtVariant:
+    """The kernel the host picks for the case (quant_sdpa_cuda.cpp): the
+    tensor-core kernel where one exists (the cases' caches are laid out as
+    it needs), with 8-row blocks where the G * Lq rows of a kv head fit in
+    one, else 16; the generic kernel otherwise, or with simt=True (as
+    QSDPA_CUDA_KERNEL=simt forces it)."""
+    mode, bits, gs = c.fmt
+    if simt or not mma_kernel_exists(c):
+        return SimtVariant(mode, bits)
     rows = (c.Hq // c.Hkv) * c.Lq
     return Variant(KIND[c.dtype], mode, bits, gs, c.D, 1 if rows <= 8 else 2)
 
@@ -51,12 +67,15 @@ def padded_rows(a: np.ndarray, pad: int) -> Tensor:
     return Tensor(buf.reshape(-1), (H * L * (W + pad), L * (W + pad), W + pad, 1), a.shape)
 
 
-def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0):
+def run_case(
+    lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0, simt: bool = False
+):
     """Runs the case on the simulator: (out, lse, ref, ref_lse, plan).
     row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent);
-    q_pad > 0: the query rows sit q_pad elements apart."""
+    q_pad > 0: the query rows sit q_pad elements apart; simt: the generic
+    kernel, whatever the host would pick."""
     q, kq, vq, mask, sinks = qsdpa_case.build(c) if inputs is None else inputs
-    v = variant_of(c)
+    v = variant_of(c, simt)
 
     def triple(t):
         w, s, b = t
@@ -76,6 +95,9 @@ def run_case(lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, ro
         v,
         q=padded_rows(raw(q), q_pad) if q_pad else dense(raw(q)),
         q_shape=tuple(q.shape),
+        q_dtype=KIND[c.dtype],
+        scale_dtypes=(KIND[kq[1].dtype], KIND[vq[1].dtype]),
+        group_size=c.fmt[2],
         k=triple(kq),
         v=triple(vq),
         Hkv=c.Hkv,

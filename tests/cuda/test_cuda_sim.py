@@ -79,9 +79,9 @@ def _require_clang():
 
 @pytest.fixture(scope="module")
 def lib():
-    """Every instantiation the cases use, in one library (built once)."""
+    """Every tensor-core instantiation the cases use, in one library (built once)."""
     _require_clang()
-    return sim.Library(sim.build_library([variant_of(c) for c, _ in CASES]))
+    return sim.Library(sim.build_library([variant_of(c) for c, _ in CASES + POISON_CASES]))
 
 
 def _id(entry):
@@ -193,6 +193,113 @@ def test_fp4_decode_paths(lib, splits):
         assert (e < normal).any() and (e >= normal).any()  # the premise: both paths
     out, lse, ref, ref_lse, _ = run_case(lib, FP4_CASE, forced_splits=splits, inputs=inputs)
     qsdpa_case.assert_matches(FP4_CASE, out, lse, ref, ref_lse)
+
+
+# ---------------------------------------------------------------------------
+# The generic kernel (decode_simt.cu): float32 queries, the formats and head
+# dims without a tensor-core kernel (3-, 5- and 6-bit codes; every multiple
+# of 16 up to 256: 16, 80, 96, 160 here, and 256, whose rows fill the
+# kernel's registers), and a case the tensor-core kernel would take, forced
+# as QSDPA_CUDA_KERNEL=simt does.
+# ---------------------------------------------------------------------------
+
+SIMT_CASES = [
+    (Case(**G4, Lq=1, Lk=391, D=128, fmt=("affine", 4, 64), dtype=mx.float32), 3),
+    (Case(B=1, Hq=6, Hkv=2, Lq=3, Lk=264, D=80, fmt=("nvfp4", 4, 16), dtype=BF16, mask="causal", sinks="f32"), 2),
+    (Case(**G4, Lq=2, Lk=560, D=96, fmt=("affine", 3, 32), dtype=F16, mask="f32:HQK"), 9),
+    (Case(B=2, Hq=4, Hkv=2, Lq=4, Lk=136, D=64, fmt=("mxfp8", 8, 32), dtype=F16, mask="bool:BHQK", lse=False), 1),
+    (Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=130, D=16, fmt=("nvfp4", 4, 16), dtype=F16, mask="causal"), 2),
+    (Case(B=1, Hq=4, Hkv=1, Lq=3, Lk=264, D=160, fmt=("affine", 5, 32), dtype=BF16, sinks="bf16"), 3),
+    (Case(B=1, Hq=2, Hkv=1, Lq=1, Lk=150, D=256, fmt=("affine", 6, 64), dtype=mx.float32, mask="f32:HQK"), 2),
+]
+
+
+@pytest.fixture(scope="module")
+def lib_simt():
+    _require_clang()
+    return sim.Library(sim.build_library([variant_of(c, simt=True) for c, _ in SIMT_CASES + SIMT_POISON_CASES], tag="simt"))
+
+
+@pytest.mark.parametrize("entry", SIMT_CASES, ids=[_id(e) for e in SIMT_CASES])
+def test_decode_simt_matches_oracle(lib_simt, entry):
+    c, splits = entry
+    out, lse, ref, ref_lse, plan = run_case(lib_simt, c, forced_splits=splits, simt=True)
+    assert plan.n_splits == splits, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite inputs (qsdpa_case.POISONS, the semantics of
+# tests/test_nonfinite.py, which runs them on the test device): every poison
+# through the tensor-core kernel, single-token decode (8-row tiles, K scale
+# after the MMA, a two-level merge) and Lq = 4 (16-row tiles, bf16 8-bit
+# codes decoded before the MMA, sinks), and through the generic kernel, with
+# the keys split so that the poisoned key lies in a later split than the
+# first and its row meets the merge tree.
+# ---------------------------------------------------------------------------
+
+POISON_BASES = [
+    (Case(**G4, Lq=1, Lk=744, D=128, fmt=("affine", 4, 64), dtype=F16, seed=21), 12, (None, "f32:HQK", "bool:HQK")),
+    (Case(**G4, Lq=4, Lk=696, D=64, fmt=("affine", 8, 64), dtype=BF16, sinks="f32", seed=22), 3, ("causal", "f16:QK", "bool:BHQK")),
+]
+SIMT_POISON_BASE = (Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=300, D=96, fmt=("affine", 4, 32), dtype=mx.float32, seed=23), 2, ("causal", "f32:BHQK", "bool:HQK"))
+
+
+def _poisoned(base, kind):
+    c, splits, (plain, additive, boolean) = base
+    mask = additive if kind.startswith("mask") else boolean if kind.startswith("bool") else plain
+    return c.replace(poison=kind, mask=mask), splits
+
+
+# The fp formats' scale codes: mxfp4's e8m0 has no NaN (0xff is +inf, which
+# makes the key's scores NaN or infinite), nvfp4's e4m3 0x7f is NaN; their
+# scales go through float, not the magic form.
+POISON_CASES = [_poisoned(base, kind) for base in POISON_BASES for kind in sorted(qsdpa_case.POISONS)] + [
+    (Case(**G4, Lq=1, Lk=248, D=128, fmt=("mxfp4", 4, 32), dtype=BF16, poison="kscale_nan", seed=26), 4),
+]
+SIMT_POISON_CASES = [_poisoned(SIMT_POISON_BASE, kind) for kind in sorted(qsdpa_case.POISONS)] + [
+    (Case(B=1, Hq=6, Hkv=2, Lq=3, Lk=264, D=80, fmt=("nvfp4", 4, 16), dtype=BF16, mask="causal", sinks="f32",
+          poison="kscale_nan", seed=27), 2),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("entry", POISON_CASES, ids=[_id(e) for e in POISON_CASES])
+def test_decode_mma_nonfinite(lib, entry):
+    c, splits = entry
+    out, lse, ref, ref_lse, plan = run_case(lib, c, forced_splits=splits)
+    assert plan.n_splits == splits, plan
+    qsdpa_case.poison_premise(c, ref, ref_lse)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("entry", SIMT_POISON_CASES, ids=[_id(e) for e in SIMT_POISON_CASES])
+def test_decode_simt_nonfinite(lib_simt, entry):
+    c, splits = entry
+    out, lse, ref, ref_lse, plan = run_case(lib_simt, c, forced_splits=splits, simt=True)
+    assert plan.n_splits == splits, plan
+    qsdpa_case.poison_premise(c, ref, ref_lse)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+# A row that sees no key is zero beside rows that see a key whose value is
+# NaN (and beside a NaN row): the tensor-core kernel's MMAs, and the generic
+# kernel's accumulation, meet that value with the empty row's weight 0.
+EMPTY_ROW_CASES = [
+    (Case(**G4, Lq=2, Lk=696, D=128, fmt=("affine", 4, 64), dtype=F16, mask="bool:HQK", seed=24), 3, False),
+    (Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=300, D=96, fmt=("affine", 4, 32), dtype=mx.float32, mask="bool:HQK", seed=25), 2, True),
+]
+
+
+@pytest.mark.parametrize("poison", ["q_nan", "vscale_nan"])
+@pytest.mark.parametrize("entry", EMPTY_ROW_CASES, ids=["mma", "simt"])
+def test_empty_row_beside_poisoned_rows(lib, lib_simt, entry, poison):
+    base, splits, simt = entry
+    c = base.replace(poison=poison)
+    h = c.Hq - 1  # the poisoned row's head
+    inputs = qsdpa_case.emptied_row(c, qsdpa_case.build(c), h=h, i=0)
+    out, lse, ref, ref_lse, _ = run_case(lib_simt if simt else lib, c, forced_splits=splits, inputs=inputs, simt=simt)
+    assert (ref[0, h, 0] == 0).all() and np.isneginf(ref_lse[0, h, 0]) and np.isnan(ref[0, h, 1]).any()
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
 # ---------------------------------------------------------------------------

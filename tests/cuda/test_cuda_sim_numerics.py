@@ -1,7 +1,7 @@
 """The CUDA simulator's scalar semantics against exact references: fp16 and
 bf16 conversions (round to nearest even), __hsub2 / __hfma2 / __hmul2 with
 one rounding of the exact result (ties and underflow included), PTX prmt
-(default mode, sign replication) and lop3. The kernel's results rest on
+(default mode, sign replication), lop3 and max.NaN. The kernel's results rest on
 these; a double rounding or a wrong tie would shift outputs by an ulp only,
 below the oracle tests' tolerances. (Checked: rounding through float
 first, a double rounding, fails the bf16 case.)
@@ -48,6 +48,8 @@ def probe(tmp_path_factory):
     lib.probe_fp4_pair.restype = ctypes.c_uint32
     lib.probe_e2m1.argtypes = [ctypes.c_uint32]
     lib.probe_e2m1.restype = ctypes.c_float
+    lib.probe_fmax_nan.argtypes = [ctypes.c_float, ctypes.c_float]
+    lib.probe_fmax_nan.restype = ctypes.c_uint32
     for name in ("probe_byte_perm", "probe_lop3"):
         getattr(lib, name).argtypes = [ctypes.c_uint32] * (3 if name == "probe_byte_perm" else 4)
         getattr(lib, name).restype = ctypes.c_uint32
@@ -172,3 +174,17 @@ def test_fp4_pair_is_formats_e2m1(probe, fmt_name):
                     got = value(half)
                     assert got == want and np.signbit(got) == np.signbit(want), (shift, code, got, want)
 
+
+
+def test_max_nan(probe):
+    """PTX max.NaN.f32 (the poisoned rows' max): the canonical NaN where
+    either operand is NaN, else the larger, +0 over -0."""
+    nan, inf = float("nan"), float("inf")
+    bits = lambda x: int(np.float32(x).view(np.uint32))
+    for a, b, want in (
+        (nan, 1.0, None), (1.0, nan, None), (nan, -inf, None), (-inf, nan, None), (nan, inf, None),
+        (1.0, 2.0, 2.0), (2.0, 1.0, 2.0), (-inf, 3.0, 3.0), (inf, 3.0, inf), (-inf, -inf, -inf),
+        (-0.0, 0.0, 0.0), (0.0, -0.0, 0.0),
+    ):  # fmt: skip
+        got = probe.probe_fmax_nan(a, b)
+        assert got == (0x7FFFFFFF if want is None else bits(want)), (a, b, hex(got))

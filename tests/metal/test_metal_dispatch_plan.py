@@ -57,6 +57,15 @@ def test_long_contexts_split_the_keys(qsdpa_sim, threadgroups, Lk, D, cores):
     assert threadgroups * blocks >= 4 * cores or blocks >= Lk // 256 - 1
 
 
+@pytest.mark.parametrize("D", [512, 1024, 2048, 4096, 8192])
+def test_key_split_at_head_dims_without_kernels(qsdpa_sim, D):
+    """Head dims the kernels do not take (the fallback's) still plan: past
+    2048 a tile holds no whole key (keys_per_tile is 0), which must not
+    divide by zero."""
+    blocks, kpb = qsdpa_sim.choose_key_split(1, 4096, D, 16)
+    assert blocks >= 1 and blocks * kpb >= 4096, (blocks, kpb)
+
+
 def test_more_cores_more_blocks(qsdpa_sim):
     small = qsdpa_sim.choose_key_split(2, 1 << 16, 128, 10)[0]
     large = qsdpa_sim.choose_key_split(2, 1 << 16, 128, 64)[0]
@@ -82,7 +91,7 @@ def test_coverage(qsdpa_sim):
         for D in (64, 96, 128, 256):
             assert qsdpa_sim.kernels_cover(mode, bits, gs, D, 1) == (D % gs == 0), (mode, bits, gs, D)
         assert qsdpa_sim.kernels_cover(mode, bits, gs, 80, 1) == (mode == "nvfp4")
-        for D in (32, 72, 160, 192, 512):
+        for D in (16, 32, 72, 160, 192, 320, 512, 576, 1024, 2048, 4096):
             assert not qsdpa_sim.kernels_cover(mode, bits, gs, D, 1)
     for Lq, covered in [(0, False), (1, True), (17, True), (32, True), (33, False), (128, False)]:
         assert qsdpa_sim.kernels_cover("affine", 4, 64, 128, Lq) == covered

@@ -7,7 +7,9 @@ blocks, and the automatic split of a long context), GQA factors 1-8, query
 lengths 1-32 (and row counts beyond one threadgroup), each mask kind
 (broadcast and fully masked rows included), sinks, LSE, strided K/V views
 (prefix / offset of a longer cache, sequence-major layout), B > 1 and the
-three query dtypes.
+three query dtypes; and non-finite inputs (qsdpa_case.POISONS: NaN/inf
+queries, NaN scales and mask entries, fully masked rows), whose rows the
+oracle expects NaN or zero, 1-pass and through the merge kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 import oracle
+import qsdpa_case
 from metal_qsdpa_sim import broadcast, derived, whole
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32
@@ -58,6 +61,7 @@ class Case:
     layout: str = "contiguous"  # K/V: contiguous, prefix, offset, seq_major
     q_layout: str = "contiguous"  # or transposed
     seed: int = 0
+    poison: str | None = None  # a key of qsdpa_case.POISONS (contiguous layouts)
 
     def __str__(self):
         parts = []
@@ -136,6 +140,19 @@ def _cases() -> list[Case]:
     # Without lse.
     cases.append(Case(lse=False, Lq=2, Lk=50))
     cases.append(Case(lse=False, Lq=2, Lk=50, blocks=2, sinks=True))
+    # Non-finite inputs: every poison, 1-pass and 2-pass (the merge kernel,
+    # with sinks), decode and Lq = 3, the three query dtypes.
+    for i, kind in enumerate(sorted(qsdpa_case.POISONS)):
+        plain = "causal" if i % 2 else None
+        mask = "additive" if kind.startswith("mask") else "bool" if kind.startswith("bool") else plain
+        for blocks in (0, 3):
+            cases.append(
+                Case(
+                    poison=kind, mask=mask, Lq=1 + 2 * (i % 2), Lk=96, blocks=blocks, sinks=blocks == 3,
+                    dtype=(F16, BF16, F32)[i % 3], mode="affine", bits=(4, 8)[blocks // 3], gs=(64, 32)[blocks // 3],
+                    seed=30 + i,
+                )
+            )  # fmt: skip
     return cases
 
 
@@ -181,6 +198,19 @@ def _quantized_kv(c: Case, x: mx.array, dtype):
     return view, sim
 
 
+# _make_mask's masks as qsdpa_case mask specs (their shapes).
+SHARED_MASK = {None: None, "causal": "causal", "bool": "bool:BHQK", "bool_bcast": "bool:QK", "bool_empty": "bool:BHQK",
+               "additive": "f32:B1QK", "additive_bcast": "f32:111K"}  # fmt: skip
+
+
+def shared_case(c: Case) -> qsdpa_case.Case:
+    """The case as a qsdpa_case.Case (its poison helpers' view of it)."""
+    return qsdpa_case.Case(
+        B=c.B, Hq=c.Hq, Hkv=c.Hkv, Lq=c.Lq, Lk=c.Lk, D=c.D, fmt=(c.mode, c.bits, c.gs), dtype=c.dtype,
+        mask=SHARED_MASK[c.mask], sinks="f32" if c.sinks else None, lse=c.lse, seed=c.seed, poison=c.poison,
+    )  # fmt: skip
+
+
 def run_case(qsdpa_sim, c: Case):
     extra = 0 if c.layout in ("contiguous", "seq_major") else 24
     q, _, _ = oracle.make_qkv(c.B, c.Hq, c.Hkv, c.Lq, 1, c.D, dtype=c.dtype, seed=c.seed)
@@ -206,6 +236,14 @@ def run_case(qsdpa_sim, c: Case):
         else:
             sinks = sinks_all[: c.Hq]
             sinks_sim = np.array(sinks)
+    if c.poison:
+        assert c.layout == "contiguous" and c.q_layout == "contiguous", "poison: contiguous inputs only"
+        with mx.stream(oracle.CPU):
+            q, kq, vq, mask_ref, _ = oracle.evaluated(*qsdpa_case.poisoned(shared_case(c), q, kq, vq, mask_ref, sinks))
+        q_sim = whole(q)
+        k_sim, v_sim = (tuple(None if a is None else whole(a) for a in t) for t in (kq, vq))
+        if isinstance(mask_ref, mx.array):
+            mask_sim = broadcast(np.array(mask_ref), (c.B, c.Hq, c.Lq, c.Lk))
     scale = c.D**-0.5
 
     out, lse, info = qsdpa_sim.run(
@@ -234,7 +272,11 @@ def test_kernel_matches_oracle(qsdpa_sim, case):
         k_dtype = case.kv_dtype or case.dtype
         cache_dtype = max((k_dtype, case.v_dtype or k_dtype), key=lambda d: oracle.RTOL[d])
     tol_dtype = max((case.dtype, cache_dtype or F32), key=lambda d: oracle.RTOL[d])
-    oracle.assert_close(mx.array(out), ref, tol_dtype, what=str(case))
+    if case.poison:
+        qsdpa_case.poison_premise(shared_case(case), ref, ref_lse)
+        oracle.assert_close_nonfinite(mx.array(out), ref, tol_dtype, what=str(case))
+    else:
+        oracle.assert_close(mx.array(out), ref, tol_dtype, what=str(case))
     if case.lse:
         oracle.assert_lse_close(lse, ref_lse, what=str(case), dtype=cache_dtype)
     # A row that sees no key (and has no sink) is exactly zero, never NaN.

@@ -2,7 +2,8 @@
 //
 // The compatibility layer's scalar semantics as C functions, for
 // tests/cuda/test_cuda_sim_numerics.py to compare with exact references:
-// conversions, the single rounding of __hsub2/__hfma2/__hmul2, prmt, lop3;
+// conversions, the single rounding of __hsub2/__hfma2/__hmul2, prmt, lop3,
+// max.NaN;
 // and the tensor-core kernel's fp4 decode against formats.h's.
 #ifndef QSDPA_CUDA_SIM
 #define QSDPA_CUDA_SIM 1 // cuda/ptx.cuh's models, as in the kernel units
@@ -56,5 +57,12 @@ uint32_t probe_fp4_pair(int bf16, uint32_t x, int shift) {
 }
 float probe_e2m1(uint32_t nib) {
   return qsdpa::fp4_e2m1_to_float(nib);
+}
+// max.NaN.f32 (mma_detail::fmax_nan, the poisoned rows' running max).
+uint32_t probe_fmax_nan(float a, float b) {
+  const float r = mlx_qsdpa::cuda::mma_detail::fmax_nan(a, b);
+  uint32_t bits;
+  std::memcpy(&bits, &r, sizeof(bits));
+  return bits;
 }
 }

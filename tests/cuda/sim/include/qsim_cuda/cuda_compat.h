@@ -50,11 +50,17 @@ inline unsigned char* dynamic_smem() {
 } // namespace qsim_cuda
 
 // The block-scope declaration above names the function of the enclosing
-// namespace: define it for the kernels' namespace.
+// namespace: define it for the kernels' namespace, and for its unnamed
+// namespace (decode_simt.cu's kernel lives there).
 namespace mlx_qsdpa::cuda {
 inline unsigned char (*qsim_dynamic_smem())[] {
   return reinterpret_cast<unsigned char (*)[]>(qsim_cuda::dynamic_smem());
 }
+namespace {
+inline unsigned char (*qsim_dynamic_smem())[] {
+  return reinterpret_cast<unsigned char (*)[]>(qsim_cuda::dynamic_smem());
+}
+} // namespace
 } // namespace mlx_qsdpa::cuda
 
 // ---------------------------------------------------------------------------

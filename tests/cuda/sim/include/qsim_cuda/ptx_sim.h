@@ -21,7 +21,8 @@
 //   the kernel translation unit's, so the runtime checks them against the
 //   buffers.
 // * lop3.b32 with the caller's truth table; ex2.approx.ftz as exp2f with
-//   subnormal results flushed to zero.
+//   subnormal results flushed to zero; max.NaN.f32 as the larger operand,
+//   or the canonical NaN where either is NaN.
 //
 // QSIM_CUDA_MUTANT_MMA_ROWS swaps the A fragment's rows g and g + 8: a
 // wrong layout, which tests/cuda prove the comparison catches.
@@ -226,6 +227,19 @@ inline float exp2_fast(float x) {
   }
   const float y = exp2f(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
+inline float fmax_nan(float a, float b) {
+  if (a != a || b != b) {
+    const uint32_t canonical = 0x7fffffffu; // PTX's canonical NaN
+    float n;
+    std::memcpy(&n, &canonical, sizeof(n));
+    return n;
+  }
+  if (a == b) {
+    return std::signbit(a) ? b : a; // max(-0, +0) is +0
+  }
+  return a > b ? a : b;
 }
 
 // atom.acq_rel.gpu.add: blocks run one after another here, so the ordering
