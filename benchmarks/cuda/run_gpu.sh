@@ -58,7 +58,7 @@ step_smoke() {
 
 step_tests() {
   local t0=$SECONDS
-  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 python3 -m pytest tests -m "not sanitize" -q --maxfail=40 -p no:cacheprovider \
+  QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 420 python3 -m pytest tests -m "not slow and not sanitize" -q --maxfail=40 -p no:cacheprovider \
     -n 8 --timeout 300 --ignore=tests/metal > "$out/tests_gpu.log" 2>&1
   summary+=("tests (QSDPA_DEVICE=gpu): $(tail -1 "$out/tests_gpu.log") [$((SECONDS - t0)) s]")
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
@@ -87,6 +87,30 @@ step_tune() { # split counts (0: the default plan), quant_sdpa only
   done
   summary+=("tune: $out/tune.txt")
   cat "$out/tune.txt"
+}
+
+step_cpu() { # the CPU kernel on this host's CPU: the oracle files on each variant it runs, the ISA test, a 32K bench on 2 threads and on all
+  local t0=$SECONDS f="$out/cpu.txt" v t
+  { lscpu | grep -E "^(Model name|CPU\(s\))"; grep -o -w -E "avx512[a-z]+|avx2|fma|f16c" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+    PYTHONPATH=$pkg:$PYTHONPATH python3 -c "from mlx_qsdpa import _ext; print('variants', _ext.cpu_variants(), 'default', _ext.cpu_variant())"
+  } > "$f" 2>&1
+  for v in $(PYTHONPATH=$pkg:$PYTHONPATH python3 -c "from mlx_qsdpa import _ext; print(' '.join(n for n, ok in _ext.cpu_variants() if ok))"); do
+    QSDPA_CPU_VARIANT=$v QSDPA_DEVICE=cpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest tests/test_correctness.py \
+      tests/test_decode_codes.py tests/test_formats.py tests/test_views.py tests/test_masks.py tests/test_nonfinite.py \
+      tests/test_large_d.py tests/test_cpu_variants.py -q -p no:cacheprovider -n 8 --timeout 300 > "$out/tcpu.log" 2>&1
+    echo "oracle files on $v: $(tail -1 "$out/tcpu.log")" >> "$f"
+    grep -E "^(FAILED|ERROR)" "$out/tcpu.log" | head -5 >> "$f"
+  done
+  PYTHONPATH=$pkg:$PYTHONPATH timeout 120 python3 -m pytest tests/test_cpu_isa.py -q -p no:cacheprovider > "$out/tcpu.log" 2>&1
+  echo "test_cpu_isa: $(tail -1 "$out/tcpu.log")" >> "$f"
+  for t in 2 0; do
+    echo "== MLX_QSDPA_NUM_THREADS=${t/#0/all}" >> "$f"
+    (if [ "$t" != 0 ]; then export MLX_QSDPA_NUM_THREADS=$t; fi
+     PYTHONPATH=$pkg:$PYTHONPATH timeout 200 python3 -m mlx_qsdpa bench --device cpu --ctx 32768 --no-progress \
+       --methods quant_sdpa,fp16_sdpa >> "$f" 2>&1)
+  done
+  summary+=("cpu: $(grep -c passed "$f") oracle runs, see $f [$((SECONDS - t0)) s]")
+  cat "$f"
 }
 
 step_tests_simt() {
