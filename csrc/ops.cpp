@@ -2,6 +2,7 @@
 //
 // The quant_sdpa op: argument validation, input preparation and the choice
 // between the fused primitive and the dequantize fallback.
+#include <atomic>
 #include <cmath>
 
 #include "mlx/ops.h"
@@ -217,6 +218,15 @@ bool is_supported_format(const std::string& mode, int bits, int group_size) {
   return format_ok(m, bits, group_size);
 }
 
+namespace {
+// Tests only (set_dequantized_fallback): every call through the fallback.
+std::atomic<bool> g_dequantized_fallback{false};
+} // namespace
+
+void set_dequantized_fallback(bool on) {
+  g_dequantized_fallback.store(on, std::memory_order_relaxed);
+}
+
 const char* version() {
   return MLX_QSDPA_VERSION;
 }
@@ -243,7 +253,6 @@ std::vector<mx::array> quant_sdpa_impl(
     int bits,
     const std::string& mode,
     bool return_lse,
-    bool force_fallback,
     mx::StreamOrDevice s) {
   QuantSDPAConfig c;
   c.scale = scale;
@@ -368,7 +377,7 @@ std::vector<mx::array> quant_sdpa_impl(
     inputs.push_back(mx::astype(*sinks, mx::float32, stream));
   }
 
-  if (force_fallback ||
+  if (g_dequantized_fallback.load(std::memory_order_relaxed) ||
       (stream.device == mx::Device::gpu && !gpu_kernel_supports(c, CallShape{B, Hq, Hkv, Lq, Lk, D}))) {
     return dequantized_attention(c, inputs, stream);
   }
@@ -407,7 +416,7 @@ mx::array quant_sdpa(
   return quant_sdpa_impl(
       queries, keys, key_scales, key_biases, values, value_scales,
       value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
-      /* return_lse= */ false, /* force_fallback= */ false, s)[0];
+      /* return_lse= */ false, s)[0];
 }
 
 std::pair<mx::array, mx::array> quant_sdpa_with_lse(
@@ -429,31 +438,8 @@ std::pair<mx::array, mx::array> quant_sdpa_with_lse(
   auto outs = quant_sdpa_impl(
       queries, keys, key_scales, key_biases, values, value_scales,
       value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
-      /* return_lse= */ true, /* force_fallback= */ false, s);
+      /* return_lse= */ true, s);
   return {outs[0], outs[1]};
-}
-
-std::vector<mx::array> quant_sdpa_dequantized(
-    const mx::array& queries,
-    const mx::array& keys,
-    const mx::array& key_scales,
-    const std::optional<mx::array>& key_biases,
-    const mx::array& values,
-    const mx::array& value_scales,
-    const std::optional<mx::array>& value_biases,
-    float scale,
-    const std::string& mask_mode,
-    const std::optional<mx::array>& mask_arr,
-    const std::optional<mx::array>& sinks,
-    int group_size,
-    int bits,
-    const std::string& mode,
-    bool return_lse,
-    mx::StreamOrDevice s) {
-  return quant_sdpa_impl(
-      queries, keys, key_scales, key_biases, values, value_scales,
-      value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
-      return_lse, /* force_fallback= */ true, s);
 }
 
 } // namespace mlx_qsdpa

@@ -119,26 +119,10 @@ std::vector<mx::array> dequantized_attention(
     const std::vector<mx::array>& inputs,
     mx::StreamOrDevice s);
 
-// quant_sdpa (its validation and input preparation included) computed by
-// dequantized_attention on any device, the CPU too: how the tests hold the
-// GPU backends' fallback to the oracle on a machine without a GPU.
-// Returns {out} or {out, lse}.
-std::vector<mx::array> quant_sdpa_dequantized(
-    const mx::array& queries,
-    const mx::array& keys,
-    const mx::array& key_scales,
-    const std::optional<mx::array>& key_biases,
-    const mx::array& values,
-    const mx::array& value_scales,
-    const std::optional<mx::array>& value_biases,
-    float scale,
-    const std::string& mask_mode,
-    const std::optional<mx::array>& mask_arr,
-    const std::optional<mx::array>& sinks,
-    int group_size,
-    int bits,
-    const std::string& mode,
-    bool return_lse,
-    mx::StreamOrDevice s);
+// Tests only: while on, every quant_sdpa call (its validation and input
+// preparation included) is computed by dequantized_attention, on any device
+// the CPU too: how the tests hold the GPU backends' fallback to the oracle on
+// a machine without a GPU.
+void set_dequantized_fallback(bool on);
 
 } // namespace mlx_qsdpa

@@ -131,51 +131,11 @@ NB_MODULE(_ext, m) {
       "stream"_a.none(),
       "The C++ op; use mlx_qsdpa.quant_sdpa.");
 
-  // The op through the dequantize fallback (dequantized_attention), on any
-  // device: the tests check the GPU backends' fallback with it on the CPU.
   m.def(
-      "_quant_sdpa_dequantized",
-      [](const mx::array& q,
-         const mx::array& k,
-         const mx::array& ks,
-         const std::optional<mx::array>& kb,
-         const mx::array& v,
-         const mx::array& vs,
-         const std::optional<mx::array>& vb,
-         float scale,
-         const std::string& mask_mode,
-         const std::optional<mx::array>& mask_arr,
-         const std::optional<mx::array>& sinks,
-         int group_size,
-         int bits,
-         const std::string& mode,
-         bool return_lse,
-         mx::StreamOrDevice s) -> nb::object {
-        auto outs = mlx_qsdpa::quant_sdpa_dequantized(
-            q, k, ks, kb, v, vs, vb, scale, mask_mode, mask_arr, sinks,
-            group_size, bits, mode, return_lse, s);
-        if (return_lse) {
-          return nb::make_tuple(outs[0], outs[1]);
-        }
-        return nb::cast(outs[0]);
-      },
-      "queries"_a,
-      "keys"_a,
-      "key_scales"_a,
-      "key_biases"_a.none(),
-      "values"_a,
-      "value_scales"_a,
-      "value_biases"_a.none(),
-      "scale"_a,
-      "mask_mode"_a,
-      "mask_arr"_a.none(),
-      "sinks"_a.none(),
-      "group_size"_a,
-      "bits"_a,
-      "mode"_a,
-      "return_lse"_a,
-      "stream"_a.none(),
-      "quant_sdpa computed by the dequantize fallback (tests).");
+      "_set_dequantized_fallback",
+      &mlx_qsdpa::set_dequantized_fallback,
+      "on"_a,
+      "Tests only: route every call through the GPU backends' dequantize fallback, on any device.");
 
   m.def("is_supported_format", &mlx_qsdpa::is_supported_format, "mode"_a, "bits"_a, "group_size"_a);
   m.def("version", &mlx_qsdpa::version);

@@ -312,16 +312,14 @@ def run(c: Case, device, inputs=None, fallback: bool = False):
     mode, bits, gs = c.fmt
     scale = scale_of(c)
     if fallback:
-        mask_mode = "" if mask is None else ("causal" if isinstance(mask, str) else "array")
-        res = _ext._quant_sdpa_dequantized(
-            q, *kq, *vq, scale, mask_mode, mask if isinstance(mask, mx.array) else None, sinks,
-            gs, bits, mode, c.lse, device,
-        )  # fmt: skip
-    else:
+        _ext._set_dequantized_fallback(True)
+    try:
         res = quant_sdpa(
             q, *kq, *vq, scale=scale, mask=mask, sinks=sinks,
             group_size=gs, bits=bits, mode=mode, return_lse=c.lse, stream=device,
         )  # fmt: skip
+    finally:
+        _ext._set_dequantized_fallback(False)
     out, lse = res if c.lse else (res, None)
     mx.eval(out, *([lse] if c.lse else []))
     ref, ref_lse = reference(c, q, kq, vq, mask, sinks)

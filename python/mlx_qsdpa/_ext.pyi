@@ -22,25 +22,8 @@ def quant_sdpa(
     return_lse: bool,
     stream: Union[None, mx.Stream, mx.Device],
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]: ...
-def _quant_sdpa_dequantized(
-    queries: mx.array,
-    keys: mx.array,
-    key_scales: mx.array,
-    key_biases: Optional[mx.array],
-    values: mx.array,
-    value_scales: mx.array,
-    value_biases: Optional[mx.array],
-    scale: float,
-    mask_mode: str,
-    mask_arr: Optional[mx.array],
-    sinks: Optional[mx.array],
-    group_size: int,
-    bits: int,
-    mode: str,
-    return_lse: bool,
-    stream: Union[None, mx.Stream, mx.Device],
-) -> Union[mx.array, Tuple[mx.array, mx.array]]:
-    """quant_sdpa through the GPU backends' dequantize fallback, on any device (tests)."""
+def _set_dequantized_fallback(on: bool) -> None:
+    """Tests only: route every call through the GPU backends' dequantize fallback, on any device."""
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool: ...
 def version() -> str:
     """The version of mlx-qsdpa."""
