@@ -66,10 +66,6 @@ constexpr int kMaxKeyBlock = 64;
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
-typedef uint32_t u32x1 __attribute__((vector_size(4)));
-typedef uint32_t u32x2 __attribute__((vector_size(8)));
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 constexpr float kInf = __builtin_inff();
 constexpr float kLn2 = 0.6931471805599453f;
@@ -288,7 +284,7 @@ inline size_t round64(size_t n) {
 
 struct Layout {
   int kb;
-  size_t q, o, limit, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
+  size_t q, o, refs, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
 };
 
 Layout layout(const Problem& p, int max_rows) {
@@ -304,7 +300,7 @@ Layout layout(const Problem& p, int max_rows) {
   };
   L.q = take(sizeof(float) * max_rows * D);
   L.o = take(sizeof(float) * max_rows * D);
-  L.limit = take(sizeof(int) * max_rows);
+  L.refs = take(sizeof(RowRef) * max_rows);
   L.kt = take(sizeof(float) * D * kb);
   L.vf = take(sizeof(float) * kb * D);
   L.s = take(sizeof(float) * kRowTile * kb);
@@ -323,7 +319,7 @@ struct Scratch {
   int kb;
   float* q;
   float* o; // the rows' outputs in value order (values_permuted)
-  int* limit;
+  RowRef* refs; // where each row of the item lives
   float* kt;
   float* vf;
   float* s;
@@ -342,7 +338,7 @@ Scratch carve(const Layout& L, void* base) {
   s.kb = L.kb;
   s.q = reinterpret_cast<float*>(c + L.q);
   s.o = reinterpret_cast<float*>(c + L.o);
-  s.limit = reinterpret_cast<int*>(c + L.limit);
+  s.refs = reinterpret_cast<RowRef*>(c + L.refs);
   s.kt = reinterpret_cast<float*>(c + L.kt);
   s.vf = reinterpret_cast<float*>(c + L.vf);
   s.s = reinterpret_cast<float*>(c + L.s);
@@ -655,6 +651,19 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
   const int full = D / 32 * 32; // elements in whole runs of 32
   const bool permuted = values_permuted(p);
   constexpr auto kParts = std::make_integer_sequence<int, 32 / W>();
+  // The run path: runs whose load stays inside the row read the row; the
+  // others (and a last half run of 16 elements) read a zero-padded copy of
+  // the row's end, made first so that its stores have retired when it is
+  // read. Where that split falls depends on D alone.
+  constexpr int kLoad = kRunLoadWords<BITS>;
+  int direct = 0; // runs read from the row
+  while ((direct + 1) * 32 <= full && direct * BITS + kLoad <= words) {
+    ++direct;
+  }
+  const int copied = words - direct * BITS;
+  for (int t = copied; t < copied + kLoad; ++t) {
+    tail[t] = 0;
+  }
   for (int j = 0; j < nk; ++j) {
     const int64_t key = j0 + j;
     const uint32_t* row = packed_row(qv, b, h, key, words, sc.row);
@@ -698,20 +707,8 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
       }
       continue;
     }
-    // Runs whose load stays inside the row read the row; the others (and a
-    // last half run of 16 elements) read a zero-padded copy of the row's
-    // end, made first so that its stores have retired when it is read.
-    constexpr int kLoad = kRunLoadWords<BITS>;
-    int direct = 0; // runs read from the row
-    while ((direct + 1) * 32 <= full && direct * BITS + kLoad <= words) {
-      ++direct;
-    }
-    const int copied = words - direct * BITS;
     for (int t = 0; t < copied; ++t) {
       tail[t] = row[direct * BITS + t];
-    }
-    for (int t = copied; t < copied + kLoad; ++t) {
-      tail[t] = 0;
     }
     for (int r = 0; r < direct; ++r) {
       decode_run<MODE, BITS, 32>(load_run<BITS>(row + r * BITS), r * 32, gshift, vs, vb,
@@ -904,7 +901,7 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
   int key_end = 0; // the last key any row sees, + 1
   for (int r = 0; r < nr; ++r) {
     const RowRef ref = row_ref(p, it.kvh, it.r0 + r);
-    sc.limit[r] = ref.limit;
+    sc.refs[r] = ref;
     key_end = imax(key_end, ref.limit);
     const int64_t qb = it.b * p.qs[0] + ref.h * p.qs[1] + ref.i * p.qs[2];
     float* qr = sc.q + static_cast<int64_t>(r) * D;
@@ -930,7 +927,7 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
       const int nt = imin(kRowTile, nr - t0);
       bool live = false;
       for (int t = 0; t < nt; ++t) {
-        live |= sc.limit[t0 + t] > j0 && out.m[t0 + t] == out.m[t0 + t];
+        live |= sc.refs[t0 + t].limit > j0 && out.m[t0 + t] == out.m[t0 + t];
       }
       if (!live) {
         continue; // every row of the tile is masked here, or already NaN
@@ -940,8 +937,8 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
       for (int t = 0; t < nt; ++t) {
         const int r = t0 + t;
         float* st = sc.s + t * kb;
-        const RowRef ref = row_ref(p, it.kvh, it.r0 + r);
-        mask_row(p, it.b, ref, j0, imin(nk, sc.limit[r] - j0), kb, st);
+        const RowRef& ref = sc.refs[r];
+        mask_row(p, it.b, ref, j0, imin(nk, ref.limit - j0), kb, st);
         any |= softmax_row(st, kb, out.m[r], out.l[r], o + static_cast<int64_t>(r) * D, D);
       }
       if (any) {
