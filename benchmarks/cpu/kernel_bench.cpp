@@ -1,0 +1,106 @@
+// Copyright © 2026 mlx-qsdpa contributors.
+//
+// The CPU kernel alone, one thread, no MLX: thread CPU time of one variant's
+// run_item over every kv head of a decode call (B=1, Hq=32, Hkv=8, D=128,
+// random affine codes, float16 scales and queries), best of REPS (default 7).
+// Thread CPU time does not count time the thread waits for a core, so it
+// compares builds on a busy machine. benchmarks/cpu/kernel_bench.sh builds
+// and runs it:
+//
+//   bash benchmarks/cpu/kernel_bench.sh [Lk [bits [Lq]]]
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#include "cpu/kernel.h"
+#include "mlx_qsdpa/formats.h"
+
+using namespace mlx_qsdpa::cpu;
+
+namespace {
+
+// Thread CPU time in seconds.
+double thread_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  const int Lk = argc > 1 ? std::atoi(argv[1]) : 32768;
+  const int bits = argc > 2 ? std::atoi(argv[2]) : 4;
+  const int Lq = argc > 3 ? std::atoi(argv[3]) : 1;
+  const int reps = std::getenv("REPS") ? std::atoi(std::getenv("REPS")) : 7;
+  const int Hq = 32, Hkv = 8, D = 128, gs = 64, G = Hq / Hkv;
+  const int words = D * bits / 32, ng = D / gs;
+  std::mt19937 rng(1);
+
+  std::vector<uint32_t> kw(size_t(Hkv) * Lk * words), vw(kw.size());
+  for (auto* a : {&kw, &vw}) {
+    for (auto& w : *a) {
+      w = rng();
+    }
+  }
+  // float16 scales and biases in [2^-7, 2^-5), queries in [0.125, 0.25).
+  std::vector<uint16_t> ks(size_t(Hkv) * Lk * ng), kb(ks.size()), vs(ks.size()), vb(ks.size());
+  for (auto* a : {&ks, &kb, &vs, &vb}) {
+    for (auto& x : *a) {
+      x = 0x2000 + rng() % 0x1000;
+    }
+  }
+  std::vector<uint16_t> q(size_t(Hq) * Lq * D);
+  for (auto& x : q) {
+    x = 0x3000 + rng() % 0x800;
+  }
+
+  Problem p{};
+  p.B = 1, p.Hq = Hq, p.Hkv = Hkv, p.Lq = Lq, p.Lk = Lk, p.D = D, p.G = G;
+  p.mode = qsdpa::kAffine, p.bits = bits, p.group_size = gs;
+  p.q_mult = 0.125f;
+  p.q = q.data();
+  p.q_type = qsdpa::kElemFloat16;
+  p.qs[3] = 1, p.qs[2] = D, p.qs[1] = int64_t(D) * Lq, p.qs[0] = p.qs[1] * Hq;
+  auto view = [&](const std::vector<uint32_t>& w, const std::vector<uint16_t>& s,
+                  const std::vector<uint16_t>& b) {
+    QuantView v{};
+    v.w = w.data();
+    v.ws[3] = 1, v.ws[2] = words, v.ws[1] = int64_t(words) * Lk, v.ws[0] = v.ws[1] * Hkv;
+    v.scales = s.data();
+    v.biases = b.data();
+    v.ss[3] = 1, v.ss[2] = ng, v.ss[1] = int64_t(ng) * Lk, v.ss[0] = v.ss[1] * Hkv;
+    for (int i = 0; i < 4; ++i) {
+      v.bs[i] = v.ss[i];
+    }
+    v.scale_type = qsdpa::kElemFloat16;
+    return v;
+  };
+  p.k = view(kw, ks, kb);
+  p.v = view(vw, vs, vb);
+  p.mask = Lq > 1 ? kMaskCausal : kMaskNone;
+
+  const Variant& var = QSDPA_CPU_VARIANT;
+  const int rows = G * Lq, rb = std::min(rows, 64);
+  std::vector<char> scratch(var.scratch_bytes(p, rb) + 64);
+  void* work = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+  std::vector<float> o(size_t(rb) * D), m(rb), l(rb);
+  double best = 1e9;
+  for (int rep = 0; rep < reps; ++rep) {
+    const double t0 = thread_seconds();
+    for (int h = 0; h < Hkv; ++h) {
+      for (int r0 = 0; r0 < rows; r0 += rb) {
+        const Item it{0, h, r0, std::min(rb, rows - r0), 0, Lk};
+        var.run_item(p, it, work, ItemResult{o.data(), m.data(), l.data()});
+      }
+    }
+    best = std::min(best, thread_seconds() - t0);
+  }
+  std::printf("%s Lk=%d bits=%d Lq=%d: %.2f ms of one thread per call (%.1f ns per key and kv head)\n",
+              var.name, Lk, bits, Lq, best * 1e3, best * 1e9 / Lk / Hkv);
+}
