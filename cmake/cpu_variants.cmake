@@ -1,6 +1,6 @@
-# The CPU kernel's instruction-set variants (csrc/cpu/kernel.h): kernel.cpp
+# The CPU kernel's instruction-set variants (csrc/backends/cpu/kernel.h): kernel.cpp
 # is compiled once per target into an object library of its own, with the
-# target's flags on that file alone; csrc/cpu/variants.cpp picks one at run
+# target's flags on that file alone; csrc/backends/cpu/variants.cpp picks one at run
 # time. The list here and the one in variants.cpp follow the same
 # architecture tests.
 include(CheckCXXCompilerFlag)
@@ -9,7 +9,7 @@ include(CheckCXXCompilerFlag)
 function(qsdpa_cpu_variant symbol name)
   string(MAKE_C_IDENTIFIER "${name}" ns)
   set(lib mlx_qsdpa_cpu_${ns})
-  add_library(${lib} OBJECT csrc/cpu/kernel.cpp)
+  add_library(${lib} OBJECT csrc/backends/cpu/kernel.cpp)
   target_include_directories(${lib} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
   target_compile_definitions(${lib} PRIVATE QSDPA_CPU_VARIANT=${symbol}
                                             QSDPA_CPU_VARIANT_NAME="${name}"

@@ -1,4 +1,4 @@
-# CUDA backend (MLX's CUDA build): the decode kernels of cuda/*.cu and the
+# CUDA backend (MLX's CUDA build): the decode kernels of csrc/backends/cuda/*.cu and the
 # host code of csrc/cuda, compiled into the mlx_qsdpa library.
 #
 # The kernels are launched through MLX's CUDA command encoder as driver
@@ -18,10 +18,10 @@ enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 
 get_filename_component(MLX_QSDPA_ROOT ${CMAKE_CURRENT_LIST_DIR}/.. ABSOLUTE)
-file(GLOB MLX_QSDPA_CUDA_SOURCES CONFIGURE_DEPENDS ${MLX_QSDPA_ROOT}/cuda/*.cu)
+file(GLOB MLX_QSDPA_CUDA_SOURCES CONFIGURE_DEPENDS ${MLX_QSDPA_ROOT}/csrc/backends/cuda/*.cu)
 target_sources(mlx_qsdpa PRIVATE ${MLX_QSDPA_CUDA_SOURCES}
-                                 ${MLX_QSDPA_ROOT}/csrc/cuda/quant_sdpa_cuda.cpp)
-# cuda/params.h is the interface between the kernels and the host code.
+                                 ${MLX_QSDPA_ROOT}/csrc/backends/cuda/quant_sdpa_cuda.cpp)
+# csrc/backends/cuda/params.h is the interface between the kernels and the host code.
 target_include_directories(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT})
 target_link_libraries(mlx_qsdpa PRIVATE CUDA::cudart)
 set_target_properties(

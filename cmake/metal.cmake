@@ -1,14 +1,14 @@
 # Metal backend (macOS, MLX built with Metal): the host code of csrc/metal
-# and mlx_qsdpa.metallib, built from metal/*.metal by Apple's Metal compiler
+# and mlx_qsdpa.metallib, built from csrc/backends/metal/*.metal by Apple's Metal compiler
 # through MLX's mlx_build_metallib (from MLX's CMake package). The library
-# finds the metallib next to itself at run time (csrc/metal/
+# finds the metallib next to itself at run time (csrc/backends/metal/
 # quant_sdpa_metal.cpp), so both are installed into the same directory.
 
 get_filename_component(MLX_QSDPA_ROOT ${CMAKE_CURRENT_LIST_DIR}/.. ABSOLUTE)
-set(MLX_QSDPA_METAL_DIR ${MLX_QSDPA_ROOT}/metal)
+set(MLX_QSDPA_METAL_DIR ${MLX_QSDPA_ROOT}/csrc/backends/metal)
 
-target_sources(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT}/csrc/metal/dispatch_plan.cpp
-                                 ${MLX_QSDPA_ROOT}/csrc/metal/quant_sdpa_metal.cpp)
+target_sources(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT}/csrc/backends/metal/dispatch_plan.cpp
+                                 ${MLX_QSDPA_ROOT}/csrc/backends/metal/quant_sdpa_metal.cpp)
 # quant_sdpa_params.h (the kernels' interface) is shared with the host code.
 target_include_directories(mlx_qsdpa PRIVATE ${MLX_QSDPA_METAL_DIR})
 

@@ -84,37 +84,95 @@ bool is_float_type(mx::Dtype t) {
   return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
 }
 
+// The mode string's QuantMode (formats.h's table); false for an unknown one.
+bool find_mode(const std::string& name, qsdpa::QuantMode& mode) {
+  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+    if (name == r.mode_name) {
+      mode = static_cast<qsdpa::QuantMode>(r.mode);
+      return true;
+    }
+  }
+  return false;
+}
+
+// "1, 2, 3" from the bits (or group sizes) of a list.
+std::string join_ints(const std::vector<int>& v) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(v[i]);
+  }
+  return out;
+}
+
+std::vector<int> group_sizes_of(int mask) {
+  std::vector<int> out;
+  for (int g = 1; g <= 1024; g *= 2) {
+    if (mask & g) {
+      out.push_back(g);
+    }
+  }
+  return out;
+}
+
+// The modes of the format table, in table order, without repeats.
+std::vector<std::string> mode_names() {
+  std::vector<std::string> names;
+  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+    if (names.empty() || names.back() != r.mode_name) {
+      names.push_back(r.mode_name);
+    }
+  }
+  return names;
+}
+
 qsdpa::QuantMode parse_mode(const std::string& mode) {
-  if (mode == "affine") {
-    return qsdpa::kAffine;
-  } else if (mode == "mxfp4") {
-    return qsdpa::kMxfp4;
-  } else if (mode == "mxfp8") {
-    return qsdpa::kMxfp8;
-  } else if (mode == "nvfp4") {
-    return qsdpa::kNvfp4;
+  qsdpa::QuantMode m;
+  if (find_mode(mode, m)) {
+    return m;
   }
-  fail(
-      "mode must be one of 'affine', 'mxfp4', 'mxfp8', 'nvfp4'; got '" + mode +
-      "'.");
+  std::string allowed;
+  for (const auto& name : mode_names()) {
+    allowed += (allowed.empty() ? "'" : ", '") + name + "'";
+  }
+  fail("mode must be one of " + allowed + "; got '" + mode + "'.");
 }
 
-const char* allowed_formats() {
-  return "allowed: mode='affine' with bits in {1, 2, 3, 4, 5, 6, 8} and "
-         "group_size in {32, 64, 128}; mode='mxfp4' with bits=4, group_size=32; "
-         "mode='mxfp8' with bits=8, group_size=32; mode='nvfp4' with bits=4, "
-         "group_size=16";
-}
-
-bool format_ok(qsdpa::QuantMode mode, int bits, int group_size) {
-  if (mode == qsdpa::kAffine) {
-    bool bits_ok = bits == 1 || bits == 2 || bits == 3 || bits == 4 ||
-        bits == 5 || bits == 6 || bits == 8;
-    bool gs_ok = group_size == 32 || group_size == 64 || group_size == 128;
-    return bits_ok && gs_ok;
+// "allowed: mode='affine' with bits in {1, 2, ...} and group_size in {32,
+// 64, 128}; mode='mxfp4' with bits=4, group_size=32; ...", from the table.
+std::string allowed_formats() {
+  std::string out = "allowed: ";
+  bool first = true;
+  for (const auto& name : mode_names()) {
+    std::vector<int> bits;
+    int groups = 0;
+    bool same_groups = true;
+    for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+      if (name == r.mode_name) {
+        same_groups = same_groups && (bits.empty() || groups == r.group_sizes);
+        bits.push_back(r.bits);
+        groups = r.group_sizes;
+      }
+    }
+    out += (first ? "" : "; ") + std::string("mode='") + name + "'";
+    first = false;
+    if (bits.size() == 1) {
+      auto gs = group_sizes_of(groups);
+      out += " with bits=" + std::to_string(bits[0]) +
+          (gs.size() == 1 ? ", group_size=" + std::to_string(gs[0])
+                          : ", group_size in {" + join_ints(gs) + "}");
+    } else if (same_groups) {
+      out += " with bits in {" + join_ints(bits) + "} and group_size in {" +
+          join_ints(group_sizes_of(groups)) + "}";
+    } else {
+      for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+        if (name == r.mode_name) {
+          out += " bits=" + std::to_string(r.bits) + " (group_size in {" +
+              join_ints(group_sizes_of(r.group_sizes)) + "})";
+        }
+      }
+    }
   }
-  return bits == qsdpa::fp_mode_bits(mode) &&
-      group_size == qsdpa::fp_mode_group_size(mode);
+  return out;
 }
 
 void check_rank4(const mx::array& a, const char* name, const char* layout) {
@@ -167,14 +225,15 @@ void check_quantized(
         std::to_string(c.group_size) + "; got " + shape_str(scales.shape()) +
         ".");
   }
-  if (c.mode == qsdpa::kAffine) {
+  if (qsdpa::mode_has_bias(c.mode)) {
+    const std::string mode = qsdpa::mode_name(c.mode);
     if (!is_float_type(scales.dtype())) {
       fail_type(
-          sname + " must be float16, bfloat16 or float32 for mode 'affine'; got " +
+          sname + " must be float16, bfloat16 or float32 for mode '" + mode + "'; got " +
           dtype_str(scales.dtype()) + ".");
     }
     if (!biases) {
-      fail(bname + " is required for mode 'affine' (mx.quantize returns it).");
+      fail(bname + " is required for mode '" + mode + "' (mx.quantize returns it).");
     }
     if (biases->shape() != sshape) {
       fail(
@@ -195,7 +254,9 @@ void check_quantized(
           dtype_str(scales.dtype()) + ".");
     }
     if (biases) {
-      fail(bname + " must be None for the fp modes (they have no bias).");
+      fail(
+          bname + " must be None for the fp modes (mode '" + qsdpa::mode_name(c.mode) +
+          "' has no bias).");
     }
   }
 }
@@ -204,18 +265,7 @@ void check_quantized(
 
 bool is_supported_format(const std::string& mode, int bits, int group_size) {
   qsdpa::QuantMode m;
-  if (mode == "affine") {
-    m = qsdpa::kAffine;
-  } else if (mode == "mxfp4") {
-    m = qsdpa::kMxfp4;
-  } else if (mode == "mxfp8") {
-    m = qsdpa::kMxfp8;
-  } else if (mode == "nvfp4") {
-    m = qsdpa::kNvfp4;
-  } else {
-    return false;
-  }
-  return format_ok(m, bits, group_size);
+  return find_mode(mode, m) && qsdpa::format_supported(m, bits, group_size);
 }
 
 namespace {
@@ -262,7 +312,7 @@ std::vector<mx::array> quant_sdpa_impl(
   c.has_sinks = sinks.has_value();
   c.return_lse = return_lse;
 
-  if (!format_ok(c.mode, bits, group_size)) {
+  if (!qsdpa::format_supported(c.mode, bits, group_size)) {
     fail(
         "unsupported format (mode='" + mode + "', bits=" + std::to_string(bits) +
         ", group_size=" + std::to_string(group_size) + "); " +
@@ -324,12 +374,12 @@ std::vector<mx::array> quant_sdpa_impl(
     if (mask_arr) {
       fail("mask_arr was given but mask_mode is '' (use mask_mode='array').");
     }
-    c.mask = MaskKind::None;
+    c.mask = qsdpa::kMaskNone;
   } else if (mask_mode == "causal") {
     if (mask_arr) {
       fail("mask_mode 'causal' takes no mask array.");
     }
-    c.mask = MaskKind::Causal;
+    c.mask = qsdpa::kMaskCausal;
   } else if (mask_mode == "array") {
     if (!mask_arr) {
       fail("mask_mode 'array' needs a mask array.");
@@ -352,8 +402,8 @@ std::vector<mx::array> quant_sdpa_impl(
           "mask of shape " + shape_str(m.shape()) +
           " does not broadcast to [B, Hq, Lq, Lk] = " + shape_str(target) + ".");
     }
-    c.mask = m.dtype() == mx::bool_ ? MaskKind::Bool : MaskKind::Additive;
-    auto mm = c.mask == MaskKind::Additive ? mx::astype(m, mx::float32, stream) : m;
+    c.mask = m.dtype() == mx::bool_ ? qsdpa::kMaskBool : qsdpa::kMaskAdditive;
+    auto mm = c.mask == qsdpa::kMaskAdditive ? mx::astype(m, mx::float32, stream) : m;
     // A strided view with zero strides on broadcast axes: no copy.
     inputs.push_back(mx::broadcast_to(mm, target, stream));
   } else {

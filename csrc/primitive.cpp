@@ -121,10 +121,7 @@ std::vector<mx::array> dequantized_attention(
   int B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2), D = q.shape(3);
   int Hkv = inputs[in.k].shape(1), Lk = inputs[in.k].shape(2);
   int G = Hq / Hkv;
-  std::string mode = c.mode == qsdpa::kAffine ? "affine"
-      : c.mode == qsdpa::kMxfp4               ? "mxfp4"
-      : c.mode == qsdpa::kMxfp8               ? "mxfp8"
-                                              : "nvfp4";
+  const std::string mode = qsdpa::mode_name(c.mode);
   auto deq = [&](int w, int sc, int bi) {
     std::optional<array> biases;
     if (bi >= 0) {
@@ -143,14 +140,14 @@ std::vector<mx::array> dequantized_attention(
   auto scores = matmul(qf, expand_dims(swapaxes(k, -1, -2, s), 2, s), s);
 
   float ninf = -std::numeric_limits<float>::infinity();
-  if (c.mask == MaskKind::Causal) {
+  if (c.mask == qsdpa::kMaskCausal) {
     auto qi = reshape(arange(Lk - Lq, Lk, int32, s), {Lq, 1}, s);
     auto kj = reshape(arange(0, Lk, int32, s), {1, Lk}, s);
     scores = where(greater_equal(qi, kj, s), scores, array(ninf), s);
-  } else if (c.mask == MaskKind::Bool) {
+  } else if (c.mask == qsdpa::kMaskBool) {
     auto m = reshape(inputs[in.mask], {B, Hkv, G, Lq, Lk}, s);
     scores = where(m, scores, array(ninf), s);
-  } else if (c.mask == MaskKind::Additive) {
+  } else if (c.mask == qsdpa::kMaskAdditive) {
     auto m = reshape(inputs[in.mask], {B, Hkv, G, Lq, Lk}, s);
     scores = add(scores, m, s);
   }

@@ -13,13 +13,12 @@
 #include "mlx/stream.h"
 #include "mlx/utils.h"
 
+#include "mlx_qsdpa/attention_math.h"
 #include "mlx_qsdpa/formats.h"
 
 namespace mlx_qsdpa {
 
 namespace mx = mlx::core;
-
-enum class MaskKind : int { None = 0, Causal = 1, Bool = 2, Additive = 3 };
 
 // Everything about a call that is not an array. Shapes are read from the
 // arrays; this holds what the arrays cannot say.
@@ -28,12 +27,12 @@ struct QuantSDPAConfig {
   int group_size;
   int bits;
   qsdpa::QuantMode mode;
-  MaskKind mask;
+  qsdpa::MaskKind mask;
   bool has_sinks;
   bool return_lse;
 
   bool has_biases() const {
-    return mode == qsdpa::kAffine;
+    return qsdpa::mode_has_bias(mode);
   }
 
   bool operator==(const QuantSDPAConfig& o) const {
@@ -62,7 +61,7 @@ struct InputSlots {
     if (c.has_biases()) {
       v_biases = i++;
     }
-    if (c.mask == MaskKind::Bool || c.mask == MaskKind::Additive) {
+    if (c.mask == qsdpa::kMaskBool || c.mask == qsdpa::kMaskAdditive) {
       mask = i++;
     }
     if (c.has_sinks) {

@@ -14,7 +14,7 @@
 #include "mlx_qsdpa/quant_sdpa.h"
 
 #include "backend.h"
-#include "cpu/variants.h"
+#include "backends/cpu/variants.h"
 #include "errors.h"
 
 namespace nb = nanobind;
@@ -53,23 +53,43 @@ std::vector<float> decode_table(const std::string& what) {
   return out;
 }
 
-// Unpacks a row of packed words with formats.h's unpack_element.
+// Unpacks a row of packed words with formats.h's unpack_element, for every
+// element width of the format table.
 std::vector<uint32_t> unpack_row(const std::vector<uint32_t>& words, int bits) {
-  int n = static_cast<int>(words.size()) * 32 / bits;
-  std::vector<uint32_t> out(n);
-  for (int i = 0; i < n; ++i) {
-    switch (bits) {
-      case 1: out[i] = qsdpa::unpack_element<1>(words.data(), i); break;
-      case 2: out[i] = qsdpa::unpack_element<2>(words.data(), i); break;
-      case 3: out[i] = qsdpa::unpack_element<3>(words.data(), i); break;
-      case 4: out[i] = qsdpa::unpack_element<4>(words.data(), i); break;
-      case 5: out[i] = qsdpa::unpack_element<5>(words.data(), i); break;
-      case 6: out[i] = qsdpa::unpack_element<6>(words.data(), i); break;
-      case 8: out[i] = qsdpa::unpack_element<8>(words.data(), i); break;
-      default: throw std::invalid_argument("bits must be 1, 2, 3, 4, 5, 6 or 8");
+  std::vector<uint32_t> out;
+  bool found = false;
+  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+    if (r.bits != bits || found) {
+      continue;
     }
+    found = qsdpa::dispatch_format(r.mode, r.bits, [&](auto fmt) {
+      constexpr int kBits = decltype(fmt)::bits;
+      const int n = static_cast<int>(words.size()) * 32 / kBits;
+      for (int i = 0; i < n; ++i) {
+        out.push_back(qsdpa::unpack_element<kBits>(words.data(), i));
+      }
+    });
+  }
+  if (!found) {
+    throw std::invalid_argument("bits: no format of the table has " + std::to_string(bits) + "-bit elements");
   }
   return out;
+}
+
+// formats.h's table, one tuple per row: (mode, bits, group sizes, kernel
+// name token, whether groups have a bias).
+nb::list format_table() {
+  nb::list rows;
+  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+    nb::list groups;
+    for (int g = 1; g <= 1024; g *= 2) {
+      if (r.group_sizes & g) {
+        groups.append(g);
+      }
+    }
+    rows.append(nb::make_tuple(r.mode_name, r.bits, nb::tuple(groups), r.token, qsdpa::mode_has_bias(r.mode)));
+  }
+  return rows;
 }
 
 } // namespace
@@ -138,6 +158,10 @@ NB_MODULE(_ext, m) {
       "Tests only: route every call through the GPU backends' dequantize fallback, on any device.");
 
   m.def("is_supported_format", &mlx_qsdpa::is_supported_format, "mode"_a, "bits"_a, "group_size"_a);
+  m.def(
+      "format_table",
+      &format_table,
+      "The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases) per row.");
   m.def("version", &mlx_qsdpa::version);
   m.def("mlx_build_version", &mlx_qsdpa::mlx_build_version);
   m.def("gpu_backend", &mlx_qsdpa::gpu_backend_name);

@@ -1,4 +1,4 @@
-"""The CUDA kernels (cuda/*.cu) compile, on any machine with nvcc (no GPU).
+"""The CUDA kernels (csrc/backends/cuda/*.cu) compile, on any machine with nvcc (no GPU).
 
 CI has no GPU, so nothing else there would notice a kernel that no longer
 compiles (a changed format definition in csrc/mlx_qsdpa/formats.h, a template
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted((ROOT / "cuda").glob("*.cu"))
+SOURCES = sorted((ROOT / "csrc" / "backends" / "cuda").glob("*.cu"))
 
 # Minutes of nvcc on two cores: left out of `python -m pytest tests`, run by
 # .ci/run's `python -m pytest tests -m slow` step.
@@ -56,11 +56,11 @@ def test_every_kernel_unit_compiles(tmp_path):
 
 def test_timeline_build_compiles(tmp_path):
     """The measurement build of run_gpu.sh's timeline step (the kernels'
-    prints, cuda/debug_timeline.cuh) compiles: one unit with both kernels'
+    prints, csrc/backends/cuda/debug_timeline.cuh) compiles: one unit with both kernels'
     paths through the split merge."""
     compiler = nvcc()
     if compiler is None:
         pytest.skip("nvcc not found")
-    for src in (ROOT / "cuda" / "decode_mma_f16_d128.cu", ROOT / "cuda" / "decode_simt.cu"):
+    for src in (ROOT / "csrc" / "backends" / "cuda" / "decode_mma_f16_d128.cu", ROOT / "csrc" / "backends" / "cuda" / "decode_simt.cu"):
         name, rc, log = compile_unit(compiler, src, tmp_path, ("-DQSDPA_DEBUG_TIMELINE=1",))
         assert rc == 0, f"{name}:\n{log}"

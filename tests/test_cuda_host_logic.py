@@ -1,10 +1,10 @@
 """Plain C++ parts of the CUDA host code, checked on any machine (no GPU):
-- cuda/split_plan.h, the split of a call over blocks: tests/cuda/split_plan_check.cpp
+- csrc/backends/cuda/split_plan.h, the split of a call over blocks: tests/cuda/split_plan_check.cpp
   sweeps ~100K shapes and asserts that the row tiles and splits cover every
   row and key, no split is empty, limits hold, and the GPU is filled; it
   also checks params.h's FastDiv (the kernels' divisions by G and Hkv)
   against `/`;
-- cuda/ring_slots.h, the device-memory slots that calls in flight hold:
+- csrc/backends/cuda/ring_slots.h, the device-memory slots that calls in flight hold:
   tests/cuda/ring_slots_check.cpp runs random takes and give-backs and
   asserts that no two ranges in flight overlap and that room comes back."""
 

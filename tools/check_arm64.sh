@@ -14,7 +14,7 @@ mkdir -p "$out"
 flags=(-std=c++20 -O2 -Icsrc -Wall -Wno-psabi)
 variant=(-DQSDPA_CPU_VARIANT=kVariantArm64Neon)
 "$CXX" "${flags[@]}" "${variant[@]}" -DQSDPA_CPU_VARIANT_NS=arm64_neon \
-  -DQSDPA_CPU_VARIANT_NAME='"arm64-neon"' -ffp-contract=fast -c csrc/cpu/kernel.cpp -o "$out/kernel.o"
+  -DQSDPA_CPU_VARIANT_NAME='"arm64-neon"' -ffp-contract=fast -c csrc/backends/cpu/kernel.cpp -o "$out/kernel.o"
 # The kernel's code must really be NEON vector code (W = 4 floats per q register).
 fmla=$(aarch64-linux-gnu-objdump -d "$out/kernel.o" | grep -c 'fmla.*v[0-9]*\.4s' || true)
 [ "$fmla" -gt 0 ] || { echo "the arm64 kernel has no NEON fmla" >&2; exit 1; }

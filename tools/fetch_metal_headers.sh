@@ -3,7 +3,7 @@
 # (the installed mlx, else 0.32.4; MLX_METAL_VERSION overrides) and unpacks
 # its headers into build/mlx-metal-<version>/: mlx/backend/metal/*.h and
 # metal-cpp, which the Linux compile check of the Metal host code
-# (tests/metal/test_metal_host_compile.py) compiles csrc/metal/*.cpp
+# (tests/metal/test_metal_host_compile.py) compiles csrc/backends/metal/*.cpp
 # against. Idempotent: does nothing when the headers are already there.
 #
 #   bash tools/fetch_metal_headers.sh            # prints the unpacked directory

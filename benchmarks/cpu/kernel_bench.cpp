@@ -17,7 +17,7 @@
 #include <random>
 #include <vector>
 
-#include "cpu/kernel.h"
+#include "backends/cpu/kernel.h"
 #include "mlx_qsdpa/formats.h"
 
 using namespace mlx_qsdpa::cpu;
@@ -63,13 +63,13 @@ int main(int argc, char** argv) {
   Problem p{};
   p.B = 1, p.Hq = Hq, p.Hkv = Hkv, p.Lq = Lq, p.Lk = Lk, p.D = D, p.G = G;
   p.mode = qsdpa::kAffine, p.bits = bits, p.group_size = gs;
-  p.q_mult = 0.125f;
+  p.scale_log2 = 0.125f;
   p.q = q.data();
   p.q_type = qsdpa::kElemFloat16;
   p.qs[3] = 1, p.qs[2] = D, p.qs[1] = int64_t(D) * Lq, p.qs[0] = p.qs[1] * Hq;
   auto view = [&](const std::vector<uint32_t>& w, const std::vector<uint16_t>& s,
                   const std::vector<uint16_t>& b) {
-    QuantView v{};
+    QuantTensor v{};
     v.w = w.data();
     v.ws[3] = 1, v.ws[2] = words, v.ws[1] = int64_t(words) * Lk, v.ws[0] = v.ws[1] * Hkv;
     v.scales = s.data();
@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
   };
   p.k = view(kw, ks, kb);
   p.v = view(vw, vs, vb);
-  p.mask = Lq > 1 ? kMaskCausal : kMaskNone;
+  p.mask = Lq > 1 ? qsdpa::kMaskCausal : qsdpa::kMaskNone;
 
   const Variant& var = QSDPA_CPU_VARIANT;
   const int rows = G * Lq, rb = std::min(rows, 64);

@@ -8,7 +8,7 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/ptx.cuh"
+#include "backends/cuda/ptx.cuh"
 
 // Nothing at all.
 __global__ void floor_empty() {}

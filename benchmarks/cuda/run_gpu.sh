@@ -255,7 +255,7 @@ step_shapes() { # one call of each shape (shape_sweep): SHAPES, SHAPES_LABEL
 }
 
 # A/B of the kernels of other commits on one machine: AB_TARS="name=file.tar ..."
-# (each `git archive <commit> cuda csrc/cuda > file.tar`, carried to the machine), then the
+# (each `git archive <commit> csrc/backends/cuda > file.tar`, carried to the machine), then the
 # working tree's own kernels as "tree"; each is built and swept (step_shapes) in turn, twice
 # over (AB_ROUNDS). Extracted with `tar xmf`: plain `tar xf` restores the archive's older
 # mtimes, so ninja would rebuild nothing and the "other" kernels would be the last ones built
@@ -263,7 +263,7 @@ step_shapes() { # one call of each shape (shape_sweep): SHAPES, SHAPES_LABEL
 step_ab() {
   local own round spec name file
   own=$(mktemp /tmp/qsdpa-ab-XXXX.tar)
-  tar cf "$own" cuda csrc/cuda
+  tar cf "$own" csrc/backends/cuda
   for round in $(seq "${AB_ROUNDS:-2}"); do
     for spec in ${AB_TARS:-} "tree=$own"; do
       name=${spec%%=*} file=${spec#*=}

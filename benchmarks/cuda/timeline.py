@@ -1,5 +1,5 @@
 """A call's timeline from a -DQSDPA_DEBUG_TIMELINE=1 build's prints
-(cuda/debug_timeline.cuh; `run_gpu.sh timeline`):
+(csrc/backends/cuda/debug_timeline.cuh; `run_gpu.sh timeline`):
 
     python benchmarks/cuda/timeline.py PRINTS_FILE
 

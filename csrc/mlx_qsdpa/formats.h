@@ -35,6 +35,7 @@ QSDPA_FUNC float bits_to_float(u32_t u) {
 } // namespace qsdpa
 #elif defined(__CUDACC__)
 #define QSDPA_FUNC __host__ __device__ __forceinline__
+#define QSDPA_HOST_FUNC inline
 #define QSDPA_CONSTEXPR constexpr
 #include <cstdint>
 namespace qsdpa {
@@ -53,9 +54,12 @@ QSDPA_FUNC float bits_to_float(u32_t u) {
 #else
 // The CPU kernel's per-instruction-set builds define QSDPA_FUNC as `static
 // inline` so that each build keeps private copies of these functions (see
-// csrc/cpu/kernel.h).
+// csrc/backends/cpu/kernel.h).
 #ifndef QSDPA_FUNC
 #define QSDPA_FUNC inline
+#endif
+#ifndef QSDPA_HOST_FUNC
+#define QSDPA_HOST_FUNC inline
 #endif
 #define QSDPA_CONSTEXPR constexpr
 #include <cstdint>
@@ -221,39 +225,196 @@ QSDPA_FUNC u32_t unpack_from_pack(PackInt pack, int k) {
 }
 
 // ---------------------------------------------------------------------------
-// Mode traits: bits of one element, bytes of one scale, element decoding.
+// The format table
+// ---------------------------------------------------------------------------
+//
+// Every format the op accepts, once. Everything else asks this table or is
+// generated from it: validation and its messages (ops.cpp), Python's
+// SUPPORTED_FORMATS (exported by the extension), the kernels each backend
+// instantiates (the CPU variants' and CUDA kernels' dispatch_format, the
+// Metal kernel list and names), the simulators and the test matrices.
+//
+// QSDPA_MODES(X): one row per quantization mode,
+//   X(MODE, NAME, CODE, SCALE)
+//   MODE  the QuantMode enumerator;   NAME  the mode string of mx.quantize;
+//   CODE  how an element code decodes (CodeKind); SCALE  what a group's
+//   scale is (ScaleKind; kScaleFloat groups also have a bias).
+// QSDPA_FORMATS(X): one row per (mode, bits) that kernels are built for,
+//   X(MODE, TOKEN, BITS, GROUP_SIZES)
+//   TOKEN  the format's name in kernel names (affine4, mxfp4, ...);
+//   GROUP_SIZES  the allowed group sizes, a mask of kGroupSize* bits.
+// Adding a format: a row here (and in QSDPA_MODES for a new mode), its
+// decode function below if its codes or scales are new, and one test row
+// (tests/test_format_table.py walks the table on every backend).
+#define QSDPA_MODES(X)                                     \
+  X(kAffine, "affine", kCodeUnsigned, kScaleFloat)         \
+  X(kMxfp4, "mxfp4", kCodeFp4E2M1, kScaleE8M0)             \
+  X(kMxfp8, "mxfp8", kCodeFp8E4M3, kScaleE8M0)             \
+  X(kNvfp4, "nvfp4", kCodeFp4E2M1, kScaleFp8E4M3)
+
+#define QSDPA_FORMATS(X)                                   \
+  X(kAffine, affine1, 1, kGroupSizes32To128)               \
+  X(kAffine, affine2, 2, kGroupSizes32To128)               \
+  X(kAffine, affine3, 3, kGroupSizes32To128)               \
+  X(kAffine, affine4, 4, kGroupSizes32To128)               \
+  X(kAffine, affine5, 5, kGroupSizes32To128)               \
+  X(kAffine, affine6, 6, kGroupSizes32To128)               \
+  X(kAffine, affine8, 8, kGroupSizes32To128)               \
+  X(kMxfp4, mxfp4, 4, kGroupSize32)                        \
+  X(kMxfp8, mxfp8, 8, kGroupSize32)                        \
+  X(kNvfp4, nvfp4, 4, kGroupSize16)
+
+// How an element code decodes (without its group's scale).
+enum CodeKind : int {
+  kCodeUnsigned = 0, // the code itself, 0 .. 2^bits - 1
+  kCodeFp4E2M1 = 1,
+  kCodeFp8E4M3 = 2,
+};
+
+// What a group's scale is: a float of the quantized input's dtype, with a
+// bias of the same dtype (w = scale * q + bias), or an 8-bit code (no bias).
+enum ScaleKind : int {
+  kScaleFloat = 0,
+  kScaleE8M0 = 1,
+  kScaleFp8E4M3 = 2,
+};
+
+// Group sizes as a bit mask: bit log2(group_size).
+enum GroupSizeMask : int {
+  kGroupSize16 = 1 << 4,
+  kGroupSize32 = 1 << 5,
+  kGroupSizes32To128 = (1 << 5) | (1 << 6) | (1 << 7),
+};
+
+#define QSDPA_MODE_CODE_CASE(MODE, NAME, CODE, SCALE) \
+  if (mode == MODE) {                                 \
+    return CODE;                                      \
+  }
+#define QSDPA_MODE_SCALE_CASE(MODE, NAME, CODE, SCALE) \
+  if (mode == MODE) {                                  \
+    return SCALE;                                      \
+  }
+#define QSDPA_FORMAT_GROUPS_CASE(MODE, TOKEN, BITS, GROUPS) \
+  if (mode == MODE && bits == BITS) {                       \
+    return GROUPS;                                          \
+  }
+
+QSDPA_FUNC QSDPA_CONSTEXPR int mode_code_kind(int mode) {
+  QSDPA_MODES(QSDPA_MODE_CODE_CASE)
+  return -1;
+}
+
+QSDPA_FUNC QSDPA_CONSTEXPR int mode_scale_kind(int mode) {
+  QSDPA_MODES(QSDPA_MODE_SCALE_CASE)
+  return -1;
+}
+
+// Whether groups of this mode carry a bias (and float scales).
+QSDPA_FUNC QSDPA_CONSTEXPR bool mode_has_bias(int mode) {
+  return mode_scale_kind(mode) == kScaleFloat;
+}
+
+// The group sizes allowed for (mode, bits) as a GroupSizeMask; 0: no such
+// format.
+QSDPA_FUNC QSDPA_CONSTEXPR int format_group_sizes(int mode, int bits) {
+  QSDPA_FORMATS(QSDPA_FORMAT_GROUPS_CASE)
+  return 0;
+}
+
+// Whether the table has (mode, bits, group_size).
+QSDPA_FUNC QSDPA_CONSTEXPR bool format_supported(int mode, int bits, int group_size) {
+  return group_size > 0 && group_size <= 1024 && (group_size & (group_size - 1)) == 0 &&
+      (format_group_sizes(mode, bits) & group_size) != 0;
+}
+
+#undef QSDPA_MODE_CODE_CASE
+#undef QSDPA_MODE_SCALE_CASE
+#undef QSDPA_FORMAT_GROUPS_CASE
+
+// ---------------------------------------------------------------------------
+// Element and scale decoding, by the table's kinds
 // ---------------------------------------------------------------------------
 
 // Decoded value of an element code `q` of mode MODE (without the scale).
 template <int MODE>
 QSDPA_FUNC float decode_code(u32_t q) {
-  if (MODE == kAffine) {
+  if (mode_code_kind(MODE) == kCodeUnsigned) {
     return float(q);
-  } else if (MODE == kMxfp8) {
+  } else if (mode_code_kind(MODE) == kCodeFp8E4M3) {
     return fp8_e4m3_to_float(q);
   } else {
     return fp4_e2m1_to_float(q);
   }
 }
 
-// Decoded scale of the fp modes from its raw uint8 code.
+// Decoded scale of the 8-bit-scale modes from its raw uint8 code.
 template <int MODE>
 QSDPA_FUNC float decode_fp_scale(u32_t s) {
-  if (MODE == kNvfp4) {
+  if (mode_scale_kind(MODE) == kScaleFp8E4M3) {
     return fp8_e4m3_to_float(s);
   } else {
     return e8m0_to_float(s);
   }
 }
 
-// Element bits of the fp modes (affine takes them from the caller).
-QSDPA_FUNC QSDPA_CONSTEXPR int fp_mode_bits(int mode) {
-  return mode == kMxfp8 ? 8 : 4;
+#if !defined(__METAL_VERSION__)
+// A row of QSDPA_FORMATS as a type, for code that instantiates a kernel per
+// format: dispatch_format hands one to its callback.
+template <int MODE, int BITS>
+struct FormatTag {
+  static constexpr int mode = MODE;
+  static constexpr int bits = BITS;
+};
+
+// Calls f(FormatTag<MODE, BITS>{}) for the table's row (mode, bits) and
+// returns true; false (f not called) where the table has no such row.
+template <typename F>
+QSDPA_HOST_FUNC bool dispatch_format(int mode, int bits, F&& f) {
+#define QSDPA_DISPATCH_FORMAT_CASE(MODE, TOKEN, BITS, GROUPS) \
+  if (mode == MODE && bits == BITS) {                         \
+    f(FormatTag<MODE, BITS>{});                               \
+    return true;                                              \
+  }
+  QSDPA_FORMATS(QSDPA_DISPATCH_FORMAT_CASE)
+#undef QSDPA_DISPATCH_FORMAT_CASE
+  return false;
 }
 
-// Group size every fp mode requires.
-QSDPA_FUNC QSDPA_CONSTEXPR int fp_mode_group_size(int mode) {
-  return mode == kNvfp4 ? 16 : 32;
+// The table as data, for host code: validation messages, the Python
+// module's format list, kernel names.
+struct FormatRow {
+  int mode; // QuantMode
+  const char* mode_name; // "affine", "mxfp4", ...
+  const char* token; // "affine4", "mxfp4", ...: the format in kernel names
+  int bits;
+  int group_sizes; // GroupSizeMask
+};
+
+#define QSDPA_FORMAT_ROW(MODE, TOKEN, BITS, GROUPS) FormatRow{MODE, mode_name(MODE), #TOKEN, BITS, GROUPS},
+
+QSDPA_HOST_FUNC constexpr const char* mode_name(int mode) {
+#define QSDPA_MODE_NAME_CASE(MODE, NAME, CODE, SCALE) \
+  if (mode == MODE) {                                 \
+    return NAME;                                      \
+  }
+  QSDPA_MODES(QSDPA_MODE_NAME_CASE)
+#undef QSDPA_MODE_NAME_CASE
+  return nullptr;
 }
+
+static constexpr FormatRow kFormatTable[] = {QSDPA_FORMATS(QSDPA_FORMAT_ROW)};
+#undef QSDPA_FORMAT_ROW
+static constexpr int kNumFormats = int(sizeof(kFormatTable) / sizeof(kFormatTable[0]));
+
+// The table's row (mode, bits), or nullptr.
+QSDPA_HOST_FUNC const FormatRow* find_format(int mode, int bits) {
+  for (const FormatRow& r : kFormatTable) {
+    if (r.mode == mode && r.bits == bits) {
+      return &r;
+    }
+  }
+  return nullptr;
+}
+#endif
 
 } // namespace qsdpa

@@ -27,6 +27,8 @@ __all__ = [
     "quant_sdpa",
     "is_supported_format",
     "SUPPORTED_FORMATS",
+    "format_table",
+    "FormatInfo",
     "fast",
     "gpu_backend",
     "mlx_build_version",
@@ -67,6 +69,8 @@ else:
     _load_error = None
     from ._api import (
         SUPPORTED_FORMATS,
+        FormatInfo,
+        format_table,
         cpu_variant,
         cpu_variants,
         gpu_backend,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from . import _build_info
 from ._mlx_check import load_extension
@@ -14,11 +14,28 @@ _ext = load_extension(_build_info)
 
 import mlx.core as mx  # noqa: E402
 
-# (mode, bits, group_size) triples that mx.quantize (MLX 0.32.4) produces.
-SUPPORTED_FORMATS = tuple(
-    [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
-    + [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
-)
+
+
+class FormatInfo(NamedTuple):
+    """A row of the format table (``csrc/mlx_qsdpa/formats.h``)."""
+
+    mode: str  #: the ``mode`` of ``mx.quantize``: "affine", "mxfp4", ...
+    bits: int  #: bits per element
+    group_sizes: Tuple[int, ...]  #: the group sizes the op accepts
+    kernel_name: str  #: the format's name in kernel names ("affine4", "mxfp4", ...)
+    has_biases: bool  #: whether ``mx.quantize`` returns biases for it
+
+
+def format_table() -> Tuple[FormatInfo, ...]:
+    """Every K/V format ``quant_sdpa`` accepts, one row per (mode, bits)."""
+    return _FORMAT_TABLE
+
+
+_FORMAT_TABLE = tuple(FormatInfo(m, b, tuple(g), t, bool(h)) for m, b, g, t, h in _ext.format_table())
+
+#: (mode, bits, group_size) triples that ``quant_sdpa`` accepts: those that
+#: ``mx.quantize`` (MLX 0.32.4) produces, from the format table.
+SUPPORTED_FORMATS = tuple((f.mode, f.bits, g) for f in _FORMAT_TABLE for g in f.group_sizes)
 
 
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool:

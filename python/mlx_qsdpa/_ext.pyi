@@ -25,6 +25,8 @@ def quant_sdpa(
 def _set_dequantized_fallback(on: bool) -> None:
     """Tests only: route every call through the GPU backends' dequantize fallback, on any device."""
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool: ...
+def format_table() -> List[Tuple[str, int, Tuple[int, ...], str, bool]]:
+    """The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases) per row."""
 def version() -> str:
     """The version of mlx-qsdpa."""
 def mlx_build_version() -> str:

@@ -1,6 +1,6 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// A standalone check of one CPU kernel variant (csrc/cpu/kernel.cpp built
+// A standalone check of one CPU kernel variant (csrc/backends/cpu/kernel.cpp built
 // for one target), without MLX or Python: it cross-compiles for any
 // architecture and runs under qemu-user (tools/check_arm64.sh builds the
 // arm64 NEON variant with it). Random codes, scales and biases of every
@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/kernel.h"
+#include "backends/cpu/kernel.h"
 #include "mlx_qsdpa/formats.h"
 
 #ifndef QSDPA_CPU_VARIANT
@@ -29,7 +29,7 @@ namespace {
 using mlx_qsdpa::cpu::Item;
 using mlx_qsdpa::cpu::ItemResult;
 using mlx_qsdpa::cpu::Problem;
-using mlx_qsdpa::cpu::QuantView;
+using mlx_qsdpa::QuantTensor;
 using mlx_qsdpa::cpu::RowRef;
 
 struct Format {
@@ -147,8 +147,8 @@ Tensor make_tensor(const Format& f, const Shape& s, std::mt19937& rng) {
   return t;
 }
 
-QuantView view(const Format& f, const Shape& s, const Tensor& t) {
-  QuantView v{};
+QuantTensor view(const Format& f, const Shape& s, const Tensor& t) {
+  QuantTensor v{};
   const int64_t words = s.D * f.bits / 32, groups = s.D / f.gs;
   v.w = t.words.data();
   v.ws[3] = s.word_stride;
@@ -197,7 +197,7 @@ double run_case(const Format& f, const Shape& s, uint32_t seed, std::string& why
   Problem p{};
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Lq = s.Lq, p.Lk = s.Lk, p.D = s.D, p.G = s.Hq / s.Hkv;
   p.mode = f.mode, p.bits = f.bits, p.group_size = f.gs;
-  p.q_mult = scale * 1.4426950408889634f;
+  p.scale_log2 = scale * qsdpa::log2e();
   p.q = q.data();
   p.q_type = qsdpa::kElemFloat32;
   p.qs[3] = 1, p.qs[2] = s.D, p.qs[1] = int64_t(s.D) * s.Lq, p.qs[0] = p.qs[1] * s.Hq;
@@ -279,19 +279,19 @@ int main() {
       {qsdpa::kMxfp4, 4, 32, 0}, {qsdpa::kMxfp8, 8, 32, 0}, {qsdpa::kNvfp4, 4, 16, 0},
   };
   const std::vector<Shape> shapes = {
-      {1, 4, 1, 1, 200, 128, mlx_qsdpa::cpu::kMaskNone, 1},
-      {2, 5, 1, 3, 37, 64, mlx_qsdpa::cpu::kMaskCausal, 1},
+      {1, 4, 1, 1, 200, 128, qsdpa::kMaskNone, 1},
+      {2, 5, 1, 3, 37, 64, qsdpa::kMaskCausal, 1},
       {1, 8, 2, 1, 130, 256, mlx_qsdpa::cpu::kMaskAdditive, 2},
-      {1, 2, 2, 2, 1, 128, mlx_qsdpa::cpu::kMaskNone, 1},
-      {1, 2, 1, 4, 70, 576, mlx_qsdpa::cpu::kMaskCausal, 1},
+      {1, 2, 2, 2, 1, 128, qsdpa::kMaskNone, 1},
+      {1, 2, 1, 4, 70, 576, qsdpa::kMaskCausal, 1},
   };
   int passed = 0, failed = 0;
   uint32_t seed = 1;
   for (const Format& f : formats) {
     std::vector<Shape> all = shapes;
     if (f.gs == 16) {
-      all.push_back({1, 3, 1, 2, 45, 80, mlx_qsdpa::cpu::kMaskCausal, 1}); // odd multiple of 16
-      all.push_back({1, 1, 1, 1, 9, 16, mlx_qsdpa::cpu::kMaskNone, 2});
+      all.push_back({1, 3, 1, 2, 45, 80, qsdpa::kMaskCausal, 1}); // odd multiple of 16
+      all.push_back({1, 1, 1, 1, 9, 16, qsdpa::kMaskNone, 2});
     }
     for (const Shape& s : all) {
       if (s.D % f.gs != 0) {

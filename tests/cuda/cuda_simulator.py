@@ -1,17 +1,17 @@
-"""The CUDA simulator: cuda/decode_mma.cuh and cuda/decode_simt.cu on the
+"""The CUDA simulator: csrc/backends/cuda/decode_mma.cuh and csrc/backends/cuda/decode_simt.cu on the
 CPU, driven from Python.
 
 The decode kernels are compiled unchanged by clang++ against the CUDA
-compatibility layer of sim/include (QSDPA_CUDA_SIM swaps cuda/ptx.cuh's
+compatibility layer of sim/include (QSDPA_CUDA_SIM swaps csrc/backends/cuda/ptx.cuh's
 inline PTX for its models) and linked with the Metal simulator's runtime
 (tests/metal/sim/runtime.cpp: fibers, 32-lane warps, barriers, checked
 memory). One translation unit per tensor-core kernel instantiation (two
 compile at a time), one for the generic kernels a library holds, one host
 unit with the kernel table and the host's own split plan
-(cuda/split_plan.h). Libraries are cached in build/cuda-sim/ under a hash
+(csrc/backends/cuda/split_plan.h). Libraries are cached in build/cuda-sim/ under a hash
 of every input.
 
-`run_quant_sdpa` fills the kernel's Params the way csrc/cuda/
+`run_quant_sdpa` fills the kernel's Params the way csrc/backends/cuda/
 quant_sdpa_cuda.cpp does and launches the grid (blocks one after another).
 """
 
@@ -75,7 +75,7 @@ MODE_CPP = {"affine": "qsdpa::kAffine", "mxfp4": "qsdpa::kMxfp4", "mxfp8": "qsdp
 # params.h MaskType.
 MASK = {None: 0, "causal": 1, "bool": 2, "additive": 3}
 THREADS = 128  # params.h kThreads
-# csrc/cuda/quant_sdpa_cuda.cpp: kMinKeysPerSplitMma (8 chunks of 64 keys).
+# csrc/backends/cuda/quant_sdpa_cuda.cpp: kMinKeysPerSplitMma (8 chunks of 64 keys).
 MIN_KEYS_PER_SPLIT_MMA = 8 * 64
 # The H200's one-wave block count the host plans for (132 SMs; 3 blocks per
 # SM, kMmaWaveBlocksPerSm), used unless a test forces the split count.
@@ -194,8 +194,8 @@ def host_source(variants: list[Variant]) -> str:
 #include <cstddef>
 #include <cstring>
 
-#include "cuda/params.h"
-#include "cuda/split_plan.h"
+#include "backends/cuda/params.h"
+#include "backends/cuda/split_plan.h"
 #include "qsim/runtime.h"
 
 namespace cu = mlx_qsdpa::cuda;
@@ -237,7 +237,7 @@ extern "C" void qsim_cuda_set_divisors(cu::Params* p) {{
   cu::set_divisors(*p);
 }}
 
-// The host's split plan (cuda/split_plan.h): out = row_tiles, n_splits,
+// The host's split plan (csrc/backends/cuda/split_plan.h): out = row_tiles, n_splits,
 // keys_per_split; tree = merge slots, counters per tile.
 extern "C" void qsim_cuda_plan(
     int B, int Hkv, int rows, int Lk, int D, int64_t n_rows, int rows_per_block, int64_t wave,
@@ -271,13 +271,13 @@ extern "C" void qsim_cuda_plan(
 
 def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | None = None, defines: tuple[str, ...] = (), tag: str = "decode") -> Path:
     """A simulator library holding `variants` (cached). kernel_dir: a copy of
-    cuda/ to compile instead (the mutant tests' edited kernels); defines:
+    csrc/backends/cuda to compile instead (the mutant tests' edited kernels); defines:
     extra -D flags (the simulator's own mutants)."""
     clang = find_clang()
     if clang is None:
         raise BuildError("clang++ not found: the CUDA simulator needs clang (apt-get install clang)")
     variants = sorted(set(variants), key=lambda v: v.name)
-    cuda_dir = Path(kernel_dir) if kernel_dir else ROOT / "cuda"
+    cuda_dir = Path(kernel_dir) if kernel_dir else ROOT / "csrc" / "backends" / "cuda"
     inputs = [Path(__file__).resolve(), ROOT / "csrc" / "mlx_qsdpa" / "formats.h", QSIM / "runtime.cpp"]
     inputs += [p for p in cuda_dir.glob("*") if p.suffix in (".h", ".cuh")]
     if any(isinstance(v, SimtVariant) for v in variants):
@@ -292,9 +292,9 @@ def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | N
     def make(work: Path):
         incs = [f"-I{d}" for d in INCLUDES]
         if kernel_dir:
-            # The copy's headers first: "cuda/..." includes of the host unit
-            # and the kernel's own relative includes resolve there.
-            incs = [f"-I{cuda_dir.parent}"] + incs
+            # The copy's headers first: "backends/cuda/..." includes of the
+            # host unit and the kernel's own relative includes resolve there.
+            incs = [f"-I{cuda_dir.parent.parent}"] + incs
         jobs, objs = [], []
         simt = [v for v in variants if isinstance(v, SimtVariant)]
         if simt:
@@ -489,7 +489,7 @@ class Library:
         wave: int = DEFAULT_WAVE,
     ) -> tuple[np.ndarray, np.ndarray | None, Plan]:
         """quant_sdpa through the kernel, its Params filled as
-        csrc/cuda/quant_sdpa_cuda.cpp fills them. q_dtype ("f16", "bf16",
+        csrc/backends/cuda/quant_sdpa_cuda.cpp fills them. q_dtype ("f16", "bf16",
         "f32"; default: a tensor-core variant's), scale_dtypes (of K's and
         V's scales; default: the query dtype for affine, "u8" otherwise)
         and group_size matter for the generic kernel, which takes any.

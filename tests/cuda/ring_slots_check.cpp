@@ -1,6 +1,6 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// Checks cuda/ring_slots.h (the slots of device memory that calls in flight
+// Checks csrc/backends/cuda/ring_slots.h (the slots of device memory that calls in flight
 // hold) with random sequences of takes and give-backs, in and out of
 // order: a range lies inside the ring and overlaps no range in flight, an
 // empty ring always has room, and a ring never stays full once given back.
@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "cuda/ring_slots.h"
+#include "backends/cuda/ring_slots.h"
 
 using mlx_qsdpa::cuda::RingSlots;
 

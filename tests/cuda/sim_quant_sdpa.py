@@ -2,7 +2,7 @@
 
 Builds the case's inputs as the oracle tests do (seeded, on the CPU), hands
 their raw elements and element strides to cuda_simulator.Library as MLX
-hands arrays to csrc/cuda/quant_sdpa_cuda.cpp, and returns the output and
+hands arrays to csrc/backends/cuda/quant_sdpa_cuda.cpp, and returns the output and
 lse as mx arrays for qsdpa_case.assert_matches.
 """
 

@@ -1,6 +1,6 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// Checks cuda/split_plan.h (the CUDA host code's split of a call over
+// Checks csrc/backends/cuda/split_plan.h (the CUDA host code's split of a call over
 // blocks) over a sweep of shapes; plain C++, no GPU. Prints one line per
 // violation and "checked N plans"; exits 1 on any violation.
 #include <cstdio>
@@ -8,7 +8,7 @@
 #include <initializer_list>
 #include <vector>
 
-#include "cuda/split_plan.h"
+#include "backends/cuda/split_plan.h"
 
 using namespace mlx_qsdpa::cuda;
 

@@ -1,4 +1,4 @@
-"""The CUDA tensor-core decode kernel (cuda/decode_mma.cuh) on the CPU
+"""The CUDA tensor-core decode kernel (csrc/backends/cuda/decode_mma.cuh) on the CPU
 simulator, against the float64 oracle of tests/oracle.py.
 
 Each case runs the kernel the host would pick (8- or 16-row blocks) with
@@ -353,12 +353,13 @@ MUTANT_RAMP = {"lazy_threshold", "lazy_rescale_l"}
 
 
 def _mutant_kernels(name: str) -> Path:
-    """A copy of cuda/ with the mutant's edit, under build/cuda-sim/mutants."""
+    """A copy of csrc/backends/cuda with the mutant's edit, under
+    build/cuda-sim/mutants/<name>/backends/cuda."""
     file, old, new = MUTANTS[name]
-    dst = sim.BUILD / "mutants" / name / "cuda"
+    dst = sim.BUILD / "mutants" / name / "backends" / "cuda"
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(sim.ROOT / "cuda", dst)
+    shutil.copytree(sim.ROOT / "csrc" / "backends" / "cuda", dst)
     text = (dst / file).read_text()
     assert text.count(old) == 1, f"mutant {name}: the edited line is gone from {file}"
     (dst / file).write_text(text.replace(old, new))

@@ -28,11 +28,11 @@ def _require_simulator():
 
 @pytest.fixture(scope="session")
 def qsdpa_sim():
-    """metal/quant_sdpa.metal in the simulator, with the dispatch plan."""
+    """csrc/backends/metal/quant_sdpa.metal in the simulator, with the dispatch plan."""
     _require_simulator()
     from metal_qsdpa_sim import QuantSDPASim
 
-    return QuantSDPASim(sim.Library(sim.build_library(sim.ROOT / "metal" / "quant_sdpa.metal", plan_runner=True)))
+    return QuantSDPASim(sim.Library(sim.build_library(sim.ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal", plan_runner=True)))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 strided views over NumPy buffers, so that a prefix of a longer cache is
 passed in place, as MLX passes it to Metal), uploads them, and lets the
 plan runner (sim/plan_runner.cpp) execute the launches that
-csrc/metal/dispatch_plan.cpp plans, exactly as eval_gpu encodes them.
+csrc/backends/metal/dispatch_plan.cpp plans, exactly as eval_gpu encodes them.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def broadcast(a: np.ndarray, shape) -> View:
 
 
 class QuantSDPASim:
-    """The simulator library of metal/quant_sdpa.metal with its plan runner."""
+    """The simulator library of csrc/backends/metal/quant_sdpa.metal with its plan runner."""
 
     def __init__(self, lib: Library):
         self.lib = lib

@@ -332,17 +332,17 @@ def cached_library(build_dir: Path, stem: str, key: str, lib_name: str, make) ->
 
 def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
     """Compiles `metal` into a simulator library (cached); with plan_runner,
-    also links csrc/metal/dispatch_plan.cpp and sim/plan_runner.cpp."""
+    also links csrc/backends/metal/dispatch_plan.cpp and sim/plan_runner.cpp."""
     clang = find_clang()
     if clang is None:
         raise BuildError("clang++ not found: the Metal simulator needs clang (apt-get install clang)")
     metal = Path(metal).resolve()
-    include_dirs = [ROOT / "csrc", ROOT / "metal", metal.parent]
+    include_dirs = [ROOT / "csrc", ROOT / "csrc" / "backends" / "metal", metal.parent]
     inputs = [metal, Path(__file__).resolve(), ROOT / "csrc" / "mlx_qsdpa" / "formats.h"]
-    inputs += list((ROOT / "metal").glob("*.h")) + list(metal.parent.glob("*.h"))
+    inputs += list((ROOT / "csrc" / "backends" / "metal").glob("*.h")) + list(metal.parent.glob("*.h"))
     inputs += [p for p in SIM.rglob("*") if p.is_file()]
     if plan_runner:
-        inputs += list((ROOT / "csrc" / "metal").glob("dispatch_plan.*"))
+        inputs += list((ROOT / "csrc" / "backends" / "metal").glob("dispatch_plan.*"))
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     key = hash_inputs(inputs, version + repr(KERNEL_FLAGS + HOST_FLAGS) + str(plan_runner))
     lib_name = f"libqsim_{metal.stem}.so"
@@ -358,10 +358,10 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
         ]
         objs = [work / "kernels.o", work / "runtime.o"]
         if plan_runner:
-            host_incs = [f"-I{SIM / 'include'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'metal'}"]
+            host_incs = [f"-I{SIM / 'include'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'backends' / 'metal'}"]
             jobs.append([clang, *HOST_FLAGS, *host_incs, "-c", str(SIM / "plan_runner.cpp"), "-o", str(work / "plan_runner.o")])
             jobs.append(
-                [clang, *HOST_FLAGS, *host_incs, "-c", str(ROOT / "csrc" / "metal" / "dispatch_plan.cpp"), "-o", str(work / "dispatch_plan.o")]
+                [clang, *HOST_FLAGS, *host_incs, "-c", str(ROOT / "csrc" / "backends" / "metal" / "dispatch_plan.cpp"), "-o", str(work / "dispatch_plan.o")]
             )
             objs += [work / "plan_runner.o", work / "dispatch_plan.o"]
         compile_all(jobs)

@@ -564,7 +564,7 @@ def check(metal: Path, include_dirs: list[Path] | None = None) -> list[Violation
     if clang is None:
         raise BuildError("clang++ not found (apt-get install clang)")
     metal = Path(metal).resolve()
-    include_dirs = include_dirs or [ROOT / "csrc", ROOT / "metal", metal.parent]
+    include_dirs = include_dirs or [ROOT / "csrc", ROOT / "csrc" / "backends" / "metal", metal.parent]
     _, kernels = parse_metal(clang, metal, include_dirs)
     # The source with our macros expanded and MSL's words intact (an empty
     # <metal_stdlib>; line markers keep the original files and lines), the

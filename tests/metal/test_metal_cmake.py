@@ -1,6 +1,6 @@
 """cmake/metal.cmake, configured on Linux with MLX's own mlx_build_metallib
 (extension.cmake of the installed MLX package): the Metal host sources join
-the library, the metallib is built from metal/*.metal with our include
+the library, the metallib is built from csrc/backends/metal/*.metal with our include
 dirs and installed next to the library. (The build itself needs Apple's
 Metal compiler: the macOS workflow runs it.)"""
 
@@ -44,13 +44,13 @@ include({(ROOT / 'cmake' / 'metal.cmake').as_posix()})
     assert r.returncode == 0, r.stdout + r.stderr
     ninja = (build / "build.ninja").read_text()
     # The host sources are part of the library.
-    for src in ("csrc/metal/dispatch_plan.cpp", "csrc/metal/quant_sdpa_metal.cpp"):
+    for src in ("csrc/backends/metal/dispatch_plan.cpp", "csrc/backends/metal/quant_sdpa_metal.cpp"):
         assert (ROOT / src).as_posix() in ninja
-    # The metallib: metal/quant_sdpa.metal compiled with our include dirs
+    # The metallib: csrc/backends/metal/quant_sdpa.metal compiled with our include dirs
     # and MLX's, linked into mlx_qsdpa.metallib, a dependency of the library.
     compile_line = next(line for line in ninja.splitlines() if "xcrun -sdk macosx metal" in line and " -c " in line)
-    assert (ROOT / "metal" / "quant_sdpa.metal").as_posix() in compile_line
-    for inc in (ROOT / "csrc", ROOT / "metal", Path("/mlx/include")):
+    assert (ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal").as_posix() in compile_line
+    for inc in (ROOT / "csrc", ROOT / "csrc" / "backends" / "metal", Path("/mlx/include")):
         assert f"-I{inc.as_posix()}" in compile_line
     assert "mlx_qsdpa.metallib" in ninja
     r = subprocess.run(["ninja", "-C", str(build), "-t", "query", "mlx_qsdpa_metallib"], capture_output=True, text=True)

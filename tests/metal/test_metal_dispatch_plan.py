@@ -1,4 +1,4 @@
-"""Unit tests of csrc/metal/dispatch_plan.cpp (the host side of the Metal
+"""Unit tests of csrc/backends/metal/dispatch_plan.cpp (the host side of the Metal
 kernels that needs no Metal), through the simulator library it is linked
 into: the 1-pass / 2-pass choice and block count, the kernel coverage, and
 the launches (kernels, constants, buffers, grid, threadgroup memory)."""

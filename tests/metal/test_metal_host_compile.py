@@ -1,6 +1,6 @@
 """Compile check of the Metal host code on Linux.
 
-csrc/metal/*.cpp is compiled with clang++ -fsyntax-only against the real
+csrc/backends/metal/*.cpp is compiled with clang++ -fsyntax-only against the real
 headers of the macOS wheel mlx-metal (the MLX version we build against:
 mlx/backend/metal/*.h and metal-cpp), plus the stand-ins of
 tests/metal/apple_stubs for the Apple SDK headers they include. An API
@@ -27,7 +27,7 @@ from metal_simulator import ROOT, find_clang
 pytestmark = pytest.mark.slow
 
 HEADERS = ROOT / "build" / f"mlx-metal-{mx.__version__}" / "mlx" / "include"
-SOURCES = sorted((ROOT / "csrc" / "metal").glob("*.cpp"))
+SOURCES = sorted((ROOT / "csrc" / "backends" / "metal").glob("*.cpp"))
 
 
 def compile_check(source: Path) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def compile_check(source: Path) -> subprocess.CompletedProcess:
         # The SDK stand-ins and the wheel's headers are not ours: no warnings there.
         "-isystem", str(ROOT / "tests" / "metal" / "apple_stubs"),
         "-isystem", str(HEADERS), "-isystem", str(HEADERS / "metal_cpp"),
-        "-I", str(ROOT / "csrc"), "-I", str(ROOT / "metal"),
+        "-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc" / "backends" / "metal"),
         "-x", "c++", str(source),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True)
@@ -68,7 +68,7 @@ def test_metal_host_code_compiles(source):
 
 def test_the_check_catches_api_misuse(tmp_path):
     """The check has teeth: a wrong encoder call and a wrong MTL enum fail."""
-    src = (ROOT / "csrc" / "metal" / "quant_sdpa_metal.cpp").read_text()
+    src = (ROOT / "csrc" / "backends" / "metal" / "quant_sdpa_metal.cpp").read_text()
     bad = src.replace(
         "enc.set_threadgroup_memory_length(l.threadgroup_memory, 0);",
         "enc.set_threadgroup_memory_length(l.threadgroup_memory);",

@@ -34,13 +34,13 @@ def clang():
 # Every .metal file of the repository but the violations.
 SOURCES = sorted(
     p.relative_to(ROOT).as_posix()
-    for p in [*(ROOT / "metal").glob("*.metal"), *HERE.rglob("*.metal")]
+    for p in [*(ROOT / "csrc" / "backends" / "metal").glob("*.metal"), *HERE.rglob("*.metal")]
     if "msl_rules" not in p.relative_to(HERE if p.is_relative_to(HERE) else ROOT).parts
 )
 
 
 def test_sources_include_the_kernels():
-    assert "metal/quant_sdpa.metal" in SOURCES and len(SOURCES) >= 3, SOURCES
+    assert "csrc/backends/metal/quant_sdpa.metal" in SOURCES and len(SOURCES) >= 3, SOURCES
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -83,7 +83,7 @@ def test_static_constexpr_member_in_a_shared_header_is_reported():
     unguarded = block.split("\n", 1)[1].rsplit("#endif", 1)[0]
     (work / "mlx_qsdpa" / "formats.h").write_text(formats.replace(block, unguarded))
     try:
-        violations = msl_rules.check(ROOT / "metal" / "quant_sdpa.metal", [work, ROOT / "metal"])
+        violations = msl_rules.check(ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal", [work, ROOT / "csrc" / "backends" / "metal"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     hits = [v for v in violations if v.rule == "static-data"]

@@ -1,4 +1,4 @@
-"""The Metal kernels (metal/quant_sdpa.metal), executed by the simulator
+"""The Metal kernels (csrc/backends/metal/quant_sdpa.metal), executed by the simulator
 through the host's dispatch plan, against the float64 oracle.
 
 Each case is small (the simulator runs every GPU thread on the CPU); the

@@ -56,11 +56,11 @@ CASE = Case(Hq=4, Hkv=2, Lq=2, Lk=64, D=64, mode="affine", bits=4, gs=64, mask="
 
 
 def _write_mutant_sources():
-    """build/metal-sim/mutants/: metal/*.h with the mutations, and a
+    """build/metal-sim/mutants/: csrc/backends/metal/*.h with the mutations, and a
     .metal with the two kernels CASE needs. Returns the .metal path."""
     out = BUILD / "mutants"
     out.mkdir(parents=True, exist_ok=True)
-    for h in (ROOT / "metal").glob("*.h"):
+    for h in (ROOT / "csrc" / "backends" / "metal").glob("*.h"):
         text = h.read_text()
         if h.name == "quant_sdpa_decode.h":
             for mid, (anchor, replacement, _) in MUTANTS.items():
@@ -69,8 +69,8 @@ def _write_mutant_sources():
             text = text.replace("#pragma once\n", '#pragma once\n\nextern "C" int qsim_mutant; // which bug is on (0: none)\n', 1)
         if not (out / h.name).exists() or (out / h.name).read_text() != text:
             (out / h.name).write_text(text)
-    metal = (ROOT / "metal" / "quant_sdpa.metal").read_text()
-    metal, n = re.subn(r"^QSDPA_DECODE_KERNELS?\(.*\)\n", "", metal, flags=re.M)
+    metal = (ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal").read_text()
+    metal, n = re.subn(r"^(QSDPA_DECODE_KERNELS?|QSDPA_FORMATS)\(.*\)\n", "", metal, flags=re.M)
     assert n >= 1, "quant_sdpa.metal has no QSDPA_DECODE_KERNELS lines; update the mutant builder"
     metal += '\nextern "C" int qsim_mutant = 0;\nQSDPA_DECODE_KERNEL(qsdpa_decode_affine4_d64, qsdpa::kAffine, 4, 64)\n'
     path = out / "quant_sdpa_mutants.metal"

@@ -6,12 +6,12 @@
 // max.NaN;
 // and the tensor-core kernel's fp4 decode against formats.h's.
 #ifndef QSDPA_CUDA_SIM
-#define QSDPA_CUDA_SIM 1 // cuda/ptx.cuh's models, as in the kernel units
+#define QSDPA_CUDA_SIM 1 // csrc/backends/cuda/ptx.cuh's models, as in the kernel units
 #endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/decode_mma.cuh"
+#include "backends/cuda/decode_mma.cuh"
 #include "qsim_cuda/ptx_sim.h"
 
 namespace {

@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // Runs quant_sdpa in the Metal simulator the way eval_gpu runs it on a Mac:
-// the launches come from the same csrc/metal/dispatch_plan.cpp, the
+// the launches come from the same csrc/backends/metal/dispatch_plan.cpp, the
 // temporaries are allocated here (uninitialised, as MLX's are), and each
 // launch binds the same buffer indices, function constants and parameter
 // bytes. Also exposes the plan functions to the tests (ctypes).
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "metal/dispatch_plan.h"
+#include "backends/metal/dispatch_plan.h"
 #include "qsim/launch.h"
 
 namespace {

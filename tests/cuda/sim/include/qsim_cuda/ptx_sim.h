@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The simulator's models of cuda/ptx.cuh's inline PTX (same names and
-// signatures; cuda/ptx.cuh includes this file under QSDPA_CUDA_SIM).
+// The simulator's models of csrc/backends/cuda/ptx.cuh's inline PTX (same names and
+// signatures; csrc/backends/cuda/ptx.cuh includes this file under QSDPA_CUDA_SIM).
 //
 // * mma.sync.m16n8k16.row.col.f32.{f16,bf16}: the warp's fragments are
 //   exchanged and every lane computes its four accumulators from the PTX

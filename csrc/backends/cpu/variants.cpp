@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/variants.h"
+#include "backends/cpu/variants.h"
 
 namespace mlx_qsdpa::cpu {
 

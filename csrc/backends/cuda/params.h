@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The interface between the CUDA kernels (cuda/*.cu) and their host code
-// (csrc/cuda/quant_sdpa_cuda.cpp): the parameter block every kernel takes by
+// The interface between the CUDA kernels (csrc/backends/cuda/*.cu) and their host code
+// (csrc/backends/cuda/quant_sdpa_cuda.cpp): the parameter block every kernel takes by
 // value, and the functions that hand out the kernels' addresses. Plain C++:
 // the host side is compiled by the C++ compiler, not nvcc.
 #pragma once

@@ -17,37 +17,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "call.h"
+
 namespace mlx_qsdpa::cpu {
 
-// How keys are hidden from a query row (primitive.h's MaskKind, as an int so
-// that this header does not need MLX).
-enum MaskCode : int { kMaskNone = 0, kMaskCausal = 1, kMaskBool = 2, kMaskAdditive = 3 };
-
-// One quantized tensor (packed words, scales, biases) as strided views of
-// [B, Hkv, Lk, *].
-struct QuantView {
-  const uint32_t* w;
-  int64_t ws[4];
-  const void* scales;
-  int64_t ss[4];
-  const void* biases; // nullptr for the fp modes
-  int64_t bs[4];
-  int scale_type; // formats.h ElemType of the scales
-};
-
-// Everything about one call that the compute variants read.
-struct Problem {
-  int B, Hq, Hkv, Lq, Lk, D, G;
-  int mode, bits, group_size; // formats.h QuantMode, element bits, group size
-  float q_mult; // scale * log2(e): scores are kept in base-2 units
-  const void* q;
-  int q_type; // formats.h ElemType
-  int64_t qs[4];
-  QuantView k, v;
-  int mask; // MaskCode
-  const void* mask_ptr; // bool or float32, broadcast to [B, Hq, Lq, Lk]
-  int64_t ms[4];
-};
+// Everything about one call that the compute variants read: the call
+// itself (call.h), as the primitive describes it.
+using Problem = Call;
 
 // One unit of work: rows [r0, r0 + nr) of (batch b, kv head kvh) against keys
 // [k0, k1). Row r of a kv head is query position r / G of query head
@@ -83,14 +59,11 @@ struct RowRef {
 };
 
 static inline RowRef row_ref(const Problem& p, int kvh, int r) {
+  const qsdpa::RowPos pos = qsdpa::row_position(kvh, r, p.G);
   RowRef ref;
-  ref.i = r / p.G;
-  ref.h = kvh * p.G + r % p.G;
-  ref.limit = p.Lk;
-  if (p.mask == kMaskCausal) {
-    int lim = p.Lk - p.Lq + ref.i + 1;
-    ref.limit = lim < 0 ? 0 : (lim > p.Lk ? p.Lk : lim);
-  }
+  ref.h = pos.h;
+  ref.i = pos.i;
+  ref.limit = p.mask == qsdpa::kMaskCausal ? qsdpa::causal_limit(p.Lq, p.Lk, pos.i) : p.Lk;
   return ref;
 }
 

@@ -5,9 +5,9 @@
 // dtype, group size, mask kind, sinks, lse, 1-pass or pass 1 of 2) is a
 // function constant, set per pipeline by the host.
 //
-// Kernel names: qsdpa_decode_<format>_d<D> with format affine1 .. affine8,
-// mxfp4, mxfp8, nvfp4 (csrc/metal/dispatch_plan.cpp builds the same names),
-// and qsdpa_merge.
+// Kernel names: qsdpa_decode_<format>_d<D>, <format> the token of a row of
+// formats.h's table (affine4, mxfp4, ...; csrc/backends/metal/
+// dispatch_plan.cpp builds the same names), and qsdpa_merge.
 #include <metal_stdlib>
 
 #include "quant_sdpa_decode.h"
@@ -69,16 +69,11 @@
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d128, MODE, BITS, 128)     \
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d256, MODE, BITS, 256)
 
-QSDPA_DECODE_KERNELS(affine1, qsdpa::kAffine, 1)
-QSDPA_DECODE_KERNELS(affine2, qsdpa::kAffine, 2)
-QSDPA_DECODE_KERNELS(affine3, qsdpa::kAffine, 3)
-QSDPA_DECODE_KERNELS(affine4, qsdpa::kAffine, 4)
-QSDPA_DECODE_KERNELS(affine5, qsdpa::kAffine, 5)
-QSDPA_DECODE_KERNELS(affine6, qsdpa::kAffine, 6)
-QSDPA_DECODE_KERNELS(affine8, qsdpa::kAffine, 8)
-QSDPA_DECODE_KERNELS(mxfp4, qsdpa::kMxfp4, 4)
-QSDPA_DECODE_KERNELS(mxfp8, qsdpa::kMxfp8, 8)
-QSDPA_DECODE_KERNELS(nvfp4, qsdpa::kNvfp4, 4)
+// One set per row of formats.h's format table.
+#define QSDPA_DECODE_FORMAT_KERNELS(MODE, TOKEN, BITS, GROUP_SIZES) \
+  QSDPA_DECODE_KERNELS(TOKEN, qsdpa::MODE, BITS)
+
+QSDPA_FORMATS(QSDPA_DECODE_FORMAT_KERNELS)
 QSDPA_DECODE_KERNEL(qsdpa_decode_nvfp4_d80, qsdpa::kNvfp4, 4, 80)
 
 [[kernel]] void qsdpa_merge(

@@ -28,9 +28,10 @@
 #endif
 
 #define QSDPA_FUNC static inline
+#define QSDPA_HOST_FUNC static inline
 #include "mlx_qsdpa/formats.h"
 
-#include "cpu/kernel.h"
+#include "backends/cpu/kernel.h"
 
 #if !defined(QSDPA_CPU_VARIANT) || !defined(QSDPA_CPU_VARIANT_NS)
 #error "QSDPA_CPU_VARIANT and QSDPA_CPU_VARIANT_NS must name this build's Variant and namespace"
@@ -187,9 +188,9 @@ inline float scale_at(const void* p, int64_t i) {
 // Values of W element codes (before the scale), as formats.h's decode_code.
 template <int MODE>
 inline vf decode_codes(vu c) {
-  if constexpr (MODE == qsdpa::kAffine) {
+  if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeUnsigned) {
     return __builtin_convertvector(vi(c), vf);
-  } else if constexpr (MODE == qsdpa::kMxfp8) {
+  } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeFp8E4M3) {
     // e4m3: exponent and mantissa moved into a float's fields with the bias
     // raised from 7 to 127; exponent 0 is the subnormal m * 2^-9, and
     // 0x7f/0xff are NaN.
@@ -354,7 +355,7 @@ Scratch carve(const Layout& L, void* base) {
 
 // The packed row of key `key`, contiguous: the cache itself when its last
 // axis is contiguous, else a copy in `buf`.
-inline const uint32_t* packed_row(const QuantView& qv, int b, int h, int64_t key, int words, uint32_t* buf) {
+inline const uint32_t* packed_row(const QuantTensor& qv, int b, int h, int64_t key, int words, uint32_t* buf) {
   const uint32_t* w = qv.w + b * qv.ws[0] + h * qv.ws[1] + key * qv.ws[2];
   if (qv.ws[3] == 1) {
     return w;
@@ -419,7 +420,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
   constexpr int E = 32 / BITS; // elements per unit
   constexpr bool kWordUnits = E * BITS == 32;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const QuantView& qv = p.k;
+  const QuantTensor& qv = p.k;
   const int D = p.D, gs = p.group_size, ng = D / gs, kb = sc.kb;
   const int gshift = __builtin_ctz(gs); // group sizes are powers of two
   const int words = D * BITS / 32;
@@ -437,13 +438,13 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
     const int64_t ss2 = qv.ss[2], ss3 = qv.ss[3], bs2 = qv.bs[2], bs3 = qv.bs[3];
     const char* sp = static_cast<const char*>(qv.scales) +
         scale_bytes<SK>() * (b * qv.ss[0] + h * qv.ss[1] + j0 * ss2);
-    const char* bp = MODE == qsdpa::kAffine ? static_cast<const char*>(qv.biases) +
+    const char* bp = qsdpa::mode_has_bias(MODE) ? static_cast<const char*>(qv.biases) +
             scale_bytes<SK>() * (b * qv.bs[0] + h * qv.bs[1] + j0 * bs2)
                                             : nullptr;
     for (int j = 0; j < nk; ++j) {
       for (int g = 0; g < ng; ++g) {
         st[g * kb + j] = scale_at<SK>(sp, j * ss2 + g * ss3);
-        bt[g * kb + j] = MODE == qsdpa::kAffine ? scale_at<SK>(bp, j * bs2 + g * bs3) : 0.0f;
+        bt[g * kb + j] = qsdpa::mode_has_bias(MODE) ? scale_at<SK>(bp, j * bs2 + g * bs3) : 0.0f;
       }
     }
     for (int g = 0; g < ng; ++g) {
@@ -516,7 +517,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
         const vf val = decode_codes<MODE>((wv >> uint32_t(k * BITS)) & kMask);
         const bool first = kWordUnits || k < split;
         vf out = val * (first ? s0 : s1);
-        if constexpr (MODE == qsdpa::kAffine) {
+        if constexpr (qsdpa::mode_has_bias(MODE)) {
           out += first ? b0 : b1;
         }
         store(kt + (e0 + k) * kb + jv, out);
@@ -533,7 +534,7 @@ template <int MODE, int BITS, int BASE, typename RunVec>
 inline void decode_run_part(RunVec words, float s, float bias, float* out) {
   const vu codes = unpack_run<BITS, BASE>(words, std::make_integer_sequence<int, W>());
   vf val = decode_codes<MODE>(codes) * s;
-  if constexpr (MODE == qsdpa::kAffine) {
+  if constexpr (qsdpa::mode_has_bias(MODE)) {
     val += bias;
   }
   store(out + BASE, val);
@@ -595,7 +596,7 @@ inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float*
                                std::integer_sequence<int, P...>) {
   constexpr auto kLanes = std::make_integer_sequence<int, W>();
   ((store(out + e + P * W,
-          MODE == qsdpa::kAffine
+          qsdpa::mode_has_bias(MODE)
               ? decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s + bias
               : decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s)),
    ...);
@@ -632,7 +633,7 @@ inline void unpermute_rows(const float* src, int rows, int D, int bits, float* d
 template <int MODE, int BITS, int... K>
 inline void decode_value_chunk(vu words, vf s, vf bias, float* out, std::integer_sequence<int, K...>) {
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  ((store(out + K * W, MODE == qsdpa::kAffine
+  ((store(out + K * W, qsdpa::mode_has_bias(MODE)
                            ? decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s + bias
                            : decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s)),
    ...);
@@ -640,7 +641,7 @@ inline void decode_value_chunk(vu words, vf s, vf bias, float* out, std::integer
 
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
-  const QuantView& qv = p.v;
+  const QuantTensor& qv = p.v;
   const int D = p.D, gs = p.group_size, ng = D / gs, gshift = __builtin_ctz(gs);
   // Local copies (see decode_keys).
   float* const vf_rows = sc.vf;
@@ -671,7 +672,7 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
     const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + key * qv.bs[2];
     for (int g = 0; g < ng; ++g) {
       vs[g] = scale_at<SK>(qv.scales, s0 + g * qv.ss[3]);
-      vb[g] = MODE == qsdpa::kAffine ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
+      vb[g] = qsdpa::mode_has_bias(MODE) ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
     }
     float* out = vf_rows + static_cast<int64_t>(j) * D;
     if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
@@ -811,9 +812,9 @@ void mask_row(const Problem& p, int b, const RowRef& ref, int j0, int visible, i
     s[j] = -kInf;
   }
   const int n = imin(visible, kb);
-  if (p.mask == kMaskBool || p.mask == kMaskAdditive) {
+  if (p.mask == qsdpa::kMaskBool || p.mask == qsdpa::kMaskAdditive) {
     const int64_t base = b * p.ms[0] + ref.h * p.ms[1] + ref.i * p.ms[2] + j0 * p.ms[3];
-    if (p.mask == kMaskBool) {
+    if (p.mask == qsdpa::kMaskBool) {
       const bool* mp = static_cast<const bool*>(p.mask_ptr) + base;
       for (int j = 0; j < n; ++j) {
         if (!mp[j * p.ms[3]]) {
@@ -909,7 +910,7 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
     for (int d = 0; d < D; ++d) {
       const float x = load_query(p.q, qb + d * p.qs[3], p.q_type);
       finite &= x - x == 0.0f;
-      qr[d] = x * p.q_mult;
+      qr[d] = x * p.scale_log2;
     }
     std::memset(o + static_cast<int64_t>(r) * D, 0, sizeof(float) * D);
     // A non-finite query makes every score it meets NaN or infinite: the
@@ -961,7 +962,8 @@ struct Decoders {
 
 template <int MODE, int BITS>
 DecodeFn pick(bool keys, int scale_type) {
-  if constexpr (MODE == qsdpa::kAffine) {
+  constexpr int kScales = qsdpa::mode_scale_kind(MODE);
+  if constexpr (kScales == qsdpa::kScaleFloat) {
     switch (scale_type) {
       case qsdpa::kElemFloat32:
         return keys ? decode_keys<MODE, BITS, kScaleF32> : decode_values<MODE, BITS, kScaleF32>;
@@ -970,41 +972,22 @@ DecodeFn pick(bool keys, int scale_type) {
       default:
         return keys ? decode_keys<MODE, BITS, kScaleBF16> : decode_values<MODE, BITS, kScaleBF16>;
     }
-  } else if constexpr (MODE == qsdpa::kNvfp4) {
+  } else if constexpr (kScales == qsdpa::kScaleFp8E4M3) {
     return keys ? decode_keys<MODE, BITS, kScaleE4M3> : decode_values<MODE, BITS, kScaleE4M3>;
   } else {
+    static_assert(kScales == qsdpa::kScaleE8M0);
     return keys ? decode_keys<MODE, BITS, kScaleE8M0> : decode_values<MODE, BITS, kScaleE8M0>;
   }
 }
 
+// The decoder of the call's format (the op validated it against the table).
 DecodeFn pick_decoder(const Problem& p, bool keys) {
   const int st = keys ? p.k.scale_type : p.v.scale_type;
-  switch (p.mode) {
-    case qsdpa::kMxfp4:
-      return pick<qsdpa::kMxfp4, 4>(keys, st);
-    case qsdpa::kMxfp8:
-      return pick<qsdpa::kMxfp8, 8>(keys, st);
-    case qsdpa::kNvfp4:
-      return pick<qsdpa::kNvfp4, 4>(keys, st);
-    default:
-      break;
-  }
-  switch (p.bits) {
-    case 1:
-      return pick<qsdpa::kAffine, 1>(keys, st);
-    case 2:
-      return pick<qsdpa::kAffine, 2>(keys, st);
-    case 3:
-      return pick<qsdpa::kAffine, 3>(keys, st);
-    case 4:
-      return pick<qsdpa::kAffine, 4>(keys, st);
-    case 5:
-      return pick<qsdpa::kAffine, 5>(keys, st);
-    case 6:
-      return pick<qsdpa::kAffine, 6>(keys, st);
-    default:
-      return pick<qsdpa::kAffine, 8>(keys, st);
-  }
+  DecodeFn fn = nullptr;
+  qsdpa::dispatch_format(p.mode, p.bits, [&](auto fmt) {
+    fn = pick<decltype(fmt)::mode, decltype(fmt)::bits>(keys, st);
+  });
+  return fn;
 }
 
 size_t scratch_bytes(const Problem& p, int max_rows) {

@@ -3,7 +3,7 @@
 // The interface between the Metal kernels and the code that launches them:
 // buffer and function-constant indices, the parameter structs passed with
 // set_bytes, and the geometry both sides must agree on. Included by the
-// kernels (MSL), by the host plan (C++, csrc/metal/dispatch_plan.cpp) and by
+// kernels (MSL), by the host plan (C++, csrc/backends/metal/dispatch_plan.cpp) and by
 // the simulator, so every number here exists once.
 //
 // Layout rule for the structs: 64-bit members first, then 32-bit ones, so

@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // The function constants of the quantized SDPA kernels. The host sets them
-// per pipeline (csrc/metal/dispatch_plan.cpp lists them); the compiler folds
+// per pipeline (csrc/backends/metal/dispatch_plan.cpp lists them); the compiler folds
 // every branch on them, so one compiled kernel per (format, head dim) serves
 // all dtypes, masks, sinks and output modes.
 #pragma once

@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/kernel.h"
+#include "backends/cpu/kernel.h"
 
 namespace mlx_qsdpa::cpu {
 

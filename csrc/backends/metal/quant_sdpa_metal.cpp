@@ -20,7 +20,7 @@
 #include "mlx/backend/metal/device.h"
 
 #include "backend.h"
-#include "metal/dispatch_plan.h"
+#include "backends/metal/dispatch_plan.h"
 #include "quant_sdpa_params.h"
 
 namespace mlx_qsdpa {

@@ -2,7 +2,7 @@
 //
 // Bookkeeping of a ring of device-memory slots shared by the calls in
 // flight (the split-K partials and the merge counters of
-// csrc/cuda/quant_sdpa_cuda.cpp): a call takes a range of consecutive slots
+// csrc/backends/cuda/quant_sdpa_cuda.cpp): a call takes a range of consecutive slots
 // when it is recorded and gives it back once the GPU has completed it.
 // Ranges are taken in ring order and given back in any order. Plain C++,
 // unit-tested without a GPU (tests/cuda/ring_slots_check.cpp); the caller

@@ -22,9 +22,9 @@
 #include "mlx/types/half_types.h"
 
 #include "backend.h"
-#include "cpu/kernel.h"
-#include "cpu/thread_pool.h"
-#include "cpu/variants.h"
+#include "backends/cpu/kernel.h"
+#include "backends/cpu/thread_pool.h"
+#include "backends/cpu/variants.h"
 
 namespace mlx_qsdpa {
 
@@ -32,23 +32,9 @@ namespace cpu {
 
 namespace {
 
-static_assert(
-    int(MaskKind::None) == kMaskNone && int(MaskKind::Causal) == kMaskCausal &&
-        int(MaskKind::Bool) == kMaskBool && int(MaskKind::Additive) == kMaskAdditive,
-    "kernel.h's MaskCode mirrors primitive.h's MaskKind");
-
 constexpr int kRowBlock = 64; // query rows per work item at most
 constexpr int kMinKeysPerSplit = 256;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-void copy_strides(const mx::array& a, int64_t* out) {
-  for (int i = 0; i < 4; ++i) {
-    out[i] = a.strides()[i];
-  }
-}
 
 // The split of a call into items.
 struct Split {
@@ -141,38 +127,19 @@ void store_elem(void* p, int64_t i, float x, int type) {
   }
 }
 
-struct Outputs {
-  void* out; // row contiguous [B, Hq, Lq, D]
-  int out_type;
-  float* lse; // [B, Hq, Lq] or nullptr
-  const float* sinks; // [Hq] or nullptr
-};
-
-// Normalises one row (adding the sink) and writes out and lse. A NaN m
-// (a NaN or +inf score) gives a NaN row; a row that saw no key gives zeros
-// and lse -inf.
-void finalize_row(const Problem& p, const Outputs& o, int b, const RowRef& ref, const float* acc,
-                  float m, float l) {
+// Normalises one row (attention_math.h's finalize_row: the sink, 1 / sum,
+// lse) and writes its output and lse.
+void finalize_row(const Problem& p, int b, const RowRef& ref, const float* acc, float m, float l) {
   const int64_t row = (static_cast<int64_t>(b) * p.Hq + ref.h) * p.Lq + ref.i;
   const int64_t base = row * p.D;
-  float c = 1.0f; // factor of the accumulated output
-  if (m != m) {
-    l = kNaN;
-    c = kNaN;
-  } else if (o.sinks) {
-    const float s2 = o.sinks[ref.h] * kLog2e;
-    const float mm = std::max(m, s2);
-    c = m == kNegInf ? 0.0f : std::exp2(m - mm);
-    l = l * c + std::exp2(s2 - mm);
-    m = mm;
-  }
-  const bool empty = !(l > 0.0f) && l == l;
-  const float mult = empty ? 0.0f : c / l;
+  const bool has_sink = p.sinks != nullptr;
+  const float s2 = has_sink ? p.sinks[ref.h * p.sink_stride] * qsdpa::log2e() : 0.0f;
+  const qsdpa::Finalized f = qsdpa::finalize_row(m, l, has_sink, s2);
   for (int d = 0; d < p.D; ++d) {
-    store_elem(o.out, base + d, empty ? 0.0f : acc[d] * mult, o.out_type);
+    store_elem(p.out, base + d, qsdpa::scaled_output(acc[d], f.mult), p.out_type);
   }
-  if (o.lse) {
-    o.lse[row] = empty ? kNegInf : (m + std::log2(l)) * kLn2;
+  if (p.lse) {
+    p.lse[row] = f.lse;
   }
 }
 
@@ -189,42 +156,29 @@ struct Partials {
   }
 };
 
-// Exact merge of the split partials of one (b, kvh, row block): NaN if any
-// split is NaN.
-void merge_rows(const Problem& p, const Split& s, const Outputs& o, int group, Partials& partials) {
+// Exact merge of the split partials of one (b, kvh, row block)
+// (attention_math.h's merge_stats, one split at a time): NaN if any split
+// is NaN.
+void merge_rows(const Problem& p, const Split& s, int group, Partials& partials) {
   const Item it = s.item(p, group * s.n_splits);
   std::vector<float> acc(p.D);
   for (int r = 0; r < it.nr; ++r) {
-    float m = kNegInf;
-    bool nan = false;
-    for (int sp = 0; sp < s.n_splits; ++sp) {
-      const float ms = partials.at(group * s.n_splits + sp, s.row_block, p.D).m[r];
-      nan |= ms != ms;
-      m = std::max(m, ms);
-    }
     std::fill(acc.begin(), acc.end(), 0.0f);
-    float l = 0.0f;
-    if (nan) {
-      m = kNaN;
-    } else if (m != kNegInf) {
-      for (int sp = 0; sp < s.n_splits; ++sp) {
-        const ItemResult part = partials.at(group * s.n_splits + sp, s.row_block, p.D);
-        if (part.m[r] == kNegInf) {
-          continue;
-        }
-        const float c = std::exp2(part.m[r] - m);
-        l += part.l[r] * c;
-        const float* os = part.o + static_cast<int64_t>(r) * p.D;
-        for (int d = 0; d < p.D; ++d) {
-          acc[d] += os[d] * c;
-        }
+    qsdpa::RowStats total{kNegInf, 0.0f};
+    for (int sp = 0; sp < s.n_splits; ++sp) {
+      const ItemResult part = partials.at(group * s.n_splits + sp, s.row_block, p.D);
+      const qsdpa::Merged mg = qsdpa::merge_stats(total, {part.m[r], part.l[r]});
+      total = mg.stats;
+      const float* os = part.o + static_cast<int64_t>(r) * p.D;
+      for (int d = 0; d < p.D; ++d) {
+        acc[d] = (mg.ca == 0.0f ? 0.0f : acc[d] * mg.ca) + (mg.cb == 0.0f ? 0.0f : os[d] * mg.cb);
       }
     }
-    finalize_row(p, o, it.b, row_ref(p, it.kvh, it.r0 + r), acc.data(), m, l);
+    finalize_row(p, it.b, row_ref(p, it.kvh, it.r0 + r), acc.data(), total.m, total.l);
   }
 }
 
-void run(const Problem& p, const Outputs& o) {
+void run(const Problem& p) {
   ThreadPool& pool = ThreadPool::instance();
   const Split s = plan(p, pool.size());
   if (s.base_items == 0) {
@@ -250,27 +204,13 @@ void run(const Problem& p, const Outputs& o) {
                           res + static_cast<int64_t>(s.row_block) * (p.D + 1)};
     variant.run_item(p, it, work, r);
     for (int i = 0; i < it.nr; ++i) {
-      finalize_row(p, o, it.b, row_ref(p, it.kvh, it.r0 + i), r.o + static_cast<int64_t>(i) * p.D,
+      finalize_row(p, it.b, row_ref(p, it.kvh, it.r0 + i), r.o + static_cast<int64_t>(i) * p.D,
                    r.m[i], r.l[i]);
     }
   });
   if (s.n_splits > 1) {
-    pool.parallel_for(s.base_items, [&](int g) { merge_rows(p, s, o, g, partials); });
+    pool.parallel_for(s.base_items, [&](int g) { merge_rows(p, s, g, partials); });
   }
-}
-
-QuantView quant_view(const mx::array& w, const mx::array& s, const mx::array* b) {
-  QuantView v{};
-  v.w = w.data<uint32_t>();
-  copy_strides(w, v.ws);
-  v.scales = s.data<void>();
-  copy_strides(s, v.ss);
-  v.biases = b ? b->data<void>() : nullptr;
-  if (b) {
-    copy_strides(*b, v.bs);
-  }
-  v.scale_type = elem_type(s.dtype());
-  return v;
 }
 
 } // namespace
@@ -281,39 +221,8 @@ void eval_cpu_kernel(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
     mx::Stream stream) {
-  InputSlots in(c);
-  const auto& q = inputs[in.q];
-  auto& out = outputs[0];
-
-  cpu::Problem p{};
-  p.B = q.shape(0);
-  p.Hq = q.shape(1);
-  p.Lq = q.shape(2);
-  p.D = q.shape(3);
-  p.Hkv = inputs[in.k].shape(1);
-  p.Lk = inputs[in.k].shape(2);
-  p.G = p.Hq / p.Hkv;
-  p.mode = c.mode;
-  p.bits = c.bits;
-  p.group_size = c.group_size;
-  p.q_mult = c.scale * cpu::kLog2e;
-  p.q = q.data<void>();
-  p.q_type = elem_type(q.dtype());
-  cpu::copy_strides(q, p.qs);
-  const mx::array* kb = in.k_biases >= 0 ? &inputs[in.k_biases] : nullptr;
-  const mx::array* vb = in.v_biases >= 0 ? &inputs[in.v_biases] : nullptr;
-  p.k = cpu::quant_view(inputs[in.k], inputs[in.k_scales], kb);
-  p.v = cpu::quant_view(inputs[in.v], inputs[in.v_scales], vb);
-  p.mask = static_cast<int>(c.mask);
-  if (in.mask >= 0) {
-    p.mask_ptr = inputs[in.mask].data<void>();
-    cpu::copy_strides(inputs[in.mask], p.ms);
-  }
-  cpu::Outputs o;
-  o.sinks = in.sinks >= 0 ? inputs[in.sinks].data<float>() : nullptr;
-  o.out = out.data<void>();
-  o.out_type = elem_type(out.dtype());
-  o.lse = c.return_lse ? outputs[1].data<float>() : nullptr;
+  const cpu::Problem p = describe_call(
+      c, inputs, outputs, [](const mx::array& a) { return static_cast<const void*>(a.data<void>()); });
 
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (const auto& a : inputs) {
@@ -323,7 +232,7 @@ void eval_cpu_kernel(
     encoder.set_output_array(a);
   }
   // The inputs stay alive until the task ran: the lambda holds them.
-  encoder.dispatch([p, o, keep = inputs]() { cpu::run(p, o); });
+  encoder.dispatch([p, keep = inputs]() { cpu::run(p); });
 }
 
 } // namespace mlx_qsdpa

@@ -70,7 +70,7 @@ inline SplitPlan plan_splits(const SplitInput& in) {
   return plan;
 }
 
-// The merge of the splits' partials is a tree (cuda/split_merge.cuh): the
+// The merge of the splits' partials is a tree (csrc/backends/cuda/split_merge.cuh): the
 // last block of each group of kMergeRadix partials of a level merges them
 // into one partial of the next level, or into the output once a level has
 // at most kMergeRadix partials. A merge step then reads at most kMergeRadix

@@ -21,7 +21,7 @@
 // ~6 us of tail for a two-level tree at 32K).
 //
 // The counters are zero when a kernel starts (the host hands out zeroed
-// counters, csrc/cuda/quant_sdpa_cuda.cpp) and the last block of a group
+// counters, csrc/backends/cuda/quant_sdpa_cuda.cpp) and the last block of a group
 // sets the group's counter back to zero, so counters can be handed out
 // again once the kernel that used them has completed.
 #pragma once

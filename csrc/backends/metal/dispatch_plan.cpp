@@ -1,5 +1,5 @@
 // Copyright © 2026 mlx-qsdpa contributors.
-#include "metal/dispatch_plan.h"
+#include "backends/metal/dispatch_plan.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -37,17 +37,10 @@ KeySplit forced_split(int Lk, int blocks) {
   return {ceil_div(Lk, kpb), kpb};
 }
 
+// The format's token in kernel names (formats.h's table).
 std::string format_name(qsdpa::QuantMode mode, int bits) {
-  switch (mode) {
-    case qsdpa::kMxfp4:
-      return "mxfp4";
-    case qsdpa::kMxfp8:
-      return "mxfp8";
-    case qsdpa::kNvfp4:
-      return "nvfp4";
-    default:
-      return "affine" + std::to_string(bits);
-  }
+  const qsdpa::FormatRow* row = qsdpa::find_format(mode, bits);
+  return row ? row->token : "unknown";
 }
 
 template <typename T>
@@ -134,14 +127,7 @@ int gpu_core_estimate(const std::string& architecture) {
 }
 
 bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D) {
-  bool format_ok = false;
-  if (mode == qsdpa::kAffine) {
-    format_ok = bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 5 ||
-        bits == 6 || bits == 8;
-  } else {
-    format_ok = bits == qsdpa::fp_mode_bits(mode);
-  }
-  if (!format_ok) {
+  if (qsdpa::format_group_sizes(mode, bits) == 0) {
     return false;
   }
   if (D == 64 || D == 96 || D == 128 || D == 256) {

@@ -1,9 +1,9 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// GPU hooks of MLX's CUDA build: picks a decode kernel (cuda/*.cu), splits
+// GPU hooks of MLX's CUDA build: picks a decode kernel (csrc/backends/cuda/*.cu), splits
 // the keys over at most one wave of blocks, and records the kernel
 // into MLX's CUDA command encoder (a CUDA graph): one node per call, the
-// kernel merges its own splits (cuda/split_merge.cuh).
+// kernel merges its own splits (csrc/backends/cuda/split_merge.cuh).
 //
 // Three things differ from MLX's own CUDA primitives, because this library is
 // outside libmlx (../shared GPU notes): libmlx links the CUDA runtime
@@ -27,9 +27,9 @@
 #include "mlx/backend/cuda/utils.h"
 
 #include "backend.h"
-#include "cuda/params.h"
-#include "cuda/ring_slots.h"
-#include "cuda/split_plan.h"
+#include "backends/cuda/params.h"
+#include "backends/cuda/ring_slots.h"
+#include "backends/cuda/split_plan.h"
 
 namespace mlx_qsdpa {
 
@@ -103,7 +103,7 @@ const KernelInfo& kernel_info(cu::KernelRef ref) {
 // exported). A call takes its ranges when it is recorded and gives them back
 // from the encoder's completion handler, so nothing is allocated or zeroed
 // on the stream per call. The counter ring starts zeroed and stays so: the
-// last block of each tile resets its counter (cuda/split_merge.cuh).
+// last block of each tile resets its counter (csrc/backends/cuda/split_merge.cuh).
 // Where a ring has no room (more calls in flight than fit), the call takes
 // its memory from a stream-ordered pool instead and zeroes its counters
 // there.
@@ -408,7 +408,7 @@ void eval_gpu_kernel(
   const dim3 block(cu::kThreads);
   if (p.n_splits > 1) {
     // Split K: the partials and counters of the kernel's merge tree
-    // (cuda/split_merge.cuh).
+    // (csrc/backends/cuda/split_merge.cuh).
     const cu::MergeTree tree = cu::merge_tree(p.n_splits);
     const int64_t n_counters = int64_t(p.B) * p.Hkv * row_tiles * tree.counters;
     const int64_t o_bytes = tree.slots * n_rows * p.D * int64_t(sizeof(float));
