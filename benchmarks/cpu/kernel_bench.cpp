@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
   p.qs[3] = 1, p.qs[2] = D, p.qs[1] = int64_t(D) * Lq, p.qs[0] = p.qs[1] * Hq;
   auto view = [&](const std::vector<uint32_t>& w, const std::vector<uint16_t>& s,
                   const std::vector<uint16_t>& b) {
-    QuantTensor v{};
+    mlx_qsdpa::QuantTensor v{};
     v.w = w.data();
     v.ws[3] = 1, v.ws[2] = words, v.ws[1] = int64_t(words) * Lk, v.ws[0] = v.ws[1] * Hkv;
     v.scales = s.data();

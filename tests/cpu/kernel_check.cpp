@@ -186,7 +186,7 @@ double run_case(const Format& f, const Shape& s, uint32_t seed, std::string& why
     x = normal(rng);
   }
   std::vector<float> mask;
-  if (s.mask == mlx_qsdpa::cpu::kMaskAdditive) {
+  if (s.mask == qsdpa::kMaskAdditive) {
     mask.resize(size_t(s.Lq) * s.Lk);
     for (auto& x : mask) {
       x = rng() % 7 == 0 ? -INFINITY : normal(rng);
@@ -281,7 +281,7 @@ int main() {
   const std::vector<Shape> shapes = {
       {1, 4, 1, 1, 200, 128, qsdpa::kMaskNone, 1},
       {2, 5, 1, 3, 37, 64, qsdpa::kMaskCausal, 1},
-      {1, 8, 2, 1, 130, 256, mlx_qsdpa::cpu::kMaskAdditive, 2},
+      {1, 8, 2, 1, 130, 256, qsdpa::kMaskAdditive, 2},
       {1, 2, 2, 2, 1, 128, qsdpa::kMaskNone, 1},
       {1, 2, 1, 4, 70, 576, qsdpa::kMaskCausal, 1},
   };
