@@ -56,11 +56,10 @@ bool QuantSDPA::is_equivalent(const mx::Primitive& other) const {
   return config_ == o.config_;
 }
 
-std::vector<mx::array> QuantSDPA::vjp(
-    const std::vector<mx::array>& primals,
-    const std::vector<mx::array>& cotangents,
-    const std::vector<int>& argnums,
-    const std::vector<mx::array>&) {
+namespace {
+
+// Only the queries (input 0) have a derivative.
+void check_argnums(const std::vector<int>& argnums) {
   for (int a : argnums) {
     if (a != 0) {
       throw std::invalid_argument(
@@ -69,15 +68,29 @@ std::vector<mx::array> QuantSDPA::vjp(
           "the queries have a gradient.");
     }
   }
-  // Differentiate the dequantized reference with respect to the queries.
-  auto config = config_;
-  auto rest = primals;
-  auto fn = [config, rest, s = stream()](const std::vector<mx::array>& q) {
+}
+
+} // namespace
+
+// The op's fallback as a function of the queries alone, the other inputs
+// fixed: the dequantized reference, which vjp and jvp differentiate (the
+// way MLX's fast ops differentiate their fallback).
+std::function<std::vector<mx::array>(const std::vector<mx::array>&)> QuantSDPA::fallback_of_queries(
+    const std::vector<mx::array>& primals) {
+  return [config = config_, rest = primals, s = stream()](const std::vector<mx::array>& q) {
     auto ins = rest;
     ins[0] = q[0];
     return dequantized_attention(config, ins, s);
   };
-  auto [outs, grads] = mx::vjp(fn, {primals[0]}, cotangents);
+}
+
+std::vector<mx::array> QuantSDPA::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  check_argnums(argnums);
+  auto [outs, grads] = mx::vjp(fallback_of_queries(primals), {primals[0]}, cotangents);
   return {grads[0]};
 }
 
@@ -85,21 +98,8 @@ std::vector<mx::array> QuantSDPA::jvp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
-  for (int a : argnums) {
-    if (a != 0) {
-      throw std::invalid_argument(
-          "[quant_sdpa] not differentiable with respect to the quantized "
-          "keys/values, their scales and biases, the mask or the sinks.");
-    }
-  }
-  auto config = config_;
-  auto rest = primals;
-  auto fn = [config, rest, s = stream()](const std::vector<mx::array>& q) {
-    auto ins = rest;
-    ins[0] = q[0];
-    return dequantized_attention(config, ins, s);
-  };
-  auto [outs, jvps] = mx::jvp(fn, {primals[0]}, tangents);
+  check_argnums(argnums);
+  auto [outs, jvps] = mx::jvp(fallback_of_queries(primals), {primals[0]}, tangents);
   return jvps;
 }
 

@@ -4,6 +4,7 @@
 // backend (CPU, Metal, CUDA) receives.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -107,6 +108,9 @@ class QuantSDPA : public mx::Primitive {
   }
 
  private:
+  std::function<std::vector<mx::array>(const std::vector<mx::array>&)> fallback_of_queries(
+      const std::vector<mx::array>& primals);
+
   QuantSDPAConfig config_;
 };
 

@@ -38,6 +38,15 @@ import mlx.core as mx
 import numpy as np
 
 import oracle
+from mlx_qsdpa import format_table
+
+# Views of the format table (formats.h, through the extension) that tests
+# parametrize over: never a list typed again.
+MODES = tuple(dict.fromkeys(f.mode for f in format_table()))
+AFFINE_BITS = tuple(f.bits for f in format_table() if f.mode == "affine")
+AFFINE_GROUP_SIZES = next(f.group_sizes for f in format_table() if f.mode == "affine")
+# (mode, bits, group_size) of the formats whose scales are 8-bit codes (no biases).
+SCALE_CODE_FORMATS = tuple((f.mode, f.bits, g) for f in format_table() if not f.has_biases for g in f.group_sizes)
 from mlx_qsdpa import _ext, quant_sdpa
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32

@@ -11,6 +11,7 @@ import mlx_qsdpa
 from mlx_qsdpa import SUPPORTED_FORMATS, is_supported_format, quant_sdpa
 import oracle
 from qsdpa_case import F16, F32, Case, assert_matches, build, run
+from qsdpa_case import MODES as TABLE_MODES
 
 
 def test_fast_is_the_same_function(device):
@@ -79,7 +80,7 @@ def test_cpu_variant_reads_the_extension(monkeypatch):
     assert mlx_qsdpa.cpu_variants() == [("generic", True), ("x86-64-v3", True), ("x86-64-v4", False)]
 
 
-MODES = ["affine", "mxfp4", "mxfp8", "nvfp4", "int4", "", "AFFINE"]
+MODES = [*TABLE_MODES, "int4", "", "AFFINE"]
 BITS = list(range(0, 10)) + [16, -4]
 GROUPS = [0, 8, 16, 32, 64, 128, 256, -32]
 
@@ -97,7 +98,7 @@ def test_supported_formats_are_what_mx_quantize_produces():
     # backend's may lack kernels: MLX-CUDA 0.32.4 has no 1-bit one).
     x = mx.random.normal((1, 1, 4, 256), key=mx.random.key(0), stream=oracle.CPU)
     accepted = set()
-    for mode, bits, gs in itertools.product(["affine", "mxfp4", "mxfp8", "nvfp4"], range(1, 10), [8, 16, 32, 64, 128, 256]):
+    for mode, bits, gs in itertools.product(TABLE_MODES, range(1, 10), [8, 16, 32, 64, 128, 256]):
         try:
             mx.eval(mx.quantize(x, group_size=gs, bits=bits, mode=mode, stream=oracle.CPU))
         except (ValueError, RuntimeError):

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 import oracle
 from qsdpa_env import CPU_VARIANT, DEVICE
+from qsdpa_case import AFFINE_BITS, AFFINE_GROUP_SIZES, SCALE_CODE_FORMATS
 from mlx_qsdpa import _ext, quant_sdpa
 
 D = 256  # every 8-bit code once per row; a multiple of every group size
@@ -101,8 +102,8 @@ def code_rows(bits, rng, nan_codes=()):
     return k, v
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
-@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+@pytest.mark.parametrize("gs", AFFINE_GROUP_SIZES)
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
 def test_affine_codes(variant, bits, gs, dtype):
     rng = np.random.default_rng(bits * 1000 + gs)
@@ -121,7 +122,7 @@ def test_affine_codes(variant, bits, gs, dtype):
     check(wk, wv, s, b, gs, bits, "affine", ref_k, ref_v)
 
 
-@pytest.mark.parametrize("mode,bits,gs", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+@pytest.mark.parametrize("mode,bits,gs", SCALE_CODE_FORMATS)
 def test_fp_codes(variant, mode, bits, gs):
     rng = np.random.default_rng(bits)
     ck, cv = code_rows(bits, rng, nan_codes=(0x7F, 0xFF) if bits == 8 else ())

@@ -14,7 +14,7 @@ import pytest
 
 from mlx_qsdpa import _ext, quant_sdpa
 import oracle
-from qsdpa_case import F16, F32
+from qsdpa_case import F16, F32, SCALE_CODE_FORMATS
 
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 3, 10, 64
 ARGS = ("queries", "keys", "key_scales", "key_biases", "values", "value_scales", "value_biases")
@@ -239,7 +239,7 @@ def test_biases_missing_for_affine(device, affine, name):
         call(replaced(affine, **{name: None}), device, mode="affine")
 
 
-@pytest.mark.parametrize("mode,bits,gs", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+@pytest.mark.parametrize("mode,bits,gs", SCALE_CODE_FORMATS)
 @pytest.mark.parametrize("name", ["key_biases", "value_biases"])
 def test_biases_given_for_fp_modes(device, name, mode, bits, gs):
     arrays = _inputs(mode, bits, gs)

@@ -17,9 +17,7 @@ import pytest
 
 from mlx_qsdpa import SUPPORTED_FORMATS, _ext, quant_sdpa
 from oracle import CPU, evaluated, to_numpy
-from qsdpa_case import F16, BF16, F32, DTYPES, dtype_id, fmt_id
-
-AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
+from qsdpa_case import AFFINE_BITS, F16, BF16, F32, DTYPES, dtype_id, fmt_id
 
 
 def pack_codes(codes, bits):

@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ._api import cpu_variant, quant_sdpa
+from ._api import SUPPORTED_FORMATS, cpu_variant, quant_sdpa
 
 METHODS = ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
 
@@ -389,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--lq", type=int, default=1, help="query tokens per call (1 = decoding)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+    p.add_argument("--mode", default="affine", choices=list(dict.fromkeys(m for m, _, _ in SUPPORTED_FORMATS)))
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default: MLX's default device")
     p.add_argument("--layers", type=int, default=None, help="attention calls per mx.eval (default: 1 on the CPU, 16 on a GPU)")
