@@ -23,6 +23,7 @@ split the keys (CUDA: 512 keys per split at the least; Metal: 2-pass from
 512 keys), so the poison has to survive the merge of the splits.
 """
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -94,4 +95,22 @@ def test_empty_row_beside_poisoned_rows(device, poison, fallback):
     out, lse, ref, ref_lse = run(c, device, emptied_row(c, build(c), h=h, i=0), fallback=fallback)
     assert (ref[0, h, 0] == 0).all() and np.isneginf(ref_lse[0, h, 0])
     assert np.isnan(ref[0, h, 1]).any()
+    assert_matches(c, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("Lk", [40, 2500], ids=["short", "split"])
+def test_neg_inf_sink_is_no_key(device, fallback, Lk):
+    """A -inf sink weighs nothing: rows that see keys are as without a
+    sink, and a row whose keys are all masked stays zero with lse = -inf
+    (not 0 * inf = NaN)."""
+    c = Case(Hq=4, Hkv=2, Lq=3, Lk=Lk, D=64, dtype=F16, mask="bool:HQK", sinks="f32", seed=6)
+    q, kq, vq, mask, sinks = build(c)
+    m = np.array(mask)
+    m[1, 2, :] = False  # head 1, position 2 sees nothing
+    s = np.array(sinks)
+    s[[0, 1]] = -np.inf  # heads 0 and 1: -inf sinks
+    inputs = (q, kq, vq, mx.array(m), mx.array(s))
+    out, lse, ref, ref_lse = run(c, device, inputs=inputs, fallback=fallback)
+    assert np.isneginf(ref_lse[0, 1, 2]) and np.all(np.isfinite(ref_lse[0, 0]))
     assert_matches(c, out, lse, ref, ref_lse)
