@@ -12,8 +12,7 @@ import sys
 # tests compare float32 models whose projections are MLX matmuls, and TF32
 # rounding there (2^-11 per operand) amplifies into token flips that have
 # nothing to do with quant_sdpa. Set before mlx is imported; an explicit
-# setting in the environment wins. (With it the e2e tests passed on an H200,
-# 2026-11-28.)
+# setting in the environment wins.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402

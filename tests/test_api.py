@@ -57,21 +57,15 @@ KNOWN_CPU_VARIANTS = {"x86-64-v2", "x86-64-v3", "x86-64-v4", "arm64-neon", "gene
 def test_cpu_variant_names_one_compiled_in():
     variant, variants = mlx_qsdpa.cpu_variant(), mlx_qsdpa.cpu_variants()
     assert all(isinstance(n, str) and isinstance(ok, bool) for n, ok in variants)
-    if hasattr(mlx_qsdpa._ext, "cpu_variant"):
-        # The extension has the run-time dispatch: a variant it compiled in
-        # and this CPU runs.
-        assert variant in KNOWN_CPU_VARIANTS
-        assert {n for n, _ in variants} <= KNOWN_CPU_VARIANTS
-        assert not variants or (variant, True) in variants
-    else:
-        assert (variant, variants) == ("unknown", [])
+    # A variant it compiled in and this CPU runs.
+    assert variant in KNOWN_CPU_VARIANTS
+    assert {n for n, _ in variants} <= KNOWN_CPU_VARIANTS
+    assert (variant, True) in variants
 
 
 def test_cpu_variant_reads_the_extension(monkeypatch):
     from mlx_qsdpa import _api
 
-    monkeypatch.setattr(_api, "_ext", type("Ext", (), {})())  # an extension without them
-    assert (mlx_qsdpa.cpu_variant(), mlx_qsdpa.cpu_variants()) == ("unknown", [])
     ext = type("Ext", (), {})()
     ext.cpu_variant = lambda: "x86-64-v3"
     ext.cpu_variants = lambda: [("generic", True), ("x86-64-v3", True), ("x86-64-v4", False)]

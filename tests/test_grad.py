@@ -20,8 +20,8 @@ from qsdpa_case import CPU, F16, F32, Case, build, exact_scales, fmt_id
 # build float32 matmuls run in TF32, whose 10-bit mantissa rounds each
 # operand to 2^-11 relative, so each product carries up to 2^-10 ~ 9.8e-4;
 # the gradient chains three such matmuls (the recomputed scores, the product
-# with V, the product with K), so 4 * 2^-10 ~ 3.9e-3 (H100: 5.8e-4 seen on
-# the jvp). A wrong gradient is off by far more (order 1e-1 or worse).
+# with V, the product with K), so 4 * 2^-10 ~ 3.9e-3. A wrong gradient is
+# off by far more (order 1e-1 or worse).
 
 
 def grad_rtol_f32(device):

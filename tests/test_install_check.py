@@ -168,7 +168,10 @@ def run(tmp_path, args, versions=None, fail=None):
         f"CONFIG = {json.dumps({'versions': versions or {}, 'fail': fail or {}})!r}\n"
         "import json\nCONFIG = json.loads(CONFIG)\n" + SITECUSTOMIZE
     )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # tmp_path first (its sitecustomize), then the path that found the
+    # package under test (a dev build's PYTHONPATH, for one).
+    path = [str(tmp_path)] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
 
 

@@ -1,10 +1,10 @@
 """Many calls in one evaluation. On a CUDA GPU, the calls of one mx.eval
 hold their split-K partials until the GPU has run them; these 24 calls need
-~46 MB of partials (25 splits of 512 keys on an H200), more than the 32 MB
-ring of the CUDA host code (csrc/backends/cuda/quant_sdpa_cuda.cpp), so the later
-ones take the fallback memory while the earlier ones hold the ring. Every
-output must match the oracle, whichever memory its call got. With
-QSDPA_CUDA_SPLITS=100 (benchmarks/cuda/run_gpu.sh tests_variants) the
+~46 MB of partials (12800 keys in 25 splits of the plan's 512), more than
+the 32 MB ring of the CUDA host code (csrc/backends/cuda/quant_sdpa_cuda.cpp),
+so the later ones take the fallback memory while the earlier ones hold the
+ring. Every output must match the oracle, whichever memory its call got.
+Under the 100-split variant of benchmarks/cuda/run_gpu.sh tests_variants the
 kernel's merge tree has three levels. On other devices: a batch of calls."""
 
 import mlx.core as mx

@@ -13,6 +13,7 @@ bdir="$root/build/$name"
 py=${PYTHON:-python3}
 mlx_cmake=$("$py" -m mlx --cmake-dir)/share/cmake/MLX
 [ -n "${MLX_CMAKE_DIR:-}" ] && mlx_cmake=$MLX_CMAKE_DIR
+mkdir -p "$root/build"
 cmake -S "$root" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$py")" \
   -Dnanobind_DIR="$("$py" -m nanobind --cmake_dir)" \

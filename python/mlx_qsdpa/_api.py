@@ -59,21 +59,14 @@ def cpu_variant() -> str:
     One of ``"x86-64-v2"``, ``"x86-64-v3"``, ``"x86-64-v4"``,
     ``"arm64-neon"``, ``"generic"`` (portable code) or ``"native"``
     (compiled for the build machine), chosen when the extension loads among
-    the variants compiled in; ``"unknown"`` for an extension that does not
-    report it.
+    the variants compiled in.
     """
-    # Extensions built before the run-time dispatch lack the function.
-    f = getattr(_ext, "cpu_variant", None)
-    return f() if f is not None else "unknown"
+    return _ext.cpu_variant()
 
 
 def cpu_variants() -> List[Tuple[str, bool]]:
-    """The CPU kernel variants compiled in, each with whether this CPU can run it.
-
-    Empty for an extension that does not report them.
-    """
-    f = getattr(_ext, "cpu_variants", None)
-    return [(str(name), bool(ok)) for name, ok in f()] if f is not None else []
+    """The CPU kernel variants compiled in, best first, each with whether this CPU can run it."""
+    return [(str(name), bool(ok)) for name, ok in _ext.cpu_variants()]
 
 
 def quant_sdpa(

@@ -35,16 +35,10 @@ def gpu_backend() -> str:
     """'metal', 'cuda' or 'none': the GPU kernels compiled into this build."""
 def cpu_variant() -> str:
     """The CPU kernel variant in use, chosen at load time among those compiled in:
-    'x86-64-v2', 'x86-64-v3', 'x86-64-v4', 'arm64-neon', 'generic' or 'native'.
-
-    Only in extensions with the CPU kernel's run-time dispatch: call
-    ``mlx_qsdpa.cpu_variant()``, which says 'unknown' without it.
-    """
+    'x86-64-v2', 'x86-64-v3', 'x86-64-v4', 'arm64-neon', 'generic' or 'native'."""
 def cpu_variants() -> List[Tuple[str, bool]]:
-    """The CPU kernel variants compiled in, each with whether this CPU can run it.
-
-    Only in extensions with the CPU kernel's run-time dispatch: call
-    ``mlx_qsdpa.cpu_variants()``, which returns [] without it.
-    """
+    """The CPU kernel variants compiled in, best first, each with whether this CPU can run it."""
+def _set_cpu_variant(name: Optional[str]) -> None:
+    """Tests only: run the CPU kernel variant `name` (None: the automatic choice)."""
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...

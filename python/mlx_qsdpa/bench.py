@@ -441,10 +441,10 @@ def main(args: argparse.Namespace) -> int:
         layers=args.layers if args.layers else (16 if on_gpu else 1), chain=args.chain,
     )
     min_time = args.min_time if args.min_time is not None else (0.5 if on_gpu else 1.0)
-    # On a GPU an evaluation of 16 calls takes well under a millisecond: 50 of
-    # them were a 30 ms burst, and such runs of the same build differed by up
-    # to a third (H200, 2026-11-29: 32K 23.5-31.2 us per call). The median
-    # over --min-time of evaluations is steadier.
+    # On a GPU an evaluation of 16 calls takes well under a millisecond, so a
+    # fixed count of 50 is a burst of a few ms whose median varies by up to a
+    # third between runs of the same build. The median over --min-time of
+    # evaluations is steadier.
     max_reps = args.max_reps if args.max_reps is not None else (5000 if on_gpu else 50)
     progress = Progress(len(ctxs) * len(methods), enabled=not args.no_progress and sys.stderr.isatty())
     rows: List[Row] = []

@@ -20,6 +20,9 @@ namespace mlx_qsdpa::cpu {
 class ThreadPool {
  public:
   // Threads = MLX_QSDPA_NUM_THREADS if set, else the hardware concurrency.
+  // That variable is the user's thread count, as OMP_NUM_THREADS is for
+  // OpenMP programs (README, Settings), and the library's only one read from
+  // the environment (tests/test_product_code.py).
   static ThreadPool& instance() {
     static ThreadPool pool(default_threads());
     return pool;
