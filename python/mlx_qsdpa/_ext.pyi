@@ -46,5 +46,9 @@ def cpu_variants() -> List[Tuple[str, bool]]:
     Only in extensions with the CPU kernel's run-time dispatch: call
     ``mlx_qsdpa.cpu_variants()``, which returns [] without it.
     """
+def _set_metal_test_blocks(blocks: int) -> None:
+    """Tests only, Metal builds only: split every call's keys into ``blocks`` blocks
+    (the 2-pass kernels from 2 on) as far as the key length allows; 0 restores the
+    plan's own choice. Raises RuntimeError in builds without the Metal backend."""
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...
