@@ -1,5 +1,6 @@
-# Metal backend (macOS, MLX built with Metal): the host code of csrc/metal
-# and mlx_qsdpa.metallib, built from csrc/backends/metal/*.metal by Apple's Metal compiler
+# Metal backend (macOS, MLX built with Metal): the host code of
+# csrc/backends/metal and mlx_qsdpa.metallib, built from
+# csrc/backends/metal/*.metal by Apple's Metal compiler
 # through MLX's mlx_build_metallib (from MLX's CMake package). The library
 # finds the metallib next to itself at run time (csrc/backends/metal/
 # quant_sdpa_metal.cpp), so both are installed into the same directory.
@@ -11,6 +12,10 @@ target_sources(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT}/csrc/backends/metal/dispatch_
                                  ${MLX_QSDPA_ROOT}/csrc/backends/metal/quant_sdpa_metal.cpp)
 # quant_sdpa_params.h (the kernels' interface) is shared with the host code.
 target_include_directories(mlx_qsdpa PRIVATE ${MLX_QSDPA_METAL_DIR})
+# The Python bindings compile in the Metal test entry point
+# (backends/metal/test_hooks.h) when this is defined. Build tree only: the
+# installed package's C++ users do not see it.
+target_compile_definitions(mlx_qsdpa PUBLIC $<BUILD_INTERFACE:MLX_QSDPA_GPU_METAL>)
 
 file(GLOB MLX_QSDPA_METAL_SOURCES CONFIGURE_DEPENDS ${MLX_QSDPA_METAL_DIR}/*.metal)
 file(GLOB MLX_QSDPA_METAL_HEADERS CONFIGURE_DEPENDS ${MLX_QSDPA_METAL_DIR}/*.h)
@@ -28,6 +33,7 @@ mlx_build_metallib(
   DEPS
   ${MLX_QSDPA_METAL_HEADERS}
   ${MLX_QSDPA_ROOT}/csrc/mlx_qsdpa/formats.h
+  ${MLX_QSDPA_ROOT}/csrc/mlx_qsdpa/attention_math.h
   OUTPUT_DIRECTORY
   ${CMAKE_CURRENT_BINARY_DIR})
 add_dependencies(mlx_qsdpa mlx_qsdpa_metallib)

@@ -16,6 +16,9 @@
 #include "backend.h"
 #include "backends/cpu/variants.h"
 #include "errors.h"
+#if defined(MLX_QSDPA_GPU_METAL)
+#include "backends/metal/test_hooks.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -180,6 +183,20 @@ NB_MODULE(_ext, m) {
       },
       "name"_a.none(),
       "Tests only: run the CPU kernel variant `name` (None: the automatic choice).");
+  m.def(
+      "_set_metal_test_blocks",
+      [](int blocks) {
+#if defined(MLX_QSDPA_GPU_METAL)
+        mlx_qsdpa::set_metal_test_key_blocks(blocks);
+#else
+        (void)blocks;
+        throw std::runtime_error(
+            std::string("_set_metal_test_blocks: this build has no Metal backend (gpu_backend() is '") +
+            mlx_qsdpa::gpu_backend_name() + "').");
+#endif
+      },
+      "blocks"_a,
+      "Tests only, Metal builds only: split every call's keys into `blocks` blocks (2-pass from 2 on); 0: the plan decides.");
   m.def("_decode_table", &decode_table, "what"_a);
   m.def("_unpack_row", &unpack_row, "words"_a, "bits"_a);
 }

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from qsdpa_env import CPU_VARIANT, DEVICE  # noqa: E402
+from qsdpa_env import CPU_VARIANT, DEVICE, METAL_BLOCKS  # noqa: E402
 
 # QSDPA_CPU_VARIANT=<name> runs the whole suite on that variant of the CPU
 # kernel (mlx_qsdpa._ext.cpu_variants() lists them); a name this CPU cannot
@@ -29,6 +29,13 @@ if CPU_VARIANT:
     from mlx_qsdpa import _ext  # noqa: E402
 
     _ext._set_cpu_variant(CPU_VARIANT)
+
+# QSDPA_METAL_BLOCKS=<n> (Metal builds) forces n key blocks on every call; a
+# build without Metal refuses it here rather than silently testing 1-pass.
+if METAL_BLOCKS:
+    from mlx_qsdpa import _ext  # noqa: E402
+
+    _ext._set_metal_test_blocks(METAL_BLOCKS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,3 +11,8 @@ if DEVICE not in ("cpu", "gpu"):
 # QSDPA_CPU_VARIANT=<name>: the CPU kernel variant the suite runs on (None:
 # the automatic choice). conftest.py selects it.
 CPU_VARIANT = os.environ.get("QSDPA_CPU_VARIANT") or None
+
+# QSDPA_METAL_BLOCKS=<n>: on a Metal build, every call splits its keys into n
+# blocks (the 2-pass kernels on short contexts too); conftest.py sets it
+# through the private entry point _ext._set_metal_test_blocks.
+METAL_BLOCKS = int(os.environ.get("QSDPA_METAL_BLOCKS") or 0)

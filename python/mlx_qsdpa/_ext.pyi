@@ -40,5 +40,9 @@ def cpu_variants() -> List[Tuple[str, bool]]:
     """The CPU kernel variants compiled in, best first, each with whether this CPU can run it."""
 def _set_cpu_variant(name: Optional[str]) -> None:
     """Tests only: run the CPU kernel variant `name` (None: the automatic choice)."""
+def _set_metal_test_blocks(blocks: int) -> None:
+    """Tests only, Metal builds only: split every call's keys into ``blocks`` blocks
+    (the 2-pass kernels from 2 on) as far as the key length allows; 0 restores the
+    plan's own choice. Raises RuntimeError in builds without the Metal backend."""
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...

@@ -3,8 +3,8 @@ CPU, driven from Python.
 
 The decode kernels are compiled unchanged by clang++ against the CUDA
 compatibility layer of sim/include (QSDPA_CUDA_SIM swaps csrc/backends/cuda/ptx.cuh's
-inline PTX for its models) and linked with the Metal simulator's runtime
-(tests/metal/sim/runtime.cpp: fibers, 32-lane warps, barriers, checked
+inline PTX for its models) and linked with the simulators' shared runtime
+(tests/sim/runtime.cpp: fibers, 32-lane warps, barriers, checked
 memory). One translation unit per tensor-core kernel instantiation (two
 compile at a time), one for the generic kernels a library holds, one host
 unit with the kernel table and the host's own split plan
@@ -27,12 +27,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM = Path(__file__).resolve().parent / "sim"
-QSIM = ROOT / "tests" / "metal" / "sim"
+QSIM = ROOT / "tests" / "sim"
 
-# The Metal simulator's driver: its runtime is this simulator's, and so are
-# its build helpers and errors.
-sys.path.insert(0, str(QSIM.parent))
-from metal_simulator import (  # noqa: E402
+# The runtime, build helpers and errors both simulators share.
+sys.path.insert(0, str(QSIM))
+from simcore import (  # noqa: E402
     BuildError,
     SimulatorError,
     cached_library,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+import mlx_qsdpa
 from metal_simulator import Library, SimulatorError
 
 OPERANDS = [
@@ -32,9 +33,25 @@ OPERANDS = [
     "partial_out",
     "partial_stats",
 ]
-MODES = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
-ELEM_TYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-MASK_MODES = {None: 0, "causal": 1, "bool": 2, "additive": 3}
+# Every (mode, bits, group_size) the op takes, and each format's name in
+# kernel names, from the format table (formats.h).
+FORMATS = list(mlx_qsdpa.SUPPORTED_FORMATS)
+KERNEL_TOKENS = {(f.mode, f.bits): f.kernel_name for f in mlx_qsdpa.format_table()}
+# Head dims of the decode kernels (quant_sdpa.metal): every format has 64,
+# 96, 128 and 256; 80 is a multiple of no group size but 16, so only the
+# formats with 16-element groups have it.
+HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+def head_dims(mode: str, bits: int) -> tuple[int, ...]:
+    """The head dims quant_sdpa.metal has a decode kernel of (mode, bits) for."""
+    (row,) = [f for f in mlx_qsdpa.format_table() if (f.mode, f.bits) == (mode, bits)]
+    return tuple(D for D in HEAD_DIMS if D != 80 or 16 in row.group_sizes)
+
+
+# formats.h's qsdpa::ElemType and attention_math.h's qsdpa::MaskKind.
+ELEM_TYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2, mx.uint8: 3}
+MASK_KINDS = {None: 0, "causal": 1, "bool": 2, "additive": 3}
 
 
 @dataclass
@@ -108,6 +125,10 @@ class QuantSDPASim:
         c.qsim_gpu_core_estimate.argtypes = [ctypes.c_char_p]
         c.qsim_kernels_cover.argtypes = [ctypes.c_int] * 5
         c.qsim_decode_kernel_name.argtypes = [ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_int]
+        c.qsim_quant_mode.argtypes = [ctypes.c_char_p]
+        # The QuantMode of each mode of the format table, as the C++ table has it.
+        self.modes = {f.mode: c.qsim_quant_mode(f.mode.encode()) for f in mlx_qsdpa.format_table()}
+        assert -1 not in self.modes.values(), self.modes
 
     # The plan functions -------------------------------------------------
 
@@ -120,23 +141,22 @@ class QuantSDPASim:
         return self.lib.lib.qsim_gpu_core_estimate(arch.encode())
 
     def kernels_cover(self, mode, bits, group_size, D, Lq) -> bool:
-        return bool(self.lib.lib.qsim_kernels_cover(MODES[mode], bits, group_size, D, Lq))
+        return bool(self.lib.lib.qsim_kernels_cover(self.modes[mode], bits, group_size, D, Lq))
 
     def decode_kernel_name(self, mode, bits, D) -> str:
         buf = ctypes.create_string_buffer(128)
-        self.lib.lib.qsim_decode_kernel_name(MODES[mode], bits, D, buf, 128)
+        self.lib.lib.qsim_decode_kernel_name(self.modes[mode], bits, D, buf, 128)
         return buf.value.decode()
 
-    @staticmethod
-    def _dims(shape, *, mode, bits, group_size, query_dtype, scale_dtype, mask_mode, sinks, return_lse, gpu_cores, force_blocks,
+    def _dims(self, shape, *, mode, bits, group_size, query_dtype, scale_dtype, mask_mode, sinks, return_lse, gpu_cores, force_blocks,
               value_scale_dtype=None, sink_stride=1):  # fmt: skip
         B, Hq, Hkv, Lq, Lk, D = shape
         value_scale_dtype = value_scale_dtype or scale_dtype
         return (ctypes.c_int32 * 18)(
             B, Hq, Hkv, Lq, Lk, D,
-            MODES[mode], bits, group_size,
+            self.modes[mode], bits, group_size,
             ELEM_TYPES[query_dtype], ELEM_TYPES.get(scale_dtype, 0), ELEM_TYPES.get(value_scale_dtype, 0),
-            MASK_MODES[mask_mode], int(sinks), int(return_lse), gpu_cores, force_blocks, sink_stride,
+            MASK_KINDS[mask_mode], int(sinks), int(return_lse), gpu_cores, force_blocks, sink_stride,
         )  # fmt: skip
 
     def describe_plan(self, shape, *, scale=1.0, strides=None, **kw) -> tuple[dict, list[dict]]:

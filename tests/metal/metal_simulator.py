@@ -5,9 +5,9 @@ Metal-compatibility header (sim/include, where ``<metal_stdlib>`` lives),
 together with generated trampolines that bind each kernel's arguments the
 way Metal does (by the ``[[buffer(i)]]``, ``[[threadgroup(i)]]``,
 ``[[function_constant(c)]]`` and built-in attributes, read from the
-preprocessed source), and linked with the runtime (sim/runtime.cpp), which
-executes dispatches on the CPU and reports misuse. The result is a shared
-library driven through ctypes (``Library``).
+preprocessed source), and linked with the simulators' shared runtime
+(tests/sim/runtime.cpp), which executes dispatches on the CPU and reports
+misuse. The result is a shared library driven through ctypes (``Library``).
 
 Libraries are cached in build/metal-sim/ under a hash of every input, so a
 test session compiles each one once, and not at all when nothing changed.
@@ -16,18 +16,31 @@ test session compiles each one once, and not at all when nothing changed.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import re
-import shutil
 import subprocess
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+# The runtime and build helpers both simulators share.
+sys.path.insert(0, str(ROOT / "tests" / "sim"))
+from simcore import (  # noqa: E402
+    RUNTIME_INCLUDE,
+    RUNTIME_SOURCE,
+    BuildError,
+    SimulatorError,
+    cached_library,
+    compile_all,
+    find_clang,
+    hash_inputs,
+    load_runtime,
+    runtime_inputs,
+    symbolize,
+)
+
 SIM = Path(__file__).resolve().parent / "sim"
 BUILD = ROOT / "build" / "metal-sim"
 
@@ -44,7 +57,7 @@ KERNEL_FLAGS = [
     "-fno-slp-vectorize",
     "-fno-vectorize",
     "-gline-tables-only",
-    "-fms-extensions",  # `threadgroup` is the __unaligned qualifier (compat.h)
+    "-fms-extensions",  # `threadgroup` is the __unaligned qualifier (qsim_metal/compat.h)
     "-D__METAL_VERSION__=310",
     "-Wall",
     "-Wno-unknown-attributes",
@@ -66,26 +79,6 @@ BUILTINS = {
     "simdgroups_per_threadgroup",
     "threads_per_simdgroup",
 }
-
-
-class SimulatorError(RuntimeError):
-    """A launch the simulator refused or stopped, with its report."""
-
-
-class BuildError(RuntimeError):
-    """The simulator could not compile a library."""
-
-
-def find_clang() -> str | None:
-    """clang++ (QSIM_CXX overrides): the simulator needs clang."""
-    explicit = os.environ.get("QSIM_CXX")
-    if explicit:
-        return explicit
-    for name in ["clang++"] + [f"clang++-{v}" for v in range(20, 13, -1)]:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -279,57 +272,6 @@ def generate_trampolines(metal: Path, constants: list[Constant], kernels: list[K
 # ---------------------------------------------------------------------------
 
 
-def hash_inputs(paths: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in sorted(set(paths)):
-        h.update(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def compile_all(jobs: list[list[str]]) -> None:
-    """Runs the compiles, two at a time (CI machines have two cores)."""
-    pending = list(jobs)
-    running: list[tuple[subprocess.Popen, list[str]]] = []
-    errors = []
-    while pending or running:
-        while pending and len(running) < 2:
-            cmd = pending.pop(0)
-            running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), cmd))
-        proc, cmd = running.pop(0)
-        output, _ = proc.communicate()
-        if proc.returncode:
-            errors.append(f"$ {' '.join(cmd)}\n{output}")
-    if errors:
-        raise BuildError("\n".join(errors))
-
-
-def cached_library(build_dir: Path, stem: str, key: str, lib_name: str, make) -> Path:
-    """The library built for `key` in build_dir/<stem>-<key>/, made when
-    missing by make(work), which compiles into the scratch directory `work`
-    and returns the files to keep (the library, named lib_name, first).
-    Older builds of the same stem are removed (a process that loaded one
-    keeps its mapping)."""
-    out_dir = build_dir / f"{stem}-{key}"
-    lib = out_dir / lib_name
-    if lib.exists():
-        return lib
-    build_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=build_dir))
-    try:
-        built, *extra = make(work)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in extra:
-            shutil.copy(f, out_dir / Path(f).name)
-        os.replace(built, lib)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    for old in build_dir.glob(f"{stem}-*"):
-        if old.is_dir() and old != out_dir and len(old.name) == len(out_dir.name):
-            shutil.rmtree(old, ignore_errors=True)
-    return lib
-
-
 def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
     """Compiles `metal` into a simulator library (cached); with plan_runner,
     also links csrc/backends/metal/dispatch_plan.cpp and sim/plan_runner.cpp."""
@@ -338,11 +280,11 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
         raise BuildError("clang++ not found: the Metal simulator needs clang (apt-get install clang)")
     metal = Path(metal).resolve()
     include_dirs = [ROOT / "csrc", ROOT / "csrc" / "backends" / "metal", metal.parent]
-    inputs = [metal, Path(__file__).resolve(), ROOT / "csrc" / "mlx_qsdpa" / "formats.h"]
+    inputs = [metal, Path(__file__).resolve(), *(ROOT / "csrc" / "mlx_qsdpa").glob("*.h")]
     inputs += list((ROOT / "csrc" / "backends" / "metal").glob("*.h")) + list(metal.parent.glob("*.h"))
-    inputs += [p for p in SIM.rglob("*") if p.is_file()]
+    inputs += [p for p in SIM.rglob("*") if p.is_file()] + runtime_inputs()
     if plan_runner:
-        inputs += list((ROOT / "csrc" / "backends" / "metal").glob("dispatch_plan.*"))
+        inputs += list((ROOT / "csrc" / "backends" / "metal").glob("dispatch_plan.*")) + [ROOT / "csrc" / "call.h"]
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     key = hash_inputs(inputs, version + repr(KERNEL_FLAGS + HOST_FLAGS) + str(plan_runner))
     lib_name = f"libqsim_{metal.stem}.so"
@@ -351,14 +293,15 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
         constants, kernels = parse_metal(clang, metal, include_dirs)
         gen = work / f"{metal.stem}_trampolines.cpp"
         gen.write_text(generate_trampolines(metal, constants, kernels))
-        incs = [f"-I{SIM / 'include'}"] + [f"-I{d}" for d in include_dirs]
+        sim_incs = [f"-I{SIM / 'include'}", f"-I{RUNTIME_INCLUDE}"]
+        incs = sim_incs + [f"-I{d}" for d in include_dirs]
         jobs = [
             [clang, *KERNEL_FLAGS, *incs, "-c", str(gen), "-o", str(work / "kernels.o")],
-            [clang, *HOST_FLAGS, f"-I{SIM / 'include'}", "-c", str(SIM / "runtime.cpp"), "-o", str(work / "runtime.o")],
+            [clang, *HOST_FLAGS, f"-I{RUNTIME_INCLUDE}", "-c", str(RUNTIME_SOURCE), "-o", str(work / "runtime.o")],
         ]
         objs = [work / "kernels.o", work / "runtime.o"]
         if plan_runner:
-            host_incs = [f"-I{SIM / 'include'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'backends' / 'metal'}"]
+            host_incs = [f"-I{RUNTIME_INCLUDE}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'backends' / 'metal'}"]
             jobs.append([clang, *HOST_FLAGS, *host_incs, "-c", str(SIM / "plan_runner.cpp"), "-o", str(work / "plan_runner.o")])
             jobs.append(
                 [clang, *HOST_FLAGS, *host_incs, "-c", str(ROOT / "csrc" / "backends" / "metal" / "dispatch_plan.cpp"), "-o", str(work / "dispatch_plan.o")]
@@ -374,57 +317,6 @@ def build_library(metal: Path, *, plan_runner: bool = False) -> Path:
 # ---------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------
-
-
-def symbolize(message: str) -> str:
-    """Appends source lines to the "[pc lib+0x...]" marks of a report."""
-    tool = shutil.which("addr2line")
-
-    def repl(m: re.Match) -> str:
-        if not tool:
-            return m.group(0)
-        lib, off = m.group(1), int(m.group(2), 16)
-        # The mark is a return address: the access is just before it.
-        r = subprocess.run([tool, "-e", lib, "-i", "-p", "-C", "-f", hex(off - 1)], capture_output=True, text=True)
-        where = r.stdout.strip().splitlines()
-        if r.returncode or not where or "??" in where[0]:
-            return m.group(0)
-        first = where[0]
-        loc = first.split(" at ")[-1]
-        return f" at {Path(loc.split(':')[0]).name}:{loc.split(':')[-1].split()[0]}"
-
-    return re.sub(r" \[pc (\S+)\+0x([0-9a-f]+)\]", repl, message)
-
-
-def load_runtime(path: Path) -> ctypes.CDLL:
-    """A simulator library with the runtime's entry points typed (launch.h);
-    both simulators' drivers load theirs through this."""
-    lib = ctypes.CDLL(str(path))
-    lib.qsim_last_error.restype = ctypes.c_char_p
-    lib.qsim_alloc.restype = ctypes.c_int64
-    lib.qsim_alloc.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p]
-    lib.qsim_free.argtypes = [ctypes.c_int64]
-    lib.qsim_data.restype = ctypes.c_void_p
-    lib.qsim_data.argtypes = [ctypes.c_int64]
-    lib.qsim_bytes_read.restype = ctypes.c_int64
-    lib.qsim_bytes_read.argtypes = [ctypes.c_int64]
-    lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.qsim_set_threadgroup_limit.argtypes = [ctypes.c_int64]
-    lib.qsim_launch.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_int),
-        ctypes.POINTER(ctypes.c_int64),
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_int),
-        ctypes.POINTER(ctypes.c_int64),
-        ctypes.POINTER(ctypes.c_int64),
-        ctypes.POINTER(ctypes.c_uint32),
-        ctypes.POINTER(ctypes.c_uint32),
-        ctypes.c_int64,
-    ]
-    return lib
 
 
 class Library:

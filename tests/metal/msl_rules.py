@@ -1,7 +1,7 @@
 """Metal Shading Language rules that the simulator's host compiler does not
 enforce, checked on clang's AST of a .metal file.
 
-The simulator compiles the kernels as C++ (sim/include/qsim/compat.h), so
+The simulator compiles the kernels as C++ (sim/include/qsim_metal/compat.h), so
 anything C++ allows and MSL does not would pass it and only fail in Apple's
 Metal compiler, on a user's Mac. This module compiles the .metal file the
 same way (C++14, the language MSL is based on, with `__METAL_VERSION__`
@@ -50,7 +50,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metal_simulator import BUILD, ROOT, SIM, BuildError, find_clang, parse_metal
+from metal_simulator import BUILD, ROOT, RUNTIME_INCLUDE, SIM, BuildError, find_clang, parse_metal
+
+# The simulator's files (the Metal front end and the shared runtime): the
+# compatibility header stands for <metal_stdlib>, none of it is ours.
+SIMULATOR_DIRS = (SIM, RUNTIME_INCLUDE.parent)
+MSL_LIBRARY_DIRS = (SIM / "include", RUNTIME_INCLUDE)
 
 # Flags of the check's compile: MSL's C++14 base, the Metal branch of the
 # shared headers, the compatibility header as a system header (its own
@@ -245,7 +250,7 @@ class Checker:
         if file not in self.ours_cache:
             p = Path(file)
             p = (ROOT / p if not p.is_absolute() else p).resolve()
-            self.ours_cache[file] = p.is_relative_to(ROOT) and not p.is_relative_to(SIM)
+            self.ours_cache[file] = _is_ours_path(p)
         return self.ours_cache[file]
 
     def is_msl_library(self, file: str | None) -> bool:
@@ -253,7 +258,7 @@ class Checker:
             return False
         p = Path(file)
         p = (ROOT / p if not p.is_absolute() else p).resolve()
-        return p.is_relative_to(SIM / "include")
+        return any(p.is_relative_to(d) for d in MSL_LIBRARY_DIRS)
 
     def where(self, n: Node) -> tuple[str, int]:
         node = n
@@ -495,9 +500,12 @@ def _preprocess(clang: str, metal: Path, include_dirs: list[Path]) -> str:
     return r.stdout
 
 
+def _is_ours_path(p: Path) -> bool:
+    return p.is_relative_to(ROOT) and not any(p.is_relative_to(d) for d in SIMULATOR_DIRS)
+
+
 def _is_ours(f: str) -> bool:
-    p = (ROOT / f).resolve()
-    return p.is_relative_to(ROOT) and not p.is_relative_to(SIM)
+    return _is_ours_path((ROOT / f).resolve())
 
 
 def _fold_foreign_headers(text: str) -> str:
@@ -573,7 +581,8 @@ def check(metal: Path, include_dirs: list[Path] | None = None) -> list[Violation
     preprocessed = _preprocess(clang, metal, include_dirs)
     source = _fold_foreign_headers(preprocessed)
     source = re.sub(r"\[\[(\s*)threadgroup(\s*)\(", r"[[\1qsim_threadgroup_index\2(", source)
-    cmd = [clang, *FLAGS, "-isystem", str(SIM.relative_to(ROOT) / "include"), "-include", "qsim/compat.h"]
+    cmd = [clang, *FLAGS, "-isystem", str(SIM.relative_to(ROOT) / "include"), "-isystem", str(RUNTIME_INCLUDE.relative_to(ROOT))]
+    cmd += ["-include", "qsim_metal/compat.h"]
     cmd += ["-x", "c++", "-", "-Xclang", "-ast-dump"]
     r = subprocess.run(cmd, input=source, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:

@@ -1,8 +1,10 @@
 """cmake/metal.cmake, configured on Linux with MLX's own mlx_build_metallib
 (extension.cmake of the installed MLX package): the Metal host sources join
 the library, the metallib is built from csrc/backends/metal/*.metal with our include
-dirs and installed next to the library. (The build itself needs Apple's
-Metal compiler: the macOS workflow runs it.)"""
+dirs and installed next to the library, and the Python bindings (a target
+linking the library) see MLX_QSDPA_GPU_METAL, which compiles in the test
+entry point _set_metal_test_blocks. (The build itself needs Apple's Metal
+compiler: the macOS workflow runs it.)"""
 
 import shutil
 import subprocess
@@ -29,6 +31,7 @@ def test_metal_cmake_configures(tmp_path):
     assert extension.exists(), extension
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "stub.cpp").write_text("int stub() { return 0; }\n")
+    (tmp_path / "src" / "bindings_stub.cpp").write_text("int bindings_stub() { return 0; }\n")
     (tmp_path / "src" / "CMakeLists.txt").write_text(
         f"""cmake_minimum_required(VERSION 3.27)
 project(metal_cmake_check LANGUAGES CXX)
@@ -37,6 +40,9 @@ set(MLX_INCLUDE_DIRS /mlx/include)
 # Stands for the real library target of the top-level CMakeLists.txt.
 add_library(mlx_qsdpa SHARED stub.cpp)
 include({(ROOT / 'cmake' / 'metal.cmake').as_posix()})
+# Stands for the Python module, which links the library privately.
+add_library(bindings_stub MODULE bindings_stub.cpp)
+target_link_libraries(bindings_stub PRIVATE mlx_qsdpa)
 """
     )
     build = tmp_path / "build"
@@ -53,6 +59,9 @@ include({(ROOT / 'cmake' / 'metal.cmake').as_posix()})
     for inc in (ROOT / "csrc", ROOT / "csrc" / "backends" / "metal", Path("/mlx/include")):
         assert f"-I{inc.as_posix()}" in compile_line
     assert "mlx_qsdpa.metallib" in ninja
+    # The bindings compile with the Metal test entry point.
+    flags = ninja.split("bindings_stub.cpp", 1)[1].split("\nbuild ", 1)[0]
+    assert "-DMLX_QSDPA_GPU_METAL" in flags, flags
     r = subprocess.run(["ninja", "-C", str(build), "-t", "query", "mlx_qsdpa_metallib"], capture_output=True, text=True)
     assert "mlx_qsdpa.metallib" in r.stdout
     # Installed into the package directory, next to the library.

@@ -6,7 +6,7 @@ the launches (kernels, constants, buffers, grid, threadgroup memory)."""
 import mlx.core as mx
 import pytest
 
-from metal_qsdpa_sim import OPERANDS
+from metal_qsdpa_sim import FORMATS, HEAD_DIMS, KERNEL_TOKENS, OPERANDS, head_dims
 
 FC = {
     "query_type": 0,
@@ -22,11 +22,6 @@ FC = {
     "write_final": 10,
     "write_partials": 11,
 }
-FORMATS = [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
-    ("mxfp4", 4, 32),
-    ("mxfp8", 8, 32),
-    ("nvfp4", 4, 16),
-]
 TILE = {64: 32, 80: 25, 96: 21, 128: 16, 256: 8}  # keys_per_tile(D) = 2048 / D
 
 
@@ -88,9 +83,9 @@ def test_gpu_core_estimate(qsdpa_sim, arch, cores):
 
 def test_coverage(qsdpa_sim):
     for mode, bits, gs in FORMATS:
-        for D in (64, 96, 128, 256):
-            assert qsdpa_sim.kernels_cover(mode, bits, gs, D, 1) == (D % gs == 0), (mode, bits, gs, D)
-        assert qsdpa_sim.kernels_cover(mode, bits, gs, 80, 1) == (mode == "nvfp4")
+        for D in HEAD_DIMS:
+            expected = D in head_dims(mode, bits) and D % gs == 0
+            assert qsdpa_sim.kernels_cover(mode, bits, gs, D, 1) == expected, (mode, bits, gs, D)
         for D in (16, 32, 72, 160, 192, 320, 512, 576, 1024, 2048, 4096):
             assert not qsdpa_sim.kernels_cover(mode, bits, gs, D, 1)
     for Lq, covered in [(0, False), (1, True), (17, True), (32, True), (33, False), (128, False)]:
@@ -102,11 +97,12 @@ def test_every_planned_kernel_is_in_the_library_and_back(qsdpa_sim):
     planned = {
         qsdpa_sim.decode_kernel_name(mode, bits, D)
         for mode, bits, gs in FORMATS
-        for D in (64, 80, 96, 128, 256)
+        for D in HEAD_DIMS
         if qsdpa_sim.kernels_cover(mode, bits, gs, D, 1)
     }
     assert set(qsdpa_sim.lib.kernel_names()) == planned | {"qsdpa_merge"}
-    assert len(planned) == 41
+    # One per (format, head dim), named after the table's kernel token.
+    assert planned == {f"qsdpa_decode_{KERNEL_TOKENS[m, b]}_d{D}" for m, b in KERNEL_TOKENS for D in head_dims(m, b)}
 
 
 def test_function_constant_types_match_the_kernels(qsdpa_sim):
@@ -146,7 +142,7 @@ def test_one_pass_plan(qsdpa_sim):
     head, launches = describe(qsdpa_sim, shape=(2, 8, 2, 3, 100, 128), mask="bool", sinks=True)
     assert head["blocks"] == 1 and head["partial_out"] == 0
     (l,) = launches
-    assert l["kernel"] == "qsdpa_decode_affine4_d128"
+    assert l["kernel"] == f"qsdpa_decode_{KERNEL_TOKENS['affine', 4]}_d128"
     assert l["grid"] == "1,2,2"  # (blocks, Hkv * row blocks, B)
     assert l["threads"] == "256,1,1"
     c = constants(l)
@@ -186,7 +182,7 @@ def test_two_pass_plan(qsdpa_sim):
 
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 def test_threadgroup_memory(qsdpa_sim, D):
-    mode, bits, gs = ("nvfp4", 4, 16) if D == 80 else ("affine", 4, 32)
+    mode, bits, gs = next(f for f in FORMATS if D in head_dims(*f[:2]) and D % f[2] == 0)
     _, (l,) = describe(qsdpa_sim, shape=(1, 2, 1, 1, 10, D), mode=mode, bits=bits, gs=gs)
     tg = int(l["tgmem"])
     assert tg % 16 == 0 and tg <= 16 * 1024 + 256

@@ -82,6 +82,10 @@ def test_static_constexpr_member_in_a_shared_header_is_reported():
     block = guarded.group(0)
     unguarded = block.split("\n", 1)[1].rsplit("#endif", 1)[0]
     (work / "mlx_qsdpa" / "formats.h").write_text(formats.replace(block, unguarded))
+    # The other shared headers as they are (attention_math.h includes formats.h).
+    for header in (ROOT / "csrc" / "mlx_qsdpa").glob("*.h"):
+        if header.name != "formats.h":
+            shutil.copy(header, work / "mlx_qsdpa" / header.name)
     try:
         violations = msl_rules.check(ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal", [work, ROOT / "csrc" / "backends" / "metal"])
     finally:
@@ -89,6 +93,26 @@ def test_static_constexpr_member_in_a_shared_header_is_reported():
     hits = [v for v in violations if v.rule == "static-data"]
     assert len(hits) == 2 and all(v.file.endswith("mlx_qsdpa/formats.h") for v in hits), violations
     assert {re.search(r"'(\w+)'", v.message).group(1) for v in hits} == {"kPackElems", "kPackBytes"}
+
+
+def test_attention_math_is_checked_as_msl():
+    """attention_math.h is held to the MSL rules as formats.h is: a double
+    in it (a shared-header slip that C++ and CUDA accept) is reported at
+    attention_math.h."""
+    work = BUILD / "msl-rules-work-attention-math"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(ROOT / "csrc" / "mlx_qsdpa", work / "mlx_qsdpa")
+    path = work / "mlx_qsdpa" / "attention_math.h"
+    text = path.read_text()
+    anchor = "QSDPA_FUNC float max_nan(float a, float b) {\n  return"
+    assert text.count(anchor) == 1, "attention_math.h changed: update the anchor"
+    path.write_text(text.replace(anchor, "QSDPA_FUNC float max_nan(float a, float b) {\n  return (double)a < 0.0 ? a :"))
+    try:
+        violations = msl_rules.check(ROOT / "csrc" / "backends" / "metal" / "quant_sdpa.metal", [work, ROOT / "csrc" / "backends" / "metal"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert violations, "a double in attention_math.h went unreported"
+    assert all(v.rule == "types" and v.file.endswith("mlx_qsdpa/attention_math.h") for v in violations), violations
 
 
 NOT_MSL = {

@@ -22,16 +22,13 @@ import pytest
 
 import oracle
 import qsdpa_case
-from metal_qsdpa_sim import broadcast, derived, whole
+from metal_qsdpa_sim import FORMATS, HEAD_DIMS, broadcast, derived, head_dims, whole
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32
 DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32"}
 
-FORMATS = [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
-    ("mxfp4", 4, 32),
-    ("mxfp8", 8, 32),
-    ("nvfp4", 4, 16),
-]
+# The format of the head dim that only 16-element groups quantize (80).
+FORMAT_D80 = next(f for f in FORMATS if 80 in head_dims(*f[:2]) and 80 % f[2] == 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +88,7 @@ def _cases() -> list[Case]:
     # Every head dim, 1-pass and 2-pass.
     for D, (mode, bits, gs) in [
         (64, ("affine", 4, 64)),
-        (80, ("nvfp4", 4, 16)),
+        (80, FORMAT_D80),
         (96, ("affine", 8, 32)),
         (128, ("mxfp8", 8, 32)),
         (256, ("affine", 3, 128)),
@@ -124,7 +121,8 @@ def _cases() -> list[Case]:
     for layout in ("prefix", "offset", "seq_major"):
         for blocks in (0, 3):
             cases.append(Case(layout=layout, blocks=blocks, Lq=2, Lk=50, mode="affine", bits=6, gs=32, dtype=BF16))
-    cases.append(Case(layout="prefix", mode="nvfp4", bits=4, gs=16, D=80, Lk=33, mask="causal", Lq=3))
+    mode, bits, gs = FORMAT_D80
+    cases.append(Case(layout="prefix", mode=mode, bits=bits, gs=gs, D=80, Lk=33, mask="causal", Lq=3))
     cases.append(Case(q_layout="transposed", Lq=3, Lk=40))
     # Batches.
     cases.append(Case(B=2, Lq=2, Lk=40, mask="additive"))
@@ -313,8 +311,8 @@ def _sweep() -> list[Case]:
     """Every format at every head dim it can quantize (D % group == 0)."""
     cases = []
     for i, (mode, bits, gs) in enumerate(FORMATS):
-        for j, D in enumerate((64, 80, 96, 128, 256)):
-            if D % gs or (D == 80 and mode != "nvfp4"):
+        for j, D in enumerate(HEAD_DIMS):
+            if D % gs or D not in head_dims(mode, bits):
                 continue
             cases.append(
                 Case(

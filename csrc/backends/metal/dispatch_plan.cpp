@@ -50,7 +50,7 @@ std::vector<uint8_t> as_bytes(const T& v) {
   return out;
 }
 
-void copy_strides(int64_t (&dst)[4], const Strides4& src) {
+void copy_strides(int64_t (&dst)[4], const int64_t (&src)[4]) {
   for (int i = 0; i < 4; ++i) {
     dst[i] = src[i];
   }
@@ -59,16 +59,20 @@ void copy_strides(int64_t (&dst)[4], const Strides4& src) {
 // Every function constant of the library (a kernel ignores the ones it does
 // not read; setting all of them keeps one rule for both kernels).
 std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, bool merge) {
+  const Call& c = p.call;
   const bool final_output = merge || !two_pass;
+  // Float scales (and biases) have an element type; the fp modes' 8-bit
+  // scale codes are decoded by mode, and their constant stays 0.
+  const bool float_scales = qsdpa::mode_has_bias(c.mode);
   return {
-      {qsdpa::kFcQueryType, false, p.query_type},
-      {qsdpa::kFcKeyScaleType, false, p.mode == qsdpa::kAffine ? p.key_scale_type : 0},
-      {qsdpa::kFcValueScaleType, false, p.mode == qsdpa::kAffine ? p.value_scale_type : 0},
-      {qsdpa::kFcGroupSize, false, p.group_size},
-      {qsdpa::kFcHasBiases, true, p.mode == qsdpa::kAffine},
-      {qsdpa::kFcCausal, true, p.mask == MaskMode::Causal},
-      {qsdpa::kFcBoolMask, true, p.mask == MaskMode::Bool},
-      {qsdpa::kFcFloatMask, true, p.mask == MaskMode::Additive},
+      {qsdpa::kFcQueryType, false, c.q_type},
+      {qsdpa::kFcKeyScaleType, false, float_scales ? c.k.scale_type : 0},
+      {qsdpa::kFcValueScaleType, false, float_scales ? c.v.scale_type : 0},
+      {qsdpa::kFcGroupSize, false, c.group_size},
+      {qsdpa::kFcHasBiases, true, qsdpa::mode_has_bias(c.mode)},
+      {qsdpa::kFcCausal, true, c.mask == qsdpa::kMaskCausal},
+      {qsdpa::kFcBoolMask, true, c.mask == qsdpa::kMaskBool},
+      {qsdpa::kFcFloatMask, true, c.mask == qsdpa::kMaskAdditive},
       // The sink and lse belong to the final normalisation (pass 2 when
       // there are two).
       {qsdpa::kFcHasSinks, true, p.has_sinks && final_output},
@@ -113,13 +117,13 @@ int gpu_core_estimate(const std::string& architecture) {
   const char size_class = architecture.empty() ? '?' : architecture.back();
   switch (size_class) {
     case 'g': // phone and tablet chips
-    case 'p': // base M chips
+    case 'p': // base chips
       return 10;
     case 's':
       return 16;
     case 'c':
       return 32;
-    case 'd': // Ultra: two dies
+    case 'd': // two dies
       return 64;
     default:
       return 16;
@@ -127,14 +131,16 @@ int gpu_core_estimate(const std::string& architecture) {
 }
 
 bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D) {
-  if (qsdpa::format_group_sizes(mode, bits) == 0) {
+  const int group_sizes = qsdpa::format_group_sizes(mode, bits);
+  if (group_sizes == 0) {
     return false;
   }
   if (D == 64 || D == 96 || D == 128 || D == 256) {
     return true;
   }
-  // 80 is not a multiple of 32: only nvfp4 (group size 16) quantizes it.
-  return D == 80 && mode == qsdpa::kNvfp4;
+  // 80 is a multiple of no group size but 16: only formats with 16-element
+  // groups quantize it.
+  return D == 80 && (group_sizes & qsdpa::kGroupSize16) != 0;
 }
 
 bool kernels_cover(qsdpa::QuantMode mode, int bits, int group_size, int D, int Lq) {
@@ -147,16 +153,17 @@ std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D) {
 }
 
 DecodePlan plan_decode(const DecodeProblem& p) {
-  if (!kernels_cover(p.mode, p.bits, p.group_size, p.D, p.Lq) || p.Hkv <= 0 ||
-      p.Hq % p.Hkv != 0 || p.B <= 0) {
+  const Call& c = p.call;
+  const auto mode = static_cast<qsdpa::QuantMode>(c.mode);
+  if (!kernels_cover(mode, c.bits, c.group_size, c.D, c.Lq) || c.Hkv <= 0 || c.G <= 0 ||
+      c.Hq != c.G * c.Hkv || c.B <= 0) {
     throw std::invalid_argument("[quant_sdpa] plan_decode: call not covered by the Metal kernels");
   }
-  const int G = p.Hq / p.Hkv;
-  const int rows = G * p.Lq;
+  const int rows = c.G * c.Lq;
   const int row_blocks = ceil_div(rows, qsdpa::kRowsPerThreadgroup);
   const KeySplit split = p.force_blocks > 0
-      ? forced_split(p.Lk, p.force_blocks)
-      : choose_key_split(p.B * p.Hkv * row_blocks, p.Lk, p.D, p.gpu_cores);
+      ? forced_split(c.Lk, p.force_blocks)
+      : choose_key_split(c.B * c.Hkv * row_blocks, c.Lk, c.D, p.gpu_cores);
   const bool two_pass = split.blocks > 1;
 
   DecodePlan plan;
@@ -164,29 +171,29 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   plan.keys_per_block = split.keys_per_block;
 
   qsdpa::DecodeParams dp{};
-  copy_strides(dp.q_strides, p.q);
-  copy_strides(dp.k_strides, p.k);
-  copy_strides(dp.k_scale_strides, p.k_scales);
-  copy_strides(dp.k_bias_strides, p.k_biases);
-  copy_strides(dp.v_strides, p.v);
-  copy_strides(dp.v_scale_strides, p.v_scales);
-  copy_strides(dp.v_bias_strides, p.v_biases);
-  copy_strides(dp.mask_strides, p.mask_strides);
-  dp.B = p.B;
-  dp.Hq = p.Hq;
-  dp.Hkv = p.Hkv;
-  dp.Lq = p.Lq;
-  dp.Lk = p.Lk;
-  dp.G = G;
+  copy_strides(dp.q_strides, c.qs);
+  copy_strides(dp.k_strides, c.k.ws);
+  copy_strides(dp.k_scale_strides, c.k.ss);
+  copy_strides(dp.k_bias_strides, c.k.bs);
+  copy_strides(dp.v_strides, c.v.ws);
+  copy_strides(dp.v_scale_strides, c.v.ss);
+  copy_strides(dp.v_bias_strides, c.v.bs);
+  copy_strides(dp.mask_strides, c.ms);
+  dp.B = c.B;
+  dp.Hq = c.Hq;
+  dp.Hkv = c.Hkv;
+  dp.Lq = c.Lq;
+  dp.Lk = c.Lk;
+  dp.G = c.G;
   dp.rows = rows;
   dp.row_blocks = row_blocks;
   dp.keys_per_block = split.keys_per_block;
   dp.blocks = split.blocks;
-  dp.scale_log2 = p.scale * 1.4426950408889634f;
-  dp.sink_stride = static_cast<int>(p.sink_stride);
+  dp.scale_log2 = c.scale_log2;
+  dp.sink_stride = static_cast<int>(c.sink_stride);
 
   KernelLaunch decode;
-  decode.kernel = decode_kernel_name(p.mode, p.bits, p.D);
+  decode.kernel = decode_kernel_name(mode, c.bits, c.D);
   decode.constants = constants_for(p, two_pass, /* merge= */ false);
   decode.pipeline_key = pipeline_key(decode.kernel, decode.constants);
   auto& db = decode.buffers;
@@ -195,13 +202,13 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   db.push_back({qsdpa::kDecodeKeyScales, Operand::KeyScales, false});
   db.push_back({qsdpa::kDecodeValues, Operand::Values, false});
   db.push_back({qsdpa::kDecodeValueScales, Operand::ValueScales, false});
-  if (p.mode == qsdpa::kAffine) {
+  if (qsdpa::mode_has_bias(c.mode)) {
     db.push_back({qsdpa::kDecodeKeyBiases, Operand::KeyBiases, false});
     db.push_back({qsdpa::kDecodeValueBiases, Operand::ValueBiases, false});
   }
-  if (p.mask == MaskMode::Bool) {
+  if (c.mask == qsdpa::kMaskBool) {
     db.push_back({qsdpa::kDecodeBoolMask, Operand::Mask, false});
-  } else if (p.mask == MaskMode::Additive) {
+  } else if (c.mask == qsdpa::kMaskAdditive) {
     db.push_back({qsdpa::kDecodeFloatMask, Operand::Mask, false});
   }
   if (two_pass) {
@@ -220,26 +227,26 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   decode.params = as_bytes(dp);
   decode.grid = {
       static_cast<uint32_t>(split.blocks),
-      static_cast<uint32_t>(p.Hkv * row_blocks),
-      static_cast<uint32_t>(p.B)};
+      static_cast<uint32_t>(c.Hkv * row_blocks),
+      static_cast<uint32_t>(c.B)};
   decode.threads = {qsdpa::kThreadsPerGroup, 1, 1};
-  decode.threadgroup_memory = pad16(sizeof(float) * qsdpa::decode_threadgroup_floats(p.D));
+  decode.threadgroup_memory = pad16(sizeof(float) * qsdpa::decode_threadgroup_floats(c.D));
   plan.launches.push_back(std::move(decode));
 
   if (!two_pass) {
     return plan;
   }
-  const int64_t out_rows = int64_t(p.B) * p.Hq * p.Lq;
-  plan.partial_out_elems = out_rows * split.blocks * p.D;
+  const int64_t out_rows = int64_t(c.B) * c.Hq * c.Lq;
+  plan.partial_out_elems = out_rows * split.blocks * c.D;
   plan.partial_stats_elems = out_rows * split.blocks * 2;
 
   qsdpa::MergeParams mp{};
   mp.rows = static_cast<int>(out_rows);
-  mp.Hq = p.Hq;
-  mp.Lq = p.Lq;
-  mp.D = p.D;
+  mp.Hq = c.Hq;
+  mp.Lq = c.Lq;
+  mp.D = c.D;
   mp.blocks = split.blocks;
-  mp.sink_stride = static_cast<int>(p.sink_stride);
+  mp.sink_stride = static_cast<int>(c.sink_stride);
 
   KernelLaunch merge;
   merge.kernel = "qsdpa_merge";

@@ -13,34 +13,25 @@
 #include <string>
 #include <vector>
 
+#include "call.h"
 #include "mlx_qsdpa/formats.h"
 
 namespace mlx_qsdpa::metal_plan {
 
-enum class MaskMode { None, Causal, Bool, Additive };
-
-// Strides, in elements, of a 4-d array [B, H, L, last].
-using Strides4 = std::array<int64_t, 4>;
-
-// One quant_sdpa call, as the kernels see it.
+// One quant_sdpa call, as the plan needs it.
 struct DecodeProblem {
-  int B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0;
-  qsdpa::QuantMode mode = qsdpa::kAffine;
-  int bits = 4;
-  int group_size = 64;
-  int query_type = 0; // qsdpa::ElemType of queries and output
-  int key_scale_type = 0; // qsdpa::ElemType of the affine key scales/biases
-  int value_scale_type = 0; // ... of the value scales/biases (fp modes: unused)
-  MaskMode mask = MaskMode::None;
+  // Sizes, format, element types, mask kind (qsdpa::MaskKind) and strides.
+  // Its pointers are not read: Metal binds the arrays themselves, so the
+  // host builds it with null addresses (describe_call).
+  Call call{};
+  // Whether the call has sinks and returns lse (the Call's null pointers
+  // cannot say).
   bool has_sinks = false;
   bool return_lse = false;
-  float scale = 1.0f;
-  Strides4 q{}, k{}, k_scales{}, k_biases{}, v{}, v_scales{}, v_biases{}, mask_strides{};
-  int64_t sink_stride = 1;
   // Size hint of the GPU (gpu_core_estimate); decides the key split.
   int gpu_cores = 16;
   // > 0: split the keys into this many blocks exactly as far as Lk allows
-  // (2-pass from 2 blocks on). For tests and QSDPA_METAL_BLOCKS.
+  // (2-pass from 2 blocks on). Set by the tests (set_metal_test_key_blocks).
   int force_blocks = 0;
 };
 
@@ -113,7 +104,9 @@ KeySplit choose_key_split(int threadgroups, int Lk, int D, int gpu_cores);
 // own kernels tune for. An estimate: it only moves the key split.
 int gpu_core_estimate(const std::string& architecture);
 
-// Whether the metallib has a decode kernel for this format and head dim.
+// Whether the metallib has a decode kernel for this format and head dim:
+// every format of formats.h's table at head dims 64, 96, 128 and 256, and
+// the formats with 16-element groups also at 80 (quant_sdpa.metal).
 bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D);
 
 // Whether the kernels cover a call (the rest falls back to

@@ -61,8 +61,7 @@
     qsdpa::quant_sdpa_decode<MODE, BITS, D>(buf, params, smem, tgid, tid, sgid, lane); \
   }
 
-// Head dims 64, 96, 128 and 256 for every format; 80 only admits group
-// size 16, i.e. nvfp4.
+// Head dims 64, 96, 128 and 256 for every format.
 #define QSDPA_DECODE_KERNELS(fmt, MODE, BITS)                         \
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d64, MODE, BITS, 64)       \
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d96, MODE, BITS, 96)       \
@@ -74,6 +73,11 @@
   QSDPA_DECODE_KERNELS(TOKEN, qsdpa::MODE, BITS)
 
 QSDPA_FORMATS(QSDPA_DECODE_FORMAT_KERNELS)
+
+// Head dim 80, a multiple of no group size but 16: one kernel per format
+// with 16-element groups, the rule dispatch_plan.cpp's decode_kernel_exists
+// reads from the table (tests/metal/test_metal_dispatch_plan.py holds the
+// two to the same list).
 QSDPA_DECODE_KERNEL(qsdpa_decode_nvfp4_d80, qsdpa::kNvfp4, 4, 80)
 
 [[kernel]] void qsdpa_merge(

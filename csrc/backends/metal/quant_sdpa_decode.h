@@ -4,8 +4,8 @@
 // one (batch, kv head) over a range of keys of a quantized K/V cache.
 //
 // A threadgroup (8 simdgroups) covers query rows r0 .. r0 + 31 of the
-// G * Lq rows of its (batch, kv head) (row r is query position r / G of
-// query head kvh * G + r % G) and the keys of its block. Keys are decoded
+// G * Lq rows of its (batch, kv head) (attention_math.h's row_position) and
+// the keys of its block. Keys are decoded
 // tile by tile (keys_per_tile(D) keys) into threadgroup memory by all 256
 // threads together, so each packed K/V word is read once per threadgroup
 // and then serves every query head of the GQA group and every query
@@ -14,8 +14,9 @@
 // l + 32, ... of q and of the output) and takes every n_splits-th key of
 // each tile; the few rows of single-token decode thus still keep all 8
 // simdgroups busy. Each (row, key) score is one simd_sum; the softmax is
-// online, in base 2 and float32. At the end the key splits merge their
-// (max, sum, output) through threadgroup memory.
+// online, in base 2 and float32 (attention_math.h: running max, merge,
+// finalisation). At the end the key splits merge their (max, sum, output)
+// through threadgroup memory.
 //
 // 1-pass (fc_write_final): the threadgroup covers all keys and writes the
 // normalised output (sink included) and lse. 2-pass (fc_write_partials):
@@ -24,9 +25,9 @@
 #pragma once
 
 #include "function_constants.h"
+#include "mlx_qsdpa/attention_math.h"
 #include "quant_sdpa_io.h"
 #include "quant_sdpa_params.h"
-#include "quant_sdpa_softmax.h"
 
 namespace qsdpa {
 
@@ -137,13 +138,12 @@ inline void quant_sdpa_decode(
   for (int rr = 0; rr < RPS; ++rr) {
     const int lr = row_group * RPS + rr;
     const bool valid = lr < n_rows;
-    const int r = r0 + lr;
-    pos[rr] = valid ? r / p.G : 0;
-    head[rr] = valid ? kvh * p.G + r % p.G : 0;
+    const RowPos rp = row_position(kvh, r0 + lr, p.G);
+    pos[rr] = valid ? rp.i : 0;
+    head[rr] = valid ? rp.h : 0;
     limit[rr] = 0;
     if (valid) {
-      // Causal, aligned bottom-right: position i sees keys j <= Lk - Lq + i.
-      limit[rr] = fc_causal ? metal::clamp(p.Lk - p.Lq + pos[rr] + 1, 0, p.Lk) : p.Lk;
+      limit[rr] = fc_causal ? causal_limit(p.Lq, p.Lk, pos[rr]) : p.Lk;
     }
     m[rr] = -INFINITY;
     l[rr] = 0.0f;
@@ -162,8 +162,8 @@ inline void quant_sdpa_decode(
   const int k_begin = block * p.keys_per_block;
   int k_end = metal::min(p.Lk, k_begin + p.keys_per_block);
   if (fc_causal) {
-    const int last_pos = (r0 + n_rows - 1) / p.G;
-    k_end = metal::min(k_end, p.Lk - p.Lq + last_pos + 1);
+    const int last_pos = row_position(kvh, r0 + n_rows - 1, p.G).i;
+    k_end = metal::min(k_end, causal_limit(p.Lq, p.Lk, last_pos));
   }
 
   threadgroup float* k_tile = smem;
@@ -216,7 +216,7 @@ inline void quant_sdpa_decode(
         if (s == -INFINITY) {
           continue; // masked by -inf: the key weighs nothing
         }
-        // A NaN or +inf score poisons the row (quant_sdpa_softmax.h).
+        // A NaN or +inf score poisons the row (attention_math.h).
         const float m_new = running_max(m[rr], s);
         const float corr = metal::exp2(m[rr] - m_new);
         const float pr = metal::exp2(s - m_new);
@@ -254,20 +254,18 @@ inline void quant_sdpa_decode(
     if (split < half_n) {
       for (int rr = 0; rr < RPS; ++rr) {
         const int slot = (split * n_row_groups + row_group) * RPS + rr;
-        const float m_b = x_stats[slot * 2];
-        const float l_b = x_stats[slot * 2 + 1];
-        const float m_new = max_nan(m[rr], m_b); // NaN: either is poisoned
-        if (m_new == -INFINITY) {
+        const RowStats theirs = {x_stats[slot * 2], x_stats[slot * 2 + 1]};
+        const RowStats ours = {m[rr], l[rr]};
+        const Merged mg = merge_stats(ours, theirs); // NaN max: either is poisoned
+        if (mg.stats.m == -INFINITY) {
           continue; // neither saw a key
         }
-        const float ca = metal::exp2(m[rr] - m_new);
-        const float cb = metal::exp2(m_b - m_new);
-        l[rr] = l[rr] * ca + l_b * cb;
         for (int t = 0; t < DPL; ++t) {
           const int d = int(lane) + t * kSimdWidth;
-          o[rr][t] = o[rr][t] * ca + (d < D ? x_out[slot * D + d] : 0.0f) * cb;
+          o[rr][t] = o[rr][t] * mg.ca + (d < D ? x_out[slot * D + d] : 0.0f) * mg.cb;
         }
-        m[rr] = m_new;
+        m[rr] = mg.stats.m;
+        l[rr] = mg.stats.l;
       }
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);

@@ -2,22 +2,13 @@
 //
 // Loads and stores of the element types the kernels read and write, chosen
 // by a function constant (so the choice costs nothing at run time), and the
-// constants of the base-2 softmax.
+// strided addressing of K/V rows.
 #pragma once
 
 #include "mlx_qsdpa/formats.h"
 #include "quant_sdpa_params.h"
 
 namespace qsdpa {
-
-// Scores are kept in base 2 (queries pre-multiplied by scale * log2(e)) so
-// that the softmax uses exp2; lse is converted back with ln(2).
-inline float log2e() {
-  return 1.4426950408889634f;
-}
-inline float ln2() {
-  return 0.6931471805599453f;
-}
 
 // Element `i` of an array of ElemType `type`, as float. bfloat16 is decoded
 // with formats.h (no dependence on MSL's optional bfloat type).

@@ -2,15 +2,16 @@
 //
 // Pass 2 of the 2-pass decode: merges the partial results of the key
 // blocks of each output row exactly (rescaling every block by 2^(m_block -
-// m), m the row's max over the blocks and the sink), adds the sink and
-// writes the output and lse (finalize_row). One simdgroup per row: the
-// lanes split the blocks for the max and the sum, then the head dim.
+// m), m the row's max over the blocks), then finishes the row as the 1-pass
+// kernel does: attention_math.h's finalize_row adds the sink and gives the
+// output's factor and the lse. One simdgroup per row: the lanes split the
+// blocks for the max and the sum, then the head dim.
 #pragma once
 
 #include "function_constants.h"
+#include "mlx_qsdpa/attention_math.h"
 #include "quant_sdpa_io.h"
 #include "quant_sdpa_params.h"
-#include "quant_sdpa_softmax.h"
 
 namespace qsdpa {
 
@@ -32,8 +33,8 @@ inline void quant_sdpa_merge(
   const device float* stats = partial_stats + int64_t(row) * p.blocks * 2;
   const device float* part = partial_out + int64_t(row) * p.blocks * p.D;
 
-  // The blocks' max. A poisoned block (max NaN, quant_sdpa_softmax.h)
-  // poisons the row: counted by a sum, whatever simd_max does with a NaN.
+  // The blocks' max. A poisoned block (max NaN, attention_math.h) poisons
+  // the row: counted by a sum, whatever simd_max does with a NaN.
   float m = -INFINITY;
   float poisoned = 0.0f;
   for (int blk = int(lane); blk < p.blocks; blk += kSimdWidth) {
@@ -45,13 +46,8 @@ inline void quant_sdpa_merge(
   if (metal::simd_sum(poisoned) > 0.0f) {
     m = NAN;
   }
-  // The sink joins the max first (a -inf sink is no key).
-  const float sink = fc_has_sinks ? sinks[head * p.sink_stride] * log2e() : -INFINITY;
-  if (sink != -INFINITY) {
-    m = max_nan(m, sink);
-  }
-  // Blocks that saw no key have max -inf and contribute nothing (and m is
-  // -inf only if every block is empty and there is no sink).
+  // Blocks that saw no key have max -inf and contribute nothing (m is -inf
+  // only if every block is empty).
   float l = 0.0f;
   for (int blk = int(lane); blk < p.blocks; blk += kSimdWidth) {
     const float mb = stats[blk * 2];
@@ -60,11 +56,9 @@ inline void quant_sdpa_merge(
     }
   }
   l = metal::simd_sum(l);
-  if (sink != -INFINITY) {
-    l += metal::exp2(sink - m);
-  }
-  // The sink is in m and l already.
-  const Finalized f = finalize_row(m, l, false, 0.0f);
+  // The sink: one more key with logit sinks[head] and a zero value.
+  const float s2 = fc_has_sinks ? sinks[head * p.sink_stride] * log2e() : 0.0f;
+  const Finalized f = finalize_row(m, l, fc_has_sinks, s2);
   for (int d = int(lane); d < p.D; d += kSimdWidth) {
     float acc = 0.0f;
     for (int blk = 0; blk < p.blocks; ++blk) {

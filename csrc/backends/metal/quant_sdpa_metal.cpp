@@ -8,8 +8,8 @@
 // mlx_qsdpa.metallib (installed next to this library).
 #include <dlfcn.h>
 
+#include <atomic>
 #include <climits>
-#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -21,6 +21,7 @@
 
 #include "backend.h"
 #include "backends/metal/dispatch_plan.h"
+#include "backends/metal/test_hooks.h"
 #include "quant_sdpa_params.h"
 
 namespace mlx_qsdpa {
@@ -28,6 +29,10 @@ namespace mlx_qsdpa {
 namespace {
 
 namespace plan = metal_plan;
+
+// Key blocks every call is split into (set_metal_test_key_blocks, tests
+// only); 0: the plan decides.
+std::atomic<int> g_test_key_blocks{0};
 
 // The directory of the binary holding this code: mlx_qsdpa.metallib is
 // installed next to it (cmake/metal.cmake).
@@ -40,10 +45,6 @@ const std::string& binary_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
-}
-
-plan::Strides4 strides4(const mx::array& a) {
-  return {a.strides(0), a.strides(1), a.strides(2), a.strides(3)};
 }
 
 // A float32 temporary of n elements, released when the command buffer
@@ -60,6 +61,13 @@ mx::array temporary(int64_t n, mx::metal::CommandEncoder& enc) {
 
 } // namespace
 
+void set_metal_test_key_blocks(int blocks) {
+  if (blocks < 0) {
+    throw std::invalid_argument("[quant_sdpa] the test key block count must be >= 0 (0: the plan decides).");
+  }
+  g_test_key_blocks.store(blocks, std::memory_order_relaxed);
+}
+
 bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& shape) {
   return plan::kernels_cover(c.mode, c.bits, c.group_size, shape.D, shape.Lq);
 }
@@ -70,7 +78,6 @@ void eval_gpu_kernel(
     std::vector<mx::array>& outputs,
     mx::Stream stream) {
   InputSlots in(c);
-  const mx::array& q = inputs[in.q];
   mx::array& out = outputs[0];
   if (out.size() == 0) {
     return;
@@ -78,46 +85,13 @@ void eval_gpu_kernel(
 
   auto& d = mx::metal::device(stream.device);
   plan::DecodeProblem p;
-  p.B = q.shape(0);
-  p.Hq = q.shape(1);
-  p.Lq = q.shape(2);
-  p.D = q.shape(3);
-  p.Hkv = inputs[in.k].shape(1);
-  p.Lk = inputs[in.k].shape(2);
-  p.mode = c.mode;
-  p.bits = c.bits;
-  p.group_size = c.group_size;
-  p.query_type = elem_type(q.dtype());
-  if (c.has_biases()) {
-    p.key_scale_type = elem_type(inputs[in.k_scales].dtype());
-    p.value_scale_type = elem_type(inputs[in.v_scales].dtype());
-  }
-  p.mask = c.mask == MaskKind::Causal ? plan::MaskMode::Causal
-      : c.mask == MaskKind::Bool      ? plan::MaskMode::Bool
-      : c.mask == MaskKind::Additive  ? plan::MaskMode::Additive
-                                      : plan::MaskMode::None;
+  // Sizes, format, types, mask kind and strides; no addresses: the plan's
+  // launches bind the arrays themselves.
+  p.call = describe_call(c, inputs, outputs, [](const mx::array&) -> const void* { return nullptr; });
   p.has_sinks = c.has_sinks;
   p.return_lse = c.return_lse;
-  p.scale = c.scale;
-  p.q = strides4(q);
-  p.k = strides4(inputs[in.k]);
-  p.k_scales = strides4(inputs[in.k_scales]);
-  p.v = strides4(inputs[in.v]);
-  p.v_scales = strides4(inputs[in.v_scales]);
-  if (c.has_biases()) {
-    p.k_biases = strides4(inputs[in.k_biases]);
-    p.v_biases = strides4(inputs[in.v_biases]);
-  }
-  if (in.mask >= 0) {
-    p.mask_strides = strides4(inputs[in.mask]);
-  }
-  if (in.sinks >= 0) {
-    p.sink_stride = inputs[in.sinks].strides(0);
-  }
   p.gpu_cores = plan::gpu_core_estimate(d.get_architecture());
-  if (const char* blocks = std::getenv("QSDPA_METAL_BLOCKS")) {
-    p.force_blocks = std::atoi(blocks);
-  }
+  p.force_blocks = g_test_key_blocks.load(std::memory_order_relaxed);
   const plan::DecodePlan dp = plan::plan_decode(p);
 
   auto& enc = mx::metal::get_command_encoder(stream);

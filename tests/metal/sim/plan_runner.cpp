@@ -32,7 +32,7 @@ enum Dim {
   kQueryType,
   kKeyScaleType,
   kValueScaleType,
-  kMask, // MaskMode
+  kMask, // qsdpa::MaskKind
   kHasSinks,
   kReturnLse,
   kGpuCores,
@@ -43,33 +43,40 @@ enum Dim {
 
 constexpr int kNumOperands = static_cast<int>(Operand::PartialStats) + 1;
 
+// The problem as eval_gpu_kernel builds it: a Call as describe_call fills
+// it for Metal (no addresses), and the plan's own options.
 DecodeProblem problem_from(const int32_t* dims, float scale, const int64_t* strides) {
   DecodeProblem p;
-  p.B = dims[kB];
-  p.Hq = dims[kHq];
-  p.Hkv = dims[kHkv];
-  p.Lq = dims[kLq];
-  p.Lk = dims[kLk];
-  p.D = dims[kD];
-  p.mode = static_cast<qsdpa::QuantMode>(dims[kMode]);
-  p.bits = dims[kBits];
-  p.group_size = dims[kGroupSize];
-  p.query_type = dims[kQueryType];
-  p.key_scale_type = dims[kKeyScaleType];
-  p.value_scale_type = dims[kValueScaleType];
-  p.mask = static_cast<MaskMode>(dims[kMask]);
+  mlx_qsdpa::Call& c = p.call;
+  c.B = dims[kB];
+  c.Hq = dims[kHq];
+  c.Hkv = dims[kHkv];
+  c.Lq = dims[kLq];
+  c.Lk = dims[kLk];
+  c.D = dims[kD];
+  c.G = c.Hkv > 0 ? c.Hq / c.Hkv : 0;
+  c.mode = dims[kMode];
+  c.bits = dims[kBits];
+  c.group_size = dims[kGroupSize];
+  c.scale = scale;
+  c.scale_log2 = scale * qsdpa::log2e();
+  c.q_type = dims[kQueryType];
+  c.out_type = dims[kQueryType];
+  c.k.scale_type = dims[kKeyScaleType];
+  c.v.scale_type = dims[kValueScaleType];
+  c.mask = dims[kMask];
+  c.sink_stride = dims[kSinkStride];
+  // Strides in the order q, k, k scales, k biases, v, v scales, v biases, mask.
+  int64_t* all[8] = {c.qs, c.k.ws, c.k.ss, c.k.bs, c.v.ws, c.v.ss, c.v.bs, c.ms};
+  for (int a = 0; a < 8; ++a) {
+    for (int i = 0; i < 4; ++i) {
+      all[a][i] = strides[a * 4 + i];
+    }
+  }
   p.has_sinks = dims[kHasSinks] != 0;
   p.return_lse = dims[kReturnLse] != 0;
   p.gpu_cores = dims[kGpuCores];
   p.force_blocks = dims[kForceBlocks];
-  p.sink_stride = dims[kSinkStride];
-  p.scale = scale;
-  Strides4* all[8] = {&p.q, &p.k, &p.k_scales, &p.k_biases, &p.v, &p.v_scales, &p.v_biases, &p.mask_strides};
-  for (int a = 0; a < 8; ++a) {
-    for (int i = 0; i < 4; ++i) {
-      (*all[a])[i] = strides[a * 4 + i];
-    }
-  }
   return p;
 }
 
@@ -215,6 +222,18 @@ int qsim_gpu_core_estimate(const char* architecture) {
 
 int qsim_kernels_cover(int mode, int bits, int group_size, int D, int Lq) {
   return kernels_cover(static_cast<qsdpa::QuantMode>(mode), bits, group_size, D, Lq) ? 1 : 0;
+}
+
+// The QuantMode of a mode name of formats.h's table ("affine", "mxfp4",
+// ...), -1 for a name it does not have: the tests name formats as
+// mx.quantize does and take the numbers from here.
+int qsim_quant_mode(const char* name) {
+  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
+    if (std::strcmp(r.mode_name, name) == 0) {
+      return r.mode;
+    }
+  }
+  return -1;
 }
 
 int qsim_decode_kernel_name(int mode, int bits, int D, char* out, int len) {

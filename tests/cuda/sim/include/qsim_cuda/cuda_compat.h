@@ -1,8 +1,8 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // CUDA on the host, for the CPU simulator: what csrc/backends/cuda/decode_mma.cuh (and
-// common.cuh, split_merge.cuh) use of CUDA C++, implemented on the Metal
-// simulator's runtime (tests/metal/sim: a block is a qsim threadgroup, its
+// common.cuh, split_merge.cuh) use of CUDA C++, implemented on the
+// simulators' shared runtime (tests/sim: a block is a qsim threadgroup, its
 // threads fibers, a warp a 32-lane simdgroup). Included through the stand-in
 // <cuda_fp16.h> / <cuda_bf16.h> of this directory, so the kernel sources
 // compile unchanged with QSDPA_CUDA_SIM defined (which swaps csrc/backends/cuda/ptx.cuh's

@@ -1,8 +1,11 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The Metal simulator's runtime: executes a dispatch of a kernel compiled
-// from MSL as C++ (see include/qsim/compat.h) on the CPU, and reports what a
-// GPU would do wrong or undefined.
+// The simulators' runtime: executes a dispatch of a GPU kernel compiled as
+// C++ on the CPU, and reports what a GPU would do wrong or undefined. Both
+// front ends use it: the Metal simulator (tests/metal: MSL through
+// tests/metal/sim/include/qsim_metal/compat.h) and the CUDA simulator
+// (tests/cuda: a block is a threadgroup, a warp a simdgroup, through
+// tests/cuda/sim/include/qsim_cuda/cuda_compat.h).
 //
 // * Threads: every thread of a threadgroup is a fiber (own stack, started
 //   with makecontext, switched with _setjmp/_longjmp, which unlike

@@ -1,9 +1,9 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The Metal simulator's runtime interface: what the compatibility header
-// (compat.h) and the generated kernel trampolines call. Implemented in
-// runtime.cpp, which is compiled without the memory instrumentation that
-// the kernels get.
+// The simulators' runtime interface: what the compatibility headers (the
+// Metal and CUDA front ends' compat.h and cuda_compat.h) and the generated
+// kernel trampolines call. Implemented in tests/sim/runtime.cpp, which is
+// compiled without the memory instrumentation that the kernels get.
 #pragma once
 
 #include <cstddef>

@@ -1,8 +1,9 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// float <-> binary16 / bfloat16 bit conversions of the Metal simulator
-// (round to nearest even, as the GPU converts). Used by compat.h and by the
-// runtime's __fp16 helpers.
+// float <-> binary16 / bfloat16 bit conversions of the simulators (round
+// to nearest even, as the GPU converts). Used by the Metal front end's
+// compat.h, the CUDA front end's numerics.h and the runtime's __fp16
+// helpers.
 #pragma once
 
 #include <cmath>
