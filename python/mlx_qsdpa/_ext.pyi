@@ -46,5 +46,14 @@ def cpu_variants() -> List[Tuple[str, bool]]:
     Only in extensions with the CPU kernel's run-time dispatch: call
     ``mlx_qsdpa.cpu_variants()``, which returns [] without it.
     """
+def _set_cuda_test_overrides(kernel: Optional[str] = None, splits: int = 0, workspace: Optional[str] = None) -> None:
+    """Tests and tuning only: how later CUDA calls launch. kernel="simt" runs the generic
+    kernel wherever the tensor-core one would; splits > 0 fixes the key split count (clamped
+    as the plan's own); workspace="pool" takes the split-K memory from the stream-ordered
+    pool instead of the rings. Each call replaces all three; no arguments restore the plan.
+
+    Only in extensions built with the CUDA backend (``gpu_backend() == "cuda"``); absent
+    elsewhere.
+    """
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...
