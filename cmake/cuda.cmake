@@ -1,5 +1,6 @@
-# CUDA backend (MLX's CUDA build): the decode kernels of csrc/backends/cuda/*.cu and the
-# host code of csrc/cuda, compiled into the mlx_qsdpa library.
+# CUDA backend (MLX's CUDA build): the decode kernels of csrc/backends/cuda/*.cu,
+# their launch plan (launch_plan.cpp, plain C++) and the host code
+# (quant_sdpa_cuda.cpp), compiled into the mlx_qsdpa library.
 #
 # The kernels are launched through MLX's CUDA command encoder as driver
 # handles taken with this library's own CUDA runtime, which must therefore be
@@ -19,10 +20,16 @@ find_package(CUDAToolkit REQUIRED)
 
 get_filename_component(MLX_QSDPA_ROOT ${CMAKE_CURRENT_LIST_DIR}/.. ABSOLUTE)
 file(GLOB MLX_QSDPA_CUDA_SOURCES CONFIGURE_DEPENDS ${MLX_QSDPA_ROOT}/csrc/backends/cuda/*.cu)
-target_sources(mlx_qsdpa PRIVATE ${MLX_QSDPA_CUDA_SOURCES}
-                                 ${MLX_QSDPA_ROOT}/csrc/backends/cuda/quant_sdpa_cuda.cpp)
+target_sources(
+  mlx_qsdpa PRIVATE ${MLX_QSDPA_CUDA_SOURCES} ${MLX_QSDPA_ROOT}/csrc/backends/cuda/launch_plan.cpp
+                    ${MLX_QSDPA_ROOT}/csrc/backends/cuda/quant_sdpa_cuda.cpp)
 # csrc/backends/cuda/params.h is the interface between the kernels and the host code.
 target_include_directories(mlx_qsdpa PRIVATE ${MLX_QSDPA_ROOT})
+# The Python bindings (built in this tree, linked to mlx_qsdpa) expose the
+# CUDA backend's private test entry point (launch_plan.h's
+# set_test_overrides) only where it exists; installed C++ users do not see
+# the definition.
+target_compile_definitions(mlx_qsdpa INTERFACE $<BUILD_INTERFACE:MLX_QSDPA_CUDA_BACKEND=1>)
 target_link_libraries(mlx_qsdpa PRIVATE CUDA::cudart)
 set_target_properties(
   mlx_qsdpa

@@ -19,6 +19,9 @@
 #if defined(MLX_QSDPA_GPU_METAL)
 #include "backends/metal/test_hooks.h"
 #endif
+#if defined(MLX_QSDPA_CUDA_BACKEND)
+#include "backends/cuda/launch_plan.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -197,6 +200,30 @@ NB_MODULE(_ext, m) {
       },
       "blocks"_a,
       "Tests only, Metal builds only: split every call's keys into `blocks` blocks (2-pass from 2 on); 0: the plan decides.");
+#if defined(MLX_QSDPA_CUDA_BACKEND)
+  m.def(
+      "_set_cuda_test_overrides",
+      [](const std::optional<std::string>& kernel, int splits, const std::optional<std::string>& workspace) {
+        if (kernel && *kernel != "simt") {
+          throw std::invalid_argument("kernel: None or 'simt', got '" + *kernel + "'");
+        }
+        if (workspace && *workspace != "pool") {
+          throw std::invalid_argument("workspace: None or 'pool', got '" + *workspace + "'");
+        }
+        if (splits < 0) {
+          throw std::invalid_argument("splits: 0 (the plan's) or a positive count");
+        }
+        mlx_qsdpa::cuda::TestOverrides o;
+        o.force_simt = kernel.has_value();
+        o.splits = splits;
+        o.force_pool = workspace.has_value();
+        mlx_qsdpa::cuda::set_test_overrides(o);
+      },
+      "kernel"_a.none() = nb::none(),
+      "splits"_a = 0,
+      "workspace"_a.none() = nb::none(),
+      "Tests and tuning only: how later CUDA calls launch (the defaults restore the plan).");
+#endif
   m.def("_decode_table", &decode_table, "what"_a);
   m.def("_unpack_row", &unpack_row, "words"_a, "bits"_a);
 }

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from qsdpa_env import CPU_VARIANT, DEVICE, METAL_BLOCKS  # noqa: E402
+from qsdpa_env import CPU_VARIANT, CUDA_KERNEL, CUDA_SPLITS, CUDA_WORKSPACE, DEVICE, METAL_BLOCKS  # noqa: E402
 
 # QSDPA_CPU_VARIANT=<name> runs the whole suite on that variant of the CPU
 # kernel (mlx_qsdpa._ext.cpu_variants() lists them); a name this CPU cannot
@@ -36,6 +36,16 @@ if METAL_BLOCKS:
     from mlx_qsdpa import _ext  # noqa: E402
 
     _ext._set_metal_test_blocks(METAL_BLOCKS)
+
+# QSDPA_CUDA_KERNEL / QSDPA_CUDA_SPLITS / QSDPA_CUDA_WORKSPACE (qsdpa_env.py)
+# set the CUDA kernels' test overrides for the whole run; without a CUDA
+# build they fail here rather than silently test the plan.
+if CUDA_KERNEL or CUDA_SPLITS or CUDA_WORKSPACE:
+    from mlx_qsdpa import _ext  # noqa: E402
+
+    if not hasattr(_ext, "_set_cuda_test_overrides"):
+        raise RuntimeError(f"QSDPA_CUDA_* settings need the CUDA build; this one's GPU backend is {_ext.gpu_backend()!r}")
+    _ext._set_cuda_test_overrides(kernel=CUDA_KERNEL, splits=CUDA_SPLITS, workspace=CUDA_WORKSPACE)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU round on the remote H100: build against MLX's CUDA build, check,
-# test, sanitize, benchmark. Run from the repo root after the two staging
+# One GPU round: build against MLX's CUDA build, check, test, sanitize,
+# benchmark. Run from the repo root after the two staging
 # commands of ../shared/tools/gpu-stage.sh (source /tmp/gpu/env.sh first).
 #
 #   bash benchmarks/cuda/run_gpu.sh STEP...   (build smoke tests sanitizer bench)
@@ -25,8 +25,8 @@ step_build() {
   local t0=$SECONDS
   # RelWithDebInfo: the GPU machine's g++ (/opt/gcc) cannot run lto-wrapper,
   # and nanobind links its module with LTO in Release builds only.
-  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} \
-      "-DCMAKE_CUDA_FLAGS=${QSDPA_CUDA_FLAGS:-}" "-DCMAKE_CXX_FLAGS=${QSDPA_CXX_FLAGS:-}" > "$out/build.log" 2>&1; then
+  if PYTHON=python3 bash tools/dev_build.sh cuda -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      ${QSDPA_CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$QSDPA_CUDA_ARCH} > "$out/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - t0)) s)")
   else
     summary+=("build: FAILED ($((SECONDS - t0)) s)"); tail -40 "$out/build.log"; return 1
@@ -42,12 +42,10 @@ ncu_durations() {
     --kernel-name regex:qsdpa "${@:2}"
 }
 
-# Steps that build with extra defines build the plain kernels again where
-# steps follow, so that those measure the plain kernels.
-plain_build_if_steps_follow() { # log file
-  if [ "$steps_left" -gt 0 ]; then
-    QSDPA_CUDA_FLAGS="" QSDPA_CXX_FLAGS="" step_build >> "$1" 2>&1 || echo "plain rebuild failed" >> "$1"
-  fi
+# A Python script or module run with the CUDA kernels' test overrides:
+# overrides [--kernel simt] [--splits N] [--workspace pool] (-m MODULE | SCRIPT) [ARGS...]
+overrides() {
+  python3 benchmarks/cuda/with_overrides.py "$@"
 }
 
 step_smoke() {
@@ -64,7 +62,7 @@ step_tests() {
   grep -E "^(FAILED|ERROR)" "$out/tests_gpu.log" | head -10
 }
 
-step_tests_variants() { # the pool fallback for partials and counters; the merge tree at many split counts
+step_tests_variants() { # the pool fallback for partials and counters; the merge tree at many split counts (tests/conftest.py sets the test overrides from these variables)
   local t0=$SECONDS f="$out/tests_variants.log"
   : > "$f"
   for v in QSDPA_CUDA_WORKSPACE=pool QSDPA_CUDA_SPLITS=3 QSDPA_CUDA_SPLITS=100; do
@@ -81,7 +79,7 @@ step_tests_variants() { # the pool fallback for partials and counters; the merge
 step_tune() { # split counts (0: the default plan), quant_sdpa only
   : > "$out/tune.txt"
   for s in 0 1 8 16 32 64 128; do
-    env QSDPA_CUDA_SPLITS=$s PYTHONPATH=$pkg:$PYTHONPATH python3 -m mlx_qsdpa bench --device gpu \
+    PYTHONPATH=$pkg:$PYTHONPATH overrides --splits "$s" -m mlx_qsdpa bench --device gpu \
       --layers 16 --no-progress --methods quant_sdpa --ctx 256,4096,32768,131072 2>&1 | \
       awk -v s=$s '/quant_sdpa/ && !/bench/ {print "splits=" s " " $0}' >> "$out/tune.txt"
   done
@@ -113,7 +111,7 @@ step_cpu() { # the CPU kernel on this host's CPU: the oracle files on each varia
   cat "$f"
 }
 
-step_tests_simt() {
+step_tests_simt() { # tests/conftest.py forces the generic kernel from QSDPA_CUDA_KERNEL
   local t0=$SECONDS
   QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest \
     tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py -q --maxfail=20 \
@@ -199,8 +197,8 @@ step_gdb() { # a host backtrace of the bad-input tests that crashed on the GPU
 step_overhead() { # host building / recording / GPU wait per call (benchmarks/cuda/overhead.py)
   local f="$out/overhead.txt"
   { echo "== default"; PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py
-    echo "== QSDPA_CUDA_SPLITS=1 (one kernel, no partials)"
-    QSDPA_CUDA_SPLITS=1 PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py 256,4096,32768
+    echo "== one split (one kernel, no partials)"
+    PYTHONPATH=$pkg:$PYTHONPATH overrides --splits 1 benchmarks/cuda/overhead.py 256,4096,32768
     echo "== 64 calls per eval"; PYTHONPATH=$pkg:$PYTHONPATH python3 benchmarks/cuda/overhead.py 256,32768 64
   } > "$f" 2>&1
   summary+=("overhead: $f")
@@ -212,8 +210,9 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
   if [ "$lq" != 1 ]; then f="$out/ncutime_lq$lq.txt"; fs="$out/ncutime_lq${lq}_summary.txt"; fi
   : > "$f"
   for s in ${NCU_SPLITS:-0 16}; do
-    echo "== QSDPA_CUDA_SPLITS=$s Lq=$lq" >> "$f"
-    QSDPA_CUDA_SPLITS=$s ncu_durations 240 python3 benchmarks/cuda/profile.py 256,4096,32768,131072 "$lq" >> "$f" 2>&1
+    echo "== splits=$s Lq=$lq" >> "$f"
+    ncu_durations 240 python3 benchmarks/cuda/with_overrides.py --splits "$s" benchmarks/cuda/profile.py \
+      256,4096,32768,131072 "$lq" >> "$f" 2>&1
   done
   grep -E "^==|qsdpa|gpu__time_duration" "$f" | sed -E 's/^ +//' | cut -c1-60 > "$fs"
   summary+=("kernel durations: $fs")
@@ -223,7 +222,8 @@ step_ncutime() { # GPU duration of each kernel of one call (Nsight Compute, dura
 step_sweep() { # one call's GPU time (ncu) per forced split count: SWEEP_SPLITS (0: the plan), SWEEP_CTXS, SWEEP_ARGS (profile.py options), SWEEP_LABEL
   local f="$out/sweep.txt" ctxs=${SWEEP_CTXS:-4096,16384,32768,131072} s
   for s in ${SWEEP_SPLITS:-0 16 32 48 64}; do
-    QSDPA_CUDA_SPLITS=$s ncu_durations 120 python3 benchmarks/cuda/profile.py "$ctxs" ${SWEEP_ARGS:-} > "$out/sweep_raw.txt" 2>&1
+    ncu_durations 120 python3 benchmarks/cuda/with_overrides.py --splits "$s" benchmarks/cuda/profile.py "$ctxs" \
+      ${SWEEP_ARGS:-} > "$out/sweep_raw.txt" 2>&1
     python3 benchmarks/cuda/ncu_table.py "$out/sweep_raw.txt" "$ctxs" 3 "${SWEEP_LABEL:-main} splits=$s" >> "$f"
   done
   summary+=("sweep: $f")
@@ -258,8 +258,8 @@ step_shapes() { # one call of each shape (shape_sweep): SHAPES, SHAPES_LABEL
 # (each `git archive <commit> csrc/backends/cuda > file.tar`, carried to the machine), then the
 # working tree's own kernels as "tree"; each is built and swept (step_shapes) in turn, twice
 # over (AB_ROUNDS). Extracted with `tar xmf`: plain `tar xf` restores the archive's older
-# mtimes, so ninja would rebuild nothing and the "other" kernels would be the last ones built
-# (seen 2026-11-29f). Files that an archive lacks stay as the tree has them.
+# mtimes, so ninja would rebuild nothing and the "other" kernels would be the last ones built.
+# Files that an archive lacks stay as the tree has them.
 step_ab() {
   local own round spec name file
   own=$(mktemp /tmp/qsdpa-ab-XXXX.tar)
@@ -276,18 +276,6 @@ step_ab() {
   rm -f "$own"
   summary+=("ab: $out/sweep.txt")
   grep -E "^[^ ]+\.[0-9]+ " "$out/sweep.txt" | cut -c1-100
-}
-
-step_timeline() { # when each block of a call reached its first keys, its stream's end, its partial, and the merge's levels (a -DQSDPA_DEBUG_TIMELINE=1 build, timeline.py): TIMELINE_CTXS, TIMELINE_ARGS (profile.py options); the plain build again if steps follow
-  local f="$out/timeline.txt" ctxs=${TIMELINE_CTXS:-256,32768,131072}
-  QSDPA_CUDA_FLAGS="-DQSDPA_DEBUG_TIMELINE=1" step_build >> "$f" 2>&1 || { summary+=("timeline: build failed"); return 1; }
-  PYTHONPATH=$pkg:$PYTHONPATH timeout 120 python3 benchmarks/cuda/profile.py "$ctxs" ${TIMELINE_ARGS:-} --calls 2 \
-    > "$out/timeline_raw.txt" 2>&1
-  echo "== profile.py $ctxs ${TIMELINE_ARGS:-} --calls 2 (the process's first call is cold)" >> "$f"
-  python3 benchmarks/cuda/timeline.py "$out/timeline_raw.txt" >> "$f" 2>&1
-  plain_build_if_steps_follow "$f"
-  summary+=("timeline: $f")
-  cat "$f"
 }
 
 step_floor() { # the GPU time of near-empty kernels with the decode kernel's 32K launch shape (launch_floor.cu)
@@ -309,28 +297,6 @@ step_stalls() { # why warps wait, one 128K call: stall reasons per issued instru
   python3 benchmarks/cuda/stall_lines.py "$out/stalls_source.csv" > "$out/stalls_lines.txt" 2>&1
   summary+=("stalls: $f, $out/stalls_lines.txt")
   grep -E "stalled|inst_executed|cycles_active" "$f" | sed -E 's/^ +//' | sort -k3 -rn | head -30
-}
-
-step_variants() { # kernels built with extra defines (QSDPA_VARIANTS="-DA=1;-DB=2"; CUDA and host code): one-call times, batched bench (QSDPA_VARIANTS_BENCH=0: none); then the plain build again if steps follow
-  local IFS_old=$IFS f="$out/variants.txt" v
-  IFS=';'
-  for v in ${QSDPA_VARIANTS:-}; do
-    IFS=$IFS_old
-    echo "== variant: $v" >> "$f"
-    # The defines reach the host code too (a define that the host's split plan reads must).
-    QSDPA_CUDA_FLAGS="$v" QSDPA_CXX_FLAGS="$v" step_build >> "$f" 2>&1 || { echo "build failed" >> "$f"; continue; }
-    ncu_durations 240 python3 benchmarks/cuda/profile.py 256,4096,32768,131072 2>&1 | \
-      grep -E "gpu__time_duration" | sed -E 's/^ +//' >> "$f"
-    if [ "${QSDPA_VARIANTS_BENCH:-1}" != 0 ]; then
-      PYTHONPATH=$pkg:$PYTHONPATH timeout 240 python3 -m mlx_qsdpa bench --device gpu --layers 16 --no-progress \
-        --methods quant_sdpa --ctx 4096,32768,131072 2>&1 | grep quant_sdpa >> "$f"
-    fi
-    IFS=';'
-  done
-  IFS=$IFS_old
-  plain_build_if_steps_follow "$f"
-  summary+=("variants: $f")
-  cat "$f"
 }
 
 # The logs so far, as one archive and a summary in $OUT.

@@ -2,8 +2,9 @@
 
 A compact sweep (formats x head dims x dtypes x GQA/Lq x masks, sinks, lse,
 strided views, long contexts) that prints one line per failing case and a
-summary; QSDPA_CUDA_KERNEL=simt is toggled in-process to run the generic
-kernel on the same cases as the tensor-core one. Run from the repo root:
+summary; the test override kernel="simt" (mlx_qsdpa._ext) is toggled
+in-process to run the generic kernel on the same cases as the tensor-core
+one. Run from the repo root:
     PYTHONPATH=build/cuda/pkg:tests python benchmarks/cuda/smoke.py
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import oracle  # noqa: E402
-from mlx_qsdpa import quant_sdpa  # noqa: E402
+from mlx_qsdpa import _ext, quant_sdpa  # noqa: E402
 
 DEVICE = mx.cpu if os.environ.get("SMOKE_DEVICE") == "cpu" else mx.gpu
 
@@ -76,8 +77,10 @@ def main():
                  dict(fmt=a4, D=128, dtype=dt, Hq=4, Hkv=2, Lq=1, Lk=1, seed=6),
                  dict(fmt=a4, D=64, dtype=dt, Hq=4, Hkv=2, Lq=4, Lk=2, mask="causal", seed=8),
                  dict(fmt=a4, D=128, dtype=dt, Hq=4, Hkv=2, Lq=3, Lk=2, mask="causal", sinks=True, seed=7)]
-    for kernel in ("auto", "simt"):
-        os.environ["QSDPA_CUDA_KERNEL"] = kernel
+    cuda = hasattr(_ext, "_set_cuda_test_overrides")  # a CUDA build
+    for kernel in ("auto", "simt") if cuda else ("auto",):
+        if cuda:
+            _ext._set_cuda_test_overrides(kernel=None if kernel == "auto" else kernel)
         for c in plan:
             total += 1
             try:
@@ -89,6 +92,8 @@ def main():
                 c2 = dict(c)
                 c2["dtype"] = str(c["dtype"]).split(".")[-1]
                 print(f"FAIL kernel={kernel} {c2} err={err} lse_err={lerr}", flush=True)
+    if cuda:
+        _ext._set_cuda_test_overrides()
     print(f"smoke: {total - failures} passed, {failures} failed")
     return failures
 

@@ -80,6 +80,16 @@ QSDPA_FUNC RowPos row_position(int kvh, int r, int G) {
   return p;
 }
 
+// The same for a caller that knows i = r / G already (the CUDA kernels
+// divide by G through a precomputed multiplier, or keep i from an earlier
+// row).
+QSDPA_FUNC RowPos row_position_at(int kvh, int r, int G, int i) {
+  RowPos p;
+  p.i = i;
+  p.h = kvh * G + (r - i * G);
+  return p;
+}
+
 // The number of keys query position i sees under the causal mask (keys
 // [0, limit)), the queries being the last Lq positions of the Lk keys.
 QSDPA_FUNC int causal_limit(int Lq, int Lk, int i) {

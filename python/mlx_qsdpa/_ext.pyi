@@ -44,5 +44,14 @@ def _set_metal_test_blocks(blocks: int) -> None:
     """Tests only, Metal builds only: split every call's keys into ``blocks`` blocks
     (the 2-pass kernels from 2 on) as far as the key length allows; 0 restores the
     plan's own choice. Raises RuntimeError in builds without the Metal backend."""
+def _set_cuda_test_overrides(kernel: Optional[str] = None, splits: int = 0, workspace: Optional[str] = None) -> None:
+    """Tests and tuning only: how later CUDA calls launch. kernel="simt" runs the generic
+    kernel wherever the tensor-core one would; splits > 0 fixes the key split count (clamped
+    as the plan's own); workspace="pool" takes the split-K memory from the stream-ordered
+    pool instead of the rings. Each call replaces all three; no arguments restore the plan.
+
+    Only in extensions built with the CUDA backend (``gpu_backend() == "cuda"``); absent
+    elsewhere.
+    """
 def _decode_table(what: str) -> List[float]: ...
 def _unpack_row(words: List[int], bits: int) -> List[int]: ...

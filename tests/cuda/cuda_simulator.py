@@ -6,18 +6,24 @@ compatibility layer of sim/include (QSDPA_CUDA_SIM swaps csrc/backends/cuda/ptx.
 inline PTX for its models) and linked with the simulators' shared runtime
 (tests/sim/runtime.cpp: fibers, 32-lane warps, barriers, checked
 memory). One translation unit per tensor-core kernel instantiation (two
-compile at a time), one for the generic kernels a library holds, one host
-unit with the kernel table and the host's own split plan
-(csrc/backends/cuda/split_plan.h). Libraries are cached in build/cuda-sim/ under a hash
-of every input.
+compile at a time), one for the generic kernels a library holds, and the
+host side: the host's own launch plan (csrc/backends/cuda/launch_plan.cpp),
+sim/call_runner.cpp, which runs a call through it as the host does, and a
+generated unit that names the library's kernels. Libraries are cached in
+build/cuda-sim/ under a hash of every input.
 
-`run_quant_sdpa` fills the kernel's Params the way csrc/backends/cuda/
-quant_sdpa_cuda.cpp does and launches the grid (blocks one after another).
+`Library.quant_sdpa` hands a call's operands (raw elements, element strides,
+dtype and format names) to the C++ side, which builds the Call, chooses the
+kernel, plans the launch and fills the kernel's Params with the host's
+functions, and launches the grid (blocks one after another). `kernel_for`
+asks the same plan, in a library without kernels, which kernel a call
+needs, so that a test builds the libraries its calls run on.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,7 +49,7 @@ from simcore import (  # noqa: E402
 )
 BUILD = ROOT / "build" / "cuda-sim"
 
-INCLUDES = [SIM / "include", QSIM / "include", ROOT, ROOT / "csrc"]
+INCLUDES = [SIM / "include", QSIM / "include", SIM, ROOT, ROOT / "csrc"]
 # -O1: the kernel units (every instantiation's whole kernel) compile in a
 # few seconds each; the runtime's checks see every load and store.
 KERNEL_FLAGS = [
@@ -66,21 +72,15 @@ KERNEL_FLAGS = [
 ]
 HOST_FLAGS = ["-std=c++20", "-fPIC", "-O1", "-g", "-Wall", "-Wextra"]
 
-# formats.h: QuantMode and ElemType.
-MODES = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
-ELEM = {"f32": 0, "f16": 1, "bf16": 2, "u8": 3}
+# The C++ spelling of the simulator's query dtype names.
 CPP_TYPE = {"f16": "__half", "bf16": "__nv_bfloat16"}
-MODE_CPP = {"affine": "qsdpa::kAffine", "mxfp4": "qsdpa::kMxfp4", "mxfp8": "qsdpa::kMxfp8", "nvfp4": "qsdpa::kNvfp4"}
-# params.h MaskType.
-MASK = {None: 0, "causal": 1, "bool": 2, "additive": 3}
-THREADS = 128  # params.h kThreads
-# csrc/backends/cuda/quant_sdpa_cuda.cpp: kMinKeysPerSplitMma (8 chunks of 64 keys).
-MIN_KEYS_PER_SPLIT_MMA = 8 * 64
-# The H200's one-wave block count the host plans for (132 SMs; 3 blocks per
-# SM, kMmaWaveBlocksPerSm), used unless a test forces the split count.
-DEFAULT_WAVE = 132 * 3
-# A CUDA block may use up to 227 KB of shared memory (sm_90).
-MAX_SMEM = 227 * 1024
+
+# The simulated GPU, as the host would see it: its SM count and how many
+# blocks of a decode kernel an SM holds (the occupancy API's answer for the
+# tensor-core kernels at 128 registers per thread). The launch plan caps the
+# tensor-core kernels' wave below that.
+SM_COUNT = 132
+BLOCKS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,15 @@ class Variant:
         return f"mma_{self.dtype}_{self.mode}{self.bits}g{self.gs}_d{self.D}_nt{self.NT}"
 
     def template_args(self) -> str:
-        return f"{CPP_TYPE[self.dtype]}, {MODE_CPP[self.mode]}, {self.bits}, {self.gs}, {self.D}, {self.NT}"
+        return f'{CPP_TYPE[self.dtype]}, qsim_cuda::mode_named("{self.mode}"), {self.bits}, {self.gs}, {self.D}, {self.NT}'
 
-    @property
-    def rows_per_block(self) -> int:
-        return 8 * self.NT
+    def choice_test(self) -> str:
+        """The C++ condition under which the host runs this kernel."""
+        return (
+            f'choice.kind == cu::KernelKind::Mma && c.q_type == qsim_cuda::elem_named("{self.dtype}") && '
+            f'c.mode == qsim_cuda::mode_named("{self.mode}") && c.bits == {self.bits} && c.group_size == {self.gs} && '
+            f"c.D == {self.D} && choice.row_tiles == {self.NT}"
+        )
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,10 @@ class SimtVariant:
         return f"simt_{self.mode}{self.bits}"
 
     def template_args(self) -> str:
-        return f"{MODE_CPP[self.mode]}, {self.bits}"
+        return f'qsim_cuda::mode_named("{self.mode}"), {self.bits}'
 
-    @property
-    def rows_per_block(self) -> int:
-        return 8  # params.h kSimtRows
+    def choice_test(self) -> str:
+        return f'choice.kind == cu::KernelKind::Simt && c.mode == qsim_cuda::mode_named("{self.mode}") && c.bits == {self.bits}'
 
 
 # ---------------------------------------------------------------------------
@@ -135,6 +138,7 @@ class SimtVariant:
 def kernel_source(v: Variant, kernel_header: Path) -> str:
     return f"""// Generated by tests/cuda/cuda_simulator.py: do not edit.
 #include "{kernel_header}"
+#include "call_runner.h"
 #include "qsim/runtime.h"
 
 namespace cu = mlx_qsdpa::cuda;
@@ -160,13 +164,14 @@ def simt_source(variants: list[SimtVariant], kernel_file: Path) -> str:
 }}
 
 extern "C" int qsim_cuda_smem_{v.name}() {{
-  return cu::simt_kernel({MODE_CPP[v.mode]}, {v.bits}).smem_bytes;
+  return cu::simt_kernel(qsim_cuda::mode_named("{v.mode}"), {v.bits}).smem_bytes;
 }}
 """
         for v in variants
     )
     return f"""// Generated by tests/cuda/cuda_simulator.py: do not edit.
 #include "{kernel_file}"
+#include "call_runner.h"
 #include "qsim/runtime.h"
 
 namespace cu = mlx_qsdpa::cuda;
@@ -174,27 +179,23 @@ namespace cu = mlx_qsdpa::cuda;
 {runs}"""
 
 
-PARAM_FIELDS = [
-    "B", "Hq", "Hkv", "Lq", "Lk", "D", "G", "rows", "group_size", "n_splits", "keys_per_split",
-    "scale_log2", "div_G", "div_Hkv", "q", "qs", "q_type", "k", "v", "mask_type", "mask", "ms", "sinks", "sink_stride",
-    "out", "out_type", "lse", "part_o", "part_ml", "counters",
-]  # fmt: skip
-
-
-def host_source(variants: list[Variant]) -> str:
+def host_source(variants: list[Variant | SimtVariant]) -> str:
+    """The runtime's kernel table and call_runner.h's kernel_for: the
+    library's kernels by the launch plan's choice."""
     decls = "\n".join(
         f'extern "C" void qsim_cuda_run_{v.name}(const qsim::ThreadContext&);\nextern "C" int qsim_cuda_smem_{v.name}();'
         for v in variants
     )
-    rows = ",\n      ".join(f'{{"{v.name}", qsim_cuda_run_{v.name}, kArgs, 1}}' for v in variants)
-    smem = "\n".join(f'  if (std::strcmp(name, "{v.name}") == 0) return qsim_cuda_smem_{v.name}();' for v in variants)
-    offsets = ", ".join(f"int64_t(offsetof(cu::Params, {f}))" for f in PARAM_FIELDS)
+    rows = "".join(f'\n      {{"{v.name}", qsim_cuda_run_{v.name}, kArgs, 1}},' for v in variants)
+    lookup = "".join(
+        f"""
+  if ({v.choice_test()}) {{
+    return LibraryKernel{{"{v.name}", qsim_cuda_smem_{v.name}()}};
+  }}"""
+        for v in variants
+    )
     return f"""// Generated by tests/cuda/cuda_simulator.py: do not edit.
-#include <cstddef>
-#include <cstring>
-
-#include "backends/cuda/params.h"
-#include "backends/cuda/split_plan.h"
+#include "call_runner.h"
 #include "qsim/runtime.h"
 
 namespace cu = mlx_qsdpa::cuda;
@@ -206,9 +207,9 @@ const qsim::ArgumentInfo kArgs[] = {{{{qsim::ArgumentInfo::Buffer, 0, "params", 
 }}
 
 extern "C" const qsim::KernelInfo* qsim_kernel_table(int* n) {{
-  static const qsim::KernelInfo table[] = {{
-      {rows}}};
-  *n = sizeof(table) / sizeof(table[0]);
+  static const qsim::KernelInfo table[] = {{{rows}
+      {{nullptr, nullptr, nullptr, 0}}}};
+  *n = int(sizeof(table) / sizeof(table[0])) - 1;
   return table;
 }}
 
@@ -217,49 +218,15 @@ extern "C" const qsim::FunctionConstantInfo* qsim_function_constant_table(int* n
   return nullptr;
 }}
 
-// The dynamic shared memory a kernel is launched with (mma_kernel_ref's).
-extern "C" int qsim_cuda_smem(const char* name) {{
-{smem}
-  return -1;
+namespace qsim_cuda {{
+
+LibraryKernel kernel_for(const mlx_qsdpa::Call& c, const cu::KernelChoice& choice) {{
+  (void)c;
+  (void)choice;{lookup}
+  return LibraryKernel{{nullptr, 0}};
 }}
 
-// Params' size and field offsets, for the ctypes mirror to check itself.
-extern "C" int qsim_cuda_params_layout(int64_t* out, int n) {{
-  const int64_t offsets[] = {{{offsets}}};
-  const int count = int(sizeof(offsets) / sizeof(offsets[0]));
-  for (int i = 0; i < n && i < count; ++i) out[i] = offsets[i];
-  return int(sizeof(cu::Params));
-}}
-
-// The host's divisors (params.h's set_divisors), once B .. G are set.
-extern "C" void qsim_cuda_set_divisors(cu::Params* p) {{
-  cu::set_divisors(*p);
-}}
-
-// The host's split plan (csrc/backends/cuda/split_plan.h): out = row_tiles, n_splits,
-// keys_per_split; tree = merge slots, counters per tile.
-extern "C" void qsim_cuda_plan(
-    int B, int Hkv, int rows, int Lk, int D, int64_t n_rows, int rows_per_block, int64_t wave,
-    int min_keys_per_split, int forced_splits, int* out, int64_t* tree) {{
-  cu::SplitInput si;
-  si.B = B;
-  si.Hkv = Hkv;
-  si.rows = rows;
-  si.Lk = Lk;
-  si.D = D;
-  si.n_rows = n_rows;
-  si.rows_per_block = rows_per_block;
-  si.wave = wave;
-  si.min_keys_per_split = min_keys_per_split;
-  si.forced_splits = forced_splits;
-  const cu::SplitPlan plan = cu::plan_splits(si);
-  out[0] = plan.row_tiles;
-  out[1] = plan.n_splits;
-  out[2] = plan.keys_per_split;
-  const cu::MergeTree t = cu::merge_tree(plan.n_splits);
-  tree[0] = t.slots;
-  tree[1] = t.counters;
-}}
+}} // namespace qsim_cuda
 """
 
 
@@ -269,19 +236,21 @@ extern "C" void qsim_cuda_plan(
 
 
 def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | None = None, defines: tuple[str, ...] = (), tag: str = "decode") -> Path:
-    """A simulator library holding `variants` (cached). kernel_dir: a copy of
-    csrc/backends/cuda to compile instead (the mutant tests' edited kernels); defines:
-    extra -D flags (the simulator's own mutants)."""
+    """A simulator library holding `variants` (cached; none: a library that
+    only plans). kernel_dir: a copy of csrc/backends/cuda to compile instead
+    (the mutant tests' edited kernels); defines: extra -D flags (the
+    simulator's own mutants)."""
     clang = find_clang()
     if clang is None:
         raise BuildError("clang++ not found: the CUDA simulator needs clang (apt-get install clang)")
     variants = sorted(set(variants), key=lambda v: v.name)
     cuda_dir = Path(kernel_dir) if kernel_dir else ROOT / "csrc" / "backends" / "cuda"
-    inputs = [Path(__file__).resolve(), ROOT / "csrc" / "mlx_qsdpa" / "formats.h", QSIM / "runtime.cpp"]
+    inputs = [Path(__file__).resolve(), QSIM / "runtime.cpp", ROOT / "csrc" / "call.h", cuda_dir / "launch_plan.cpp"]
+    inputs += sorted((ROOT / "csrc" / "mlx_qsdpa").glob("*.h"))
     inputs += [p for p in cuda_dir.glob("*") if p.suffix in (".h", ".cuh")]
     if any(isinstance(v, SimtVariant) for v in variants):
         inputs.append(cuda_dir / "decode_simt.cu")
-    inputs += [p for p in (SIM / "include").rglob("*") if p.is_file()]
+    inputs += [p for p in SIM.rglob("*") if p.is_file()]
     inputs += [p for p in (QSIM / "include").rglob("*") if p.is_file()]
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     extra = version + repr(KERNEL_FLAGS + HOST_FLAGS) + repr([v.name for v in variants]) + repr(defines) + str(cuda_dir)
@@ -292,68 +261,36 @@ def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | N
         incs = [f"-I{d}" for d in INCLUDES]
         if kernel_dir:
             # The copy's headers first: "backends/cuda/..." includes of the
-            # host unit and the kernel's own relative includes resolve there.
+            # host units and the kernel's own relative includes resolve there.
             incs = [f"-I{cuda_dir.parent.parent}"] + incs
         jobs, objs = [], []
+
+        def job(flags, src: Path, obj: str):
+            jobs.append([clang, *flags, *incs, "-c", str(src), "-o", str(work / obj)])
+            objs.append(work / obj)
+
+        kernel_flags = KERNEL_FLAGS + [f"-D{d}" for d in defines]
         simt = [v for v in variants if isinstance(v, SimtVariant)]
         if simt:
             src = work / "simt.cpp"
             src.write_text(simt_source(simt, cuda_dir / "decode_simt.cu"))
-            jobs.append([clang, *KERNEL_FLAGS, *[f"-D{d}" for d in defines], *incs, "-c", str(src), "-o", str(work / "simt.o")])
-            objs.append(work / "simt.o")
+            job(kernel_flags, src, "simt.o")
         for v in variants:
-            if isinstance(v, SimtVariant):
-                continue
-            src = work / f"{v.name}.cpp"
-            src.write_text(kernel_source(v, cuda_dir / "decode_mma.cuh"))
-            obj = work / f"{v.name}.o"
-            jobs.append([clang, *KERNEL_FLAGS, *[f"-D{d}" for d in defines], *incs, "-c", str(src), "-o", str(obj)])
-            objs.append(obj)
+            if isinstance(v, Variant):
+                src = work / f"{v.name}.cpp"
+                src.write_text(kernel_source(v, cuda_dir / "decode_mma.cuh"))
+                job(kernel_flags, src, f"{v.name}.o")
         host = work / "host.cpp"
         host.write_text(host_source(variants))
-        jobs.append([clang, *HOST_FLAGS, *incs, "-c", str(host), "-o", str(work / "host.o")])
-        jobs.append([clang, *HOST_FLAGS, f"-I{QSIM / 'include'}", "-c", str(QSIM / "runtime.cpp"), "-o", str(work / "runtime.o")])
-        objs += [work / "host.o", work / "runtime.o"]
+        job(HOST_FLAGS, host, "host.o")
+        job(HOST_FLAGS, SIM / "call_runner.cpp", "call_runner.o")
+        job(HOST_FLAGS, cuda_dir / "launch_plan.cpp", "launch_plan.o")
+        job(HOST_FLAGS, QSIM / "runtime.cpp", "runtime.o")
         compile_all(jobs)
         compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib_name), *map(str, objs)]])
         return (work / lib_name,)
 
     return cached_library(BUILD, tag, key, lib_name, make)
-
-
-# ---------------------------------------------------------------------------
-# Params (params.h), mirrored for ctypes and checked against the C++ layout
-# ---------------------------------------------------------------------------
-
-I64x4 = ctypes.c_int64 * 4
-
-
-class QuantTensor(ctypes.Structure):
-    _fields_ = [
-        ("w", ctypes.c_void_p), ("ws", I64x4),
-        ("scales", ctypes.c_void_p), ("ss", I64x4),
-        ("biases", ctypes.c_void_p), ("bs", I64x4),
-        ("scale_type", ctypes.c_int),
-    ]  # fmt: skip
-
-
-class FastDiv(ctypes.Structure):
-    _fields_ = [("mul", ctypes.c_uint32), ("shift", ctypes.c_uint32)]
-
-
-class Params(ctypes.Structure):
-    _fields_ = [
-        ("B", ctypes.c_int), ("Hq", ctypes.c_int), ("Hkv", ctypes.c_int), ("Lq", ctypes.c_int),
-        ("Lk", ctypes.c_int), ("D", ctypes.c_int), ("G", ctypes.c_int), ("rows", ctypes.c_int),
-        ("group_size", ctypes.c_int), ("n_splits", ctypes.c_int), ("keys_per_split", ctypes.c_int),
-        ("scale_log2", ctypes.c_float), ("div_G", FastDiv), ("div_Hkv", FastDiv),
-        ("q", ctypes.c_void_p), ("qs", I64x4), ("q_type", ctypes.c_int),
-        ("k", QuantTensor), ("v", QuantTensor),
-        ("mask_type", ctypes.c_int), ("mask", ctypes.c_void_p), ("ms", I64x4),
-        ("sinks", ctypes.c_void_p), ("sink_stride", ctypes.c_int64),
-        ("out", ctypes.c_void_p), ("out_type", ctypes.c_int), ("lse", ctypes.c_void_p),
-        ("part_o", ctypes.c_void_p), ("part_ml", ctypes.c_void_p), ("counters", ctypes.c_void_p),
-    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -377,35 +314,49 @@ def dense(a: np.ndarray) -> Tensor:
     return Tensor(a.reshape(-1), tuple(s // a.itemsize for s in a.strides), a.shape)
 
 
-def _aligned16(t: Tensor, dims: int) -> bool:
-    """quant_sdpa_cuda.cpp's aligned16: the base (the buffer starts on a
-    page) and the byte strides of the first `dims` axes of size > 1."""
-    item = t.data.itemsize
-    return (t.offset * item) % 16 == 0 and all(
-        t.shape[i] == 1 or (t.strides[i] * item) % 16 == 0 for i in range(dims)
-    )
+@dataclass
+class Call:
+    """One quant_sdpa call as MLX hands it to the host: the operands (the
+    queries [B, Hq, Lq, D]; the keys' and values' packed words, scales and
+    biases, None for the fp modes), their dtype names ("f32", "f16",
+    "bf16", "u8"), the format, the mask kind (None, "causal", "bool",
+    "additive") and array, the sinks."""
 
-
-def mma_layout_ok(words: Tensor, scales: Tensor, D: int, group_size: int) -> bool:
-    """quant_sdpa_cuda.cpp's mma_words_ok and mma_scales_ok: where they fail
-    the host takes the generic kernel (a SimtVariant here)."""
-    words_ok = (words.shape[3] == 1 or words.strides[3] == 1) and _aligned16(words, 3)
-    n_groups = D // group_size
-    scales_ok = (
-        (scales.shape[3] == 1 or scales.strides[3] == 1)
-        and (scales.shape[2] == 1 or scales.strides[2] == n_groups)
-        and _aligned16(scales, 2)
-    )
-    return words_ok and scales_ok
+    q: Tensor
+    q_dtype: str
+    k: tuple[Tensor, Tensor, Tensor | None]
+    v: tuple[Tensor, Tensor, Tensor | None]
+    scale_dtypes: tuple[str, str]  # of K's and V's scales (and biases)
+    mode: str
+    bits: int
+    group_size: int
+    Hkv: int
+    Lk: int
+    scale: float
+    mask_kind: str | None = None
+    mask: Tensor | None = None
+    sinks: Tensor | None = None
+    return_lse: bool = True
 
 
 @dataclass
 class Plan:
+    """The host's launch plan of a call (launch_plan.h's LaunchPlan)."""
+
+    kernel: str  # the library kernel: a Variant's or SimtVariant's name ("" where the library lacks it)
+    mma: bool  # the tensor-core kernel (else the generic one)
     row_tiles: int
+    rows_per_block: int
     n_splits: int
     keys_per_split: int
-    slots: int
+    grid: tuple[int, int, int]
+    smem: int
+    partial_o_bytes: int
+    partial_ml_bytes: int
     counters: int
+
+
+N_INFO = 12  # call_runner.cpp's Info
 
 
 class Library:
@@ -413,28 +364,21 @@ class Library:
         self.path = Path(path)
         lib = load_runtime(self.path)  # the runtime's entry points
         self.lib = lib
-        lib.qsim_cuda_smem.argtypes = [ctypes.c_char_p]
-        lib.qsim_cuda_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
-        lib.qsim_cuda_set_divisors.argtypes = [ctypes.POINTER(Params)]
-        lib.qsim_cuda_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 2 + [
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_int64),
+        lib.qsim_cuda_error.restype = ctypes.c_char_p
+        lib.qsim_cuda_quant_sdpa.argtypes = [ctypes.c_char_p] * 5 + [
+            ctypes.POINTER(ctypes.c_int32),  # dims
+            ctypes.c_float,  # scale
+            ctypes.POINTER(ctypes.c_int64),  # strides
+            ctypes.c_int64,  # sink_stride
+            ctypes.POINTER(ctypes.c_int64),  # buffers
+            ctypes.POINTER(ctypes.c_int64),  # offsets
+            ctypes.POINTER(ctypes.c_int32),  # device
+            ctypes.POINTER(ctypes.c_int32),  # overrides
+            ctypes.c_int,  # run
+            ctypes.POINTER(ctypes.c_int64),  # info
+            ctypes.c_char_p,  # kernel_name
+            ctypes.c_int,
         ]
-        self._check_layout()
-
-    def _check_layout(self) -> None:
-        n = len(PARAM_FIELDS)
-        offs = (ctypes.c_int64 * n)()
-        size = self.lib.qsim_cuda_params_layout(offs, n)
-        mine = [getattr(Params, f).offset for f in PARAM_FIELDS]
-        if size != ctypes.sizeof(Params) or list(offs) != mine:
-            raise BuildError(f"Params mirror out of date: C++ size {size} offsets {list(offs)}, ctypes {ctypes.sizeof(Params)} {mine}")
-
-    def plan(self, *, B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave=DEFAULT_WAVE, forced_splits=0) -> Plan:
-        out = (ctypes.c_int * 3)()
-        tree = (ctypes.c_int64 * 2)()
-        self.lib.qsim_cuda_plan(B, Hkv, rows, Lk, D, n_rows, rows_per_block, wave, MIN_KEYS_PER_SPLIT_MMA, forced_splits, out, tree)
-        return Plan(out[0], out[1], out[2], tree[0], tree[1])
 
     def alloc(self, nbytes: int, name: str, contents: np.ndarray | None = None) -> int:
         """A buffer; with contents it starts written, else unwritten (reads
@@ -457,138 +401,100 @@ class Library:
         buf = (ctypes.c_char * (np.dtype(dtype).itemsize * count)).from_address(self.lib.qsim_data(bid))
         return np.frombuffer(bytes(buf), dtype=dtype).copy()
 
-    def launch(self, kernel: str, params_id: int, grid: tuple[int, int, int], smem: int) -> None:
-        idx = (ctypes.c_int * 1)(0)
-        buf = (ctypes.c_int64 * 1)(params_id)
-        off = (ctypes.c_int64 * 1)(0)
-        g = (ctypes.c_uint32 * 3)(*grid)
-        t = (ctypes.c_uint32 * 3)(THREADS, 1, 1)
-        if self.lib.qsim_launch(kernel.encode(), 0, None, None, 1, idx, buf, off, g, t, smem):
-            raise SimulatorError(symbolize(self.lib.qsim_last_error().decode()))
-
-    def run_quant_sdpa(
-        self,
-        variant: Variant | SimtVariant,
-        *,
-        q: Tensor,
-        q_dtype: str | None = None,
-        scale_dtypes: tuple[str, str] | None = None,
-        group_size: int | None = None,
-        q_shape: tuple[int, int, int, int],
-        k: tuple[Tensor, Tensor, Tensor | None],
-        v: tuple[Tensor, Tensor, Tensor | None],
-        Hkv: int,
-        Lk: int,
-        scale: float,
-        mask_kind: str | None = None,
-        mask: Tensor | None = None,
-        sinks: Tensor | None = None,
-        return_lse: bool = True,
-        forced_splits: int = 0,
-        wave: int = DEFAULT_WAVE,
-    ) -> tuple[np.ndarray, np.ndarray | None, Plan]:
-        """quant_sdpa through the kernel, its Params filled as
-        csrc/backends/cuda/quant_sdpa_cuda.cpp fills them. q_dtype ("f16", "bf16",
-        "f32"; default: a tensor-core variant's), scale_dtypes (of K's and
-        V's scales; default: the query dtype for affine, "u8" otherwise)
-        and group_size matter for the generic kernel, which takes any.
-        Returns the output
+    def quant_sdpa(
+        self, call: Call, *, kernel: str | None = None, splits: int = 0, run: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None, Plan]:
+        """quant_sdpa through the host's launch plan and the kernel it
+        chooses (kernel="simt": the generic one, as the test override
+        forces it; splits > 0: that many key splits). Returns the output
         [B, Hq, Lq, D] as float32 (converted from the query dtype's bits),
-        the lse [B, Hq, Lq] (or None) and the split plan."""
+        the lse [B, Hq, Lq] (or None) and the plan; with run=False only the
+        plan (the library need not hold the kernel)."""
         self.lib.qsim_reset()
-        self.lib.qsim_set_threadgroup_limit(MAX_SMEM)
-        B, Hq, Lq, D = q_shape
-        p = Params()
-        p.B, p.Hq, p.Lq, p.D, p.Hkv, p.Lk = B, Hq, Lq, D, Hkv, Lk
-        p.G = Hq // Hkv
-        p.rows = p.G * Lq
-        self.lib.qsim_cuda_set_divisors(ctypes.byref(p))
-        simt = isinstance(variant, SimtVariant)
-        q_dtype = q_dtype or variant.dtype
-        assert simt or q_dtype == variant.dtype, (q_dtype, variant)
-        if scale_dtypes is None:
-            scale_dtypes = (q_dtype,) * 2 if variant.mode == "affine" else ("u8",) * 2
-        p.group_size = group_size if simt else variant.gs
-        p.scale_log2 = scale * 1.4426950408889634
-        elem = ELEM[q_dtype]
-
-        def put(t: Tensor, name: str) -> int:
-            bid = self.alloc(t.data.nbytes, name, t.data)
-            return self.lib.qsim_data(bid) + t.offset * t.data.itemsize
-
-        for w, s, b in (k, v) if not simt else ():
-            for sc in (s, b) if b is not None else (s,):
-                if not mma_layout_ok(w, sc, D, variant.gs):
-                    raise SimulatorError("the host would take the generic kernel for this cache layout (mma_layout_ok)")
-        p.q = put(q, "q")
-        p.qs[:] = q.strides
-        p.q_type = elem
-        for name, (w, s, b), qt, st in (("k", k, p.k, scale_dtypes[0]), ("v", v, p.v, scale_dtypes[1])):
-            qt.w = put(w, f"{name}_words")
-            qt.ws[:] = w.strides
-            qt.scales = put(s, f"{name}_scales")
-            qt.ss[:] = s.strides
-            qt.scale_type = ELEM[st]
-            if b is not None:
-                qt.biases = put(b, f"{name}_biases")
-                qt.bs[:] = b.strides
-        p.mask_type = MASK[mask_kind]
-        if mask is not None:
-            p.mask = put(mask, "mask")
-            p.ms[:] = mask.strides
-        if sinks is not None:
-            p.sinks = put(sinks, "sinks")
-            p.sink_stride = sinks.strides[0]
+        B, Hq, Lq, D = call.q.shape
+        (kw, ks, kb), (vw, vs, vb) = call.k, call.v
+        operands = [call.q, kw, ks, kb, vw, vs, vb, call.mask, call.sinks]  # call_runner.cpp's Operand order
+        names = ["q", "k_words", "k_scales", "k_biases", "v_words", "v_scales", "v_biases", "mask", "sinks"]
+        buffers, offsets, strides = [], [], []
+        for t, name in zip(operands, names):
+            if t is None:
+                buffers.append(-1)
+                offsets.append(0)
+            else:
+                buffers.append(self.alloc(t.data.nbytes, name, t.data))
+                offsets.append(t.offset * t.data.itemsize)
+            if name != "sinks":
+                strides += list(t.strides) if t is not None else [0] * 4
         n_rows = B * Hq * Lq
-        out_item = 4 if q_dtype == "f32" else 2
+        out_item = 4 if call.q_dtype == "f32" else 2
         out_id = self.alloc(n_rows * D * out_item, "out")
         self.poison(out_id, n_rows * D * out_item)
-        p.out = self.lib.qsim_data(out_id)
-        p.out_type = elem
-        lse_id = None
-        if return_lse:
+        lse_id = -1
+        if call.return_lse:
             lse_id = self.alloc(n_rows * 4, "lse")
             self.poison(lse_id, n_rows * 4)
-            p.lse = self.lib.qsim_data(lse_id)
+        buffers += [out_id, lse_id]
+        offsets += [0, 0]
 
-        rows_per_block = variant.rows_per_block
-        plan = self.plan(
-            B=B, Hkv=Hkv, rows=p.rows, Lk=Lk, D=D, n_rows=n_rows, rows_per_block=rows_per_block,
-            wave=wave, forced_splits=forced_splits,
-        )  # fmt: skip
-        p.keys_per_split, p.n_splits = plan.keys_per_split, plan.n_splits
-        counters_id = None
-        n_counters = 0
-        if plan.n_splits > 1:
-            # The host's ring hands out zeroed counters; partials start unwritten.
-            n_counters = B * Hkv * plan.row_tiles * plan.counters
-            counters_id = self.alloc(n_counters * 4, "counters", np.zeros(n_counters, np.uint32))
-            p.counters = self.lib.qsim_data(counters_id)
-            p.part_o = self.lib.qsim_data(self.alloc(plan.slots * n_rows * D * 4, "part_o"))
-            p.part_ml = self.lib.qsim_data(self.alloc(plan.slots * n_rows * 2 * 4, "part_ml"))
-        params_id = self.alloc(ctypes.sizeof(p), "params", np.frombuffer(bytes(p), np.uint8))
+        def arr(ctype, values):
+            return (ctype * len(values))(*values)
 
-        smem = self.lib.qsim_cuda_smem(variant.name.encode())
-        if smem < 0:
-            raise SimulatorError(f"kernel {variant.name} is not in this library")
-        grid = (plan.n_splits, Hkv * plan.row_tiles, B)
-        self.launch(variant.name, params_id, grid, (smem + 15) // 16 * 16)
+        info = (ctypes.c_int64 * N_INFO)()
+        name = ctypes.create_string_buffer(128)
+        status = self.lib.qsim_cuda_quant_sdpa(
+            call.mode.encode(),
+            call.q_dtype.encode(),
+            call.scale_dtypes[0].encode(),
+            call.scale_dtypes[1].encode(),
+            (call.mask_kind or "").encode(),
+            arr(ctypes.c_int32, [B, Hq, call.Hkv, Lq, call.Lk, D, call.bits, call.group_size]),
+            call.scale,
+            arr(ctypes.c_int64, strides),
+            call.sinks.strides[0] if call.sinks is not None else 0,
+            arr(ctypes.c_int64, buffers),
+            arr(ctypes.c_int64, offsets),
+            arr(ctypes.c_int32, [SM_COUNT, BLOCKS_PER_SM]),
+            arr(ctypes.c_int32, [int(kernel == "simt"), splits]),
+            int(run),
+            info,
+            name,
+            len(name),
+        )
+        if status == 1:
+            raise SimulatorError(symbolize(self.lib.qsim_last_error().decode()))
+        if status != 0:
+            raise SimulatorError(self.lib.qsim_cuda_error().decode())
+        plan = Plan(name.value.decode(), bool(info[0]), *info[1:5], tuple(info[5:8]), *info[8:12])
+        if not run:
+            return None, None, plan
 
-        if q_dtype == "f32":
+        if call.q_dtype == "f32":
             out = self.read(out_id, np.float32, n_rows * D).reshape(B, Hq, Lq, D)
         else:
             bits = self.read(out_id, np.uint16, n_rows * D).reshape(B, Hq, Lq, D)
-            if q_dtype == "f16":
+            if call.q_dtype == "f16":
                 out = bits.view(np.float16).astype(np.float32)
             else:
                 out = (bits.astype(np.uint32) << 16).view(np.float32)
-        lse = self.read(lse_id, np.float32, n_rows).reshape(B, Hq, Lq) if return_lse else None
-        if counters_id is not None:
-            # The last block of every group resets its counter: the ring's
-            # counters are zero again after the call (split_merge.cuh).
-            left = self.read(counters_id, np.uint32, n_counters)
-            if left.any():
-                raise SimulatorError(f"merge counters not reset after the call: {left.tolist()}")
+        lse = self.read(lse_id, np.float32, n_rows).reshape(B, Hq, Lq) if call.return_lse else None
         return out, lse, plan
 
+    def plan(self, call: Call, *, kernel: str | None = None, splits: int = 0) -> Plan:
+        """The host's launch plan of the call (nothing is launched)."""
+        return self.quant_sdpa(call, kernel=kernel, splits=splits, run=False)[2]
 
+
+@functools.lru_cache(maxsize=None)
+def planner() -> Library:
+    """A library without kernels: the host's plan only."""
+    return Library(build_library([], tag="plan"))
+
+
+def kernel_for(call: Call, *, kernel: str | None = None) -> Variant | SimtVariant:
+    """The kernel the host runs for the call (its launch plan's choice; with
+    kernel="simt" the generic one, as the test override forces it), as the
+    instantiation a simulator library must hold."""
+    plan = planner().plan(call, kernel=kernel)
+    if not plan.mma:
+        return SimtVariant(call.mode, call.bits)
+    return Variant(call.q_dtype, call.mode, call.bits, call.group_size, call.q.shape[3], plan.row_tiles)

@@ -13,7 +13,7 @@ import numpy as np
 
 import oracle
 import qsdpa_case
-from cuda_simulator import SimtVariant, Tensor, Variant, dense
+from cuda_simulator import Call, SimtVariant, Tensor, Variant, dense, kernel_for
 
 KIND = {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32", mx.uint8: "u8"}
 
@@ -26,28 +26,10 @@ def raw(a: mx.array) -> np.ndarray:
     return np.array(a)
 
 
-def mma_kernel_exists(c: qsdpa_case.Case) -> bool:
-    """Whether mma_kernel() has a tensor-core kernel for the case's query
-    dtype, format and head dim (decode_mma.cuh's instantiations)."""
-    mode, bits, gs = c.fmt
-    return (
-        c.dtype in (mx.float16, mx.bfloat16)
-        and c.D in (64, 128, 256)
-        and (mode != "affine" or (bits in (2, 4, 8) and gs <= c.D))
-    )
-
-
 def variant_of(c: qsdpa_case.Case, simt: bool = False) -> Variant | SimtVariant:
-    """The kernel the host picks for the case (quant_sdpa_cuda.cpp): the
-    tensor-core kernel where one exists (the cases' caches are laid out as
-    it needs), with 8-row blocks where the G * Lq rows of a kv head fit in
-    one, else 16; the generic kernel otherwise, or with simt=True (as
-    QSDPA_CUDA_KERNEL=simt forces it)."""
-    mode, bits, gs = c.fmt
-    if simt or not mma_kernel_exists(c):
-        return SimtVariant(mode, bits)
-    rows = (c.Hq // c.Hkv) * c.Lq
-    return Variant(KIND[c.dtype], mode, bits, gs, c.D, 1 if rows <= 8 else 2)
+    """The kernel the host's launch plan picks for the case (with simt=True:
+    the generic kernel, as the test override forces it)."""
+    return kernel_for(call_of(c, qsdpa_case.build(c)), kernel="simt" if simt else None)
 
 
 def broadcast_mask(m: np.ndarray, c: qsdpa_case.Case) -> Tensor:
@@ -67,15 +49,11 @@ def padded_rows(a: np.ndarray, pad: int) -> Tensor:
     return Tensor(buf.reshape(-1), (H * L * (W + pad), L * (W + pad), W + pad, 1), a.shape)
 
 
-def run_case(
-    lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0, simt: bool = False
-):
-    """Runs the case on the simulator: (out, lse, ref, ref_lse, plan).
-    row_pad > 0: the packed K/V rows sit row_pad words apart (not adjacent);
-    q_pad > 0: the query rows sit q_pad elements apart; simt: the generic
-    kernel, whatever the host would pick."""
-    q, kq, vq, mask, sinks = qsdpa_case.build(c) if inputs is None else inputs
-    v = variant_of(c, simt)
+def call_of(c: qsdpa_case.Case, inputs, *, row_pad: int = 0, q_pad: int = 0) -> Call:
+    """The case's inputs as the simulator's Call. row_pad > 0: the packed
+    K/V rows sit row_pad words apart (not adjacent); q_pad > 0: the query
+    rows sit q_pad elements apart."""
+    q, kq, vq, mask, sinks = inputs
 
     def triple(t):
         w, s, b = t
@@ -90,25 +68,36 @@ def run_case(
             mask_kind, mask_t = "additive", broadcast_mask(oracle.to_numpy(mask, np.float32), c)
     elif mask == "causal":
         mask_kind = "causal"
-    sinks_t = None if sinks is None else dense(oracle.to_numpy(sinks, np.float32))
-    out, lse, plan = lib.run_quant_sdpa(
-        v,
+    mode, bits, gs = c.fmt
+    return Call(
         q=padded_rows(raw(q), q_pad) if q_pad else dense(raw(q)),
-        q_shape=tuple(q.shape),
         q_dtype=KIND[c.dtype],
-        scale_dtypes=(KIND[kq[1].dtype], KIND[vq[1].dtype]),
-        group_size=c.fmt[2],
         k=triple(kq),
         v=triple(vq),
+        scale_dtypes=(KIND[kq[1].dtype], KIND[vq[1].dtype]),
+        mode=mode,
+        bits=bits,
+        group_size=gs,
         Hkv=c.Hkv,
         Lk=c.Lk,
         scale=qsdpa_case.scale_of(c),
         mask_kind=mask_kind,
         mask=mask_t,
-        sinks=sinks_t,
+        sinks=None if sinks is None else dense(oracle.to_numpy(sinks, np.float32)),
         return_lse=c.lse,
-        forced_splits=forced_splits,
     )
+
+
+def run_case(
+    lib, c: qsdpa_case.Case, *, forced_splits: int = 0, inputs=None, row_pad: int = 0, q_pad: int = 0, simt: bool = False
+):
+    """Runs the case on the simulator as the host would: (out, lse, ref,
+    ref_lse, plan). forced_splits > 0: that many key splits; row_pad, q_pad:
+    call_of's; simt: the generic kernel, whatever the plan would pick."""
+    inputs = qsdpa_case.build(c) if inputs is None else inputs
+    call = call_of(c, inputs, row_pad=row_pad, q_pad=q_pad)
+    out, lse, plan = lib.quant_sdpa(call, kernel="simt" if simt else None, splits=forced_splits)
+    q, kq, vq, mask, sinks = inputs
     ref, ref_lse = qsdpa_case.reference(c, q, kq, vq, mask, sinks)
     out_mx = mx.array(out).astype(c.dtype)  # exact: the values are the kernel's c.dtype bits
     lse_mx = None if lse is None else mx.array(lse)

@@ -32,11 +32,11 @@ import qsdpa_case  # noqa: E402
 from qsdpa_case import BF16, F16, Case  # noqa: E402
 
 import cuda_simulator as sim  # noqa: E402
-from sim_quant_sdpa import run_case, variant_of  # noqa: E402
+from sim_quant_sdpa import call_of, run_case, variant_of  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# (case, forced split count: 0 = the host's plan for an H200 wave). Splits
+# (case, forced split count: 0 = the host's plan for the simulated GPU). Splits
 # hold a multiple of 64 keys, so more than 8 need Lk > 512.
 # Hq 8 / Hkv 2 (G = 4) but in the last two cases: Lq 1 gives 4 rows (one 8-row tile, half
 # empty), Lq 4 gives 16 rows (the 16-row kernel, NT = 2). Lk is never a
@@ -118,12 +118,24 @@ def test_query_rows_off_16_bytes(lib, entry):
 
 
 def test_host_plan_splits_keys(lib):
-    """The unforced plan of the B=2 case really splits (a wave of 396 blocks
-    over 4 tiles), so its merge runs too."""
+    """The unforced plan of the B=2 case really splits (the simulated GPU's
+    wave over 4 tiles), so its merge runs too."""
     c = CASES[4][0]
-    v = variant_of(c)
-    plan = lib.plan(B=c.B, Hkv=c.Hkv, rows=c.Hq // c.Hkv * c.Lq, Lk=c.Lk, D=c.D, n_rows=c.B * c.Hq * c.Lq, rows_per_block=8 * v.NT)
-    assert plan.n_splits > 1, plan
+    out, lse, ref, ref_lse, plan = run_case(lib, c)
+    assert plan.mma and plan.n_splits > 1, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+def test_plan_takes_generic_kernel_for_unaligned_rows():
+    """Packed K/V rows 4 bytes apart from 16-byte boundaries: the host's
+    plan (launch_plan.cpp's mma_layout_ok) sends the call to the generic
+    kernel, which the tensor-core case's library does not hold."""
+    _require_clang()
+    c = CASES[0][0]
+    inputs = qsdpa_case.build(c)
+    assert sim.kernel_for(call_of(c, inputs)) == variant_of(c)
+    assert isinstance(sim.kernel_for(call_of(c, inputs, row_pad=1)), sim.SimtVariant)
+    assert isinstance(sim.kernel_for(call_of(c, inputs), kernel="simt"), sim.SimtVariant)
 
 
 # The online softmax's lazy max (decode_mma.cuh): keys whose scale and bias
@@ -200,7 +212,7 @@ def test_fp4_decode_paths(lib, splits):
 # dims without a tensor-core kernel (3-, 5- and 6-bit codes; every multiple
 # of 16 up to 256: 16, 80, 96, 160 here, and 256, whose rows fill the
 # kernel's registers), and a case the tensor-core kernel would take, forced
-# as QSDPA_CUDA_KERNEL=simt does.
+# as the test override kernel="simt" does.
 # ---------------------------------------------------------------------------
 
 SIMT_CASES = [
@@ -328,8 +340,8 @@ MUTANTS = {
     "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
     # The merge reads partial rows as float4 from 8 bytes into the row: the
     # GPU faults on a vector load that is not aligned to its size (as a
-    # float4 of shared memory at an 8-byte offset did on the H200,
-    # 2026-11-29), so the simulator must too.
+    # float4 of shared memory at an 8-byte offset did on a GPU), so the
+    # simulator must too.
     "misaligned_float4": (
         "split_merge.cuh",
         "reinterpret_cast<const float4*>(p.part_o) + slot_row * D4",

@@ -11,32 +11,24 @@
 
 #include <cstdint>
 
+#include "mlx_qsdpa/attention_math.h"
 #include "mlx_qsdpa/formats.h"
 #include "params.h"
 #include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float neg_inf() {
-  return -__int_as_float(0x7f800000);
-}
+using qsdpa::neg_inf;
 
 __device__ __forceinline__ float pos_inf() {
   return __int_as_float(0x7f800000);
 }
 
-__device__ __forceinline__ float nan_f() {
-  return __int_as_float(0x7fffffff);
-}
-
-// Non-finite inputs, as MLX's own SDPA treats them: a score that is NaN or
-// +inf (a NaN or inf query element, key scale, bias or code, or additive
-// mask entry) makes its row NaN, output and lse. The kernels track this
-// as a poisoned row state, whose running max is NaN: it stays NaN through
-// mma_detail::fmax_nan (the max of the block epilogue and of the split
+// Non-finite inputs, as MLX's own SDPA treats them (attention_math.h): a
+// score that is NaN or +inf makes its row NaN, output and lse. The kernels
+// track this as a poisoned row state, whose running max is NaN: it stays NaN
+// through mma_detail::fmax_nan (PTX max.NaN.f32, attention_math.h's max_nan
+// in one instruction: the max of the block epilogue and of the split
 // merge), every weight and rescale 2^(x - NaN) makes the row's sum and
 // output NaN too, and finalize_row writes NaN. Nothing is added to the
 // per-key work: the generic kernel sets the NaN on its new-max branch, the
@@ -132,14 +124,16 @@ struct RowRef {
 // Row r of kv head kvh, whose query position i = r / G the caller knows
 // (the decode loop keeps it, instead of dividing again).
 __device__ __forceinline__ RowRef row_ref_at(const Params& p, int b, int kvh, int r, int i) {
+  const qsdpa::RowPos pos = qsdpa::row_position_at(kvh, r, p.G, i);
   RowRef ref;
-  ref.i = i;
-  ref.h = kvh * p.G + (r - i * p.G);
+  ref.i = pos.i;
+  ref.h = pos.h;
   ref.out_row = (int64_t(b) * p.Hq + ref.h) * p.Lq + ref.i;
-  ref.causal_limit = p.Lk - p.Lq + ref.i;
+  ref.causal_limit = qsdpa::causal_limit(p.Lq, p.Lk, ref.i) - 1;
   return ref;
 }
 
+// Row r of kv head kvh: its position through the call's FastDiv by G.
 __device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r) {
   return row_ref_at(p, b, kvh, r, fast_div(p.div_G, r));
 }
@@ -151,10 +145,10 @@ __device__ __forceinline__ RowRef row_ref(const Params& p, int b, int kvh, int r
 __device__ __forceinline__ float apply_array_mask(const Params& p, int b, const RowRef& ref, int j, float x) {
   const int64_t off = int64_t(b) * p.ms[0] + int64_t(ref.h) * p.ms[1] +
       int64_t(ref.i) * p.ms[2] + int64_t(j) * p.ms[3];
-  if (p.mask_type == kMaskBool) {
-    return static_cast<const uint8_t*>(p.mask)[off] ? x : neg_inf();
+  if (p.mask == qsdpa::kMaskBool) {
+    return static_cast<const uint8_t*>(p.mask_ptr)[off] ? x : neg_inf();
   }
-  return x + static_cast<const float*>(p.mask)[off] * kLog2e;
+  return x + static_cast<const float*>(p.mask_ptr)[off] * qsdpa::log2e();
 }
 
 // The key range [k_begin, k_end) of this block's split, cut at the last key
@@ -163,48 +157,24 @@ __device__ __forceinline__ void split_range(
     const Params& p, int split, int last_row, int& k_begin, int& k_end) {
   k_begin = split * p.keys_per_split;
   k_end = min(p.Lk, k_begin + p.keys_per_split);
-  if (p.mask_type == kMaskCausal) {
-    const int i_max = fast_div(p.div_G, last_row);
-    k_end = min(k_end, p.Lk - p.Lq + i_max + 1);
+  if (p.mask == qsdpa::kMaskCausal) {
+    k_end = min(k_end, qsdpa::causal_limit(p.Lq, p.Lk, fast_div(p.div_G, last_row)));
   }
 }
 
-// The final normalisation of one row: the sink joins as a key of value 0,
-// then out = o / l and lse = ln(l) + max. A row that sees nothing (l = 0 and
-// no sink) gives zeros and lse = -inf; a poisoned row (max NaN, see the
-// top; a NaN or +inf sink poisons it here) gives NaN.
-struct Finalized {
-  float mult; // out = o * mult (scaled_output); 0: exactly zero
-  float lse;
-};
-
-__device__ __forceinline__ Finalized finalize_row(const Params& p, int h, float m, float l) {
-  float c = 1.0f;
-  if (p.sinks) {
-    const float s2 = p.sinks[int64_t(h) * p.sink_stride] * kLog2e;
-    if (s2 != neg_inf()) { // a -inf sink is no key
-      const float mm = mma_detail::fmax_nan(m, s2);
-      c = m == neg_inf() ? 0.0f : exp2f(m - mm);
-      l = l * c + exp2f(s2 - mm);
-      m = mm;
-    }
-  }
-  if (m != m || l != l) {
-    return {nan_f(), nan_f()};
-  }
-  if (!(l > 0.0f)) {
-    return {0.0f, neg_inf()};
-  }
-  return {c / l, (m + log2f(l)) * kLn2};
+// The final normalisation of one row of query head h (attention_math.h's
+// finalize_row, with the call's sink of that head).
+__device__ __forceinline__ qsdpa::Finalized finalize_row(const Params& p, int h, float m, float l) {
+  const float s2 = p.sinks ? p.sinks[int64_t(h) * p.sink_stride] * qsdpa::log2e() : 0.0f;
+  return qsdpa::finalize_row(m, l, p.sinks != nullptr, s2);
 }
 
-// An output element v (not normalised) times its row's finalize_row mult.
-// A row that sees no key (mult 0) is exactly zero, also where v is NaN: its
-// masked keys still met the MMA and the accumulation with weight 0, and a
-// NaN value there (a cache slot nobody attends) is 0 * NaN.
-__device__ __forceinline__ float scaled_output(float v, float mult) {
-  return mult == 0.0f ? 0.0f : v * mult;
-}
+// An output element v (not normalised) times its row's finalize_row mult
+// (attention_math.h's scaled_output): a row that sees no key is exactly
+// zero, also where v is NaN (its masked keys still met the MMA and the
+// accumulation with weight 0, and a NaN value there, a cache slot nobody
+// attends, is 0 * NaN).
+using qsdpa::scaled_output;
 
 // Shared memory of the generic kernel's block epilogue for RT rows (the
 // tensor-core kernel has its own, MmaDecode::MmaEpilogue). The output rows
@@ -241,7 +211,7 @@ __device__ __forceinline__ void epilogue_reduce_stats(S& s) {
     float L = 0.0f;
     if (M != neg_inf()) {
       for (int w = 0; w < 4; ++w) {
-        L += s.m[w][r] == neg_inf() ? 0.0f : s.l[w][r] * exp2f(s.m[w][r] - M);
+        L += s.l[w][r] * qsdpa::rescale(s.m[w][r], M);
       }
     }
     s.M[r] = M;
@@ -254,8 +224,7 @@ __device__ __forceinline__ void epilogue_reduce_stats(S& s) {
 // epilogue_reduce_stats, after it).
 template <typename S>
 __device__ __forceinline__ float epilogue_factor(const S& s, int w, int r) {
-  const float m = s.m[w][r];
-  return m == neg_inf() ? 0.0f : exp2f(m - s.M[r]);
+  return qsdpa::rescale(s.m[w][r], s.M[r]);
 }
 
 // Element d of output row out_row, v not yet normalised (mult, lse:
@@ -287,7 +256,7 @@ struct ResultPair {
 
 __device__ __forceinline__ ResultPair result_pair(const Params& p, int h, float M, float L) {
   if (p.n_splits == 1) {
-    const Finalized f = finalize_row(p, h, M, L);
+    const qsdpa::Finalized f = finalize_row(p, h, M, L);
     return {f.mult, f.lse};
   }
   return {M, L};

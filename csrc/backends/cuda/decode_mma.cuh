@@ -51,6 +51,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "debug_timeline.cuh"
 #include "ptx.cuh"
 #include "split_merge.cuh"
 
@@ -1052,8 +1053,8 @@ struct MmaDecode {
     const auto lane_row = [&](int nt, int e, int i) {
       return row_ref_at(p, b, kvh, r0 + min(nt * 8 + 2 * t + e, nr - 1), i);
     };
-    const bool causal = p.mask_type == kMaskCausal;
-    const bool array_masked = p.mask_type == kMaskBool || p.mask_type == kMaskAdditive;
+    const bool causal = p.mask == qsdpa::kMaskCausal;
+    const bool array_masked = p.mask == qsdpa::kMaskBool || p.mask == qsdpa::kMaskAdditive;
     // The first key the causal mask hides for some row of the block.
     const int causal_from = row_ref(p, b, kvh, r0).causal_limit + 1;
 
@@ -1214,7 +1215,7 @@ struct MmaDecode {
             mx = mma_detail::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
             const float m_old = ref_max(nt, e);
             const float m_max = mma_detail::fmax_nan(m_old, mx + base[nt][e]);
-            const float m_new = m_max == pos_inf() ? nan_f() : m_max; // NaN: poisoned
+            const float m_new = m_max == pos_inf() ? qsdpa::quiet_nan() : m_max; // NaN: poisoned
             const float b_new = m_new == neg_inf() ? 0.0f : m_new;
             corr[e] = mma_detail::exp2_fast(m_old - b_new); // 0 while m is -inf, 1 if unchanged
             const float shift = base[nt][e] - b_new;
@@ -1365,58 +1366,5 @@ KernelRef mma_kernel_ref() {
         MmaDecode<T, MODE, BITS, GS, D, NT>::kSmemBytes};
   }
 }
-
-// The kernels of one (query type, head dim), by format and row tiles;
-// {nullptr, 0} where none.
-template <typename T, int D, int NT>
-KernelRef mma_kernel_for(int mode, int bits, int group_size) {
-  switch (mode) {
-    case qsdpa::kMxfp4:
-      return mma_kernel_ref<T, qsdpa::kMxfp4, 4, 32, D, NT>();
-    case qsdpa::kNvfp4:
-      return mma_kernel_ref<T, qsdpa::kNvfp4, 4, 16, D, NT>();
-    case qsdpa::kMxfp8:
-      return mma_kernel_ref<T, qsdpa::kMxfp8, 8, 32, D, NT>();
-    default:
-      break;
-  }
-#define QSDPA_MMA_GS(BITS)                                              \
-  switch (group_size) {                                                 \
-    case 32:                                                            \
-      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 32, D, NT>();      \
-    case 64:                                                            \
-      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 64, D, NT>();      \
-    case 128:                                                           \
-      return mma_kernel_ref<T, qsdpa::kAffine, BITS, 128, D, NT>();     \
-    default:                                                            \
-      return KernelRef{nullptr, 0};                                     \
-  }
-  switch (bits) {
-    case 2:
-      QSDPA_MMA_GS(2)
-    case 4:
-      QSDPA_MMA_GS(4)
-    case 8:
-      QSDPA_MMA_GS(8)
-    default:
-      return KernelRef{nullptr, 0};
-  }
-#undef QSDPA_MMA_GS
-}
-
-template <typename T, int D>
-KernelRef mma_kernel_for(int mode, int bits, int group_size, int row_tiles) {
-  return row_tiles == 1 ? mma_kernel_for<T, D, 1>(mode, bits, group_size)
-                        : mma_kernel_for<T, D, 2>(mode, bits, group_size);
-}
-
-// One translation unit per (query type, head dim) so that the build runs
-// them in parallel; each defines one of these.
-KernelRef mma_kernel_f16_d64(int mode, int bits, int group_size, int row_tiles);
-KernelRef mma_kernel_f16_d128(int mode, int bits, int group_size, int row_tiles);
-KernelRef mma_kernel_f16_d256(int mode, int bits, int group_size, int row_tiles);
-KernelRef mma_kernel_bf16_d64(int mode, int bits, int group_size, int row_tiles);
-KernelRef mma_kernel_bf16_d128(int mode, int bits, int group_size, int row_tiles);
-KernelRef mma_kernel_bf16_d256(int mode, int bits, int group_size, int row_tiles);
 
 } // namespace mlx_qsdpa::cuda

@@ -1,7 +1,7 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// Tensor-core decode kernels for f16 queries, head dim 64 (decode_mma.cuh).
-#include "decode_mma.cuh"
+// Tensor-core decode kernels for f16 queries, head dim 64 (decode_mma.cuh, mma_table.cuh).
+#include "mma_table.cuh"
 
 namespace mlx_qsdpa::cuda {
 

@@ -165,17 +165,17 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       float sc = s[r];
-      if (r >= nr || (p.mask_type == kMaskCausal && j > refs[r].causal_limit)) {
+      if (r >= nr || (p.mask == qsdpa::kMaskCausal && j > refs[r].causal_limit)) {
         sc = neg_inf();
-      } else if (p.mask_type == kMaskBool || p.mask_type == kMaskAdditive) {
+      } else if (p.mask == qsdpa::kMaskBool || p.mask == qsdpa::kMaskAdditive) {
         sc = apply_array_mask(p, b, refs[r], j, sc);
       }
       // A new max, or (every comparison with a NaN being false) a NaN or
-      // +inf score or a poisoned row, whose max it makes or keeps NaN
-      // (common.cuh).
+      // +inf score or a poisoned row, whose max running_max makes or keeps
+      // NaN (common.cuh).
       if (!(sc <= m[r])) {
-        const float m_new = sc < pos_inf() && m[r] == m[r] ? sc : nan_f();
-        const float c = exp2f(m[r] - m_new); // 0 while m is -inf
+        const float m_new = qsdpa::running_max(m[r], sc);
+        const float c = qsdpa::rescale(m[r], m_new); // 0 while m is -inf
         l[r] *= c;
 #pragma unroll
         for (int e = 0; e < kMaxE; ++e) {
@@ -228,43 +228,16 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   }
 }
 
-// The generic kernel of a format, as a KernelRef (its dynamic shared memory).
-template <int MODE, int BITS>
-KernelRef simt_ref() {
-  return KernelRef{reinterpret_cast<const void*>(&qsdpa_decode_simt<MODE, BITS>), kSimtSmemBytes};
-}
-
 } // namespace
 
 KernelRef simt_kernel(int mode, int bits) {
-  switch (mode) {
-    case qsdpa::kMxfp4:
-      return simt_ref<qsdpa::kMxfp4, 4>();
-    case qsdpa::kMxfp8:
-      return simt_ref<qsdpa::kMxfp8, 8>();
-    case qsdpa::kNvfp4:
-      return simt_ref<qsdpa::kNvfp4, 4>();
-    default:
-      break;
-  }
-  switch (bits) {
-    case 1:
-      return simt_ref<qsdpa::kAffine, 1>();
-    case 2:
-      return simt_ref<qsdpa::kAffine, 2>();
-    case 3:
-      return simt_ref<qsdpa::kAffine, 3>();
-    case 4:
-      return simt_ref<qsdpa::kAffine, 4>();
-    case 5:
-      return simt_ref<qsdpa::kAffine, 5>();
-    case 6:
-      return simt_ref<qsdpa::kAffine, 6>();
-    case 8:
-      return simt_ref<qsdpa::kAffine, 8>();
-    default:
-      return KernelRef{nullptr, 0};
-  }
+  KernelRef ref{nullptr, 0};
+  qsdpa::dispatch_format(mode, bits, [&](auto fmt) {
+    constexpr int MODE = decltype(fmt)::mode;
+    constexpr int BITS = decltype(fmt)::bits;
+    ref = KernelRef{reinterpret_cast<const void*>(&qsdpa_decode_simt<MODE, BITS>), kSimtSmemBytes};
+  });
+  return ref;
 }
 
 } // namespace mlx_qsdpa::cuda

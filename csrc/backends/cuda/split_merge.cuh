@@ -12,22 +12,22 @@
 //
 // Why in the kernel and why a tree: on MLX's CUDA build each graph node
 // costs host time to record and GPU time to start (a separate merge kernel
-// took ~5 us, 2026-11-28), and a single last block that merged all 64
-// partials of a tile alone was latency-bound at ~7-12 us on the H200
-// (one SM pulling 256 KB from L2 a few KB at a time). A merge step of the
-// tree reads at most kMergeRadix partials, all loads in flight at once,
-// and all but the last level overlap with blocks still decoding; a step is
-// one round of loads (the two-round version, statistics first, measured
-// ~6 us of tail for a two-level tree at 32K).
+// measured slower than the merge inside the decode kernel); and a single
+// last block that
+// merges all partials of a tile alone is latency-bound (one SM pulling every
+// partial from L2 a few KB at a time). A merge step of the tree reads at
+// most kMergeRadix partials, all loads in flight at once, and all but the
+// last level overlap with blocks still decoding; a step is one round of
+// loads (statistics and outputs together: a round for the statistics first
+// would put a second round trip on the tail).
 //
 // The counters are zero when a kernel starts (the host hands out zeroed
-// counters, csrc/backends/cuda/quant_sdpa_cuda.cpp) and the last block of a group
+// counters, quant_sdpa_cuda.cpp) and the last block of a group
 // sets the group's counter back to zero, so counters can be handed out
 // again once the kernel that used them has completed.
 #pragma once
 
 #include "common.cuh"
-#include "debug_timeline.cuh"
 #include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
@@ -54,15 +54,15 @@ __device__ __forceinline__ float4 fma4(float4 x, float f, float4 acc) {
 // latencies, so the instructions before its loads are issued count: a
 // member's column is one pointer step from the previous member's (slots
 // lie n_rows rows apart), not a 64-bit index product per member, and a
-// column past the tile's rows skips its loads (cuobjdump, fp16 4-bit gs64
-// D=128: the loads issued 121-191 instructions after the counter atomic,
-// 363-571 before). kD: the head dim where the kernel has it at compile
-// time (its divisions become shifts), else 0. kCols: float4 columns per
-// thread and round (each adds 24 registers; the one-tile-row tensor-core
-// kernels take 1, so that the merge does not make them spill).
+// column past the tile's rows skips its loads (cuobjdump: the loads issue a
+// few hundred instructions sooner after the counter atomic than with
+// per-member index products). kD: the head dim where the kernel has it at
+// compile time (its divisions become shifts), else 0. kCols: float4 columns
+// per thread and round (each adds 24 registers; the one-tile-row
+// tensor-core kernels take 1, so that the merge does not make them spill).
 template <int kD, int kCols>
 __device__ inline void merge_step(
-    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst QSDPA_TL_STEP_PARAM) {
+    const Params& p, int b, int kvh, int r0, int nr, int64_t first, int members, int64_t dst) {
   const int64_t n_rows = int64_t(p.B) * p.Hq * p.Lq;
   const int D4 = (kD > 0 ? kD : p.D) / 4;
   const int n_cols = nr * D4;
@@ -110,12 +110,9 @@ __device__ inline void merge_step(
       float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int u = 0; u < kMergeRadix; ++u) {
-        const float f = m[k][u] == neg_inf() ? 0.0f : exp2f(m[k][u] - M); // a partial that saw no key weighs nothing
+        const float f = qsdpa::rescale(m[k][u], M); // 0: a partial that saw no key
         L = fmaf(l[k][u], f, L);
         acc = fma4(x[k][u], f, acc);
-      }
-      if (k == 0 && c0 == 0) {
-        QSDPA_TL_STEP_LOADED(acc.x + L); // timeline builds only
       }
       if (dst >= 0) {
         const int64_t row = dst * n_rows + ref.out_row;
@@ -125,7 +122,7 @@ __device__ inline void merge_step(
           p.part_ml[row * 2 + 1] = L;
         }
       } else {
-        const Finalized fin = finalize_row(p, ref.h, M, L);
+        const qsdpa::Finalized fin = finalize_row(p, ref.h, M, L);
         const int64_t o = (ref.out_row * D4 + d4) * 4;
         store_from_float(p.out, o, scaled_output(acc.x, fin.mult), p.out_type);
         store_from_float(p.out, o + 1, scaled_output(acc.y, fin.mult), p.out_type);
@@ -148,18 +145,12 @@ __device__ inline void merge_step(
 // output. kD, kCols: merge_step's.
 template <int kD = 0, int kCols = 2>
 __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int nr, MergeSmem& s) {
-#if defined(QSDPA_TIMING_SKIP_MERGE)
-  // Measurement builds only (run_gpu.sh variants): the call's time without
-  // the merge; the output is NOT written. The counters stay zero.
-  return;
-#endif
   const int64_t n_tiles = int64_t(gridDim.z) * gridDim.y;
   const int64_t tile = int64_t(b) * gridDim.y + blockIdx.y;
   int count = p.n_splits; // partials of this level
   int index = blockIdx.x; // this block's partial in it
   int64_t slot_base = 0; // the level's first slot
   int64_t counter_base = 0; // and first counter
-  QSDPA_TL_MERGE_MARKS;
   while (true) {
     const int group = index / kMergeRadix;
     const int first = group * kMergeRadix;
@@ -171,29 +162,23 @@ __device__ inline void merge_splits(const Params& p, int b, int kvh, int r0, int
     // thread. Its acquire half, followed by the second barrier, orders the
     // other members' partials before this block's reads of them (which go
     // to L2, ld.global.cg) when it arrives last.
-    QSDPA_TL_MERGE_ENTER();
     __syncthreads();
     if (threadIdx.x == 0) {
       unsigned int* counter = p.counters + (counter_base + group) * n_tiles + tile;
       const unsigned int before = mma_detail::atomic_add_acq_rel(counter, 1u);
-      QSDPA_TL_MERGE_COUNTED(before);
       s.last = before == unsigned(members - 1);
       if (s.last) {
         *counter = 0u; // every member has counted: ready for reuse
       }
     }
     __syncthreads();
-    QSDPA_TL_MERGE_ARRIVED(s.last);
     if (!s.last) {
-      QSDPA_TL_MERGE_PRINT();
       return;
     }
     const bool root = count <= kMergeRadix;
     const int64_t dst = root ? -1 : slot_base + count + group;
-    merge_detail::merge_step<kD, kCols>(p, b, kvh, r0, nr, slot_base + first, members, dst QSDPA_TL_STEP_ARG);
-    QSDPA_TL_MERGE_DONE();
+    merge_detail::merge_step<kD, kCols>(p, b, kvh, r0, nr, slot_base + first, members, dst);
     if (root) {
-      QSDPA_TL_MERGE_PRINT();
       return;
     }
     counter_base += (count + kMergeRadix - 1) / kMergeRadix;

@@ -1,8 +1,9 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// How the CUDA host code spreads one call over blocks: row tiles, key splits
-// and keys per split. Plain C++ (no CUDA headers), so that it is unit-tested
-// on machines without a GPU (tests/cuda/split_plan_check.cpp, run by
+// How a call is spread over blocks: row tiles, key splits and keys per
+// split, and the sizes of the split merge's tree. Plain C++ (no CUDA
+// headers): launch_plan.cpp uses it, and it is unit-tested on machines
+// without a GPU (tests/cuda/launch_plan_check.cpp, run by
 // tests/test_cuda_host_logic.py).
 #pragma once
 
@@ -26,7 +27,7 @@ struct SplitInput {
   int rows_per_block = 8;
   int64_t wave = 1; // blocks that fill the GPU once (blocks per SM x SMs)
   int min_keys_per_split = kKeysPerBlockStep;
-  int forced_splits = 0; // > 0: this many splits (clamped), for tuning
+  int forced_splits = 0; // > 0: this many splits (clamped): tests and tuning
 };
 
 struct SplitPlan {
@@ -44,11 +45,10 @@ inline bool grid_fits(int B, int Hkv, int rows, int rows_per_block) {
 
 // Split the keys into as many ranges as one wave of blocks holds (never
 // more: a block past the wave waits for a free slot and runs after the
-// others; 99-264 forced splits, 1.5 to 5 waves, were 6-16 us slower at 32K
-// and 128K keys on the H200, 2026-11-29g), with at least min_keys_per_split
-// keys per block (each block pays an epilogue and a share of the merge), at
-// most kMaxSplits splits and kMaxPartialElements partial elements; no split
-// is empty.
+// others, and every block pays its first keys, its epilogue and a share of
+// the merge, so more than a wave measured slower), with at least
+// min_keys_per_split keys per block, at most kMaxSplits splits and
+// kMaxPartialElements partial elements; no split is empty.
 inline SplitPlan plan_splits(const SplitInput& in) {
   SplitPlan plan;
   plan.row_tiles = (in.rows + in.rows_per_block - 1) / in.rows_per_block;
@@ -70,7 +70,7 @@ inline SplitPlan plan_splits(const SplitInput& in) {
   return plan;
 }
 
-// The merge of the splits' partials is a tree (csrc/backends/cuda/split_merge.cuh): the
+// The merge of the splits' partials is a tree (split_merge.cuh): the
 // last block of each group of kMergeRadix partials of a level merges them
 // into one partial of the next level, or into the output once a level has
 // at most kMergeRadix partials. A merge step then reads at most kMergeRadix

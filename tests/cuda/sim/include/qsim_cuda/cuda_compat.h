@@ -72,12 +72,11 @@ struct uint3 {
 // The 2- and 4-element vector types copy member by member: a copy of a
 // whole struct becomes a memcpy intrinsic, which -fsanitize-coverage does
 // not trace, so a float4 row written to one buffer and read back by another
-// block went unchecked (found 2026-11-29, when the merge's copies of such
-// rows started to be checked byte by byte). Member copies are traced scalar
-// loads and stores. Each copy also checks that both addresses are aligned
-// to the vector's size, as the GPU's vector loads and stores require (a
-// float4 at an 8-byte offset of shared memory faulted the kernel on the
-// H200, 2026-11-29, where member copies had let it pass here).
+// block would go unchecked. Member copies are traced scalar loads and
+// stores. Each copy also checks that both addresses are aligned to the
+// vector's size, as the GPU's vector loads and stores require (a float4 at
+// an 8-byte offset of shared memory faults the kernel on a GPU, which
+// member copies alone would let pass here).
 // The empty asm hides where the addresses came from: the compiler assumes
 // that a reference to a vector is aligned and would fold the test away.
 inline void qsim_check_vector_align(const void* a, const void* b, std::size_t align) {
