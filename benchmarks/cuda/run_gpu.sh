@@ -114,7 +114,8 @@ step_cpu() { # the CPU kernel on this host's CPU: the oracle files on each varia
 step_tests_simt() { # tests/conftest.py forces the generic kernel from QSDPA_CUDA_KERNEL
   local t0=$SECONDS
   QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest \
-    tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py -q --maxfail=20 \
+    tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py \
+    tests/test_nonfinite.py tests/test_format_table.py -q --maxfail=20 \
     -p no:cacheprovider -n 8 --timeout 300 > "$out/tests_simt.log" 2>&1
   summary+=("tests, generic kernel forced: $(tail -1 "$out/tests_simt.log") [$((SECONDS - t0)) s]")
 }
