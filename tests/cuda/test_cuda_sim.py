@@ -138,7 +138,7 @@ def test_plan_takes_generic_kernel_for_unaligned_rows():
     assert isinstance(sim.kernel_for(call_of(c, inputs), kernel="simt"), sim.SimtVariant)
 
 
-# The online softmax's lazy max (decode_mma.cuh): keys whose scale and bias
+# The online softmax's lazy max (mma_softmax.cuh): keys whose scale and bias
 # grow along the sequence, so the rows' max keeps rising, by less than the
 # threshold (weights above 1) and by more (the slow path's rescale), over
 # several tiles of every split.
@@ -178,7 +178,7 @@ def test_lazy_max_rescales(lib, c, splits):
 
 
 # fp4 codes decode without float where a tile's scales are exact in T, and
-# through float elsewhere (decode_mma.cuh, fp4_pair). Scales 2^-13 of the
+# through float elsewhere (mma_decode.cuh, fp4_pair). Scales 2^-13 of the
 # usual ones put some groups' e8m0 scales under fp16's normal range, so both
 # paths run, K and V (the cases' scales are 2^-2..2^0); the softmax scale
 # makes up for the smaller keys.
@@ -321,23 +321,23 @@ def test_empty_row_beside_poisoned_rows(lib, lib_simt, entry, poison):
 MUTANT_CASE = Case(**G4, Lq=1, Lk=600, D=64, fmt=("affine", 4, 64), dtype=F16)
 MUTANTS = {
     # The fp32 fold uses key g's scale for key g + 8 too.
-    "fold_scale": ("decode_mma.cuh", "s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4],", "s[nt][e4] = fmaf(sc[0], acc[nt][e4],"),
+    "fold_scale": ("mma_tiles.cuh", "s[nt][e4] = fmaf(sc[e4 >> 1], acc[nt][e4],", "s[nt][e4] = fmaf(sc[0], acc[nt][e4],"),
     # The sum of M q takes 2^10 for every element, also for codes masked in
     # place higher up the mantissa (whose magic is smaller).
-    "magic_sum": ("decode_mma.cuh", "y = fmaf(-magic_value(magic_pos(sh)), q2, y);", "y = fmaf(-magic_value(0), q2, y);"),
+    "magic_sum": ("mma_query.cuh", "y = fmaf(-F::magic_value(F::magic_pos(sh)), q2, y);", "y = fmaf(-F::magic_value(0), q2, y);"),
     # Every merge group believed full: the last group never completes.
     "merge_members": ("split_merge.cuh", "const int members = min(kMergeRadix, count - first);", "const int members = kMergeRadix;"),
     # The last chunk copies whole rows past the split's end: past the end of
     # the cache for the last kv head (the runtime's bounds check).
-    "tail_copy": ("decode_mma.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
+    "tail_copy": ("mma_ring.cuh", "const bool ok = row < valid;", "const bool ok = true;"),
     # A warp reads its stage without the warp barrier after its lanes' waits:
     # other lanes' copies have not landed (the cp.async model lands a copy at
     # its issuing lane's wait).
-    "warp_barrier": ("decode_mma.cuh", "cp_async_wait<NS - 2>();\n      __syncwarp();\n", "cp_async_wait<NS - 2>();\n"),
+    "warp_barrier": ("decode_mma.cuh", "cp_async_wait<kStages - 2>();\n      __syncwarp();\n", "cp_async_wait<kStages - 2>();\n"),
     # The lazy max lets weights grow to 2^64: fp16 P overflows.
-    "lazy_threshold": ("decode_mma.cuh", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
+    "lazy_threshold": ("mma_softmax.cuh", "rows.lim[nt][e] = m_new == neg_inf() ? neg_inf() : kLazyMax;", "rows.lim[nt][e] = m_new == neg_inf() ? neg_inf() : 64.0f;"),
     # The slow path forgets to rescale the denominator.
-    "lazy_rescale_l": ("decode_mma.cuh", "l[nt][e] *= corr[e];", ""),
+    "lazy_rescale_l": ("mma_softmax.cuh", "rows.l[nt][e] *= corr[e];", ""),
     # The merge reads partial rows as float4 from 8 bytes into the row: the
     # GPU faults on a vector load that is not aligned to its size (as a
     # float4 of shared memory at an 8-byte offset did on a GPU), so the

@@ -157,7 +157,7 @@ def test_prmt_and_lop3(probe):
 
 @pytest.mark.parametrize("fmt_name", ["half", "bf16"])
 def test_fp4_pair_is_formats_e2m1(probe, fmt_name):
-    """The tensor-core kernel's float-free e2m1 decode (MmaDecode::fp4_pair)
+    """The tensor-core kernel's float-free e2m1 decode (MmaFormat::fp4_pair)
     gives formats.h's fp4_e2m1_to_float exactly, as T bits, for every code
     pair at every position of a word, whatever the other codes."""
     bf16 = fmt_name == "bf16"

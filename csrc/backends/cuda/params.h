@@ -87,14 +87,19 @@ constexpr int kMergeRadix = 8;
 // 8 or 16 (one or two row tiles of 8, mma_kernel's row_tiles).
 constexpr int kSimtRows = 8;
 
+// The code widths the tensor-core kernel decodes: a word holds whole
+// codes, and the codes k and k + (32 / bits) / 2 of a word sit 16 bits
+// apart (a pair). Other formats of the table take the generic kernel.
+QSDPA_FUNC constexpr bool mma_decodes(int bits) {
+  return bits == 2 || bits == 4 || bits == 8;
+}
+
 // Whether a tensor-core kernel is built for queries of element type q_type
-// and this format and head dim: fp16/bf16 queries, codes of 2, 4 or 8 bits
-// (the pair decoding works on whole bytes or nibbles), a group within a
-// head-dim row, D 64, 128 or 256. mma_kernel's table instantiates exactly
+// and this format and head dim: fp16/bf16 queries, codes mma_decodes, a
+// group within a head-dim row, D 64, 128 or 256. mma_kernel's table instantiates exactly
 // these (mma_table.cuh).
 constexpr bool mma_kernel_built(int q_type, int mode, int bits, int group_size, int D) {
-  return (q_type == qsdpa::kElemFloat16 || q_type == qsdpa::kElemBFloat16) &&
-      (bits == 2 || bits == 4 || bits == 8) && qsdpa::format_supported(mode, bits, group_size) &&
+  return (q_type == qsdpa::kElemFloat16 || q_type == qsdpa::kElemBFloat16) && mma_decodes(bits) && qsdpa::format_supported(mode, bits, group_size) &&
       group_size <= D && (D == 64 || D == 128 || D == 256);
 }
 

@@ -48,12 +48,12 @@ uint32_t probe_byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 uint32_t probe_lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t lut) {
   return mlx_qsdpa::cuda::mma_detail::lop3(a, b, c, uint8_t(lut));
 }
-// The kernel's fp4 e2m1 pair decode (MmaDecode::fp4_pair) for T = fp16 (0)
+// The kernel's fp4 e2m1 pair decode (MmaFormat::fp4_pair) for T = fp16 (0)
 // or bf16 (1), and formats.h's definition of an e2m1 code.
 uint32_t probe_fp4_pair(int bf16, uint32_t x, int shift) {
   namespace cu = mlx_qsdpa::cuda;
-  return bf16 ? cu::MmaDecode<__nv_bfloat16, qsdpa::kMxfp4, 4, 32, 128, 1>::fp4_pair(x, shift)
-              : cu::MmaDecode<__half, qsdpa::kMxfp4, 4, 32, 128, 1>::fp4_pair(x, shift);
+  return bf16 ? cu::MmaFormat<__nv_bfloat16, qsdpa::kMxfp4, 4>::fp4_pair(x, shift)
+              : cu::MmaFormat<__half, qsdpa::kMxfp4, 4>::fp4_pair(x, shift);
 }
 float probe_e2m1(uint32_t nib) {
   return qsdpa::fp4_e2m1_to_float(nib);
