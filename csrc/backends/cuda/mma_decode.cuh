@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "mlx_qsdpa/formats.h"
+#include "params.h"
 #include "ptx.cuh"
 
 namespace mlx_qsdpa::cuda {
