@@ -21,6 +21,8 @@ import mlx_qsdpa
 from mlx_qsdpa import _ext, quant_sdpa
 from mlx_qsdpa.bench import cpu_model
 
+# One format of each decode path the CPU kernel has (a selection of the
+# table, not a copy of it).
 FORMATS = [("affine", 4, 64), ("affine", 8, 64), ("affine", 3, 64), ("mxfp4", 4, 32),
            ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
 

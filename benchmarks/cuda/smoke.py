@@ -17,12 +17,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import oracle  # noqa: E402
-from mlx_qsdpa import _ext, quant_sdpa  # noqa: E402
+from mlx_qsdpa import SUPPORTED_FORMATS, _ext, quant_sdpa  # noqa: E402
 
 DEVICE = mx.cpu if os.environ.get("SMOKE_DEVICE") == "cpu" else mx.gpu
 
-FORMATS = [("affine", b, g) for b in (1, 2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
-    ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
+FORMATS = list(SUPPORTED_FORMATS)
 
 
 def case(fmt, D, dtype, Hq, Hkv, Lq, Lk, mask=None, sinks=False, B=1, seed=0, prefix=0):

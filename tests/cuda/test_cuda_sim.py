@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import oracle  # noqa: E402
 import qsdpa_case  # noqa: E402
 from qsdpa_case import BF16, F16, Case  # noqa: E402
+from mlx_qsdpa import SUPPORTED_FORMATS, format_table  # noqa: E402
 
 import cuda_simulator as sim  # noqa: E402
 from sim_quant_sdpa import call_of, run_case, variant_of  # noqa: E402
@@ -240,6 +241,29 @@ def test_decode_simt_matches_oracle(lib_simt, entry):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
+# formats.h's table walked on the generic kernel, which decodes every row
+# (test_mma_traits.py walks it through the tensor-core kernel's decoders):
+# each row at each of its group sizes, two key splits.
+TABLE_CASES = [
+    Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=136, D=128, fmt=(f.mode, f.bits, gs), dtype=F16, mask="causal", seed=f.bits)
+    for f in format_table()
+    for gs in f.group_sizes
+]
+
+
+@pytest.fixture(scope="module")
+def lib_table():
+    _require_clang()
+    return sim.Library(sim.build_library([variant_of(c, simt=True) for c in TABLE_CASES], tag="table"))
+
+
+@pytest.mark.parametrize("c", TABLE_CASES, ids=lambda c: qsdpa_case.fmt_id(c.fmt))
+def test_format_table_on_the_generic_kernel(lib_table, c):
+    out, lse, ref, ref_lse, plan = run_case(lib_table, c, forced_splits=2, simt=True)
+    assert plan.n_splits == 2, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
 # ---------------------------------------------------------------------------
 # Non-finite inputs (qsdpa_case.POISONS, the semantics of
 # tests/test_nonfinite.py, which runs them on the test device): every poison
@@ -418,7 +442,9 @@ def test_fragment_layout_mutant_is_caught(lib):
 # few minutes to build on two cores): QSDPA_CUDA_SIM_ALL=1.
 # ---------------------------------------------------------------------------
 
-FORMATS = [("affine", b, g) for b in (2, 4, 8) for g in (32, 64, 128)] + [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
+# The formats of the table with a tensor-core kernel (codes of 2, 4 or 8
+# bits: params.h's mma_decodes).
+FORMATS = [f for f in SUPPORTED_FORMATS if f[1] in (2, 4, 8)]
 ALL_CASES = [
     # Lk a multiple of 16 (scale rows of any format 16-byte aligned per
     # head), not of 64; 10 splits of 64 keys: a two-level merge.
