@@ -19,8 +19,6 @@
 // path on every later step, and stays NaN.
 #pragma once
 
-#include <type_traits>
-
 #include "common.cuh"
 #include "mma_decode.cuh"
 #include "mma_shape.cuh"

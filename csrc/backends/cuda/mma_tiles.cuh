@@ -120,8 +120,10 @@ struct MmaTiles {
     for (int h = 0; h < 2; ++h) {
       const int key = key0 + 8 * h;
       uint32_t sw[2], bw[2];
-      mma_detail::load_shared<2 * S::kScaleRowBytes>(st + Ring::kScalesAt + sa * Ring::kScaleArrayBytes + key * S::kScaleRowBytes, sw);
-      mma_detail::load_shared<2 * S::kScaleRowBytes>(st + Ring::kScalesAt + ba * Ring::kScaleArrayBytes + key * S::kScaleRowBytes, bw);
+      const unsigned char* scales = st + Ring::kScalesAt + sa * Ring::kScaleArrayBytes + key * S::kScaleRowBytes;
+      const unsigned char* biases = st + Ring::kScalesAt + ba * Ring::kScaleArrayBytes + key * S::kScaleRowBytes;
+      mma_detail::load_shared<2 * S::kScaleRowBytes>(scales, sw);
+      mma_detail::load_shared<2 * S::kScaleRowBytes>(biases, bw);
       PairScale& x = ps[h][0];
       if constexpr (S::kGroups == 1) {
         x.s2 = sw[0];
@@ -230,8 +232,12 @@ struct MmaTiles {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int key = lk0 + g + 8 * h;
-      mma_detail::load_shared<S::kScaleRowBytes>(st + Ring::kScalesAt + Ring::kKeyScales * Ring::kScaleArrayBytes + key * S::kScaleRowBytes, ksw[h]);
-      mma_detail::load_shared<S::kScaleRowBytes>(st + Ring::kScalesAt + Ring::kKeyBiases * Ring::kScaleArrayBytes + key * S::kScaleRowBytes, kbw[h]);
+      const unsigned char* scales =
+          st + Ring::kScalesAt + Ring::kKeyScales * Ring::kScaleArrayBytes + key * S::kScaleRowBytes;
+      const unsigned char* biases =
+          st + Ring::kScalesAt + Ring::kKeyBiases * Ring::kScaleArrayBytes + key * S::kScaleRowBytes;
+      mma_detail::load_shared<S::kScaleRowBytes>(scales, ksw[h]);
+      mma_detail::load_shared<S::kScaleRowBytes>(biases, kbw[h]);
     }
     zero_tiles(s);
 #pragma unroll
@@ -303,7 +309,8 @@ struct MmaTiles {
 #pragma unroll
     for (int kp = 0; kp < 4; ++kp) {
       const int key = lk0 + 2 * t + (kp & 1) + 8 * (kp >> 1);
-      mma_detail::load_shared<S::kLaneValueBytes>(st + Ring::kValueRowsAt + key * S::kRowBytes + g * S::kLaneValueBytes, vw[kp]);
+      const unsigned char* run = st + Ring::kValueRowsAt + key * S::kRowBytes + g * S::kLaneValueBytes;
+      mma_detail::load_shared<S::kLaneValueBytes>(run, vw[kp]);
     }
     constexpr int NGV = S::kLaneValues >= S::kGroupSize ? S::kLaneValues / S::kGroupSize : 1;
     PairScale vs[2][NGV];
