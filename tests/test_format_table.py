@@ -68,3 +68,23 @@ def test_every_format_matches_the_oracle(device, fmt, fallback):
     fallback, for every (mode, bits, group size) of the table."""
     D = 128 if 128 % fmt[2] == 0 else fmt[2]
     check_case(Case(Hq=4, Hkv=2, Lq=2, Lk=70, D=D, fmt=fmt, mask="causal", seed=fmt[1]), device, fallback=fallback)
+
+
+def test_readme_formats_table_is_the_table():
+    """The README's table of formats (documentation) says what the table says."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Formats"):text.index("### C++")]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `(\w+)` \| ([\d, ]+) \| ([\d, ]+) \|.*\| (yes|no) \|$", line)
+        if m:
+            ints = lambda t: tuple(int(x) for x in t.split(","))
+            rows[m.group(1)] = (ints(m.group(2)), ints(m.group(3)), m.group(4) == "yes")
+    want = {}
+    for r in TABLE:
+        bits, groups, biases = want.get(r.mode, ((), r.group_sizes, r.has_biases))
+        want[r.mode] = (bits + (r.bits,), groups, biases)
+    assert rows == want
