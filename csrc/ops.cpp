@@ -106,11 +106,7 @@ std::string join_ints(const std::vector<int>& v) {
 
 std::vector<int> group_sizes_of(int mask) {
   std::vector<int> out;
-  for (int g = 1; g <= 1024; g *= 2) {
-    if (mask & g) {
-      out.push_back(g);
-    }
-  }
+  qsdpa::for_each_group_size(mask, [&](int g) { out.push_back(g); });
   return out;
 }
 

@@ -88,11 +88,7 @@ nb::list format_table() {
   nb::list rows;
   for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
     nb::list groups;
-    for (int g = 1; g <= 1024; g *= 2) {
-      if (r.group_sizes & g) {
-        groups.append(g);
-      }
-    }
+    qsdpa::for_each_group_size(r.group_sizes, [&](int g) { groups.append(g); });
     rows.append(nb::make_tuple(r.mode_name, r.bits, nb::tuple(groups), r.token, qsdpa::mode_has_bias(r.mode)));
   }
   return rows;

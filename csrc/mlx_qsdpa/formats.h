@@ -286,6 +286,11 @@ enum GroupSizeMask : int {
   kGroupSizes32To128 = (1 << 5) | (1 << 6) | (1 << 7),
 };
 
+// The largest group size a GroupSizeMask can name.
+QSDPA_FUNC QSDPA_CONSTEXPR int max_group_size() {
+  return 1024;
+}
+
 #define QSDPA_MODE_CODE_CASE(MODE, NAME, CODE, SCALE) \
   if (mode == MODE) {                                 \
     return CODE;                                      \
@@ -323,7 +328,7 @@ QSDPA_FUNC QSDPA_CONSTEXPR int format_group_sizes(int mode, int bits) {
 
 // Whether the table has (mode, bits, group_size).
 QSDPA_FUNC QSDPA_CONSTEXPR bool format_supported(int mode, int bits, int group_size) {
-  return group_size > 0 && group_size <= 1024 && (group_size & (group_size - 1)) == 0 &&
+  return group_size > 0 && group_size <= max_group_size() && (group_size & (group_size - 1)) == 0 &&
       (format_group_sizes(mode, bits) & group_size) != 0;
 }
 
@@ -405,6 +410,16 @@ QSDPA_HOST_FUNC constexpr const char* mode_name(int mode) {
 static constexpr FormatRow kFormatTable[] = {QSDPA_FORMATS(QSDPA_FORMAT_ROW)};
 #undef QSDPA_FORMAT_ROW
 static constexpr int kNumFormats = int(sizeof(kFormatTable) / sizeof(kFormatTable[0]));
+
+// Calls f(g) for each group size g of a GroupSizeMask, ascending.
+template <typename F>
+QSDPA_HOST_FUNC void for_each_group_size(int mask, F&& f) {
+  for (int g = 1; g <= max_group_size(); g *= 2) {
+    if (mask & g) {
+      f(g);
+    }
+  }
+}
 
 // The table's row (mode, bits), or nullptr.
 QSDPA_HOST_FUNC const FormatRow* find_format(int mode, int bits) {

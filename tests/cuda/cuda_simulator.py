@@ -38,6 +38,8 @@ QSIM = ROOT / "tests" / "sim"
 # The runtime, build helpers and errors both simulators share.
 sys.path.insert(0, str(QSIM))
 from simcore import (  # noqa: E402
+    RUNTIME_INCLUDE,
+    RUNTIME_SOURCE,
     BuildError,
     SimulatorError,
     cached_library,
@@ -45,11 +47,12 @@ from simcore import (  # noqa: E402
     find_clang,
     hash_inputs,
     load_runtime,
+    runtime_inputs,
     symbolize,
 )
 BUILD = ROOT / "build" / "cuda-sim"
 
-INCLUDES = [SIM / "include", QSIM / "include", SIM, ROOT, ROOT / "csrc"]
+INCLUDES = [SIM / "include", RUNTIME_INCLUDE, SIM, ROOT, ROOT / "csrc"]
 # -O1: the kernel units (every instantiation's whole kernel) compile in a
 # few seconds each; the runtime's checks see every load and store.
 KERNEL_FLAGS = [
@@ -245,13 +248,12 @@ def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | N
         raise BuildError("clang++ not found: the CUDA simulator needs clang (apt-get install clang)")
     variants = sorted(set(variants), key=lambda v: v.name)
     cuda_dir = Path(kernel_dir) if kernel_dir else ROOT / "csrc" / "backends" / "cuda"
-    inputs = [Path(__file__).resolve(), QSIM / "runtime.cpp", ROOT / "csrc" / "call.h", cuda_dir / "launch_plan.cpp"]
+    inputs = [Path(__file__).resolve(), *runtime_inputs(), ROOT / "csrc" / "call.h", cuda_dir / "launch_plan.cpp"]
     inputs += sorted((ROOT / "csrc" / "mlx_qsdpa").glob("*.h"))
     inputs += [p for p in cuda_dir.glob("*") if p.suffix in (".h", ".cuh")]
     if any(isinstance(v, SimtVariant) for v in variants):
         inputs.append(cuda_dir / "decode_simt.cu")
     inputs += [p for p in SIM.rglob("*") if p.is_file()]
-    inputs += [p for p in (QSIM / "include").rglob("*") if p.is_file()]
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     extra = version + repr(KERNEL_FLAGS + HOST_FLAGS) + repr([v.name for v in variants]) + repr(defines) + str(cuda_dir)
     key = hash_inputs(inputs, extra)
@@ -285,7 +287,7 @@ def build_library(variants: list[Variant | SimtVariant], *, kernel_dir: Path | N
         job(HOST_FLAGS, host, "host.o")
         job(HOST_FLAGS, SIM / "call_runner.cpp", "call_runner.o")
         job(HOST_FLAGS, cuda_dir / "launch_plan.cpp", "launch_plan.o")
-        job(HOST_FLAGS, QSIM / "runtime.cpp", "runtime.o")
+        job(HOST_FLAGS, RUNTIME_SOURCE, "runtime.o")
         compile_all(jobs)
         compile_all([[clang, "-shared", "-Wl,-Bsymbolic", "-o", str(work / lib_name), *map(str, objs)]])
         return (work / lib_name,)
