@@ -47,8 +47,11 @@ Call describe_call(
       dst[i] = a.strides()[i];
     }
   };
-  const auto tensor = [&](int w, int s, int b) {
+  const auto tensor = [&](const QuantFormat& f, int w, int s, int b) {
     QuantTensor t{};
+    t.mode = f.mode;
+    t.bits = f.bits;
+    t.group_size = f.group_size;
     t.w = static_cast<const uint32_t*>(address(inputs[w]));
     strides(t.ws, inputs[w]);
     t.scales = address(inputs[s]);
@@ -68,16 +71,13 @@ Call describe_call(
   call.Hkv = inputs[in.k].shape(1);
   call.Lk = inputs[in.k].shape(2);
   call.G = call.Hq / call.Hkv;
-  call.mode = c.mode;
-  call.bits = c.bits;
-  call.group_size = c.group_size;
   call.scale = c.scale;
   call.scale_log2 = c.scale * qsdpa::log2e();
   call.q = address(q);
   strides(call.qs, q);
   call.q_type = elem_type(q.dtype());
-  call.k = tensor(in.k, in.k_scales, in.k_biases);
-  call.v = tensor(in.v, in.v_scales, in.v_biases);
+  call.k = tensor(c.k, in.k, in.k_scales, in.k_biases);
+  call.v = tensor(c.v, in.v, in.v_scales, in.v_biases);
   call.mask = c.mask;
   if (in.mask >= 0) {
     call.mask_ptr = address(inputs[in.mask]);

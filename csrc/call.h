@@ -21,8 +21,10 @@ namespace mlx_qsdpa {
 
 // One quantized tensor: packed words [B, Hkv, Lk, D * bits / 32], scales and
 // biases [B, Hkv, Lk, D / group_size], each a strided view (element
-// strides, possibly zero or negative).
+// strides, possibly zero or negative). Keys and values each have their own
+// format (a row of formats.h's table).
 struct QuantTensor {
+  int mode, bits, group_size;
   const uint32_t* w;
   int64_t ws[4];
   const void* scales;
@@ -35,7 +37,6 @@ struct QuantTensor {
 struct Call {
   int B, Hq, Hkv, Lq, Lk, D;
   int G; // Hq / Hkv: query heads per kv head
-  int mode, bits, group_size; // a row of formats.h's table
   float scale;
   float scale_log2; // scale * log2(e): scores are kept in base-2 units
 

@@ -11,6 +11,7 @@
 #include "errors.h"
 #include "mlx_qsdpa/quant_sdpa.h"
 #include "primitive.h"
+#include "quantize.h"
 
 #ifndef MLX_QSDPA_VERSION
 #define MLX_QSDPA_VERSION "0.0.0"
@@ -121,7 +122,7 @@ std::vector<std::string> mode_names() {
   return names;
 }
 
-qsdpa::QuantMode parse_mode(const std::string& mode) {
+qsdpa::QuantMode parse_mode(const std::string& mode, const std::string& arg) {
   qsdpa::QuantMode m;
   if (find_mode(mode, m)) {
     return m;
@@ -130,7 +131,7 @@ qsdpa::QuantMode parse_mode(const std::string& mode) {
   for (const auto& name : mode_names()) {
     allowed += (allowed.empty() ? "'" : ", '") + name + "'";
   }
-  fail("mode must be one of " + allowed + "; got '" + mode + "'.");
+  fail(arg + " must be one of " + allowed + "; got '" + mode + "'.");
 }
 
 // "allowed: mode='affine' with bits in {1, 2, ...} and group_size in {32,
@@ -186,7 +187,7 @@ void check_quantized(
     const mx::array& w,
     const mx::array& scales,
     const std::optional<mx::array>& biases,
-    const QuantSDPAConfig& c,
+    const QuantFormat& c,
     int B,
     int D) {
   std::string wname = std::string(what) + "s";
@@ -221,13 +222,13 @@ void check_quantized(
         std::to_string(c.group_size) + "; got " + shape_str(scales.shape()) +
         ".");
   }
+  const std::string mode = qsdpa::mode_name(c.mode);
+  if (qsdpa::mode_float_scales(c.mode) && !is_float_type(scales.dtype())) {
+    fail_type(
+        sname + " must be float16, bfloat16 or float32 for mode '" + mode + "'; got " +
+        dtype_str(scales.dtype()) + ".");
+  }
   if (qsdpa::mode_has_bias(c.mode)) {
-    const std::string mode = qsdpa::mode_name(c.mode);
-    if (!is_float_type(scales.dtype())) {
-      fail_type(
-          sname + " must be float16, bfloat16 or float32 for mode '" + mode + "'; got " +
-          dtype_str(scales.dtype()) + ".");
-    }
     if (!biases) {
       fail(bname + " is required for mode '" + mode + "' (mx.quantize returns it).");
     }
@@ -243,16 +244,14 @@ void check_quantized(
           ".");
     }
   } else {
-    if (scales.dtype() != mx::uint8) {
+    if (!qsdpa::mode_float_scales(c.mode) && scales.dtype() != mx::uint8) {
       fail_type(
           sname + " must be uint8 (the 8-bit scale codes mx.quantize returns for "
                   "the fp modes); got " +
           dtype_str(scales.dtype()) + ".");
     }
     if (biases) {
-      fail(
-          bname + " must be None for the fp modes (mode '" + qsdpa::mode_name(c.mode) +
-          "' has no bias).");
+      fail(bname + " must be None for mode '" + mode + "' (it has no bias).");
     }
   }
 }
@@ -283,6 +282,23 @@ const char* mlx_build_version() {
 
 namespace {
 
+// The format (mode, bits, group_size) named by the call's arguments, or an
+// error naming them (`prefix` is "" for the keys, "value_" for the values).
+QuantFormat parse_format(const std::string& prefix, const std::string& mode, int bits, int group_size) {
+  QuantFormat f{};
+  f.mode = parse_mode(mode, prefix + "mode");
+  f.bits = bits;
+  f.group_size = group_size;
+  if (!qsdpa::format_supported(f.mode, bits, group_size)) {
+    const std::string what = prefix.empty() ? "format" : "value format";
+    fail(
+        "unsupported " + what + " (" + prefix + "mode='" + mode + "', " + prefix +
+        "bits=" + std::to_string(bits) + ", " + prefix + "group_size=" +
+        std::to_string(group_size) + "); " + allowed_formats() + ".");
+  }
+  return f;
+}
+
 std::vector<mx::array> quant_sdpa_impl(
     const mx::array& queries,
     const mx::array& keys,
@@ -292,28 +308,20 @@ std::vector<mx::array> quant_sdpa_impl(
     const mx::array& value_scales,
     const std::optional<mx::array>& value_biases,
     float scale,
-    const std::string& mask_mode,
-    const std::optional<mx::array>& mask_arr,
-    const std::optional<mx::array>& sinks,
-    int group_size,
-    int bits,
-    const std::string& mode,
-    bool return_lse,
+    const QuantSDPAOptions& o,
     mx::StreamOrDevice s) {
+  const std::string& mask_mode = o.mask_mode;
+  const std::optional<mx::array>& mask_arr = o.mask_arr;
+  const std::optional<mx::array>& sinks = o.sinks;
   QuantSDPAConfig c;
   c.scale = scale;
-  c.group_size = group_size;
-  c.bits = bits;
-  c.mode = parse_mode(mode);
+  c.k = parse_format("", o.mode, o.bits, o.group_size);
+  c.v = o.value_mode || o.value_bits || o.value_group_size
+      ? parse_format("value_", o.value_mode.value_or(o.mode), o.value_bits.value_or(o.bits),
+                     o.value_group_size.value_or(o.group_size))
+      : c.k;
   c.has_sinks = sinks.has_value();
-  c.return_lse = return_lse;
-
-  if (!qsdpa::format_supported(c.mode, bits, group_size)) {
-    fail(
-        "unsupported format (mode='" + mode + "', bits=" + std::to_string(bits) +
-        ", group_size=" + std::to_string(group_size) + "); " +
-        allowed_formats() + ".");
-  }
+  c.return_lse = o.return_lse;
   if (!std::isfinite(scale)) {
     fail("scale must be a finite float; got " + std::to_string(scale) + ".");
   }
@@ -329,16 +337,18 @@ std::vector<mx::array> quant_sdpa_impl(
   int Hq = queries.shape(1);
   int Lq = queries.shape(2);
   int D = queries.shape(3);
-  if (D <= 0 || D % group_size != 0) {
-    fail(
-        "the head dimension D (last axis of queries) must be a positive "
-        "multiple of group_size=" +
-        std::to_string(group_size) + "; got D=" + std::to_string(D) + ".");
+  for (const QuantFormat* f : {&c.k, &c.v}) {
+    if (D <= 0 || D % f->group_size != 0) {
+      fail(
+          "the head dimension D (last axis of queries) must be a positive "
+          "multiple of " + std::string(f == &c.k ? "group_size=" : "value_group_size=") +
+          std::to_string(f->group_size) + "; got D=" + std::to_string(D) + ".");
+    }
   }
 
   // Keys and values.
-  check_quantized("key", keys, key_scales, key_biases, c, B, D);
-  check_quantized("value", values, value_scales, value_biases, c, B, D);
+  check_quantized("key", keys, key_scales, key_biases, c.k, B, D);
+  check_quantized("value", values, value_scales, value_biases, c.v, B, D);
   int Hkv = keys.shape(1);
   int Lk = keys.shape(2);
   if (values.shape(1) != Hkv || values.shape(2) != Lk) {
@@ -356,12 +366,12 @@ std::vector<mx::array> quant_sdpa_impl(
 
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {queries, keys, key_scales};
-  if (c.has_biases()) {
+  if (c.k.has_biases()) {
     inputs.push_back(*key_biases);
   }
   inputs.push_back(values);
   inputs.push_back(value_scales);
-  if (c.has_biases()) {
+  if (c.v.has_biases()) {
     inputs.push_back(*value_biases);
   }
 
@@ -430,7 +440,7 @@ std::vector<mx::array> quant_sdpa_impl(
 
   std::vector<mx::Shape> shapes = {queries.shape()};
   std::vector<mx::Dtype> dtypes = {queries.dtype()};
-  if (return_lse) {
+  if (c.return_lse) {
     shapes.push_back({B, Hq, Lq});
     dtypes.push_back(mx::float32);
   }
@@ -439,6 +449,73 @@ std::vector<mx::array> quant_sdpa_impl(
       std::move(dtypes),
       std::make_shared<QuantSDPA>(stream, c),
       std::move(inputs));
+}
+
+// The call in rotated coordinates: queries rotated as the keys were, the
+// output rotated back (the lse is the same in both).
+std::vector<mx::array> quant_sdpa_rotated(
+    const mx::array& queries,
+    const mx::array& keys,
+    const mx::array& key_scales,
+    const std::optional<mx::array>& key_biases,
+    const mx::array& values,
+    const mx::array& value_scales,
+    const std::optional<mx::array>& value_biases,
+    float scale,
+    const QuantSDPAOptions& o,
+    mx::StreamOrDevice s) {
+  if (parse_rotation(o.rotation, kTag) == Rotation::kNone) {
+    return quant_sdpa_impl(
+        queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, o, s);
+  }
+  if (queries.ndim() != 4 || !is_float_type(queries.dtype())) {
+    // The unrotated call reports what is wrong with them.
+    return quant_sdpa_impl(
+        queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, o, s);
+  }
+  auto outs = quant_sdpa_impl(
+      rotate(queries, o.rotation_seed, false, s), keys, key_scales, key_biases, values,
+      value_scales, value_biases, scale, o, s);
+  outs[0] = rotate(outs[0], o.rotation_seed, true, s);
+  return outs;
+}
+
+} // namespace
+
+std::vector<mx::array> quant_sdpa(
+    const mx::array& queries,
+    const mx::array& keys,
+    const mx::array& key_scales,
+    const std::optional<mx::array>& key_biases,
+    const mx::array& values,
+    const mx::array& value_scales,
+    const std::optional<mx::array>& value_biases,
+    float scale,
+    const QuantSDPAOptions& options,
+    mx::StreamOrDevice s) {
+  return quant_sdpa_rotated(
+      queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, options, s);
+}
+
+namespace {
+
+QuantSDPAOptions options_of(
+    const std::string& mask_mode,
+    const std::optional<mx::array>& mask_arr,
+    const std::optional<mx::array>& sinks,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    bool return_lse) {
+  QuantSDPAOptions o;
+  o.mask_mode = mask_mode;
+  o.mask_arr = mask_arr;
+  o.sinks = sinks;
+  o.group_size = group_size;
+  o.bits = bits;
+  o.mode = mode;
+  o.return_lse = return_lse;
+  return o;
 }
 
 } // namespace
@@ -460,9 +537,8 @@ mx::array quant_sdpa(
     const std::string& mode,
     mx::StreamOrDevice s) {
   return quant_sdpa_impl(
-      queries, keys, key_scales, key_biases, values, value_scales,
-      value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
-      /* return_lse= */ false, s)[0];
+      queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale,
+      options_of(mask_mode, mask_arr, sinks, group_size, bits, mode, false), s)[0];
 }
 
 std::pair<mx::array, mx::array> quant_sdpa_with_lse(
@@ -482,9 +558,8 @@ std::pair<mx::array, mx::array> quant_sdpa_with_lse(
     const std::string& mode,
     mx::StreamOrDevice s) {
   auto outs = quant_sdpa_impl(
-      queries, keys, key_scales, key_biases, values, value_scales,
-      value_biases, scale, mask_mode, mask_arr, sinks, group_size, bits, mode,
-      /* return_lse= */ true, s);
+      queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale,
+      options_of(mask_mode, mask_arr, sinks, group_size, bits, mode, true), s);
   return {outs[0], outs[1]};
 }
 

@@ -13,6 +13,7 @@
 
 #include "backend.h"
 #include "primitive.h"
+#include "quantize.h"
 
 namespace mlx_qsdpa {
 
@@ -121,18 +122,15 @@ std::vector<mx::array> dequantized_attention(
   int B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2), D = q.shape(3);
   int Hkv = inputs[in.k].shape(1), Lk = inputs[in.k].shape(2);
   int G = Hq / Hkv;
-  const std::string mode = qsdpa::mode_name(c.mode);
-  auto deq = [&](int w, int sc, int bi) {
+  auto deq = [&](const QuantFormat& f, int w, int sc, int bi) {
     std::optional<array> biases;
     if (bi >= 0) {
       biases = inputs[bi];
     }
-    return dequantize(
-        inputs[w], inputs[sc], biases, c.group_size, c.bits, mode,
-        std::nullopt, float32, s);
+    return dequantize_tensor(inputs[w], inputs[sc], biases, f, float32, s);
   };
-  auto k = deq(in.k, in.k_scales, in.k_biases); // [B, Hkv, Lk, D]
-  auto v = deq(in.v, in.v_scales, in.v_biases);
+  auto k = deq(c.k, in.k, in.k_scales, in.k_biases); // [B, Hkv, Lk, D]
+  auto v = deq(c.v, in.v, in.v_scales, in.v_biases);
 
   // [B, Hkv, G, Lq, D] @ [B, Hkv, 1, D, Lk] -> [B, Hkv, G, Lq, Lk]
   auto qf = multiply(astype(q, float32, s), array(c.scale, float32), s);

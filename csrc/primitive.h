@@ -21,25 +21,37 @@ namespace mlx_qsdpa {
 
 namespace mx = mlx::core;
 
-// Everything about a call that is not an array. Shapes are read from the
-// arrays; this holds what the arrays cannot say.
-struct QuantSDPAConfig {
-  float scale;
-  int group_size;
-  int bits;
+// The format of one quantized tensor: a row of formats.h's table and one
+// of its group sizes.
+struct QuantFormat {
   qsdpa::QuantMode mode;
-  qsdpa::MaskKind mask;
-  bool has_sinks;
-  bool return_lse;
+  int bits;
+  int group_size;
 
   bool has_biases() const {
     return qsdpa::mode_has_bias(mode);
   }
 
+  bool operator==(const QuantFormat& o) const {
+    return mode == o.mode && bits == o.bits && group_size == o.group_size;
+  }
+  bool operator!=(const QuantFormat& o) const {
+    return !(*this == o);
+  }
+};
+
+// Everything about a call that is not an array. Shapes are read from the
+// arrays; this holds what the arrays cannot say.
+struct QuantSDPAConfig {
+  float scale;
+  QuantFormat k, v; // the keys' and the values' formats
+  qsdpa::MaskKind mask;
+  bool has_sinks;
+  bool return_lse;
+
   bool operator==(const QuantSDPAConfig& o) const {
-    return scale == o.scale && group_size == o.group_size && bits == o.bits &&
-        mode == o.mode && mask == o.mask && has_sinks == o.has_sinks &&
-        return_lse == o.return_lse;
+    return scale == o.scale && k == o.k && v == o.v && mask == o.mask &&
+        has_sinks == o.has_sinks && return_lse == o.return_lse;
   }
 };
 
@@ -54,12 +66,12 @@ struct InputSlots {
 
   explicit InputSlots(const QuantSDPAConfig& c) {
     int i = 3;
-    if (c.has_biases()) {
+    if (c.k.has_biases()) {
       k_biases = i++;
     }
     v = i++;
     v_scales = i++;
-    if (c.has_biases()) {
+    if (c.v.has_biases()) {
       v_biases = i++;
     }
     if (c.mask == qsdpa::kMaskBool || c.mask == qsdpa::kMaskAdditive) {

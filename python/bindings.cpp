@@ -123,17 +123,31 @@ NB_MODULE(_ext, m) {
          int group_size,
          int bits,
          const std::string& mode,
+         const std::optional<std::string>& value_mode,
+         std::optional<int> value_bits,
+         std::optional<int> value_group_size,
+         const std::optional<std::string>& rotation,
+         int rotation_seed,
          bool return_lse,
          mx::StreamOrDevice s) -> nb::object {
+        mlx_qsdpa::QuantSDPAOptions o;
+        o.mask_mode = mask_mode;
+        o.mask_arr = mask_arr;
+        o.sinks = sinks;
+        o.group_size = group_size;
+        o.bits = bits;
+        o.mode = mode;
+        o.value_mode = value_mode;
+        o.value_bits = value_bits;
+        o.value_group_size = value_group_size;
+        o.rotation = rotation;
+        o.rotation_seed = rotation_seed;
+        o.return_lse = return_lse;
+        auto outs = mlx_qsdpa::quant_sdpa(q, k, ks, kb, v, vs, vb, scale, o, s);
         if (return_lse) {
-          auto [o, lse] = mlx_qsdpa::quant_sdpa_with_lse(
-              q, k, ks, kb, v, vs, vb, scale, mask_mode, mask_arr, sinks,
-              group_size, bits, mode, s);
-          return nb::make_tuple(o, lse);
+          return nb::make_tuple(outs[0], outs[1]);
         }
-        return nb::cast(mlx_qsdpa::quant_sdpa(
-            q, k, ks, kb, v, vs, vb, scale, mask_mode, mask_arr, sinks,
-            group_size, bits, mode, s));
+        return nb::cast(outs[0]);
       },
       "queries"_a,
       "keys"_a,
@@ -149,9 +163,52 @@ NB_MODULE(_ext, m) {
       "group_size"_a,
       "bits"_a,
       "mode"_a,
+      "value_mode"_a.none(),
+      "value_bits"_a.none(),
+      "value_group_size"_a.none(),
+      "rotation"_a.none(),
+      "rotation_seed"_a,
       "return_lse"_a,
       "stream"_a.none(),
       "The C++ op; use mlx_qsdpa.quant_sdpa.");
+
+  m.def(
+      "quantize",
+      [](const mx::array& x, int group_size, int bits, const std::string& mode,
+         const std::optional<std::string>& rotation, int rotation_seed, mx::StreamOrDevice s) {
+        nb::list out;
+        for (auto& a : mlx_qsdpa::quantize(x, group_size, bits, mode, rotation, rotation_seed, s)) {
+          out.append(a);
+        }
+        return nb::tuple(out);
+      },
+      "x"_a,
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "rotation"_a.none(),
+      "rotation_seed"_a,
+      "stream"_a.none(),
+      "The C++ quantize; use mlx_qsdpa.quantize.");
+  m.def(
+      "dequantize",
+      [](const mx::array& w, const mx::array& scales, const std::optional<mx::array>& biases, int group_size,
+         int bits, const std::string& mode, const std::optional<std::string>& rotation, int rotation_seed,
+         std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
+        return mlx_qsdpa::dequantize(w, scales, biases, group_size, bits, mode, rotation, rotation_seed, dtype, s);
+      },
+      "w"_a,
+      "scales"_a,
+      "biases"_a.none(),
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "rotation"_a.none(),
+      "rotation_seed"_a,
+      "dtype"_a.none(),
+      "stream"_a.none(),
+      "The C++ dequantize; use mlx_qsdpa.dequantize.");
+  m.def("rotation_matrix", &mlx_qsdpa::rotation_matrix, "D"_a, "seed"_a, "The C++ rotation_matrix.");
 
   m.def(
       "_set_dequantized_fallback",

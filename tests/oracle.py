@@ -2,7 +2,12 @@
 
 K and V are decoded with ``mx.dequantize`` (MLX's own definition of each
 format) and attention is computed in float64 with NumPy. Nothing here uses
-mlx_qsdpa, so a bug in our format decoding cannot hide in the reference.
+mlx_qsdpa's decoding, so a bug in it cannot hide in the reference. The
+codebook mode "turbo" is this project's (mx.quantize has none): its codes
+come from ``mlx_qsdpa.quantize`` (the data under test), and are decoded here
+from the bit stream with a codebook this module computes itself (Lloyd's
+iteration on the normal law, float64); the Hadamard rotation is rebuilt here
+from its definition (SplitMix64 signs, Sylvester blocks).
 
 Everything here runs on MLX's CPU stream, whatever the test device
 (QSDPA_DEVICE, conftest.py): the test inputs (random data, ``mx.quantize``)
@@ -34,17 +39,84 @@ def make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=mx.float16, seed=0):
     return q, k, v
 
 
-def quantize(x, group_size, bits, mode):
-    """mx.quantize on the CPU, always returned as a (w, scales, biases-or-None) triple."""
-    out = mx.quantize(x, group_size=group_size, bits=bits, mode=mode, stream=CPU)
+def quantize(x, group_size, bits, mode, rotation=None):
+    """mx.quantize on the CPU (mlx_qsdpa.quantize for "turbo" or a rotation),
+    always returned as a (w, scales, biases-or-None) triple."""
+    if mode == "turbo" or rotation is not None:
+        import mlx_qsdpa
+
+        out = mlx_qsdpa.quantize(x, group_size, bits, mode, rotation=rotation, stream=CPU)
+    else:
+        out = mx.quantize(x, group_size=group_size, bits=bits, mode=mode, stream=CPU)
     w, s = out[0], out[1]
     b = out[2] if mode == "affine" else None
     mx.eval(w, s, *( [b] if b is not None else []))
     return w, s, b
 
 
+def gaussian_codebook(bits):
+    """The Lloyd-Max levels of N(0, 1) with 2^bits levels, ascending (float64)."""
+    from math import erf, exp, pi, sqrt
+
+    n = 2**bits
+    c = np.linspace(-2.0, 2.0, n)
+    for _ in range(20000):
+        t = np.concatenate(([-np.inf], (c[1:] + c[:-1]) / 2, [np.inf]))
+        pdf = np.array([0.0 if np.isinf(x) else exp(-x * x / 2) / sqrt(2 * pi) for x in t])
+        cdf = np.array([0.0 if x == -np.inf else 1.0 if x == np.inf else 0.5 * (1 + erf(x / sqrt(2))) for x in t])
+        new = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])
+        if np.max(np.abs(new - c)) < 1e-13:
+            return new
+        c = new
+    return c
+
+
+def unpack_codes(w, bits):
+    """The codes of packed words [..., W] (little-endian bit stream: element i
+    at bits [i*bits, (i+1)*bits)), as int64 [..., W * 32 / bits]."""
+    words = np.array(w).astype(np.uint32)
+    bytes_ = words.view(np.uint8).reshape(*words.shape[:-1], -1)
+    bitstream = np.unpackbits(bytes_, axis=-1, bitorder="little")
+    n = bitstream.shape[-1] // bits
+    fields = bitstream[..., : n * bits].reshape(*bitstream.shape[:-1], n, bits).astype(np.int64)
+    return (fields << np.arange(bits)).sum(-1)
+
+
+def rotation64(D, seed):
+    """The rotation of rotation="hadamard" (R, rows rotated as x @ R.T), float64."""
+    mask = (1 << 64) - 1
+    state = seed & 0xFFFFFFFF
+    signs = np.empty(D)
+    for j in range(D):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        signs[j] = -1.0 if z >> 63 else 1.0
+    R = np.zeros((D, D))
+    start, b = 0, 1 << 30
+    while b:
+        if D & b:
+            H = np.array([[1.0]])
+            while H.shape[0] < b:
+                H = np.block([[H, H], [H, -H]])
+            R[start : start + b, start : start + b] = H / np.sqrt(b)
+            start += b
+        b >>= 1
+    return R * signs[None, :]
+
+
 def dequantize64(w, s, b, group_size, bits, mode):
-    """MLX's decoding of a quantized triple (on the CPU), as float64 NumPy."""
+    """MLX's decoding of a quantized triple (on the CPU), as float64 NumPy;
+    the "turbo" codebook's from the bit stream (see the module docstring)."""
+    if mode == "turbo":
+        codes = unpack_codes(w, bits)
+        vals = gaussian_codebook(bits)[codes]
+        scales = to_numpy(s)
+        shape = vals.shape
+        vals = vals.reshape(*shape[:-1], shape[-1] // group_size, group_size) * scales[..., None]
+        return vals.reshape(shape)
     x = mx.dequantize(w, s, b, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32, stream=CPU)
     return np.array(x).astype(np.float64)
 
@@ -127,10 +199,17 @@ def attention64(q, k, v, scale, mask=None, sinks=None):
     return o, lse
 
 
-def reference(q, kq, vq, scale, group_size, bits, mode, mask=None, sinks=None):
-    """The oracle for quant_sdpa's inputs: mx arrays in, float64 NumPy out."""
+def reference(q, kq, vq, scale, group_size, bits, mode, mask=None, sinks=None, vfmt=None, rotation=None):
+    """The oracle for quant_sdpa's inputs: mx arrays in, float64 NumPy out.
+    vfmt: the values' (mode, bits, group_size) where they differ from the
+    keys'; rotation: "hadamard" (seed 0) where K and V were rotated before
+    quantization (they are rotated back here)."""
+    vmode, vbits, vgs = vfmt if vfmt is not None else (mode, bits, group_size)
     k = dequantize64(*kq, group_size, bits, mode)
-    v = dequantize64(*vq, group_size, bits, mode)
+    v = dequantize64(*vq, vgs, vbits, vmode)
+    if rotation is not None:
+        R = rotation64(k.shape[-1], 0)
+        k, v = k @ R, v @ R
     qn = to_numpy(q)
     if isinstance(mask, mx.array):
         mask = to_numpy(mask, np.float32)

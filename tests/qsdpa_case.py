@@ -62,7 +62,9 @@ EXTRA_ROWS = 37
 
 def fmt_id(fmt) -> str:
     mode, bits, gs = fmt
-    return f"affine{bits}g{gs}" if mode == "affine" else mode
+    if mode in ("affine", "turbo"):
+        return f"{mode}{bits}g{gs}"
+    return mode
 
 
 def dtype_id(dtype) -> str:
@@ -87,6 +89,8 @@ class Case:
     scale: Optional[float] = None  # None: D ** -0.5
     seed: int = 0
     poison: Optional[str] = None  # a key of POISONS
+    vfmt: Optional[Tuple[str, int, int]] = None  # the values' format; None: fmt
+    rotation: Optional[str] = None  # None or "hadamard" (seed 0)
 
 
     def replace(self, **kw) -> "Case":
@@ -111,6 +115,10 @@ class Case:
             s += "-nolse"
         if self.poison:
             s += f"-{self.poison}"
+        if self.vfmt:
+            s += f"-v_{fmt_id(self.vfmt)}"
+        if self.rotation:
+            s += f"-{self.rotation}"
         return s + f"-s{self.seed}"
 
 
@@ -132,17 +140,22 @@ def make_mask(spec, c: Case, rng: np.random.Generator):
     return mx.array(vals).astype(DTYPE_BY_NAME[kind])
 
 
-def quantized(x, c: Case, layout: str):
+def value_fmt(c: Case):
+    return c.vfmt or c.fmt
+
+
+def quantized(x, c: Case, layout: str, fmt=None):
     """mx.quantize of x [B, H, L, D] (x may be longer than c.Lk along L for
-    the prefix layouts), returned as views [B, H, c.Lk, *] in `layout`."""
-    mode, bits, gs = c.fmt
+    the prefix layouts) in `fmt` (default: the keys'), returned as views
+    [B, H, c.Lk, *] in `layout`."""
+    mode, bits, gs = fmt or c.fmt
     if layout in ("seq_major", "seq_major_prefix"):
         stored = mx.contiguous(mx.swapaxes(x, 1, 2))  # [B, L, H, D]
-        triple = oracle.quantize(stored, gs, bits, mode)
+        triple = oracle.quantize(stored, gs, bits, mode, c.rotation)
         return tuple(
             None if a is None else mx.swapaxes(a[:, : c.Lk], 1, 2) for a in triple
         )
-    triple = oracle.quantize(x, gs, bits, mode)
+    triple = oracle.quantize(x, gs, bits, mode, c.rotation)
     return tuple(None if a is None else a[..., : c.Lk, :] for a in triple)
 
 
@@ -164,7 +177,7 @@ def _build(c: Case):
         mx.eval(stored)
         q = mx.swapaxes(stored, 1, 2)
     kq = quantized(k, c, c.layout)
-    vq = quantized(v, c, c.layout)
+    vq = quantized(v, c, c.layout, value_fmt(c))
     rng = np.random.default_rng(1000 + c.seed)
     mask = make_mask(c.mask, c, rng)
     sinks = None
@@ -319,6 +332,7 @@ def run(c: Case, device, inputs=None, fallback: bool = False):
     which runs on any device) instead of the device's kernel."""
     q, kq, vq, mask, sinks = build(c) if inputs is None else inputs
     mode, bits, gs = c.fmt
+    vmode, vbits, vgs = value_fmt(c)
     scale = scale_of(c)
     if fallback:
         _ext._set_dequantized_fallback(True)
@@ -326,6 +340,7 @@ def run(c: Case, device, inputs=None, fallback: bool = False):
         res = quant_sdpa(
             q, *kq, *vq, scale=scale, mask=mask, sinks=sinks,
             group_size=gs, bits=bits, mode=mode, return_lse=c.lse, stream=device,
+            value_mode=vmode, value_bits=vbits, value_group_size=vgs, rotation=c.rotation,
         )  # fmt: skip
     finally:
         _ext._set_dequantized_fallback(False)
@@ -352,14 +367,19 @@ def reference(c: Case, q, kq, vq, mask, sinks):
     mode, bits, gs = c.fmt
     with mx.stream(CPU):
         return oracle.reference(
-            q, exact_scales(kq), exact_scales(vq), scale_of(c), gs, bits, mode, mask=mask, sinks=sinks
+            q, exact_scales(kq), exact_scales(vq), scale_of(c), gs, bits, mode, mask=mask, sinks=sinks,
+            vfmt=value_fmt(c), rotation=c.rotation,
         )
 
 
 def cache_dtype(c: Case):
     """mx.dequantize rounds affine values to the scales' dtype (that of the
-    data quantized): the oracle is only that precise (see oracle.py)."""
-    return c.dtype if c.fmt[0] == "affine" else None
+    data quantized): the oracle is only that precise (see oracle.py). With
+    a rotation the op rounds the rotated queries and the output before its
+    rotation back to the queries' dtype."""
+    if "affine" in (c.fmt[0], value_fmt(c)[0]) or c.rotation:
+        return c.dtype
+    return None
 
 
 def tol_dtype(c: Case):

@@ -21,6 +21,11 @@
 // * mxfp4: q is fp4 e2m1, scale is e8m0 (uint8), group 32.
 // * mxfp8: q is fp8 e4m3, scale is e8m0 (uint8), group 32.
 // * nvfp4: q is fp4 e2m1, scale is fp8 e4m3 (uint8), group 16.
+// * turbo (this project's, not mx.quantize's): q indexes the Lloyd-Max
+//   codebook of a standard normal variable (gaussian_code_to_float), scale is
+//   a float of the input's dtype, no bias: w = scale * codebook[q]. Meant for
+//   rotated vectors (quantize.cpp), whose coordinates are close to normal.
+//   Codes are packed as affine codes of the same width.
 #pragma once
 
 #if defined(__METAL_VERSION__)
@@ -85,6 +90,7 @@ enum QuantMode : int {
   kMxfp4 = 1,
   kMxfp8 = 2,
   kNvfp4 = 3,
+  kTurbo = 4,
 };
 
 // Element types of the arrays the kernels read or write: queries, outputs,
@@ -153,6 +159,37 @@ QSDPA_FUNC float fp8_e4m3_to_float(u32_t b) {
 QSDPA_FUNC float e8m0_to_float(u32_t b) {
   b &= 0xffu;
   return b == 0 ? bits_to_float(0x00400000u) : bits_to_float(b << 23);
+}
+
+// Level m (0: the smallest) of the non-negative half of the Lloyd-Max
+// codebook of a standard normal variable with 2^bits levels, bits 2, 3, 4:
+// the levels that minimise the mean squared error of N(0, 1) quantized to
+// the nearest level (computed by Lloyd's iteration in float64, rounded to
+// 9 digits). The codebook is symmetric: code c < 2^(bits-1) is the negative
+// of level 2^(bits-1) - 1 - c, code c >= 2^(bits-1) is level c - 2^(bits-1);
+// codes ascend with their values.
+QSDPA_FUNC QSDPA_CONSTEXPR float gaussian_level(int bits, int m) {
+  if (bits == 2) {
+    return m == 0 ? 0.452780035f : 1.510417608f;
+  }
+  if (bits == 3) {
+    return m == 0 ? 0.245094179f : m == 1 ? 0.756005281f : m == 2 ? 1.343909279f : 2.151945705f;
+  }
+  return m == 0 ? 0.128395030f
+      : m == 1  ? 0.388048299f
+      : m == 2  ? 0.656759119f
+      : m == 3  ? 0.942340456f
+      : m == 4  ? 1.256231197f
+      : m == 5  ? 1.618046386f
+      : m == 6  ? 2.069017227f
+                : 2.732589571f;
+}
+
+// Code `q` (low `bits` bits) of the Gaussian codebook -> float.
+QSDPA_FUNC QSDPA_CONSTEXPR float gaussian_code_to_float(u32_t q, int bits) {
+  const int mid = 1 << (bits - 1); // codes from mid up are the non-negative half
+  const int c = int(q & ((1u << bits) - 1u));
+  return c >= mid ? gaussian_level(bits, c - mid) : -gaussian_level(bits, mid - 1 - c);
 }
 
 // ---------------------------------------------------------------------------
@@ -250,7 +287,8 @@ QSDPA_FUNC u32_t unpack_from_pack(PackInt pack, int k) {
   X(kAffine, "affine", kCodeUnsigned, kScaleFloat)         \
   X(kMxfp4, "mxfp4", kCodeFp4E2M1, kScaleE8M0)             \
   X(kMxfp8, "mxfp8", kCodeFp8E4M3, kScaleE8M0)             \
-  X(kNvfp4, "nvfp4", kCodeFp4E2M1, kScaleFp8E4M3)
+  X(kNvfp4, "nvfp4", kCodeFp4E2M1, kScaleFp8E4M3)          \
+  X(kTurbo, "turbo", kCodeGaussian, kScaleNorm)
 
 #define QSDPA_FORMATS(X)                                   \
   X(kAffine, affine1, 1, kGroupSizes32To128)               \
@@ -262,21 +300,27 @@ QSDPA_FUNC u32_t unpack_from_pack(PackInt pack, int k) {
   X(kAffine, affine8, 8, kGroupSizes32To128)               \
   X(kMxfp4, mxfp4, 4, kGroupSize32)                        \
   X(kMxfp8, mxfp8, 8, kGroupSize32)                        \
-  X(kNvfp4, nvfp4, 4, kGroupSize16)
+  X(kNvfp4, nvfp4, 4, kGroupSize16)                        \
+  X(kTurbo, turbo2, 2, kGroupSizes32To128)                 \
+  X(kTurbo, turbo3, 3, kGroupSizes32To128)                 \
+  X(kTurbo, turbo4, 4, kGroupSizes32To128)
 
 // How an element code decodes (without its group's scale).
 enum CodeKind : int {
   kCodeUnsigned = 0, // the code itself, 0 .. 2^bits - 1
   kCodeFp4E2M1 = 1,
   kCodeFp8E4M3 = 2,
+  kCodeGaussian = 3, // gaussian_code_to_float(code, bits)
 };
 
 // What a group's scale is: a float of the quantized input's dtype, with a
-// bias of the same dtype (w = scale * q + bias), or an 8-bit code (no bias).
+// bias of the same dtype (w = scale * q + bias) or without one (kScaleNorm:
+// w = scale * q), or an 8-bit code (no bias).
 enum ScaleKind : int {
   kScaleFloat = 0,
   kScaleE8M0 = 1,
   kScaleFp8E4M3 = 2,
+  kScaleNorm = 3,
 };
 
 // Group sizes as a bit mask: bit log2(group_size).
@@ -319,6 +363,12 @@ QSDPA_FUNC QSDPA_CONSTEXPR bool mode_has_bias(int mode) {
   return mode_scale_kind(mode) == kScaleFloat;
 }
 
+// Whether the scales of this mode are floats of the input's dtype (else
+// uint8 codes).
+QSDPA_FUNC QSDPA_CONSTEXPR bool mode_float_scales(int mode) {
+  return mode_scale_kind(mode) == kScaleFloat || mode_scale_kind(mode) == kScaleNorm;
+}
+
 // The group sizes allowed for (mode, bits) as a GroupSizeMask; 0: no such
 // format.
 QSDPA_FUNC QSDPA_CONSTEXPR int format_group_sizes(int mode, int bits) {
@@ -340,19 +390,23 @@ QSDPA_FUNC QSDPA_CONSTEXPR bool format_supported(int mode, int bits, int group_s
 // Element and scale decoding, by the table's kinds
 // ---------------------------------------------------------------------------
 
-// Decoded value of an element code `q` of mode MODE (without the scale).
-template <int MODE>
+// Decoded value of an element code `q` of format (MODE, BITS), without the
+// scale.
+template <int MODE, int BITS>
 QSDPA_FUNC float decode_code(u32_t q) {
   if (mode_code_kind(MODE) == kCodeUnsigned) {
     return float(q);
   } else if (mode_code_kind(MODE) == kCodeFp8E4M3) {
     return fp8_e4m3_to_float(q);
+  } else if (mode_code_kind(MODE) == kCodeGaussian) {
+    return gaussian_code_to_float(q, BITS);
   } else {
     return fp4_e2m1_to_float(q);
   }
 }
 
-// Decoded scale of the 8-bit-scale modes from its raw uint8 code.
+// Decoded scale of the 8-bit-scale modes from its raw uint8 code (the
+// float scales are read as floats of their dtype).
 template <int MODE>
 QSDPA_FUNC float decode_fp_scale(u32_t s) {
   if (mode_scale_kind(MODE) == kScaleFp8E4M3) {

@@ -25,6 +25,9 @@ __version__ = _build_info.version
 
 __all__ = [
     "quant_sdpa",
+    "quantize",
+    "dequantize",
+    "rotation_matrix",
     "is_supported_format",
     "SUPPORTED_FORMATS",
     "format_table",
@@ -77,6 +80,9 @@ else:
         is_supported_format,
         mlx_build_version,
         quant_sdpa,
+        quantize,
+        dequantize,
+        rotation_matrix,
     )
     from . import fast
 

@@ -86,6 +86,11 @@ def quant_sdpa(
     mode: str = "affine",
     return_lse: bool = False,
     stream: Union[None, mx.Stream, mx.Device] = None,
+    value_mode: Optional[str] = None,
+    value_bits: Optional[int] = None,
+    value_group_size: Optional[int] = None,
+    rotation: Optional[str] = None,
+    rotation_seed: int = 0,
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]:
     """Scaled-dot-product attention over a quantized K/V cache, fused.
 
@@ -108,14 +113,25 @@ def quant_sdpa(
             additive float array, broadcastable to ``[B, Hq, Lq, Lk]``.
         sinks: ``None`` or ``[Hq]`` logits of a virtual key with a zero value
             (attention sinks, as ``mx.fast.scaled_dot_product_attention``).
-        group_size, bits, mode: the quantization of keys and values: affine
-            with bits 1/2/3/4/5/6/8 and group_size 32/64/128; ``"mxfp4"``
-            (32), ``"mxfp8"`` (32), ``"nvfp4"`` (16). ``group_size`` and
-            ``bits`` are Python or NumPy integers.
+        group_size, bits, mode: the quantization of the keys (and of the
+            values unless ``value_*`` say otherwise): affine with bits
+            1/2/3/4/5/6/8 and group_size 32/64/128; ``"mxfp4"`` (32),
+            ``"mxfp8"`` (32), ``"nvfp4"`` (16); the codebook mode
+            ``"turbo"`` (bits 2/3/4, group_size 32/64/128) of
+            :func:`quantize`. ``group_size`` and ``bits`` are Python or NumPy
+            integers. :func:`format_table` lists every format.
         return_lse: also return ``lse`` ``[B, Hq, Lq]`` float32, the natural
             log of the softmax denominator (sink included), so attention over
             disjoint key ranges can be merged exactly.
         stream: stream or device to run on (default: the default device).
+        value_mode, value_bits, value_group_size: the values' format where it
+            differs from the keys' (each defaults to the keys' setting).
+        rotation: ``None`` or ``"hadamard"``: K and V were quantized by
+            :func:`quantize` with this rotation and ``rotation_seed``; the op
+            rotates the queries the same way and rotates the output back
+            (one ``D x D`` product per query and output row; the cache is
+            read once, as without rotation).
+        rotation_seed: the seed given to :func:`quantize`.
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in the queries' dtype, or ``(out, lse)``.
@@ -150,6 +166,11 @@ def quant_sdpa(
         and type(group_size) is int
         and type(bits) is int
         and type(mode) is str
+        and type(rotation_seed) is int
+        and (value_bits is None or type(value_bits) is int)
+        and (value_group_size is None or type(value_group_size) is int)
+        and (value_mode is None or type(value_mode) is str)
+        and (rotation is None or type(rotation) is str)
         and isinstance(queries, A)
         and isinstance(keys, A)
         and isinstance(key_scales, A)
@@ -163,6 +184,11 @@ def quant_sdpa(
             scale, group_size, bits, mode,
             queries, keys, key_scales, key_biases, values, value_scales, value_biases, sinks,
         )
+        value_bits = None if value_bits is None else _as_int("value_bits", value_bits)
+        value_group_size = None if value_group_size is None else _as_int("value_group_size", value_group_size)
+        rotation_seed = _as_int("rotation_seed", rotation_seed)
+        _check_str("value_mode", value_mode)
+        _check_str("rotation", rotation)
     return _ext.quant_sdpa(
         queries,
         keys,
@@ -178,9 +204,89 @@ def quant_sdpa(
         int(group_size),
         int(bits),
         mode,
+        value_mode,
+        value_bits,
+        value_group_size,
+        rotation,
+        int(rotation_seed),
         bool(return_lse),
         stream,
     )
+
+
+def quantize(
+    x: mx.array,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    *,
+    rotation: Optional[str] = None,
+    rotation_seed: int = 0,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> Tuple[mx.array, ...]:
+    """Quantizes ``x [..., D]`` in any format of :func:`format_table`.
+
+    Returns what ``mx.quantize`` returns: ``(w, scales, biases)`` for
+    ``"affine"``, ``(w, scales)`` for the fp modes and for ``"turbo"``.
+    ``"turbo"`` stores each element as the index of the nearest level of the
+    Lloyd-Max codebook of a standard normal variable (bits 2, 3 or 4), and one
+    scale per group in ``x``'s dtype (the least-squares fit of the group to
+    its levels): meant for rotated vectors, whose coordinates are close to
+    normal. With ``rotation="hadamard"``, ``x`` is first multiplied by the
+    transpose of :func:`rotation_matrix` ``(D, rotation_seed)``; pass the same
+    rotation and seed to :func:`quant_sdpa` and :func:`dequantize`.
+
+    Runs as MLX ops on ``stream`` (any device), lazily like ``mx.quantize``.
+    """
+    group_size, bits = _as_int("group_size", group_size), _as_int("bits", bits)
+    rotation_seed = _as_int("rotation_seed", rotation_seed)
+    _check_str("mode", mode)
+    _check_str("rotation", rotation)
+    if not isinstance(x, mx.array):
+        raise TypeError(f"[quantize] x must be an mx.array; got {type(x).__name__}.")
+    return tuple(_ext.quantize(x, group_size, bits, mode, rotation, rotation_seed, stream))
+
+
+def dequantize(
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    *,
+    rotation: Optional[str] = None,
+    rotation_seed: int = 0,
+    dtype: Optional[mx.Dtype] = None,
+    stream: Union[None, mx.Stream, mx.Device] = None,
+) -> mx.array:
+    """Inverts :func:`quantize`: the values, rotated back if ``rotation`` is given.
+
+    ``dtype`` defaults to the scales' dtype (``bfloat16`` for the modes with
+    8-bit scales, as ``mx.dequantize``).
+    """
+    group_size, bits = _as_int("group_size", group_size), _as_int("bits", bits)
+    rotation_seed = _as_int("rotation_seed", rotation_seed)
+    _check_str("mode", mode)
+    _check_str("rotation", rotation)
+    for name, val in (("w", w), ("scales", scales)):
+        if not isinstance(val, mx.array):
+            raise TypeError(f"[dequantize] {name} must be an mx.array; got {type(val).__name__}.")
+    if biases is not None and not isinstance(biases, mx.array):
+        raise TypeError(f"[dequantize] biases must be an mx.array or None; got {type(biases).__name__}.")
+    return _ext.dequantize(w, scales, biases, group_size, bits, mode, rotation, rotation_seed, dtype, stream)
+
+
+def rotation_matrix(D: int, seed: int = 0) -> mx.array:
+    """The ``[D, D]`` float32 orthogonal matrix ``R`` of ``rotation="hadamard"``.
+
+    ``R = H @ diag(s)``: ``s_j = -1`` where the top bit of the ``j``-th output
+    of SplitMix64 seeded with ``seed`` (as uint32) is set, else ``+1``; ``H``
+    is block diagonal with normalized Sylvester-Hadamard blocks, one per
+    power of two in ``D``, largest first (``D=128``: one block; ``D=80``:
+    64 and 16). Rows are rotated as ``x @ R.T`` and restored as ``y @ R``.
+    """
+    return _ext.rotation_matrix(_as_int("D", D), _as_int("seed", seed))
 
 
 _REALS = (float, int)
@@ -222,6 +328,11 @@ def _check_types(
                 f"[quant_sdpa] {name} must be an mx.array or None; got {type(val).__name__}."
             )
     return float(scale), group_size, bits, str(mode)
+
+
+def _check_str(name: str, val) -> None:
+    if val is not None and not isinstance(val, str):
+        raise TypeError(f"[quant_sdpa] {name} must be a str or None; got {type(val).__name__}.")
 
 
 def _as_int(name: str, val) -> int:

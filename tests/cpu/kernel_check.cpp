@@ -90,9 +90,10 @@ uint32_t element(const uint32_t* row, int i, int bits) {
 
 double decode_element(const Format& f, uint32_t code) {
   switch (f.mode) {
-    case qsdpa::kAffine: return qsdpa::decode_code<qsdpa::kAffine>(code);
-    case qsdpa::kMxfp8: return qsdpa::decode_code<qsdpa::kMxfp8>(code);
-    default: return qsdpa::decode_code<qsdpa::kMxfp4>(code);
+    case qsdpa::kAffine: return qsdpa::decode_code<qsdpa::kAffine, 8>(code);
+    case qsdpa::kMxfp8: return qsdpa::decode_code<qsdpa::kMxfp8, 8>(code);
+    case qsdpa::kTurbo: return qsdpa::gaussian_code_to_float(code, f.bits);
+    default: return qsdpa::decode_code<qsdpa::kMxfp4, 4>(code);
   }
 }
 
@@ -196,13 +197,15 @@ double run_case(const Format& f, const Shape& s, uint32_t seed, std::string& why
 
   Problem p{};
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Lq = s.Lq, p.Lk = s.Lk, p.D = s.D, p.G = s.Hq / s.Hkv;
-  p.mode = f.mode, p.bits = f.bits, p.group_size = f.gs;
   p.scale_log2 = scale * qsdpa::log2e();
   p.q = q.data();
   p.q_type = qsdpa::kElemFloat32;
   p.qs[3] = 1, p.qs[2] = s.D, p.qs[1] = int64_t(s.D) * s.Lq, p.qs[0] = p.qs[1] * s.Hq;
   p.k = view(f, s, k);
   p.v = view(f, s, v);
+  for (mlx_qsdpa::QuantTensor* t : {&p.k, &p.v}) {
+    t->mode = f.mode, t->bits = f.bits, t->group_size = f.gs;
+  }
   p.mask = s.mask;
   p.mask_ptr = mask.data();
   p.ms[3] = 1, p.ms[2] = s.Lk; // [Lq, Lk] broadcast over B and heads

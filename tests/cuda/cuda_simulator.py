@@ -108,7 +108,7 @@ class Variant:
         """The C++ condition under which the host runs this kernel."""
         return (
             f'choice.kind == cu::KernelKind::Mma && c.q_type == qsim_cuda::elem_named("{self.dtype}") && '
-            f'c.mode == qsim_cuda::mode_named("{self.mode}") && c.bits == {self.bits} && c.group_size == {self.gs} && '
+            f'c.k.mode == qsim_cuda::mode_named("{self.mode}") && c.k.bits == {self.bits} && c.k.group_size == {self.gs} && '
             f"c.D == {self.D} && choice.row_tiles == {self.NT}"
         )
 
@@ -130,7 +130,7 @@ class SimtVariant:
         return f'qsim_cuda::mode_named("{self.mode}"), {self.bits}'
 
     def choice_test(self) -> str:
-        return f'choice.kind == cu::KernelKind::Simt && c.mode == qsim_cuda::mode_named("{self.mode}") && c.bits == {self.bits}'
+        return f'choice.kind == cu::KernelKind::Simt && c.k.mode == qsim_cuda::mode_named("{self.mode}") && c.k.bits == {self.bits}'
 
 
 # ---------------------------------------------------------------------------

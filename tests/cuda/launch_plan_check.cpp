@@ -52,9 +52,6 @@ struct DenseCall {
     c.Lk = Lk;
     c.D = D;
     c.G = Hq / Hkv;
-    c.mode = mode;
-    c.bits = bits;
-    c.group_size = gs;
     c.scale = 1.0f;
     c.scale_log2 = qsdpa::log2e();
     c.q = fake(1);
@@ -65,6 +62,9 @@ struct DenseCall {
     const int64_t groups = D / gs;
     int i = 2;
     for (QuantTensor* t : {&c.k, &c.v}) {
+      t->mode = mode;
+      t->bits = bits;
+      t->group_size = gs;
       t->w = static_cast<const uint32_t*>(fake(i++));
       dense(t->ws, Hkv, Lk, words);
       t->scales = fake(i++);

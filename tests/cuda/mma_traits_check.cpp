@@ -167,8 +167,8 @@ struct FormatCheck {
     for (uint32_t c = 0; c < kCodes; ++c) {
       const float got = F::code_value(c);
       expect(same(got, table_code_value(MODE, c)), name, type, "code_value", c, 0, got, table_code_value(MODE, c));
-      expect(same(got, qsdpa::decode_code<MODE>(c)), name, type, "code_value = decode_code", c, 0, got,
-             qsdpa::decode_code<MODE>(c));
+      expect(same(got, qsdpa::decode_code<MODE, BITS>(c)), name, type, "code_value = decode_code", c, 0, got,
+             qsdpa::decode_code<MODE, BITS>(c));
     }
   }
 

@@ -185,11 +185,39 @@ inline float scale_at(const void* p, int64_t i) {
   }
 }
 
+// The 2^(BITS-1) non-negative levels of the Gaussian codebook, as a vector
+// (lanes past them repeat the last one).
+template <int BITS, int... L>
+inline vf gaussian_levels(std::integer_sequence<int, L...>) {
+  return vf{qsdpa::gaussian_level(BITS, imin(L, (1 << (BITS - 1)) - 1))...};
+}
+
 // Values of W element codes (before the scale), as formats.h's decode_code.
-template <int MODE>
+template <int MODE, int BITS>
 inline vf decode_codes(vu c) {
   if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeUnsigned) {
     return __builtin_convertvector(vi(c), vf);
+  } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeGaussian) {
+    // Code c of 2^BITS levels: its top bit is the sign (set: non-negative),
+    // and the level index is c - half, or half - 1 - c for the negative
+    // half (the low bits flipped).
+    constexpr uint32_t half = 1u << (BITS - 1);
+    const vu top = c & half;
+    const vu m = (c ^ select(vi(top != 0u), vu{}, vu{} + (half - 1u))) & (half - 1u);
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const vf levels = gaussian_levels<BITS>(std::make_integer_sequence<int, W>());
+#endif
+#if defined(__AVX512F__)
+    const vf mag = vf(_mm512_permutexvar_ps(__m512i(m), __m512(levels)));
+#elif defined(__AVX2__)
+    const vf mag = vf(_mm256_permutevar8x32_ps(__m256(levels), __m256i(m)));
+#else
+    vf mag;
+    for (int l = 0; l < W; ++l) {
+      mag[l] = qsdpa::gaussian_level(BITS, int(m[l]));
+    }
+#endif
+    return vf(vu(mag) | (vu(top == 0u) & 0x80000000u));
   } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeFp8E4M3) {
     // e4m3: exponent and mantissa moved into a float's fields with the bias
     // raised from 7 to 127; exponent 0 is the subnormal m * 2^-9, and
@@ -290,7 +318,9 @@ struct Layout {
 
 Layout layout(const Problem& p, int max_rows) {
   Layout L;
-  const size_t D = p.D, ng = p.D / p.group_size;
+  const size_t D = p.D;
+  const size_t ng = p.D / imin(p.k.group_size, p.v.group_size); // groups of the finer format
+  const int bits = imax(p.k.bits, p.v.bits); // the wider row
   L.kb = key_block(p.D);
   const size_t kb = L.kb;
   size_t at = 0;
@@ -307,8 +337,8 @@ Layout layout(const Problem& p, int max_rows) {
   L.s = take(sizeof(float) * kRowTile * kb);
   L.st = take(sizeof(float) * ng * kb);
   L.bt = take(sizeof(float) * ng * kb);
-  L.wt = take(sizeof(uint32_t) * row_units(p.D, p.bits) * kb);
-  L.row = take(sizeof(uint32_t) * (D * p.bits / 32 + 8)); // + room for 8-byte reads
+  L.wt = take(sizeof(uint32_t) * row_units(p.D, p.k.bits) * kb);
+  L.row = take(sizeof(uint32_t) * (D * bits / 32 + 8)); // + room for 8-byte reads
   L.tail = take(sizeof(uint32_t) * 40); // < 2 loads of kRunLoadWords, + padding
   L.vs = take(sizeof(float) * ng);
   L.vb = take(sizeof(float) * ng);
@@ -421,7 +451,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
   constexpr bool kWordUnits = E * BITS == 32;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const QuantTensor& qv = p.k;
-  const int D = p.D, gs = p.group_size, ng = D / gs, kb = sc.kb;
+  const int D = p.D, gs = qv.group_size, ng = D / gs, kb = sc.kb;
   const int gshift = __builtin_ctz(gs); // group sizes are powers of two
   const int words = D * BITS / 32;
   const int units = row_units(D, BITS);
@@ -514,7 +544,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
         if (!kWordUnits && k >= ne) {
           break;
         }
-        const vf val = decode_codes<MODE>((wv >> uint32_t(k * BITS)) & kMask);
+        const vf val = decode_codes<MODE, BITS>((wv >> uint32_t(k * BITS)) & kMask);
         const bool first = kWordUnits || k < split;
         vf out = val * (first ? s0 : s1);
         if constexpr (qsdpa::mode_has_bias(MODE)) {
@@ -533,7 +563,7 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
 template <int MODE, int BITS, int BASE, typename RunVec>
 inline void decode_run_part(RunVec words, float s, float bias, float* out) {
   const vu codes = unpack_run<BITS, BASE>(words, std::make_integer_sequence<int, W>());
-  vf val = decode_codes<MODE>(codes) * s;
+  vf val = decode_codes<MODE, BITS>(codes) * s;
   if constexpr (qsdpa::mode_has_bias(MODE)) {
     val += bias;
   }
@@ -597,8 +627,8 @@ inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float*
   constexpr auto kLanes = std::make_integer_sequence<int, W>();
   ((store(out + e + P * W,
           qsdpa::mode_has_bias(MODE)
-              ? decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s + bias
-              : decode_codes<MODE>(direct_codes<BITS, P>(row, e, kLanes)) * s)),
+              ? decode_codes<MODE, BITS>(direct_codes<BITS, P>(row, e, kLanes)) * s + bias
+              : decode_codes<MODE, BITS>(direct_codes<BITS, P>(row, e, kLanes)) * s)),
    ...);
 }
 
@@ -611,8 +641,9 @@ inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float*
 // accumulated in the same order and put back in place once per item
 // (unpermute_rows).
 inline bool values_permuted(const Problem& p) {
-  const int words = p.D * p.bits / 32;
-  return (p.bits == 1 || p.bits == 2 || p.bits == 4 || p.bits == 8) && words % W == 0;
+  const int bits = p.v.bits;
+  const int words = p.D * bits / 32;
+  return (bits == 1 || bits == 2 || bits == 4 || bits == 8) && words % W == 0;
 }
 
 inline void unpermute_rows(const float* src, int rows, int D, int bits, float* dst) {
@@ -634,15 +665,15 @@ template <int MODE, int BITS, int... K>
 inline void decode_value_chunk(vu words, vf s, vf bias, float* out, std::integer_sequence<int, K...>) {
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   ((store(out + K * W, qsdpa::mode_has_bias(MODE)
-                           ? decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s + bias
-                           : decode_codes<MODE>((words >> uint32_t(K * BITS)) & kMask) * s)),
+                           ? decode_codes<MODE, BITS>((words >> uint32_t(K * BITS)) & kMask) * s + bias
+                           : decode_codes<MODE, BITS>((words >> uint32_t(K * BITS)) & kMask) * s)),
    ...);
 }
 
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantTensor& qv = p.v;
-  const int D = p.D, gs = p.group_size, ng = D / gs, gshift = __builtin_ctz(gs);
+  const int D = p.D, gs = qv.group_size, ng = D / gs, gshift = __builtin_ctz(gs);
   // Local copies (see decode_keys).
   float* const vf_rows = sc.vf;
   float* const vs = sc.vs;
@@ -948,7 +979,7 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
     }
   }
   if (permuted) {
-    unpermute_rows(o, nr, D, p.bits, out.o);
+    unpermute_rows(o, nr, D, p.v.bits, out.o);
   }
 }
 
@@ -963,7 +994,7 @@ struct Decoders {
 template <int MODE, int BITS>
 DecodeFn pick(bool keys, int scale_type) {
   constexpr int kScales = qsdpa::mode_scale_kind(MODE);
-  if constexpr (kScales == qsdpa::kScaleFloat) {
+  if constexpr (kScales == qsdpa::kScaleFloat || kScales == qsdpa::kScaleNorm) {
     switch (scale_type) {
       case qsdpa::kElemFloat32:
         return keys ? decode_keys<MODE, BITS, kScaleF32> : decode_values<MODE, BITS, kScaleF32>;
@@ -980,12 +1011,14 @@ DecodeFn pick(bool keys, int scale_type) {
   }
 }
 
-// The decoder of the call's format (the op validated it against the table).
+// The decoder of the keys' or the values' format (the op validated each
+// against the table): chosen per call, so that keys and values of different
+// formats cost no more kernels than the table's rows.
 DecodeFn pick_decoder(const Problem& p, bool keys) {
-  const int st = keys ? p.k.scale_type : p.v.scale_type;
+  const QuantTensor& t = keys ? p.k : p.v;
   DecodeFn fn = nullptr;
-  qsdpa::dispatch_format(p.mode, p.bits, [&](auto fmt) {
-    fn = pick<decltype(fmt)::mode, decltype(fmt)::bits>(keys, st);
+  qsdpa::dispatch_format(t.mode, t.bits, [&](auto fmt) {
+    fn = pick<decltype(fmt)::mode, decltype(fmt)::bits>(keys, t.scale_type);
   });
   return fn;
 }

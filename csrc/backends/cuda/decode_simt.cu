@@ -49,9 +49,9 @@ __device__ __forceinline__ float decode_element(
   const float scale = decode_scale<MODE>(load_raw(scale_row, g * t.ss[3], t.scale_type), t.scale_type);
   if constexpr (MODE == qsdpa::kAffine) {
     const float bias = raw_to_float(load_raw(bias_row, g * t.bs[3], t.scale_type), t.scale_type);
-    return fmaf(qsdpa::decode_code<MODE>(code), scale, bias);
+    return fmaf(qsdpa::decode_code<MODE, BITS>(code), scale, bias);
   } else {
-    return qsdpa::decode_code<MODE>(code) * scale;
+    return qsdpa::decode_code<MODE, BITS>(code) * scale;
   }
 }
 
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
   split_range(p, split, r0 + nr - 1, k_begin, k_end);
   for (int j = k_begin + warp; j < k_end; j += 4) {
     float x[kMaxE];
-    decode_row<MODE, BITS>(p.k, key_row(p.k, b, kvh, j), lane, D, p.group_size, x);
+    decode_row<MODE, BITS>(p.k, key_row(p.k, b, kvh, j), lane, D, p.k.group_size, x);
     float s[RT];
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
       pr[r] = sc == neg_inf() ? 0.0f : exp2f(sc - m[r]);
       l[r] += pr[r];
     }
-    decode_row<MODE, BITS>(p.v, key_row(p.v, b, kvh, j), lane, D, p.group_size, x);
+    decode_row<MODE, BITS>(p.v, key_row(p.v, b, kvh, j), lane, D, p.v.group_size, x);
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
 #pragma unroll

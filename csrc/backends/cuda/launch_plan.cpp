@@ -29,27 +29,27 @@ bool aligned16(const void* base, const int64_t (&strides)[4], const int64_t (&sh
 // Packed words [B, Hkv, Lk, D * bits / 32]: a contiguous last axis, rows on
 // 16-byte boundaries.
 bool mma_words_ok(const Call& c, const QuantTensor& t) {
-  const int64_t shape[4] = {c.B, c.Hkv, c.Lk, qsdpa::packed_words(c.D, c.bits)};
+  const int64_t shape[4] = {c.B, c.Hkv, c.Lk, qsdpa::packed_words(c.D, t.bits)};
   return (shape[3] == 1 || t.ws[3] == 1) && aligned16(t.w, t.ws, shape, 4, 3);
 }
 
 // Scales or biases [B, Hkv, Lk, D / group_size]: dense rows of consecutive
 // keys from 16-byte aligned (batch, head) bases.
-bool mma_scales_ok(const Call& c, const void* base, const int64_t (&strides)[4], int type) {
-  const int64_t n_groups = c.D / c.group_size;
+bool mma_scales_ok(const Call& c, const QuantTensor& t, const void* base, const int64_t (&strides)[4], int type) {
+  const int64_t n_groups = c.D / t.group_size;
   const int64_t shape[4] = {c.B, c.Hkv, c.Lk, n_groups};
   return (shape[3] == 1 || strides[3] == 1) && (shape[2] == 1 || strides[2] == n_groups) &&
       aligned16(base, strides, shape, elem_bytes(type), 2);
 }
 
 bool mma_tensor_ok(const Call& c, const QuantTensor& t) {
-  if (c.mode == qsdpa::kAffine && t.scale_type != c.q_type) {
+  if (t.mode == qsdpa::kAffine && t.scale_type != c.q_type) {
     return false;
   }
-  if (!mma_scales_ok(c, t.scales, t.ss, t.scale_type)) {
+  if (!mma_scales_ok(c, t, t.scales, t.ss, t.scale_type)) {
     return false;
   }
-  if (t.biases && !mma_scales_ok(c, t.biases, t.bs, t.scale_type)) {
+  if (t.biases && !mma_scales_ok(c, t, t.biases, t.bs, t.scale_type)) {
     return false;
   }
   return mma_words_ok(c, t);
@@ -67,7 +67,7 @@ bool mma_layout_ok(const Call& c) {
 }
 
 KernelChoice choose_kernel(const Call& c, const TestOverrides& overrides) {
-  if (!overrides.force_simt && mma_kernel_built(c.q_type, c.mode, c.bits, c.group_size, c.D) && mma_layout_ok(c)) {
+  if (!overrides.force_simt && mma_kernel_built(c.q_type, c.k.mode, c.k.bits, c.k.group_size, c.D) && mma_layout_ok(c)) {
     const int row_tiles = c.G * c.Lq <= 8 ? 1 : 2;
     return KernelChoice{KernelKind::Mma, row_tiles, 8 * row_tiles};
   }

@@ -92,14 +92,14 @@ struct MmaFormat {
   // for bf16.
   static constexpr bool kHalfMagic = kAffine && (kIsHalf || BITS <= 4);
 
-  // A code as float, formats.h's decode_code<MODE>(code). An affine code
+  // A code as float, formats.h's decode_code<MODE, BITS>(code). An affine code
   // without an int->float conversion instruction (those run at a quarter
   // rate): 2^23 + code is a float whose low mantissa bits are the code.
   static __device__ __forceinline__ float code_value(uint32_t code) {
     if constexpr (kAffine) {
       return __uint_as_float(code | 0x4b000000u) - 8388608.0f;
     } else {
-      return qsdpa::decode_code<MODE>(code);
+      return qsdpa::decode_code<MODE, BITS>(code);
     }
   }
 

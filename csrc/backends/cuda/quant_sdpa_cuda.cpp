@@ -206,7 +206,13 @@ TestOverrides test_overrides() {
 
 } // namespace cuda
 
-bool gpu_kernel_supports(const QuantSDPAConfig&, const CallShape& s) {
+bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& s) {
+  // One format for keys and values, of mx.quantize's modes: the kernels'
+  // instantiations (the codebook format and keys and values of different
+  // formats take the dequantize fallback here).
+  if (c.k != c.v || qsdpa::mode_code_kind(c.k.mode) == qsdpa::kCodeGaussian) {
+    return false;
+  }
   // Every format (validated before this), head dims up to 256, any query
   // length from 1: the kernels tile the G * Lq rows of a kv head (decode
   // and speculative decode are what they are tuned for; longer Lq stays
@@ -235,8 +241,8 @@ void eval_gpu_kernel(
   const cu::TestOverrides overrides = cu::test_overrides();
   const cu::KernelChoice choice = cu::choose_kernel(call, overrides);
   const cu::KernelRef kernel = choice.kind == cu::KernelKind::Mma
-      ? cu::mma_kernel(call.q_type, call.mode, call.bits, call.group_size, call.D, choice.row_tiles)
-      : cu::simt_kernel(call.mode, call.bits);
+      ? cu::mma_kernel(call.q_type, call.k.mode, call.k.bits, call.k.group_size, call.D, choice.row_tiles)
+      : cu::simt_kernel(call.k.mode, call.k.bits);
   if (!kernel.fn) {
     throw std::runtime_error("[quant_sdpa] no CUDA kernel for this format");
   }

@@ -63,13 +63,13 @@ std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, 
   const bool final_output = merge || !two_pass;
   // Float scales (and biases) have an element type; the fp modes' 8-bit
   // scale codes are decoded by mode, and their constant stays 0.
-  const bool float_scales = qsdpa::mode_has_bias(c.mode);
+  const bool float_scales = qsdpa::mode_has_bias(c.k.mode);
   return {
       {qsdpa::kFcQueryType, false, c.q_type},
       {qsdpa::kFcKeyScaleType, false, float_scales ? c.k.scale_type : 0},
       {qsdpa::kFcValueScaleType, false, float_scales ? c.v.scale_type : 0},
-      {qsdpa::kFcGroupSize, false, c.group_size},
-      {qsdpa::kFcHasBiases, true, qsdpa::mode_has_bias(c.mode)},
+      {qsdpa::kFcGroupSize, false, c.k.group_size},
+      {qsdpa::kFcHasBiases, true, qsdpa::mode_has_bias(c.k.mode)},
       {qsdpa::kFcCausal, true, c.mask == qsdpa::kMaskCausal},
       {qsdpa::kFcBoolMask, true, c.mask == qsdpa::kMaskBool},
       {qsdpa::kFcFloatMask, true, c.mask == qsdpa::kMaskAdditive},
@@ -154,8 +154,9 @@ std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D) {
 
 DecodePlan plan_decode(const DecodeProblem& p) {
   const Call& c = p.call;
-  const auto mode = static_cast<qsdpa::QuantMode>(c.mode);
-  if (!kernels_cover(mode, c.bits, c.group_size, c.D, c.Lq) || c.Hkv <= 0 || c.G <= 0 ||
+  const auto mode = static_cast<qsdpa::QuantMode>(c.k.mode);
+  if (c.v.mode != c.k.mode || c.v.bits != c.k.bits || c.v.group_size != c.k.group_size ||
+      !kernels_cover(mode, c.k.bits, c.k.group_size, c.D, c.Lq) || c.Hkv <= 0 || c.G <= 0 ||
       c.Hq != c.G * c.Hkv || c.B <= 0) {
     throw std::invalid_argument("[quant_sdpa] plan_decode: call not covered by the Metal kernels");
   }
@@ -193,7 +194,7 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   dp.sink_stride = static_cast<int>(c.sink_stride);
 
   KernelLaunch decode;
-  decode.kernel = decode_kernel_name(mode, c.bits, c.D);
+  decode.kernel = decode_kernel_name(mode, c.k.bits, c.D);
   decode.constants = constants_for(p, two_pass, /* merge= */ false);
   decode.pipeline_key = pipeline_key(decode.kernel, decode.constants);
   auto& db = decode.buffers;
@@ -202,7 +203,7 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   db.push_back({qsdpa::kDecodeKeyScales, Operand::KeyScales, false});
   db.push_back({qsdpa::kDecodeValues, Operand::Values, false});
   db.push_back({qsdpa::kDecodeValueScales, Operand::ValueScales, false});
-  if (qsdpa::mode_has_bias(c.mode)) {
+  if (qsdpa::mode_has_bias(c.k.mode)) {
     db.push_back({qsdpa::kDecodeKeyBiases, Operand::KeyBiases, false});
     db.push_back({qsdpa::kDecodeValueBiases, Operand::ValueBiases, false});
   }

@@ -91,7 +91,7 @@ inline float4 decode4(
   }
   float4 v;
   for (int k = 0; k < 4; ++k) {
-    v[k] = decode_code<MODE>(unpack_from_pack<BITS>(bits4, k)) * scale + bias;
+    v[k] = decode_code<MODE, BITS>(unpack_from_pack<BITS>(bits4, k)) * scale + bias;
   }
   return v;
 }

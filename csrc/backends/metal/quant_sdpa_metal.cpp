@@ -69,7 +69,10 @@ void set_metal_test_key_blocks(int blocks) {
 }
 
 bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& shape) {
-  return plan::kernels_cover(c.mode, c.bits, c.group_size, shape.D, shape.Lq);
+  // One format for keys and values, of mx.quantize's modes (the codebook
+  // format and mixed formats take the dequantize fallback here).
+  return c.k == c.v && qsdpa::mode_code_kind(c.k.mode) != qsdpa::kCodeGaussian &&
+      plan::kernels_cover(c.k.mode, c.k.bits, c.k.group_size, shape.D, shape.Lq);
 }
 
 void eval_gpu_kernel(

@@ -121,12 +121,14 @@ int qsim_cuda_quant_sdpa(
   c.Lk = dims[kLk];
   c.D = dims[kD];
   c.G = c.Hq / c.Hkv;
-  c.mode = qsim_cuda::mode_named(mode);
-  c.bits = dims[kBits];
-  c.group_size = dims[kGroupSize];
-  if (!qsdpa::format_supported(c.mode, c.bits, c.group_size)) {
-    return fail(std::string("no format ") + mode + " bits " + std::to_string(c.bits) + " group size " +
-                std::to_string(c.group_size));
+  for (mlx_qsdpa::QuantTensor* t : {&c.k, &c.v}) {
+    t->mode = qsim_cuda::mode_named(mode);
+    t->bits = dims[kBits];
+    t->group_size = dims[kGroupSize];
+  }
+  if (!qsdpa::format_supported(c.k.mode, c.k.bits, c.k.group_size)) {
+    return fail(std::string("no format ") + mode + " bits " + std::to_string(c.k.bits) + " group size " +
+                std::to_string(c.k.group_size));
   }
   c.scale = scale;
   c.scale_log2 = scale * qsdpa::log2e();

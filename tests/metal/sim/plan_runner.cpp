@@ -55,9 +55,11 @@ DecodeProblem problem_from(const int32_t* dims, float scale, const int64_t* stri
   c.Lk = dims[kLk];
   c.D = dims[kD];
   c.G = c.Hkv > 0 ? c.Hq / c.Hkv : 0;
-  c.mode = dims[kMode];
-  c.bits = dims[kBits];
-  c.group_size = dims[kGroupSize];
+  for (mlx_qsdpa::QuantTensor* t : {&c.k, &c.v}) {
+    t->mode = dims[kMode];
+    t->bits = dims[kBits];
+    t->group_size = dims[kGroupSize];
+  }
   c.scale = scale;
   c.scale_log2 = scale * qsdpa::log2e();
   c.q_type = dims[kQueryType];
