@@ -56,9 +56,12 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ._api import SUPPORTED_FORMATS, cpu_variant, quant_sdpa
+from ._api import SUPPORTED_FORMATS, cpu_variant, dequantize, quant_sdpa, quantize, rotation_matrix
 
 METHODS = ("quant_sdpa", "fp16_sdpa", "qmm_path", "dequant_sdpa")
+
+# The modes mx.quantized_matmul knows (the codebook mode is this package's).
+MX_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -68,8 +71,12 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # ---------------------------------------------------------------------------
 
 
-def qmm_attention(q, kq, vq, scale, group_size, bits, mode):
-    """mlx-lm's quantized-KV attention (models.base.quantized_scaled_dot_product_attention)."""
+def qmm_attention(q, kq, vq, scale, kfmt, vfmt):
+    """mlx-lm's quantized-KV attention (models.base.quantized_scaled_dot_product_attention).
+    kfmt, vfmt: (mode, bits, group_size) of the keys and of the values."""
+    for mode, _, _ in (kfmt, vfmt):
+        if mode not in MX_MODES:
+            raise ValueError(f"mx.quantized_matmul has no mode {mode!r}")
     B, Hq, L, D = q.shape
     Hkv = kq[0].shape[1]
     G = Hq // Hkv
@@ -80,16 +87,30 @@ def qmm_attention(q, kq, vq, scale, group_size, bits, mode):
         q = q.reshape(B, Hkv, G, L, D)
         kq = [mx.expand_dims(x, -3) for x in kq]
         vq = [mx.expand_dims(x, -3) for x in vq]
-    scores = mx.quantized_matmul(q, *kq, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    scores = mx.quantized_matmul(q, *kq, transpose=True, group_size=kfmt[2], bits=kfmt[1], mode=kfmt[0])
     scores = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(scores, *vq, transpose=False, group_size=group_size, bits=bits, mode=mode)
+    out = mx.quantized_matmul(scores, *vq, transpose=False, group_size=vfmt[2], bits=vfmt[1], mode=vfmt[0])
     return out.reshape(B, Hq, L, D) if G > 1 else out
 
 
-def dequant_attention(q, kq, vq, scale, group_size, bits, mode):
-    k = mx.dequantize(*kq, group_size=group_size, bits=bits, mode=mode, dtype=q.dtype)
-    v = mx.dequantize(*vq, group_size=group_size, bits=bits, mode=mode, dtype=q.dtype)
+def dequant_attention(q, kq, vq, scale, kfmt, vfmt):
+    """Dequantize (mx.dequantize, or ours for the codebook mode), then MLX's SDPA."""
+    k = dequantize(*kq, group_size=kfmt[2], bits=kfmt[1], mode=kfmt[0], dtype=q.dtype)
+    v = dequantize(*vq, group_size=vfmt[2], bits=vfmt[1], mode=vfmt[0], dtype=q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def rotated(attention, rotation):
+    """A baseline on a rotated cache: the queries rotated, the output rotated back."""
+    if rotation is None:
+        return attention
+
+    def run(q, kq, vq, scale, kfmt, vfmt):
+        R = rotation_matrix(q.shape[-1])
+        out = attention((q.astype(mx.float32) @ R.T).astype(q.dtype), kq, vq, scale, kfmt, vfmt)
+        return (out.astype(mx.float32) @ R).astype(q.dtype)
+
+    return run
 
 
 # ---------------------------------------------------------------------------
@@ -108,8 +129,20 @@ class Config:
     group_size: int = 64
     mode: str = "affine"
     dtype: str = "float16"
+    value_bits: Optional[int] = None  # the values' format (None: the keys')
+    value_group_size: Optional[int] = None
+    value_mode: Optional[str] = None
+    rotation: Optional[str] = None
     layers: int = 1
     chain: bool = False  # each call's queries are the previous call's output
+
+    @property
+    def kfmt(self):
+        return (self.mode, self.bits, self.group_size)
+
+    @property
+    def vfmt(self):
+        return (self.value_mode or self.mode, self.value_bits or self.bits, self.value_group_size or self.group_size)
 
 
 @dataclass
@@ -220,6 +253,14 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
     scale = cfg.dim ** -0.5
     B, Hq, Hkv, D, Lq = cfg.batch, cfg.heads, cfg.kv_heads, cfg.dim, cfg.lq
     layers = []
+
+    def ours(q, L):
+        return quant_sdpa(
+            q, *L["kq"], *L["vq"], scale=scale, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode,
+            value_mode=cfg.value_mode, value_bits=cfg.value_bits, value_group_size=cfg.value_group_size,
+            rotation=cfg.rotation,
+        )
+
     with mx.stream(device):
         for i in range(cfg.layers):
             key = mx.random.key(1000 + i)
@@ -227,10 +268,10 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
             q = mx.random.normal((B, Hq, Lq, D), key=k1).astype(dtype)
             k = mx.random.normal((B, Hkv, ctx, D), key=k2).astype(dtype)
             v = mx.random.normal((B, Hkv, ctx, D), key=k3).astype(dtype)
-            kq = mx.quantize(k, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)
-            vq = mx.quantize(v, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)
-            if cfg.mode != "affine":
-                kq, vq = (kq[0], kq[1], None), (vq[0], vq[1], None)
+            (km, kb, kg), (vm, vb, vg) = cfg.kfmt, cfg.vfmt
+            kq = quantize(k, kg, kb, km, rotation=cfg.rotation)
+            vq = quantize(v, vg, vb, vm, rotation=cfg.rotation)
+            kq, vq = (tuple(kq) + (None,))[:3], (tuple(vq) + (None,))[:3]
             layer = {"q": q, "kq": tuple(kq), "vq": tuple(vq)}
             if "fp16_sdpa" in methods:
                 layer["k"], layer["v"] = k, v
@@ -251,15 +292,14 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
                 return outs
             return run
 
+        qmm = rotated(qmm_attention, cfg.rotation)
+        deq = rotated(dequant_attention, cfg.rotation)
         fns = {
-            "quant_sdpa": over_layers(lambda L, q: quant_sdpa(
-                q, *L["kq"], *L["vq"], scale=scale, group_size=cfg.group_size, bits=cfg.bits, mode=cfg.mode)),
+            "quant_sdpa": over_layers(lambda L, q: ours(q, L)),
             "fp16_sdpa": over_layers(
                 lambda L, q: mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=scale)),
-            "qmm_path": over_layers(
-                lambda L, q: qmm_attention(q, L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)),
-            "dequant_sdpa": over_layers(
-                lambda L, q: dequant_attention(q, L["kq"], L["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)),
+            "qmm_path": over_layers(lambda L, q: qmm(q, L["kq"], L["vq"], scale, cfg.kfmt, cfg.vfmt)),
+            "dequant_sdpa": over_layers(lambda L, q: deq(q, L["kq"], L["vq"], scale, cfg.kfmt, cfg.vfmt)),
         }
         packed = nbytes(layers[0]["kq"]) + nbytes(layers[0]["vq"])
         dense = B * Hkv * ctx * D * 2 * np.dtype(np.float16 if dtype != mx.float32 else np.float32).itemsize
@@ -268,11 +308,10 @@ def run_context(cfg: Config, ctx: int, device, methods, min_time, max_reps, prog
         diff, diff_unavailable = None, None
         if "quant_sdpa" in methods:
             L0 = layers[0]
-            a = quant_sdpa(L0["q"], *L0["kq"], *L0["vq"], scale=scale, group_size=cfg.group_size,
-                           bits=cfg.bits, mode=cfg.mode)
+            a = ours(L0["q"], L0)
             mx.eval(a)
             try:
-                b = dequant_attention(L0["q"], L0["kq"], L0["vq"], scale, cfg.group_size, cfg.bits, cfg.mode)
+                b = deq(L0["q"], L0["kq"], L0["vq"], scale, cfg.kfmt, cfg.vfmt)
                 mx.eval(b)
             except Exception as e:  # the baseline, not ours: see the module docstring
                 diff_unavailable = error_text(e)
@@ -319,7 +358,9 @@ def format_table(cfg: Config, device, rows: List[Row]) -> str:
         f"quant_sdpa bench on {device}, mlx {mx.__version__}",
         f"CPU: {cpu_model()} ({platform.machine()}); quant_sdpa's CPU kernel variant: {cpu_variant()}",
         f"B={cfg.batch} Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.dim} Lq={cfg.lq} "
-        f"{cfg.mode} bits={cfg.bits} gs={cfg.group_size} {cfg.dtype}, {cfg.layers} call(s) per eval"
+        f"{cfg.mode} bits={cfg.bits} gs={cfg.group_size}"
+        f"{'' if cfg.vfmt == cfg.kfmt else ' (values: %s bits=%d gs=%d)' % cfg.vfmt}"
+        f"{', rotation=' + cfg.rotation if cfg.rotation else ''} {cfg.dtype}, {cfg.layers} call(s) per eval"
         f"{', chained' if cfg.chain else ''}",
         "",
         f"{'ctx':>8} {'method':<13} {'time/call':>10} {'GB/s':>7} {'x vs ours':>10} {'reps':>5}  note",
@@ -390,6 +431,12 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--mode", default="affine", choices=list(dict.fromkeys(m for m, _, _ in SUPPORTED_FORMATS)))
+    p.add_argument("--value-bits", type=int, default=None, help="the values' bits (default: --bits)")
+    p.add_argument("--value-group-size", type=int, default=None, help="the values' group size (default: --group-size)")
+    p.add_argument("--value-mode", default=None, choices=list(dict.fromkeys(m for m, _, _ in SUPPORTED_FORMATS)),
+                   help="the values' mode (default: --mode)")
+    p.add_argument("--rotation", default=None, choices=["hadamard"],
+                   help="quantize K/V after a randomized Hadamard rotation (seed 0)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default: MLX's default device")
     p.add_argument("--layers", type=int, default=None, help="attention calls per mx.eval (default: 1 on the CPU, 16 on a GPU)")
@@ -438,6 +485,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = Config(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim, lq=args.lq,
         bits=args.bits, group_size=args.group_size, mode=args.mode, dtype=args.dtype,
+        value_bits=args.value_bits, value_group_size=args.value_group_size, value_mode=args.value_mode,
+        rotation=args.rotation,
         layers=args.layers if args.layers else (16 if on_gpu else 1), chain=args.chain,
     )
     min_time = args.min_time if args.min_time is not None else (0.5 if on_gpu else 1.0)

@@ -185,12 +185,25 @@ inline float scale_at(const void* p, int64_t i) {
   }
 }
 
-// The 2^(BITS-1) non-negative levels of the Gaussian codebook, as a vector
-// (lanes past them repeat the last one).
-template <int BITS, int... L>
+// Levels [FIRST, FIRST + W) of the Gaussian codebook of BITS bits, as a
+// vector (lanes past the last level repeat it).
+template <int BITS, int FIRST, int... L>
 inline vf gaussian_levels(std::integer_sequence<int, L...>) {
-  return vf{qsdpa::gaussian_level(BITS, imin(L, (1 << (BITS - 1)) - 1))...};
+  return vf{qsdpa::gaussian_code_to_float(uint32_t(imin(FIRST + L, (1 << BITS) - 1)), BITS)...};
 }
+
+// The whole Gaussian codebook of BITS bits, indexed by code.
+template <int BITS>
+struct GaussianCodebook {
+  float level[1 << BITS];
+  constexpr GaussianCodebook() : level() {
+    for (int c = 0; c < (1 << BITS); ++c) {
+      level[c] = qsdpa::gaussian_code_to_float(uint32_t(c), BITS);
+    }
+  }
+};
+template <int BITS>
+constexpr GaussianCodebook<BITS> kGaussianCodebook{};
 
 // Values of W element codes (before the scale), as formats.h's decode_code.
 template <int MODE, int BITS>
@@ -198,26 +211,27 @@ inline vf decode_codes(vu c) {
   if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeUnsigned) {
     return __builtin_convertvector(vi(c), vf);
   } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeGaussian) {
-    // Code c of 2^BITS levels: its top bit is the sign (set: non-negative),
-    // and the level index is c - half, or half - 1 - c for the negative
-    // half (the low bits flipped).
-    constexpr uint32_t half = 1u << (BITS - 1);
-    const vu top = c & half;
-    const vu m = (c ^ select(vi(top != 0u), vu{}, vu{} + (half - 1u))) & (half - 1u);
-#if defined(__AVX512F__) || defined(__AVX2__)
-    const vf levels = gaussian_levels<BITS>(std::make_integer_sequence<int, W>());
-#endif
+    // A permute of a register holding the levels (it reads the low bits of
+    // each index): every code at once where they fit one register, else
+    // the two halves and a blend on the code's top bit.
+    constexpr auto kLanes = std::make_integer_sequence<int, W>();
 #if defined(__AVX512F__)
-    const vf mag = vf(_mm512_permutexvar_ps(__m512i(m), __m512(levels)));
+    return vf(_mm512_permutexvar_ps(__m512i(c), __m512(gaussian_levels<BITS, 0>(kLanes))));
 #elif defined(__AVX2__)
-    const vf mag = vf(_mm256_permutevar8x32_ps(__m256(levels), __m256i(m)));
-#else
-    vf mag;
-    for (int l = 0; l < W; ++l) {
-      mag[l] = qsdpa::gaussian_level(BITS, int(m[l]));
+    const vf lo = vf(_mm256_permutevar8x32_ps(__m256(gaussian_levels<BITS, 0>(kLanes)), __m256i(c)));
+    if constexpr (BITS <= 3) {
+      return lo;
+    } else {
+      const vf hi = vf(_mm256_permutevar8x32_ps(__m256(gaussian_levels<BITS, 8>(kLanes)), __m256i(c)));
+      return vf(_mm256_blendv_ps(__m256(lo), __m256(hi), __m256(vu(c << 28))));
     }
+#else
+    vf val;
+    for (int l = 0; l < W; ++l) {
+      val[l] = kGaussianCodebook<BITS>.level[c[l]];
+    }
+    return val;
 #endif
-    return vf(vu(mag) | (vu(top == 0u) & 0x80000000u));
   } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeFp8E4M3) {
     // e4m3: exponent and mantissa moved into a float's fields with the bias
     // raised from 7 to 127; exponent 0 is the subnormal m * 2^-9, and
