@@ -251,7 +251,8 @@ void check_quantized(
           dtype_str(scales.dtype()) + ".");
     }
     if (biases) {
-      fail(bname + " must be None for mode '" + mode + "' (it has no bias).");
+      const std::string which = qsdpa::mode_float_scales(c.mode) ? "mode '" + mode + "'" : "the fp modes";
+      fail(bname + " must be None for " + which + " (mode '" + mode + "' has no bias).");
     }
   }
 }

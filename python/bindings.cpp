@@ -89,7 +89,9 @@ nb::list format_table() {
   for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
     nb::list groups;
     qsdpa::for_each_group_size(r.group_sizes, [&](int g) { groups.append(g); });
-    rows.append(nb::make_tuple(r.mode_name, r.bits, nb::tuple(groups), r.token, qsdpa::mode_has_bias(r.mode)));
+    rows.append(nb::make_tuple(
+        r.mode_name, r.bits, nb::tuple(groups), r.token, qsdpa::mode_has_bias(r.mode),
+        qsdpa::mode_float_scales(r.mode)));
   }
   return rows;
 }
@@ -220,7 +222,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "format_table",
       &format_table,
-      "The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases) per row.");
+      "The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases, float_scales) per row.");
   m.def("version", &mlx_qsdpa::version);
   m.def("mlx_build_version", &mlx_qsdpa::mlx_build_version);
   m.def("gpu_backend", &mlx_qsdpa::gpu_backend_name);

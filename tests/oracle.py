@@ -203,18 +203,29 @@ def reference(q, kq, vq, scale, group_size, bits, mode, mask=None, sinks=None, v
     """The oracle for quant_sdpa's inputs: mx arrays in, float64 NumPy out.
     vfmt: the values' (mode, bits, group_size) where they differ from the
     keys'; rotation: "hadamard" (seed 0) where K and V were rotated before
-    quantization (they are rotated back here)."""
+    quantization. Attention then runs in the rotated space, as the op's
+    contract says: the queries rotated and rounded to their dtype, the
+    output rotated back (its rounding before that is the tolerance's)."""
     vmode, vbits, vgs = vfmt if vfmt is not None else (mode, bits, group_size)
     k = dequantize64(*kq, group_size, bits, mode)
     v = dequantize64(*vq, vgs, vbits, vmode)
+    qn = to_numpy(q)
+    R = None
     if rotation is not None:
         R = rotation64(k.shape[-1], 0)
-        k, v = k @ R, v @ R
-    qn = to_numpy(q)
+        q_rot = np.nan_to_num(qn, nan=0.0, posinf=0.0, neginf=0.0) @ R.T
+        rounded = mx.array(q_rot.astype(np.float32)).astype(q.dtype, stream=CPU)
+        # A non-finite query element poisons every rotated element.
+        bad = ~np.isfinite(qn).all(-1, keepdims=True)
+        qn = np.where(bad, np.nan, to_numpy(rounded))
     if isinstance(mask, mx.array):
         mask = to_numpy(mask, np.float32)
     sk = None if sinks is None else to_numpy(sinks)
-    return attention64(qn, k, v, scale, mask, sk)
+    out, lse = attention64(qn, k, v, scale, mask, sk)
+    if R is not None:
+        with np.errstate(invalid="ignore"):
+            out = out @ R
+    return out, lse
 
 
 # Relative tolerance on max|out - ref| / max|ref| by output dtype: float32

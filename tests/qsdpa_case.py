@@ -46,7 +46,7 @@ MODES = tuple(dict.fromkeys(f.mode for f in format_table()))
 AFFINE_BITS = tuple(f.bits for f in format_table() if f.mode == "affine")
 AFFINE_GROUP_SIZES = next(f.group_sizes for f in format_table() if f.mode == "affine")
 # (mode, bits, group_size) of the formats whose scales are 8-bit codes (no biases).
-SCALE_CODE_FORMATS = tuple((f.mode, f.bits, g) for f in format_table() if not f.has_biases for g in f.group_sizes)
+SCALE_CODE_FORMATS = tuple((f.mode, f.bits, g) for f in format_table() if not f.float_scales for g in f.group_sizes)
 from mlx_qsdpa import _ext, quant_sdpa
 
 F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32

@@ -81,15 +81,16 @@ GROUPS = [0, 8, 16, 32, 64, 128, 256, -32]
 
 def test_is_supported_format_agrees_with_supported_formats():
     listed = set(SUPPORTED_FORMATS)
-    assert len(listed) == len(SUPPORTED_FORMATS) == 24
+    assert len(listed) == len(SUPPORTED_FORMATS) == 24 + 9  # mx.quantize's, and turbo 2/3/4 x 3 group sizes
     for mode, bits, gs in itertools.product(MODES, BITS, GROUPS):
         assert is_supported_format(mode, bits, gs) == ((mode, bits, gs) in listed), (mode, bits, gs)
 
 
 def test_supported_formats_are_what_mx_quantize_produces():
     # Every (mode, bits, group_size) mx.quantize accepts on this grid is
-    # listed, and nothing else. MLX's CPU quantize is the definition (a GPU
-    # backend's may lack kernels: MLX-CUDA 0.32.4 has no 1-bit one).
+    # listed, and nothing else but the codebook mode of mlx_qsdpa.quantize.
+    # MLX's CPU quantize is the definition (a GPU backend's may lack
+    # kernels: MLX-CUDA 0.32.4 has no 1-bit one).
     x = mx.random.normal((1, 1, 4, 256), key=mx.random.key(0), stream=oracle.CPU)
     accepted = set()
     for mode, bits, gs in itertools.product(TABLE_MODES, range(1, 10), [8, 16, 32, 64, 128, 256]):
@@ -98,7 +99,7 @@ def test_supported_formats_are_what_mx_quantize_produces():
         except (ValueError, RuntimeError):
             continue
         accepted.add((mode, bits, gs))
-    assert accepted == set(SUPPORTED_FORMATS)
+    assert accepted == {f for f in SUPPORTED_FORMATS if f[0] != "turbo"}
 
 
 def test_defaults_are_affine_4bit_group_64(device):

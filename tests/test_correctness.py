@@ -11,7 +11,7 @@ import pytest
 from mlx_qsdpa import SUPPORTED_FORMATS, quant_sdpa
 import oracle
 from qsdpa_case import (
-    BF16, DTYPES, F16, F32, Case, build, check_case, dtype_id, fmt_id, run, assert_matches,
+    MODES, BF16, DTYPES, F16, F32, Case, build, check_case, dtype_id, fmt_id, run, assert_matches,
 )
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -26,9 +26,10 @@ A4 = ("affine", 4, 64)
 def test_format_and_dtype(device, fmt, dtype):
     c = Case(fmt=fmt, dtype=dtype, Lq=3, Lk=100, D=128, mask="causal", seed=1)
     q, kq, vq, _, _ = build(c)
-    # The cache is quantized from data of the queries' dtype: affine scales
-    # and biases carry that dtype, the fp modes' scales are uint8 codes.
-    assert kq[1].dtype == (dtype if fmt[0] == "affine" else mx.uint8)
+    # The cache is quantized from data of the queries' dtype: affine and
+    # turbo scales (and affine biases) carry that dtype, the fp modes'
+    # scales are uint8 codes.
+    assert kq[1].dtype == (dtype if fmt[0] in ("affine", "turbo") else mx.uint8)
     out, lse, ref, ref_lse = run(c, device, (q, kq, vq, "causal", None))
     assert_matches(c, out, lse, ref, ref_lse)
 
@@ -232,7 +233,10 @@ def random_cases(n=60, seed=20260, long_keys=False):
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(n):
-        fmt = SUPPORTED_FORMATS[rng.integers(len(SUPPORTED_FORMATS))]
+        # A mode first (each as likely), then one of its formats.
+        mode = MODES[rng.integers(len(MODES))]
+        fmts = [f for f in SUPPORTED_FORMATS if f[0] == mode]
+        fmt = fmts[rng.integers(len(fmts))]
         D = int(rng.choice([d for d in HEAD_DIMS if d % fmt[2] == 0]))
         Hkv = int(rng.choice([1, 2, 4]))
         Hq = Hkv * int(rng.integers(1, 9))
@@ -253,9 +257,15 @@ def random_cases(n=60, seed=20260, long_keys=False):
             mask = "bool:" + str(rng.choice(MASK_DIMS))
         elif kind == "add":
             mask = str(rng.choice(["f16", "bf16", "f32"])) + ":" + str(rng.choice(MASK_DIMS))
+        # Values in another format now and then, and rotated caches.
+        vfmt = None
+        if rng.random() < 0.25:
+            vfmts = [f for f in SUPPORTED_FORMATS if D % f[2] == 0]
+            vfmt = vfmts[rng.integers(len(vfmts))]
+        rotation = "hadamard" if rng.random() < 0.2 else None
         cases.append(
             Case(
-                B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, fmt=fmt,
+                B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, fmt=fmt, vfmt=vfmt, rotation=rotation,
                 dtype=DTYPES[rng.integers(3)], mask=mask,
                 sinks=str(rng.choice(["f16", "bf16", "f32"])) if rng.random() < 0.3 else None,
                 lse=bool(rng.random() < 0.6),
@@ -276,11 +286,12 @@ def test_random_sweep_covers_the_factors():
     # mask kind, and both causal Lq > Lk and Lq > 32.
     cs = RANDOM_CASES
     assert {c.dtype for c in cs} == set(DTYPES)
-    assert {c.fmt[0] for c in cs} == {"affine", "mxfp4", "mxfp8", "nvfp4"}
+    assert {c.fmt[0] for c in cs} == set(MODES)
     assert {c.layout for c in cs} == set(LAYOUTS)
     assert {(c.mask or "none").split(":")[0] for c in cs} >= {"none", "causal", "bool", "f16", "bf16", "f32"}
     assert any(c.mask == "causal" and c.Lq > c.Lk for c in cs)
     assert any(c.Lq > 32 for c in cs) and any(c.B > 1 for c in cs) and any(c.sinks for c in cs)
+    assert any(c.vfmt and c.vfmt != c.fmt for c in cs) and any(c.rotation for c in cs)
 
 
 @pytest.mark.parametrize("case", RANDOM_CASES, ids=[f"r{i:02d}-{c}" for i, c in enumerate(RANDOM_CASES)])

@@ -22,7 +22,7 @@ import mlx.core as mx
 import oracle
 from qsdpa_env import CPU_VARIANT, DEVICE
 from qsdpa_case import AFFINE_BITS, AFFINE_GROUP_SIZES, SCALE_CODE_FORMATS
-from mlx_qsdpa import _ext, quant_sdpa
+from mlx_qsdpa import _ext, format_table, quant_sdpa
 
 D = 256  # every 8-bit code once per row; a multiple of every group size
 ROWS = 8  # keys (batch entries), each with other codes, scales and biases
@@ -139,3 +139,18 @@ def test_fp_codes(variant, mode, bits, gs):
     ref_k = oracle.dequantize64(wk, s, None, gs, bits, mode)[:, 0, 0, :]
     ref_v = oracle.dequantize64(wv, s, None, gs, bits, mode)[:, 0, 0, :]
     check(wk, wv, s, None, gs, bits, mode, ref_k, ref_v)
+
+
+@pytest.mark.parametrize("bits", [r.bits for r in format_table() if r.mode == "turbo"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+def test_turbo_codes(variant, bits, dtype):
+    """Every codebook code, keys and values, on every CPU variant (or the
+    GPU): scale * level[code] with the oracle's own Lloyd-Max levels."""
+    gs = 32
+    rng = np.random.default_rng(bits * 77)
+    ck, cv = code_rows(bits, rng)
+    wk, wv = as4(pack(ck, bits)), as4(pack(cv, bits))
+    s = as4(mx.array(rng.normal(size=(ROWS, D // gs)).astype(np.float32)).astype(dtype))
+    levels = oracle.gaussian_codebook(bits)
+    expand = np.repeat(oracle.to_numpy(s)[:, 0, 0, :], gs, axis=-1)
+    check(wk, wv, s, None, gs, bits, "turbo", levels[ck] * expand, levels[cv] * expand)

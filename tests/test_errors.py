@@ -410,7 +410,7 @@ def test_ext_mask_mode(device, affine, mask_mode, mask_arr, match):
     args = [affine[n] for n in ARGS]
     m = mx.ones((LQ, LK), mx.bool_) if mask_arr else None
     with pytest.raises(ValueError, match=re.escape(match)):
-        _ext.quant_sdpa(*args, 0.125, mask_mode, m, None, 64, 4, "affine", False, device)
+        _ext.quant_sdpa(*args, 0.125, mask_mode, m, None, 64, 4, "affine", None, None, None, None, 0, False, device)
 
 
 def test_errors_are_raised_at_call_time_and_leave_the_op_usable(device, affine):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_qsdpa import SUPPORTED_FORMATS, _ext, quant_sdpa
+import oracle
 from oracle import CPU, evaluated, to_numpy
 from qsdpa_case import AFFINE_BITS, F16, BF16, F32, DTYPES, dtype_id, fmt_id
 
@@ -182,7 +183,7 @@ def crafted_cache(fmt, H, R, D, dtype, rng, narrow_scales=False):
     if mode == "mxfp8":
         pool = E4M3_FINITE
     else:
-        pool = np.arange(2 ** (4 if mode != "affine" else bits))
+        pool = np.arange(2 ** (bits if mode in ("affine", "turbo") else 4))
     codes = rng.permutation(np.resize(pool, n)).reshape(1, H, R, D)
     w = mx.array(pack_codes(codes, bits))
     G = D // gs
@@ -190,6 +191,9 @@ def crafted_cache(fmt, H, R, D, dtype, rng, narrow_scales=False):
         s = mx.array(rng.uniform(-0.5, 0.5, (1, H, R, G)).astype(np.float32)).astype(dtype, stream=CPU)
         b = mx.array(rng.normal(size=(1, H, R, G)).astype(np.float32)).astype(dtype, stream=CPU)
         return evaluated(w, s, b)
+    if mode == "turbo":
+        s = mx.array(rng.uniform(-1.0, 1.0, (1, H, R, G)).astype(np.float32)).astype(dtype, stream=CPU)
+        return evaluated(w, s, None)
     if narrow_scales:
         scale_pool = np.arange(0x20, 0x58) if mode == "nvfp4" else np.arange(123, 132)
     elif mode == "nvfp4":
@@ -208,6 +212,8 @@ def decoded(triple, fmt):
     kernels decode in float32; see qsdpa_case.exact_scales)."""
     mode, bits, gs = fmt
     w, s, b = triple
+    if mode == "turbo":
+        return oracle.dequantize64(w, s, None, gs, bits, mode).astype(np.float32)
     with mx.stream(CPU):
         if b is not None:
             s, b = s.astype(F32), b.astype(F32)

@@ -7,7 +7,7 @@
 // compares builds on a busy machine. benchmarks/cpu/kernel_bench.sh builds
 // and runs it:
 //
-//   bash benchmarks/cpu/kernel_bench.sh [Lk [bits [Lq]]]
+//   bash benchmarks/cpu/kernel_bench.sh [Lk [bits [Lq [affine|turbo]]]]
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -15,6 +15,7 @@
 #include <cstring>
 #include <ctime>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "backends/cpu/kernel.h"
@@ -37,6 +38,8 @@ int main(int argc, char** argv) {
   const int Lk = argc > 1 ? std::atoi(argv[1]) : 32768;
   const int bits = argc > 2 ? std::atoi(argv[2]) : 4;
   const int Lq = argc > 3 ? std::atoi(argv[3]) : 1;
+  // "affine" or "turbo": the modes with float16 scales.
+  const bool turbo = argc > 4 && std::string(argv[4]) == "turbo";
   const int reps = std::getenv("REPS") ? std::atoi(std::getenv("REPS")) : 7;
   const int Hq = 32, Hkv = 8, D = 128, gs = 64, G = Hq / Hkv;
   const int words = D * bits / 32, ng = D / gs;
@@ -62,7 +65,6 @@ int main(int argc, char** argv) {
 
   Problem p{};
   p.B = 1, p.Hq = Hq, p.Hkv = Hkv, p.Lq = Lq, p.Lk = Lk, p.D = D, p.G = G;
-  p.mode = qsdpa::kAffine, p.bits = bits, p.group_size = gs;
   p.scale_log2 = 0.125f;
   p.q = q.data();
   p.q_type = qsdpa::kElemFloat16;
@@ -70,10 +72,11 @@ int main(int argc, char** argv) {
   auto view = [&](const std::vector<uint32_t>& w, const std::vector<uint16_t>& s,
                   const std::vector<uint16_t>& b) {
     mlx_qsdpa::QuantTensor v{};
+    v.mode = turbo ? qsdpa::kTurbo : qsdpa::kAffine, v.bits = bits, v.group_size = gs;
     v.w = w.data();
     v.ws[3] = 1, v.ws[2] = words, v.ws[1] = int64_t(words) * Lk, v.ws[0] = v.ws[1] * Hkv;
     v.scales = s.data();
-    v.biases = b.data();
+    v.biases = turbo ? nullptr : b.data();
     v.ss[3] = 1, v.ss[2] = ng, v.ss[1] = int64_t(ng) * Lk, v.ss[0] = v.ss[1] * Hkv;
     for (int i = 0; i < 4; ++i) {
       v.bs[i] = v.ss[i];
@@ -101,6 +104,6 @@ int main(int argc, char** argv) {
     }
     best = std::min(best, thread_seconds() - t0);
   }
-  std::printf("%s Lk=%d bits=%d Lq=%d: %.2f ms of one thread per call (%.1f ns per key and kv head)\n",
-              var.name, Lk, bits, Lq, best * 1e3, best * 1e9 / Lk / Hkv);
+  std::printf("%s %s Lk=%d bits=%d Lq=%d: %.2f ms of one thread per call (%.1f ns per key and kv head)\n",
+              var.name, turbo ? "turbo" : "affine", Lk, bits, Lq, best * 1e3, best * 1e9 / Lk / Hkv);
 }

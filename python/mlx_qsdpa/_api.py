@@ -24,6 +24,7 @@ class FormatInfo(NamedTuple):
     group_sizes: Tuple[int, ...]  #: the group sizes the op accepts
     kernel_name: str  #: the format's name in kernel names ("affine4", "mxfp4", ...)
     has_biases: bool  #: whether ``mx.quantize`` returns biases for it
+    float_scales: bool  #: scales in the cache's float dtype (else uint8 codes)
 
 
 def format_table() -> Tuple[FormatInfo, ...]:
@@ -31,7 +32,7 @@ def format_table() -> Tuple[FormatInfo, ...]:
     return _FORMAT_TABLE
 
 
-_FORMAT_TABLE = tuple(FormatInfo(m, b, tuple(g), t, bool(h)) for m, b, g, t, h in _ext.format_table())
+_FORMAT_TABLE = tuple(FormatInfo(m, b, tuple(g), t, bool(h), bool(f)) for m, b, g, t, h, f in _ext.format_table())
 
 #: (mode, bits, group_size) triples that ``quant_sdpa`` accepts: those that
 #: ``mx.quantize`` (MLX 0.32.4) produces, from the format table.

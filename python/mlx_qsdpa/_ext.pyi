@@ -19,14 +19,44 @@ def quant_sdpa(
     group_size: int,
     bits: int,
     mode: str,
+    value_mode: Optional[str],
+    value_bits: Optional[int],
+    value_group_size: Optional[int],
+    rotation: Optional[str],
+    rotation_seed: int,
     return_lse: bool,
     stream: Union[None, mx.Stream, mx.Device],
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]: ...
+def quantize(
+    x: mx.array,
+    group_size: int,
+    bits: int,
+    mode: str,
+    rotation: Optional[str],
+    rotation_seed: int,
+    stream: Union[None, mx.Stream, mx.Device],
+) -> Tuple[mx.array, ...]:
+    """The C++ quantize; use mlx_qsdpa.quantize."""
+def dequantize(
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array],
+    group_size: int,
+    bits: int,
+    mode: str,
+    rotation: Optional[str],
+    rotation_seed: int,
+    dtype: Optional[mx.Dtype],
+    stream: Union[None, mx.Stream, mx.Device],
+) -> mx.array:
+    """The C++ dequantize; use mlx_qsdpa.dequantize."""
+def rotation_matrix(D: int, seed: int) -> mx.array:
+    """The C++ rotation_matrix; use mlx_qsdpa.rotation_matrix."""
 def _set_dequantized_fallback(on: bool) -> None:
     """Tests only: route every call through the GPU backends' dequantize fallback, on any device."""
 def is_supported_format(mode: str, bits: int, group_size: int) -> bool: ...
-def format_table() -> List[Tuple[str, int, Tuple[int, ...], str, bool]]:
-    """The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases) per row."""
+def format_table() -> List[Tuple[str, int, Tuple[int, ...], str, bool, bool]]:
+    """The format table (formats.h): (mode, bits, group_sizes, kernel_token, has_biases, float_scales) per row."""
 def version() -> str:
     """The version of mlx-qsdpa."""
 def mlx_build_version() -> str:

@@ -313,14 +313,6 @@ inline int key_block(int D) {
   return imin(kMaxKeyBlock > unit ? kMaxKeyBlock : unit, imax(kb, unit));
 }
 
-// Units of a row that the key decoder transposes: 32/BITS elements each
-// (1, 2, 4, 8 bits: exactly the packed words; 3, 5, 6 bits: 10, 6 or 5
-// elements cut from the bit stream).
-inline int row_units(int D, int bits) {
-  const int e = 32 / bits;
-  return (D + e - 1) / e;
-}
-
 inline size_t round64(size_t n) {
   return (n + 63) / 64 * 64;
 }
@@ -351,7 +343,7 @@ Layout layout(const Problem& p, int max_rows) {
   L.s = take(sizeof(float) * kRowTile * kb);
   L.st = take(sizeof(float) * ng * kb);
   L.bt = take(sizeof(float) * ng * kb);
-  L.wt = take(sizeof(uint32_t) * row_units(p.D, p.k.bits) * kb);
+  L.wt = take(sizeof(uint32_t) * (p.D * p.k.bits / 32) * kb);
   L.row = take(sizeof(uint32_t) * (D * bits / 32 + 8)); // + room for 8-byte reads
   L.tail = take(sizeof(uint32_t) * 40); // < 2 loads of kRunLoadWords, + padding
   L.vs = take(sizeof(float) * ng);
@@ -459,16 +451,38 @@ inline void transpose_block(const uint32_t* src, int64_t src_stride, uint32_t* d
   }
 }
 
+// The codes of elements BASE + L of a run of 32 elements whose BITS packed
+// words (each a vector of W keys) are `w`: per element a shift of its word,
+// or two for one that straddles two words (formats.h's element_word and
+// element_shift, compile-time constants).
+template <int BITS, int E>
+inline vu run_element(const vu* w) {
+  constexpr int word = qsdpa::element_word(E, BITS), sh = qsdpa::element_shift(E, BITS);
+  vu v = w[word] >> uint32_t(sh);
+  if constexpr (sh + BITS > 32) {
+    v |= w[word + 1] << uint32_t(32 - sh);
+  }
+  return v & uint32_t((1u << BITS) - 1u);
+}
+
+template <int MODE, int BITS, int... E>
+inline void decode_key_run(const vu* w, vf s, vf bias, float* kt, int kb, std::integer_sequence<int, E...>) {
+  ((store(kt + E * kb, qsdpa::mode_has_bias(MODE) ? decode_codes<MODE, BITS>(run_element<BITS, E>(w)) * s + bias
+                                                  : decode_codes<MODE, BITS>(run_element<BITS, E>(w)) * s)),
+   ...);
+}
+
 template <int MODE, int BITS, int SK>
 void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
-  constexpr int E = 32 / BITS; // elements per unit
-  constexpr bool kWordUnits = E * BITS == 32;
+  constexpr int E = 32 / BITS; // elements per word
+  // 1, 2, 4, 8 bits: each word holds whole elements; 3, 5, 6 bits: runs of
+  // 32 elements in BITS words, some elements straddling two words.
+  constexpr bool kWholeWords = E * BITS == 32;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const QuantTensor& qv = p.k;
   const int D = p.D, gs = qv.group_size, ng = D / gs, kb = sc.kb;
   const int gshift = __builtin_ctz(gs); // group sizes are powers of two
   const int words = D * BITS / 32;
-  const int units = row_units(D, BITS);
   // Local copies: the stores below (memcpy, char-typed) may alias anything,
   // and would make every use of sc's fields a reload.
   float* const kt = sc.kt;
@@ -499,72 +513,68 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
     }
   }
 
-  // The block's units, transposed to [unit][key].
-  const bool transposable = qv.ws[3] == 1 && units % W == 0;
+  // The block's packed words, transposed to [word][key]: W x W blocks of W
+  // whole keys where the rows are contiguous, the rest word by word.
+  const int block_words = qv.ws[3] == 1 ? words / W * W : 0;
   for (int j = 0; j < kb; ++j) {
     if (j >= nk) {
-      for (int u = 0; u < units; ++u) {
+      for (int u = 0; u < words; ++u) {
         wt[u * kb + j] = 0;
       }
       continue;
     }
-    if (kWordUnits && transposable && j % W == 0 && j + W <= nk) {
-      // W whole keys: their words as W x W blocks.
-      const uint32_t* rows = qv.w + b * qv.ws[0] + h * qv.ws[1] + (j0 + j) * qv.ws[2];
-      for (int u = 0; u < units; u += W) {
-        transpose_block(rows + u, qv.ws[2], wt + u * kb + j, kb);
+    const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
+    int u0 = 0;
+    if (block_words > 0 && j % W == 0 && j + W <= nk) {
+      for (; u0 < block_words; u0 += W) {
+        transpose_block(row + u0, qv.ws[2], wt + u0 * kb + j, kb);
+      }
+      for (int jj = j; jj < j + W; ++jj) {
+        const uint32_t* r = row + (jj - j) * qv.ws[2];
+        for (int u = u0; u < words; ++u) {
+          wt[u * kb + jj] = r[u];
+        }
       }
       j += W - 1;
       continue;
     }
-    const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
-    if constexpr (kWordUnits) {
-      for (int u = 0; u < units; ++u) {
-        wt[u * kb + j] = row[u];
-      }
-    } else {
-      // Unit u is bits [u * E * BITS, + E * BITS) of the row's bit stream,
-      // read as 8 bytes from a zero-padded copy (no read past the row).
-      unsigned char* bytes = reinterpret_cast<unsigned char*>(sc.row);
-      if (row != sc.row) {
-        std::memcpy(bytes, row, sizeof(uint32_t) * words);
-      }
-      std::memset(bytes + sizeof(uint32_t) * words, 0, 8);
-      for (int u = 0; u < units; ++u) {
-        const int bit = u * E * BITS;
-        uint64_t x;
-        std::memcpy(&x, bytes + bit / 8, sizeof(x));
-        wt[u * kb + j] = uint32_t(x >> (bit % 8)) & uint32_t((1ull << (E * BITS)) - 1u);
-      }
+    for (int u = u0; u < words; ++u) {
+      wt[u * kb + j] = row[u];
     }
   }
 
-  // Each unit vector (one unit of W keys) yields E element vectors.
-  for (int u = 0; u < units; ++u) {
-    const int e0 = u * E;
-    const int ne = imin(E, D - e0);
-    const int g0 = e0 >> gshift;
-    const int split = (g0 + 1) * gs - e0; // elements of the unit in group g0
-    for (int jv = 0; jv < kb; jv += W) {
-      const vu wv = loadu(wt + u * kb + jv);
-      const vf s0 = load(st + g0 * kb + jv), b0 = load(bt + g0 * kb + jv);
-      vf s1 = s0, b1 = b0;
-      if (!kWordUnits && split < ne) {
-        s1 = load(st + (g0 + 1) * kb + jv);
-        b1 = load(bt + (g0 + 1) * kb + jv);
-      }
+  if constexpr (kWholeWords) {
+    // Each word vector (one word of W keys) yields E element vectors, all of
+    // one group (every group size is a multiple of 32 / BITS).
+    for (int u = 0; u < words; ++u) {
+      const int e0 = u * E;
+      const int g0 = e0 >> gshift;
+      for (int jv = 0; jv < kb; jv += W) {
+        const vu wv = loadu(wt + u * kb + jv);
+        const vf s0 = load(st + g0 * kb + jv), b0 = load(bt + g0 * kb + jv);
 #pragma GCC unroll 32
-      for (int k = 0; k < E; ++k) {
-        if (!kWordUnits && k >= ne) {
-          break;
+        for (int k = 0; k < E; ++k) {
+          const vf val = decode_codes<MODE, BITS>((wv >> uint32_t(k * BITS)) & kMask);
+          vf out = val * s0;
+          if constexpr (qsdpa::mode_has_bias(MODE)) {
+            out += b0;
+          }
+          store(kt + (e0 + k) * kb + jv, out);
         }
-        const vf val = decode_codes<MODE, BITS>((wv >> uint32_t(k * BITS)) & kMask);
-        const bool first = kWordUnits || k < split;
-        vf out = val * (first ? s0 : s1);
-        if constexpr (qsdpa::mode_has_bias(MODE)) {
-          out += first ? b0 : b1;
+      }
+    }
+  } else {
+    // Each run of 32 elements (BITS word vectors of W keys) lies in one
+    // group: the formats with these widths have groups of 32 or more.
+    for (int r = 0; r < D / 32; ++r) {
+      const int g0 = (r * 32) >> gshift;
+      for (int jv = 0; jv < kb; jv += W) {
+        vu w[BITS];
+        for (int k = 0; k < BITS; ++k) {
+          w[k] = loadu(wt + (r * BITS + k) * kb + jv);
         }
-        store(kt + (e0 + k) * kb + jv, out);
+        decode_key_run<MODE, BITS>(w, load(st + g0 * kb + jv), load(bt + g0 * kb + jv), kt + r * 32 * kb + jv, kb,
+                                   std::make_integer_sequence<int, 32>());
       }
     }
   }
