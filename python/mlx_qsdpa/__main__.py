@@ -2,6 +2,7 @@
 
     python -m mlx_qsdpa bench [options]   # the benchmark (see bench --help)
     python -m mlx_qsdpa bench --e2e       # mlx-lm decoding with/without the patch
+    python -m mlx_qsdpa quality [options] # attention error of each K/V format (see quality --help)
     python -m mlx_qsdpa --cmake-dir        # where find_package(mlx_qsdpa) looks
     python -m mlx_qsdpa --include-dir      # the C++ headers
     python -m mlx_qsdpa info               # versions, backends, and whether they match
@@ -67,12 +68,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_qsdpa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench
+    from . import bench, quality
 
     p_bench = sub.add_parser("bench", help="time quant_sdpa against MLX's attention paths")
     bench.add_arguments(p_bench)
+    p_quality = sub.add_parser("quality", help="attention error of each K/V format at equal bytes",
+                               description=quality.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality.add_arguments(p_quality)
     sub.add_parser("info", help="print versions and backends, built against and installed")
     args = parser.parse_args(argv)
+    if args.command == "quality":
+        return quality.main(args)
     return bench.main(args)
 
 

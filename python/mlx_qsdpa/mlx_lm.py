@@ -13,6 +13,13 @@
     python -m mlx_qsdpa.mlx_lm --model ... --kv-bits 4 --prompt ...
                                       # mlx-lm's generate command, patched
 
+    # Formats mlx-lm's QuantizedKVCache cannot hold (codebook, rotated,
+    # other bits for the values): a QuantSDPAKVCache per layer.
+    cache = mlx_qsdpa.mlx_lm.make_cache(model, bits=3, mode="turbo", rotation="hadamard", value_bits=4)
+    mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
+
+    python -m mlx_qsdpa.mlx_lm ... --kv-bits 3 --kv-mode turbo --kv-rotation hadamard --kv-value-bits 4
+
 How mlx-lm (0.32) reaches its quantized attention: every model module does
 ``from .base import scaled_dot_product_attention`` and calls it with the
 layer's cache; that function sends a cache with a ``bits`` attribute
@@ -56,11 +63,14 @@ import threading
 from typing import Dict, Iterator, Optional
 
 # _api first: it checks the installed MLX before anything loads libmlx.
-from ._api import is_supported_format, quant_sdpa
+from ._api import dequantize, is_supported_format, quant_sdpa, quantize
 
 import mlx.core as mx  # noqa: E402
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "stats", "reset_stats", "SUPPORTED_MLX_LM"]
+__all__ = [
+    "patch", "unpatch", "patched", "is_patched", "stats", "reset_stats", "SUPPORTED_MLX_LM",
+    "QuantSDPAKVCache", "make_cache",
+]
 
 # The mlx-lm versions whose attention entry points this module was written
 # against and tested with (pyproject's [mlx-lm] extra pins the same range).
@@ -125,39 +135,46 @@ def _mask_ok(mask, B: int, Hq: int, Lq: int, Lk: int) -> bool:
     return all(m in (1, t) for m, t in zip(reversed(mask.shape), reversed(target)))
 
 
-def _route(queries, q_keys, q_values, scale, mask, sinks, group_size, bits, mode) -> Optional[mx.array]:
+def _route(
+    queries, q_keys, q_values, scale, mask, sinks, group_size, bits, mode,
+    value_format=None, rotation=None, rotation_seed=0,
+) -> Optional[mx.array]:
     """``quant_sdpa`` of the call, or None when the op does not support it.
 
-    The checks mirror the op's own argument checks (csrc/ops.cpp), so a
-    routed call cannot raise for a reason the original would not.
+    ``group_size, bits, mode`` are the keys' format; ``value_format`` is the
+    values' ``(mode, bits, group_size)`` (default: the keys'). The checks
+    mirror the op's own argument checks (csrc/ops.cpp), so a routed call
+    cannot raise for a reason the original would not.
     """
     if not isinstance(queries, mx.array) or queries.ndim != 4 or queries.dtype not in _FLOAT_TYPES:
         return None
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return None
-    if not isinstance(group_size, int) or not isinstance(bits, int) or not isinstance(mode, str):
-        return None
-    if not is_supported_format(mode, bits, group_size):
-        return None
-    k = _split(q_keys, mode)
-    v = _split(q_values, mode)
-    if k is None or v is None:
-        return None
+    key_format = (mode, bits, group_size)
+    value_format = key_format if value_format is None else tuple(value_format)
     B, Hq, Lq, D = queries.shape
-    if D % group_size != 0:
-        return None
-    packed = D * bits // 32
-    for w, s, b in (k, v):
+    parts = []
+    for q, (m, b, g) in ((q_keys, key_format), (q_values, value_format)):
+        if not isinstance(g, int) or not isinstance(b, int) or not isinstance(m, str):
+            return None
+        if not is_supported_format(m, b, g) or D % g != 0:
+            return None
+        split = _split(q, m)
+        if split is None:
+            return None
+        w, s, bias = split
         # Values must share the queries' head dimension D (the op computes
         # [.., D] outputs); a cache with another value head dimension falls back.
-        if w.ndim != 4 or w.dtype != mx.uint32 or w.shape[0] != B or w.shape[3] != packed:
+        if w.ndim != 4 or w.dtype != mx.uint32 or w.shape[0] != B or w.shape[3] != D * b // 32:
             return None
-        if s.shape != (*w.shape[:3], D // group_size):
+        if s.shape != (*w.shape[:3], D // g):
             return None
-        if b is not None and (b.shape != s.shape or b.dtype != s.dtype):
+        if bias is not None and (bias.shape != s.shape or bias.dtype != s.dtype):
             return None
-        if mode == "affine" and s.dtype not in _FLOAT_TYPES:
+        if m in ("affine", "turbo") and s.dtype not in _FLOAT_TYPES:
             return None
+        parts.append(split)
+    k, v = parts
     Hkv, Lk = k[0].shape[1], k[0].shape[2]
     if v[0].shape[1:3] != (Hkv, Lk) or Hkv == 0 or Hq % Hkv != 0:
         return None
@@ -171,6 +188,8 @@ def _route(queries, q_keys, q_values, scale, mask, sinks, group_size, bits, mode
     return quant_sdpa(
         queries, *k, *v, scale=float(scale), mask=mask, sinks=sinks,
         group_size=group_size, bits=bits, mode=mode,
+        value_mode=value_format[0], value_bits=value_format[1], value_group_size=value_format[2],
+        rotation=rotation, rotation_seed=rotation_seed,
     )
 
 
@@ -189,8 +208,12 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
 
     A cache with a ``bits`` attribute (mlx-lm's own test for a quantized
     cache) is read by ``quant_sdpa`` when it supports the call, sinks
-    included; anything else goes to mlx-lm's original function.
+    included; a :class:`QuantSDPAKVCache` always is (see its ``attention``);
+    anything else goes to mlx-lm's original function.
     """
+    if isinstance(cache, QuantSDPAKVCache):
+        # Only quant_sdpa reads this cache's formats: never mlx-lm's path.
+        return cache.attention(queries, keys, values, scale, mask, sinks)
     if _active and hasattr(cache, "bits"):
         out = _route(
             queries, keys, values, scale, mask, sinks,
@@ -219,6 +242,234 @@ def quantized_scaled_dot_product_attention(
             return out
         _fallback()
     return _orig_qsdpa(queries, q_keys, q_values, scale, mask, group_size=group_size, bits=bits, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# A cache in any format of format_table(), rotated, with its own value format
+# ---------------------------------------------------------------------------
+
+
+class QuantSDPAKVCache:
+    """An mlx-lm KV cache stored with :func:`mlx_qsdpa.quantize`, read by ``quant_sdpa``.
+
+    Like mlx-lm's ``QuantizedKVCache`` (same growth in steps of 256 tokens,
+    trimming, masks), but in any format of :func:`mlx_qsdpa.format_table`
+    -- the codebook mode ``"turbo"`` included -- with an optional rotation
+    (``"hadamard"``, ``rotation_seed``) shared by keys and values, and a
+    value format of its own (``value_bits``, ``value_mode``,
+    ``value_group_size``; each defaults to the keys'). ::
+
+        cache = mlx_qsdpa.mlx_lm.make_cache(model, bits=3, mode="turbo", rotation="hadamard", value_bits=4)
+        mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
+
+    Only quant_sdpa can read these formats, so the cache works under
+    :func:`patch` (``make_cache`` turns it on) and raises otherwise, rather
+    than letting mlx-lm's ``quantized_matmul`` path misread it. A call that
+    quant_sdpa does not take (a mask it cannot broadcast, a value head
+    dimension other than the keys') is computed from the dequantized cache
+    with ``mx.fast.scaled_dot_product_attention`` and counted as a fallback
+    in :func:`stats`.
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 64,
+        mode: str = "affine",
+        *,
+        rotation: Optional[str] = None,
+        rotation_seed: int = 0,
+        value_bits: Optional[int] = None,
+        value_mode: Optional[str] = None,
+        value_group_size: Optional[int] = None,
+    ):
+        self.bits, self.group_size, self.mode = bits, group_size, mode
+        self.value_bits = bits if value_bits is None else value_bits
+        self.value_group_size = group_size if value_group_size is None else value_group_size
+        self.value_mode = mode if value_mode is None else value_mode
+        self.rotation, self.rotation_seed = rotation, rotation_seed
+        for what, fmt in (("keys", self.key_format), ("values", self.value_format)):
+            if not is_supported_format(*fmt):
+                raise ValueError(
+                    f"QuantSDPAKVCache: {what} format (mode, bits, group_size) = {fmt} is not in "
+                    "mlx_qsdpa.format_table()."
+                )
+        if rotation not in (None, "hadamard"):
+            raise ValueError(f"QuantSDPAKVCache: rotation must be None or 'hadamard'; got {rotation!r}.")
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    @property
+    def key_format(self):
+        """``(mode, bits, group_size)`` of the keys."""
+        return (self.mode, self.bits, self.group_size)
+
+    @property
+    def value_format(self):
+        """``(mode, bits, group_size)`` of the values."""
+        return (self.value_mode, self.value_bits, self.value_group_size)
+
+    @classmethod
+    def from_cache(cls, cache, **format_args) -> "QuantSDPAKVCache":
+        """The tokens of a float cache (mlx-lm's ``KVCache``) quantized into a new cache."""
+        out = cls(**format_args)
+        if cache.keys is not None and cache.offset > 0:
+            out.update_and_fetch(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :])
+        return out
+
+    def _quantize(self, x, fmt):
+        mode, bits, group_size = fmt
+        return quantize(x, group_size, bits, mode, rotation=self.rotation, rotation_seed=self.rotation_seed)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Appends ``keys, values [B, Hkv, n, D]`` and returns the whole cache, quantized."""
+        if not _active:
+            raise RuntimeError(_NEEDS_PATCH)
+        kq = self._quantize(keys, self.key_format)
+        vq = self._quantize(values, self.value_format)
+        B, H, n, _ = keys.shape
+        prev = self.offset
+        if self.keys is None or prev + n > self.keys[0].shape[2]:
+            size = (self.step + n - 1) // self.step * self.step
+
+            def grow(stored, new):
+                extra = [mx.zeros((B, H, size, p.shape[-1]), dtype=p.dtype) for p in new]
+                if stored is None:
+                    return tuple(extra)
+                # After a trim the arrays hold stale tokens past the offset.
+                return tuple(mx.concatenate([s[..., :prev, :], e], axis=2) for s, e in zip(stored, extra))
+
+            self.keys, self.values = grow(self.keys, kq), grow(self.values, vq)
+        self.offset += n
+        for stored, new in ((self.keys, kq), (self.values, vq)):
+            for s, p in zip(stored, new):
+                s[..., prev : self.offset, :] = p
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        if self.offset == self.keys[0].shape[2]:
+            return self.keys, self.values
+        return (
+            tuple(a[..., : self.offset, :] for a in self.keys),
+            tuple(a[..., : self.offset, :] for a in self.values),
+        )
+
+    def attention(self, queries, keys, values, scale, mask, sinks=None) -> mx.array:
+        """``softmax(scale * q @ k.T + mask) @ v`` over ``keys, values`` (what
+        ``update_and_fetch`` returned): quant_sdpa, or the dequantized cache
+        when quant_sdpa does not take the call."""
+        out = _route(
+            queries, keys, values, scale, mask, sinks, self.group_size, self.bits, self.mode,
+            self.value_format, self.rotation, self.rotation_seed,
+        )
+        if out is not None:
+            return out
+        _fallback()
+        k = self._dequantize(keys, self.key_format, queries.dtype)
+        v = self._dequantize(values, self.value_format, queries.dtype)
+        return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
+
+    def _dequantize(self, parts, fmt, dtype):
+        mode, bits, group_size = fmt
+        w, s, b = _split(parts, mode)
+        return dequantize(
+            w, s, b, group_size, bits, mode, rotation=self.rotation, rotation_seed=self.rotation_seed, dtype=dtype
+        )
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys_and_values()
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys, self.values, self.offset = None, None, 0
+            return
+        self.keys, self.values = tuple(v[0]), tuple(v[1])
+        self.offset = self.keys[0].shape[2]
+
+    @property
+    def meta_state(self):
+        """The formats, as strings (mlx-lm's convention for a cache's non-array state)."""
+        return tuple(
+            str(x) for x in (*self.key_format, *self.value_format, self.rotation or "", self.rotation_seed)
+        )
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.mode, bits, gs, self.value_mode, vbits, vgs, rotation, seed = v
+        self.bits, self.group_size = int(bits), int(gs)
+        self.value_bits, self.value_group_size = int(vbits), int(vgs)
+        self.rotation, self.rotation_seed = (rotation or None), int(seed)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def make_mask(self, *args, **kwargs):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for a in (*self.keys, *self.values))
+
+
+_NEEDS_PATCH = (
+    "QuantSDPAKVCache is read by quant_sdpa only: call mlx_qsdpa.mlx_lm.patch() first "
+    "(make_cache() does), or mlx-lm's own attention would misread it."
+)
+
+
+def make_cache(
+    model,
+    bits: int = 4,
+    group_size: int = 64,
+    mode: str = "affine",
+    *,
+    rotation: Optional[str] = None,
+    rotation_seed: int = 0,
+    value_bits: Optional[int] = None,
+    value_mode: Optional[str] = None,
+    value_group_size: Optional[int] = None,
+) -> list:
+    """``model``'s prompt cache with every attention KV cache a :class:`QuantSDPAKVCache`; turns :func:`patch` on.
+
+    Pass it as ``prompt_cache`` to ``mlx_lm.generate`` / ``stream_generate``
+    / ``generate_step``. Sliding-window (rotating) caches become full caches
+    too, whose masks still apply the window (as ``QuantizedKVCache`` does);
+    other caches (SSM states) are kept.
+    """
+    from mlx_lm.models import cache as C
+
+    fmt = dict(
+        bits=bits, group_size=group_size, mode=mode, rotation=rotation, rotation_seed=rotation_seed,
+        value_bits=value_bits, value_mode=value_mode, value_group_size=value_group_size,
+    )
+    out = [
+        QuantSDPAKVCache(**fmt) if isinstance(c, (C.KVCache, C.RotatingKVCache)) else c
+        for c in C.make_prompt_cache(model)
+    ]
+    patch()
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -346,9 +597,57 @@ _COMMAND_DESCRIPTION = (
 _COMMAND_EPILOG = (
     "mlx-lm quantizes the KV cache only with --kv-bits, and only once the context "
     "passes --quantized-kv-start tokens (default 5000); pass --quantized-kv-start 0 "
-    "to quantize, and so use quant_sdpa, from the first token. The command ends by "
+    "to quantize, and so use quant_sdpa, from the first token. Any of --kv-mode, "
+    "--kv-rotation, --kv-value-bits, --kv-value-mode, --kv-value-group-size makes the "
+    "quantized cache a mlx_qsdpa.mlx_lm.QuantSDPAKVCache in that format (keys: "
+    "--kv-bits, --kv-group-size, --kv-mode). The command ends by "
     "printing on stderr how many attention calls went through quant_sdpa."
 )
+_CACHE_FLAGS = ("kv_mode", "kv_rotation", "kv_value_bits", "kv_value_mode", "kv_value_group_size")
+
+
+def _add_cache_arguments(parser) -> None:
+    """The flags of a QuantSDPAKVCache, added to mlx-lm's generate parser."""
+    from ._api import format_table
+
+    modes = sorted({f.mode for f in format_table()})
+    g = parser.add_argument_group("mlx_qsdpa cache formats (any of these: a QuantSDPAKVCache)")
+    g.add_argument("--kv-mode", choices=modes, default=None,
+                   help="format of the quantized keys (and values), with --kv-bits and --kv-group-size "
+                        "(default affine)")
+    g.add_argument("--kv-rotation", choices=["hadamard"], default=None,
+                   help="rotate keys and values before quantizing (quant_sdpa rotates queries and output)")
+    g.add_argument("--kv-rotation-seed", type=int, default=0, help="seed of the rotation's random signs")
+    g.add_argument("--kv-value-bits", type=int, default=None, help="bits of the values (default --kv-bits)")
+    g.add_argument("--kv-value-mode", choices=modes, default=None, help="format of the values (default --kv-mode)")
+    g.add_argument("--kv-value-group-size", type=int, default=None,
+                   help="group size of the values (default --kv-group-size)")
+
+
+def _cache_converter(args):
+    """mlx-lm's ``maybe_quantize_kv_cache`` making QuantSDPAKVCaches in the
+    format of ``args``, or None when no flag of ``_CACHE_FLAGS`` was given."""
+    if all(getattr(args, f) is None for f in _CACHE_FLAGS):
+        return None
+    if args.kv_bits is None:
+        raise SystemExit("--kv-mode, --kv-rotation and --kv-value-* need --kv-bits (the keys' bits)")
+    fmt = dict(
+        mode=args.kv_mode or "affine", rotation=args.kv_rotation, rotation_seed=args.kv_rotation_seed,
+        value_bits=args.kv_value_bits, value_mode=args.kv_value_mode, value_group_size=args.kv_value_group_size,
+    )
+    QuantSDPAKVCache(bits=args.kv_bits, group_size=args.kv_group_size, **fmt)  # a bad format fails here
+
+    def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
+        from mlx_lm.models.cache import KVCache
+
+        if kv_bits is None:
+            return
+        for i, c in enumerate(prompt_cache):
+            # Exactly KVCache: its subclasses (chunked caches) keep their own rules.
+            if type(c) is KVCache and c.offset >= quantized_kv_start:
+                prompt_cache[i] = QuantSDPAKVCache.from_cache(c, bits=kv_bits, group_size=kv_group_size, **fmt)
+
+    return maybe_quantize_kv_cache
 
 
 def _why_none_routed(kv_bits: Optional[int], quantized_kv_start: int, fallback: int) -> str:
@@ -391,16 +690,23 @@ def _generate_command() -> int:
         parser.prog = "python -m mlx_qsdpa.mlx_lm"
         parser.description = _COMMAND_DESCRIPTION
         parser.epilog = _COMMAND_EPILOG
+        _add_cache_arguments(parser)
         parsers.append(parser)
         return parser
 
-    # generate.main() builds its parser through this module-level name.
+    converter = _cache_converter(our_arg_parser().parse_known_args()[0])
+    maybe_quantize = generate.maybe_quantize_kv_cache
+    # generate.main() builds its parser, and generate_step converts its
+    # cache, through these module-level names.
     generate.setup_arg_parser = our_arg_parser
+    if converter is not None:
+        generate.maybe_quantize_kv_cache = converter
     patch()
     try:
         generate.main()
     finally:
         generate.setup_arg_parser = setup_arg_parser
+        generate.maybe_quantize_kv_cache = maybe_quantize
     # On stderr, so that the command's output stays mlx-lm's.
     s = stats()
     print(
