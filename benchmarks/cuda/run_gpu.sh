@@ -115,7 +115,7 @@ step_tests_simt() { # tests/conftest.py forces the generic kernel from QSDPA_CUD
   local t0=$SECONDS
   QSDPA_CUDA_KERNEL=simt QSDPA_DEVICE=gpu PYTHONPATH=$pkg:$PYTHONPATH timeout 300 python3 -m pytest \
     tests/test_correctness.py tests/test_masks.py tests/test_views.py tests/test_formats.py \
-    tests/test_nonfinite.py tests/test_format_table.py -q --maxfail=20 \
+    tests/test_nonfinite.py tests/test_format_table.py tests/test_rotation_codebook.py -q --maxfail=20 \
     -p no:cacheprovider -n 8 --timeout 300 > "$out/tests_simt.log" 2>&1
   summary+=("tests, generic kernel forced: $(tail -1 "$out/tests_simt.log") [$((SECONDS - t0)) s]")
 }

@@ -320,8 +320,8 @@ def dense(a: np.ndarray) -> Tensor:
 class Call:
     """One quant_sdpa call as MLX hands it to the host: the operands (the
     queries [B, Hq, Lq, D]; the keys' and values' packed words, scales and
-    biases, None for the fp modes), their dtype names ("f32", "f16",
-    "bf16", "u8"), the format, the mask kind (None, "causal", "bool",
+    biases, None for the modes without biases), their dtype names ("f32", "f16",
+    "bf16", "u8"), the keys' and values' formats, the mask kind (None, "causal", "bool",
     "additive") and array, the sinks."""
 
     q: Tensor
@@ -329,7 +329,7 @@ class Call:
     k: tuple[Tensor, Tensor, Tensor | None]
     v: tuple[Tensor, Tensor, Tensor | None]
     scale_dtypes: tuple[str, str]  # of K's and V's scales (and biases)
-    mode: str
+    mode: str  # the keys' format (mode, bits, group_size)
     bits: int
     group_size: int
     Hkv: int
@@ -339,6 +339,12 @@ class Call:
     mask: Tensor | None = None
     sinks: Tensor | None = None
     return_lse: bool = True
+    # The values' format (mode, bits, group_size); None: the keys'.
+    vfmt: tuple[str, int, int] | None = None
+
+    @property
+    def value_format(self) -> tuple[str, int, int]:
+        return self.vfmt or (self.mode, self.bits, self.group_size)
 
 
 @dataclass
@@ -367,7 +373,7 @@ class Library:
         lib = load_runtime(self.path)  # the runtime's entry points
         self.lib = lib
         lib.qsim_cuda_error.restype = ctypes.c_char_p
-        lib.qsim_cuda_quant_sdpa.argtypes = [ctypes.c_char_p] * 5 + [
+        lib.qsim_cuda_quant_sdpa.argtypes = [ctypes.c_char_p] * 6 + [
             ctypes.POINTER(ctypes.c_int32),  # dims
             ctypes.c_float,  # scale
             ctypes.POINTER(ctypes.c_int64),  # strides
@@ -443,13 +449,15 @@ class Library:
 
         info = (ctypes.c_int64 * N_INFO)()
         name = ctypes.create_string_buffer(128)
+        v_mode, v_bits, v_gs = call.value_format
         status = self.lib.qsim_cuda_quant_sdpa(
             call.mode.encode(),
+            v_mode.encode(),
             call.q_dtype.encode(),
             call.scale_dtypes[0].encode(),
             call.scale_dtypes[1].encode(),
             (call.mask_kind or "").encode(),
-            arr(ctypes.c_int32, [B, Hq, call.Hkv, Lq, call.Lk, D, call.bits, call.group_size]),
+            arr(ctypes.c_int32, [B, Hq, call.Hkv, Lq, call.Lk, D, call.bits, call.group_size, v_bits, v_gs]),
             call.scale,
             arr(ctypes.c_int64, strides),
             call.sinks.strides[0] if call.sinks is not None else 0,

@@ -120,6 +120,23 @@ long check_launch_plan() {
   check(mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kMxfp8, 8, 32, F16, U8).c), "mxfp8");
   check(!mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kAffine, 4, 64, F16, BF16).c),
         "affine scales of another dtype than the queries: generic");
+  check(mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kTurbo, 4, 64, F16, F16).c), "turbo4");
+  check(mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kTurbo, 2, 32, BF16, BF16).c), "turbo2");
+  check(!mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kTurbo, 3, 64, F16, F16).c), "turbo3: generic");
+  check(!mma(DenseCall(1, 32, 8, 1, 4096, 128, qsdpa::kTurbo, 4, 64, F16, BF16).c),
+        "turbo scales of another dtype than the queries: generic");
+  {
+    // Keys and values of different formats: the generic kernel (the
+    // tensor-core kernels are built per format, not per pair).
+    DenseCall d = base;
+    d.c.v.group_size = 32;
+    check(!mma(d.c), "values with another group size: generic");
+    const DenseCall turbo(1, 32, 8, 1, 4096, 128, qsdpa::kTurbo, 4, 64, F16, F16);
+    DenseCall mixed = base;
+    mixed.c.v = turbo.c.v;
+    check(!mma(mixed.c), "affine keys, turbo values: generic");
+    check(same_format(base.c.k, base.c.v) && !same_format(mixed.c.k, mixed.c.v), "same_format");
+  }
   {
     DenseCall d = base;
     d.c.k.w = static_cast<const uint32_t*>(offset(d.c.k.w, 4));

@@ -5,7 +5,8 @@
 // (kFormatTable) that the kernel decodes, with fp16 and bf16 as its operand
 // type T, for every code:
 //   code_value   == the table's CodeKind decoder (fp4_e2m1_to_float,
-//                   fp8_e4m3_to_float, the unsigned code) and decode_code;
+//                   fp8_e4m3_to_float, gaussian_code_to_float, the unsigned
+//                   code) and decode_code;
 //   scale_value  == the table's ScaleKind decoder (e8m0_to_float,
 //                   fp8_e4m3_to_float, T's own value) and decode_fp_scale,
 //                   for every raw scale; exact_in_t says whether a scale is
@@ -13,10 +14,11 @@
 //   magic_pair   == (M + lo, M + hi) in T, M = magic_value(magic_pos), for
 //                   every code pair at every shift (the magic formats);
 //   fp4_pair     == fp4_e2m1_to_float in T, every code pair at every shift;
-//   dequant_pair == code * scale + bias rounded once to T (where that value
-//                   is exact in fp32; zeros of either sign), on every path
-//                   the format has (magic, float, fp4_pair's), every code
-//                   pair at every shift.
+//   dequant_pair == code * scale + bias rounded to fp32, then to T (for the
+//                   magic formats only where that value is exact in fp32:
+//                   their magic path rounds once; zeros of either sign), on
+//                   every path the format has (magic, float, fp4_pair's),
+//                   every code pair at every shift.
 // Built by tests/cuda/test_mma_traits.py with the CUDA simulator's headers
 // (QSDPA_CUDA_SIM: device code compiled as C++, the PTX wrappers' models),
 // as the simulator builds the kernels. Prints one line per failure (the
@@ -86,8 +88,9 @@ double round_to_t(double exact) {
   return qsim_cuda::round_exact(exact, 0.0, kIsHalf<T> ? qsim_cuda::kHalf : qsim_cuda::kBfloat);
 }
 
-// formats.h's decoder of a code of this mode, chosen by the table's CodeKind.
-float table_code_value(int mode, uint32_t code) {
+// formats.h's decoder of a code of this format, chosen by the table's
+// CodeKind.
+float table_code_value(int mode, int bits, uint32_t code) {
   switch (qsdpa::mode_code_kind(mode)) {
     case qsdpa::kCodeFp4E2M1:
 #if defined(MMA_TRAITS_CHECK_MUTANT)
@@ -100,6 +103,8 @@ float table_code_value(int mode, uint32_t code) {
       return qsdpa::fp4_e2m1_to_float(code);
     case qsdpa::kCodeFp8E4M3:
       return qsdpa::fp8_e4m3_to_float(code);
+    case qsdpa::kCodeGaussian:
+      return qsdpa::gaussian_code_to_float(code, bits);
     default:
       return float(code);
   }
@@ -166,7 +171,8 @@ struct FormatCheck {
     reported = 0;
     for (uint32_t c = 0; c < kCodes; ++c) {
       const float got = F::code_value(c);
-      expect(same(got, table_code_value(MODE, c)), name, type, "code_value", c, 0, got, table_code_value(MODE, c));
+      expect(same(got, table_code_value(MODE, BITS, c)), name, type, "code_value", c, 0, got,
+             table_code_value(MODE, BITS, c));
       expect(same(got, qsdpa::decode_code<MODE, BITS>(c)), name, type, "code_value = decode_code", c, 0, got,
              qsdpa::decode_code<MODE, BITS>(c));
     }
@@ -174,12 +180,12 @@ struct FormatCheck {
 
   void scales() {
     reported = 0;
-    const uint32_t n = F::kAffine ? 1u << 16 : 1u << 8;
+    const uint32_t n = F::kFloatScales ? 1u << 16 : 1u << 8;
     for (uint32_t raw = 0; raw < n; ++raw) {
       const double want = table_scale_value<T>(MODE, raw);
       const float got = F::scale_value(raw);
       expect(same(got, want), name, type, "scale_value", raw, 0, got, want);
-      if constexpr (!F::kAffine) {
+      if constexpr (!F::kFloatScales) {
         expect(same(got, qsdpa::decode_fp_scale<MODE>(raw)), name, type, "scale_value = decode_fp_scale", raw, 0, got,
                qsdpa::decode_fp_scale<MODE>(raw));
         // A positive normal T number is exact in T (fp4_pair's path needs it).
@@ -212,7 +218,7 @@ struct FormatCheck {
     each_shift<BITS>([&](int shift) {
       each_pair<BITS>([&](uint32_t lo, uint32_t hi) {
         const uint32_t r = F::fp4_pair(pair_word(rng, BITS, shift, lo, hi), shift);
-        const double want_lo = table_code_value(MODE, lo), want_hi = table_code_value(MODE, hi);
+        const double want_lo = table_code_value(MODE, BITS, lo), want_hi = table_code_value(MODE, BITS, hi);
         expect(same(t_value<T>(r), want_lo), name, type, "fp4_pair lo", shift, lo, t_value<T>(r), want_lo);
         expect(same(t_value<T>(r >> 16), want_hi), name, type, "fp4_pair hi", shift, hi, t_value<T>(r >> 16), want_hi);
       });
@@ -227,16 +233,16 @@ struct FormatCheck {
     double s[2], b[2];
     for (int h = 0; h < 2; ++h) {
       s[h] = table_scale_value<T>(MODE, rs[h]);
-      b[h] = F::kAffine ? table_scale_value<T>(MODE, rb[h]) : 0.0;
+      b[h] = F::kHasBias ? table_scale_value<T>(MODE, rb[h]) : 0.0;
     }
     each_shift<BITS>([&](int shift) {
       each_pair<BITS>([&](uint32_t lo, uint32_t hi) {
         const uint32_t r = F::template dequant_pair<FP4_PATH>(pair_word(rng, BITS, shift, lo, hi), shift, ps);
         const uint32_t code[2] = {lo, hi};
         for (int h = 0; h < 2; ++h) {
-          const double exact = double(table_code_value(MODE, code[h])) * s[h] + b[h];
-          if (!std::isnan(exact) && double(float(exact)) != exact && std::isfinite(float(exact))) {
-            continue; // not exact in fp32: the float path rounds twice
+          const double exact = double(table_code_value(MODE, BITS, code[h])) * s[h] + b[h];
+          if (F::kHalfMagic && !std::isnan(exact) && double(float(exact)) != exact && std::isfinite(float(exact))) {
+            continue; // not exact in fp32: the magic path rounds once, the float path twice
           }
           const double want = round_to_t<T>(double(float(exact)));
           const double got = t_value<T>(r >> (16 * h));
@@ -249,8 +255,9 @@ struct FormatCheck {
 
   void dequant_pairs() {
     reported = 0;
-    if constexpr (F::kAffine) {
-      // Scales and biases as T values: small, large, negative, a zero scale.
+    if constexpr (F::kFloatScales) {
+      // Scales and biases as T values: small, large, negative, a zero scale
+      // (the biases ignored by the formats without them).
       const float values[] = {1.0f, 0.5f, 0.09375f, -1.25f, 0.005859375f, 3.0f, 96.0f, 0.0f, -8.0f, 0.375f};
       for (float sv : values) {
         for (float bv : values) {

@@ -85,6 +85,7 @@ def call_of(c: qsdpa_case.Case, inputs, *, row_pad: int = 0, q_pad: int = 0) -> 
         mask=mask_t,
         sinks=None if sinks is None else dense(oracle.to_numpy(sinks, np.float32)),
         return_lse=c.lse,
+        vfmt=None if c.vfmt is None else tuple(c.vfmt),
     )
 
 

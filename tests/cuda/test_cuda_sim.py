@@ -466,7 +466,7 @@ def lib_all():
     return sim.Library(sim.build_library([variant_of(c) for c in ALL_CASES], tag="all"))
 
 
-# Collected only when asked for: one skip line instead of 132.
+# Collected only when asked for: one skip line instead of 196.
 @pytest.mark.skipif(not SIM_ALL, reason="every instantiation: set QSDPA_CUDA_SIM_ALL=1")
 @pytest.mark.parametrize("c", ALL_CASES if SIM_ALL else ALL_CASES[:1], ids=str)
 def test_every_instantiation(lib_all, c):

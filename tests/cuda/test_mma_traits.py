@@ -18,7 +18,7 @@ import cuda_simulator as sim  # noqa: E402
 
 # The formats of formats.h's table whose codes the tensor-core kernel
 # decodes (mma_decodes: 2, 4 and 8 bits); the others take the generic kernel.
-DECODED = {"affine2", "affine4", "affine8", "mxfp4", "mxfp8", "nvfp4"}
+DECODED = {"affine2", "affine4", "affine8", "mxfp4", "mxfp8", "nvfp4", "turbo2", "turbo4"}
 
 
 def build_and_run(tmp_path, defines=()) -> subprocess.CompletedProcess:

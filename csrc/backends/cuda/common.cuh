@@ -90,14 +90,38 @@ __device__ __forceinline__ float raw_to_float(uint32_t raw, int type) {
   }
 }
 
-// Decoded scale of a key group: the affine scale, or the fp modes' 8-bit code
-// through formats.h.
+// Decoded scale of a key group: a float scale of its dtype (affine, turbo),
+// or the fp modes' 8-bit code through formats.h.
 template <int MODE>
 __device__ __forceinline__ float decode_scale(uint32_t raw, int type) {
-  if constexpr (MODE == qsdpa::kAffine) {
+  if constexpr (qsdpa::mode_float_scales(MODE)) {
     return raw_to_float(raw, type);
   } else {
     return qsdpa::decode_fp_scale<MODE>(raw);
+  }
+}
+
+// The same for a mode known at run time only (a warp-uniform choice).
+__device__ __forceinline__ float decode_scale(int mode, uint32_t raw, int type) {
+  if (qsdpa::mode_float_scales(mode)) {
+    return raw_to_float(raw, type);
+  }
+  return qsdpa::mode_scale_kind(mode) == qsdpa::kScaleFp8E4M3 ? qsdpa::fp8_e4m3_to_float(raw)
+                                                               : qsdpa::e8m0_to_float(raw);
+}
+
+// Code q of format (mode, bits), without its scale, for a format known at
+// run time only: formats.h's decode_code by the table's CodeKind.
+__device__ __forceinline__ float decode_code(int mode, int bits, uint32_t q) {
+  switch (qsdpa::mode_code_kind(mode)) {
+    case qsdpa::kCodeUnsigned:
+      return float(q);
+    case qsdpa::kCodeFp4E2M1:
+      return qsdpa::fp4_e2m1_to_float(q);
+    case qsdpa::kCodeFp8E4M3:
+      return qsdpa::fp8_e4m3_to_float(q);
+    default:
+      return qsdpa::gaussian_code_to_float(q, bits);
   }
 }
 

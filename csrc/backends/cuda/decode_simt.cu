@@ -1,8 +1,11 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
 // The generic decode kernel: float32 arithmetic on CUDA cores, every format
-// of formats.h, any head dim up to 256, any strides (the last axis of the
-// packed words too). It serves float32 queries (whose accuracy the tensor
+// of formats.h (keys and values each their own), any head dim up to 256,
+// any strides (the last axis of the packed words too). One instantiation
+// per key format; values of another format are decoded by their run-time
+// description (decode_element_any), so the pairs of formats cost no
+// instantiations. It serves float32 queries (whose accuracy the tensor
 // cores' fp16/bf16 operands would not keep) and every call the tensor-core
 // kernel (decode_mma.cuh) does not take.
 //
@@ -35,24 +38,80 @@ struct StridedWords {
   }
 };
 
-// Element d of one key row of `t`, decoded (scale and bias applied).
+// The codes of a format of at most kMaxTableBits bits as a table of floats
+// in shared memory (code q at [q]): the codebook formats' levels, and every
+// small format decoded at run time. Lanes that read different entries
+// read different banks, so a lookup costs one shared-memory load where the
+// codebook's selects would cost one per level.
+constexpr int kMaxTableBits = 4;
+struct CodeTables {
+  float k[1 << kMaxTableBits];
+  float v[1 << kMaxTableBits];
+};
+
+// Fills the tables of the keys' and values' formats (threads 0 .. 15 of the
+// block; the caller's block barrier publishes them).
+__device__ __forceinline__ void fill_code_tables(const Params& p, CodeTables& tables) {
+  const int q = threadIdx.x;
+  if (q < (1 << kMaxTableBits)) {
+    tables.k[q] = p.k.bits <= kMaxTableBits ? decode_code(p.k.mode, p.k.bits, uint32_t(q)) : 0.0f;
+    tables.v[q] = p.v.bits <= kMaxTableBits ? decode_code(p.v.mode, p.v.bits, uint32_t(q)) : 0.0f;
+  }
+}
+
+// Element d of one key row of `t` (format MODE, BITS), decoded (scale and
+// bias applied); `codes`: the format's code table.
 template <int MODE, int BITS>
 __device__ __forceinline__ float decode_element(
     const QuantTensor& t,
     const StridedWords& row,
     const uint8_t* scale_row,
     const uint8_t* bias_row,
+    const float* codes,
     int d,
     int group_size) {
   const uint32_t code = qsdpa::unpack_element<BITS>(row, d);
   const int g = d / group_size;
   const float scale = decode_scale<MODE>(load_raw(scale_row, g * t.ss[3], t.scale_type), t.scale_type);
-  if constexpr (MODE == qsdpa::kAffine) {
-    const float bias = raw_to_float(load_raw(bias_row, g * t.bs[3], t.scale_type), t.scale_type);
-    return fmaf(qsdpa::decode_code<MODE, BITS>(code), scale, bias);
+  float value;
+  if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeGaussian) {
+    value = codes[code];
   } else {
-    return qsdpa::decode_code<MODE, BITS>(code) * scale;
+    value = qsdpa::decode_code<MODE, BITS>(code);
   }
+  if constexpr (qsdpa::mode_has_bias(MODE)) {
+    const float bias = raw_to_float(load_raw(bias_row, g * t.bs[3], t.scale_type), t.scale_type);
+    return fmaf(value, scale, bias);
+  } else {
+    return value * scale;
+  }
+}
+
+// The same for t's own format, known at run time only: the values of a call
+// whose keys have another format (a warp-uniform branch per choice, one
+// instantiation per key format instead of one per pair of formats).
+__device__ __forceinline__ float decode_element_any(
+    const QuantTensor& t,
+    const StridedWords& row,
+    const uint8_t* scale_row,
+    const uint8_t* bias_row,
+    const float* codes,
+    int d) {
+  const int bits = t.bits;
+  const int bit = d * bits;
+  const int sh = bit & 31;
+  uint32_t code = row[bit >> 5] >> sh;
+  if (sh + bits > 32) {
+    code |= row[(bit >> 5) + 1] << (32 - sh);
+  }
+  code &= (1u << bits) - 1u;
+  const int g = d / t.group_size;
+  const float scale = decode_scale(t.mode, load_raw(scale_row, g * t.ss[3], t.scale_type), t.scale_type);
+  const float value = bits <= kMaxTableBits ? codes[code] : decode_code(t.mode, bits, code);
+  if (bias_row != nullptr) {
+    return fmaf(value, scale, raw_to_float(load_raw(bias_row, g * t.bs[3], t.scale_type), t.scale_type));
+  }
+  return value * scale;
 }
 
 // Pointers to key j's row of packed words, scales and biases.
@@ -82,24 +141,43 @@ __device__ __forceinline__ KeyRow key_row(const QuantTensor& t, int b, int kvh, 
 
 template <int MODE, int BITS>
 __device__ __forceinline__ void decode_row(
-    const QuantTensor& t, const KeyRow& row, int lane, int D, int group_size, float (&x)[kMaxE]) {
+    const QuantTensor& t, const KeyRow& row, const float* codes, int lane, int D, float (&x)[kMaxE]) {
 #pragma unroll
   for (int e = 0; e < kMaxE; ++e) {
     const int d = lane + 32 * e;
-    x[e] = d < D ? decode_element<MODE, BITS>(t, row.w, row.scales, row.biases, d, group_size) : 0.0f;
+    x[e] = d < D ? decode_element<MODE, BITS>(t, row.w, row.scales, row.biases, codes, d, t.group_size) : 0.0f;
   }
 }
 
-// The block epilogue's shared memory, the kernel's only: dynamic (the
-// launch passes kSimtSmemBytes), as the tensor-core kernel's, which lets
-// the CPU simulator (tests/cuda) run this kernel unchanged too.
-constexpr int kSimtSmemBytes = int(sizeof(EpilogueSmem<kSimtRows>));
+__device__ __forceinline__ void decode_row_any(
+    const QuantTensor& t, const KeyRow& row, const float* codes, int lane, int D, float (&x)[kMaxE]) {
+#pragma unroll
+  for (int e = 0; e < kMaxE; ++e) {
+    const int d = lane + 32 * e;
+    x[e] = d < D ? decode_element_any(t, row.w, row.scales, row.biases, codes, d) : 0.0f;
+  }
+}
+
+// The kernel's shared memory: the block epilogue's (which the split merge
+// reuses) and the code tables. Dynamic (the launch passes kSimtSmemBytes),
+// as the tensor-core kernel's, which lets the CPU simulator (tests/cuda)
+// run this kernel unchanged too.
+struct SimtSmem {
+  EpilogueSmem<kSimtRows> epilogue;
+  CodeTables codes;
+};
+constexpr int kSimtSmemBytes = int(sizeof(SimtSmem));
 
 template <int MODE, int BITS>
 __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_constant__ Params p) {
   constexpr int RT = kSimtRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  EpilogueSmem<RT>& smem = *reinterpret_cast<EpilogueSmem<RT>*>(smem_raw);
+  SimtSmem& shared = *reinterpret_cast<SimtSmem*>(smem_raw);
+  EpilogueSmem<RT>& smem = shared.epilogue;
+  fill_code_tables(p, shared.codes);
+  // The values' format: the keys' (the instantiation's), or another one
+  // decoded by its run-time description (the same for the whole call).
+  const bool v_same_format = p.v.mode == MODE && p.v.bits == BITS;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -139,9 +217,10 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
 
   int k_begin, k_end;
   split_range(p, split, r0 + nr - 1, k_begin, k_end);
+  __syncthreads(); // the code tables
   for (int j = k_begin + warp; j < k_end; j += 4) {
     float x[kMaxE];
-    decode_row<MODE, BITS>(p.k, key_row(p.k, b, kvh, j), lane, D, p.k.group_size, x);
+    decode_row<MODE, BITS>(p.k, key_row(p.k, b, kvh, j), shared.codes.k, lane, D, x);
     float s[RT];
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
@@ -186,7 +265,11 @@ __global__ void __launch_bounds__(kThreads) qsdpa_decode_simt(const __grid_const
       pr[r] = sc == neg_inf() ? 0.0f : exp2f(sc - m[r]);
       l[r] += pr[r];
     }
-    decode_row<MODE, BITS>(p.v, key_row(p.v, b, kvh, j), lane, D, p.v.group_size, x);
+    if (v_same_format) {
+      decode_row<MODE, BITS>(p.v, key_row(p.v, b, kvh, j), shared.codes.v, lane, D, x);
+    } else {
+      decode_row_any(p.v, key_row(p.v, b, kvh, j), shared.codes.v, lane, D, x);
+    }
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
 #pragma unroll

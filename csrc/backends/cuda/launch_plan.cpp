@@ -43,7 +43,7 @@ bool mma_scales_ok(const Call& c, const QuantTensor& t, const void* base, const 
 }
 
 bool mma_tensor_ok(const Call& c, const QuantTensor& t) {
-  if (t.mode == qsdpa::kAffine && t.scale_type != c.q_type) {
+  if (qsdpa::mode_float_scales(t.mode) && t.scale_type != c.q_type) {
     return false;
   }
   if (!mma_scales_ok(c, t, t.scales, t.ss, t.scale_type)) {
@@ -66,8 +66,13 @@ bool mma_layout_ok(const Call& c) {
   return mma_tensor_ok(c, c.k) && mma_tensor_ok(c, c.v);
 }
 
+bool same_format(const QuantTensor& a, const QuantTensor& b) {
+  return a.mode == b.mode && a.bits == b.bits && a.group_size == b.group_size;
+}
+
 KernelChoice choose_kernel(const Call& c, const TestOverrides& overrides) {
-  if (!overrides.force_simt && mma_kernel_built(c.q_type, c.k.mode, c.k.bits, c.k.group_size, c.D) && mma_layout_ok(c)) {
+  if (!overrides.force_simt && same_format(c.k, c.v) &&
+      mma_kernel_built(c.q_type, c.k.mode, c.k.bits, c.k.group_size, c.D) && mma_layout_ok(c)) {
     const int row_tiles = c.G * c.Lq <= 8 ? 1 : 2;
     return KernelChoice{KernelKind::Mma, row_tiles, 8 * row_tiles};
   }

@@ -78,14 +78,18 @@ bool kernels_cover(int B, int Hq, int Hkv, int Lq, int D);
 // whole chunks of key rows with 16-byte copies: packed rows on 16-byte
 // boundaries with a contiguous last axis, scale/bias rows dense (D /
 // group_size elements, consecutive keys adjacent) with 16-byte aligned
-// (batch, head) bases, and affine scales in the query dtype (the kernel
+// (batch, head) bases, and float scales (affine, turbo) in the query dtype (the kernel
 // feeds them to the fp16/bf16 arithmetic as they are). mx.quantize's arrays
 // and mlx-lm's QuantizedKVCache (and prefix views of it) are such.
 bool mma_layout_ok(const Call& c);
 
-// The kernel a call runs: the tensor-core kernel where one is built for its
-// query type, format and head dim (mma_kernel_built) and the layout allows
-// it (blocks of 8 query rows where the G * Lq rows of a kv head fit, else
+// Whether two tensors have the same format (mode, bits, group size).
+bool same_format(const QuantTensor& a, const QuantTensor& b);
+
+// The kernel a call runs: the tensor-core kernel where keys and values have
+// one format (its instantiations are per format, not per pair), one is
+// built for the query type, that format and head dim (mma_kernel_built)
+// and the layout allows it (blocks of 8 query rows where the G * Lq rows of a kv head fit, else
 // 16), the generic kernel otherwise.
 KernelChoice choose_kernel(const Call& c, const TestOverrides& overrides);
 

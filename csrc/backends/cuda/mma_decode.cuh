@@ -5,8 +5,9 @@
 // defines, computed with bit tricks where those are exact.
 //
 // Codes become T exactly: affine codes < 256 by their magic form (one LOP3,
-// magic_pair), fp4 e2m1 codes by bit placement (fp4_pair), others through
-// float. Scales are formats.h's (affine ones are T already). dequant_pair
+// magic_pair), fp4 e2m1 codes by bit placement (fp4_pair), others (fp8,
+// the turbo codebook) through float. Scales are formats.h's (the float
+// scales of affine and turbo are T already). dequant_pair
 // applies a group's scale (and bias) to a code pair with one rounding in T,
 // so that the MMA sees the values mx.dequantize gives in the cache dtype.
 //
@@ -78,8 +79,12 @@ struct MmaFormat {
   static constexpr bool kAffine = MODE == qsdpa::kAffine;
   static constexpr bool kFp4 = MODE == qsdpa::kMxfp4 || MODE == qsdpa::kNvfp4;
   static constexpr bool kIsHalf = std::is_same_v<T, __half>;
-  // Bytes of a group's scale (and bias): T for affine, a uint8 code else.
-  static constexpr int kScaleBytes = kAffine ? int(sizeof(T)) : 1;
+  // Scales of T (affine, turbo; mma_layout_ok asks for the query dtype), or
+  // uint8 codes; biases (affine) of T too.
+  static constexpr bool kFloatScales = qsdpa::mode_float_scales(MODE);
+  static constexpr bool kHasBias = qsdpa::mode_has_bias(MODE);
+  // Bytes of a group's scale (and bias).
+  static constexpr int kScaleBytes = kFloatScales ? int(sizeof(T)) : 1;
   static constexpr int kCodesPerWord = 32 / BITS;
   static constexpr uint32_t kCodeMask = (1u << BITS) - 1u;
   static constexpr uint32_t kPairMask = kCodeMask | (kCodeMask << 16);
@@ -104,9 +109,9 @@ struct MmaFormat {
   }
 
   // A raw scale or bias (kScaleBytes bytes, zero-extended) as float: T's
-  // value for affine, formats.h's decode_fp_scale<MODE> otherwise.
+  // value for the float scales, formats.h's decode_fp_scale<MODE> otherwise.
   static __device__ __forceinline__ float scale_value(uint32_t raw) {
-    if constexpr (!kAffine) {
+    if constexpr (!kFloatScales) {
       return qsdpa::decode_fp_scale<MODE>(raw);
     } else if constexpr (kIsHalf) {
       return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
@@ -177,7 +182,7 @@ struct MmaFormat {
   };
 
   // The PairScale of raw scales rs0 (lo code) and rs1 (hi code); for
-  // affine, raw_bias(h) gives the raw bias of code h (0: lo, 1: hi), read
+  // the formats with biases, raw_bias(h) gives the raw bias of code h (0: lo, 1: hi), read
   // only by the formats that have biases.
   template <typename RawBias>
   static __device__ __forceinline__ PairScale pair_scale(uint32_t rs0, uint32_t rs1, RawBias&& raw_bias) {
@@ -198,7 +203,7 @@ struct MmaFormat {
         ps.s2 = mma_detail::pack2<T>(ps.s0, ps.s1);
         ps.exact = exact_in_t(ps.s0) && exact_in_t(ps.s1);
       }
-      if constexpr (kAffine) {
+      if constexpr (kHasBias) {
         ps.b0 = scale_value(raw_bias(0));
         ps.b1 = scale_value(raw_bias(1));
       } else {

@@ -27,7 +27,7 @@ struct MmaRing {
   // The scale arrays, in stage order.
   static constexpr int kKeyScales = 0;
   static constexpr int kKeyBiases = 1;
-  static constexpr int kValueScales = S::F::kAffine ? 2 : 1;
+  static constexpr int kValueScales = S::F::kHasBias ? 2 : 1;
   static constexpr int kValueBiases = 3;
   static_assert(S::kStageBytes == kScalesAt + S::kScaleArrays * kScaleArrayBytes, "stage layout");
 
@@ -77,7 +77,7 @@ struct MmaRing {
     for (int k = 0; k < kScaleUnitsPerLane; ++k) {
       const int u = min(lane + k * 32, kScaleUnits - 1); // lanes past the last unit copy none
       const int a = u / kUnitsPerScaleArray;
-      const bool bias = S::F::kAffine && (a == kKeyBiases || a == kValueBiases);
+      const bool bias = S::F::kHasBias && (a == kKeyBiases || a == kValueBiases);
       const QuantTensor& x = a == kKeyScales || (bias && a == kKeyBiases) ? p.k : p.v;
       const void* base = bias ? x.biases : x.scales;
       const int64_t off =

@@ -35,7 +35,7 @@ struct MmaShape {
   static constexpr int kRowBytes = D * kBits / 8; // packed K (or V) row
   static constexpr int kGroups = D / GS; // groups per row
   static constexpr int kScaleRowBytes = kGroups * F::kScaleBytes; // a row's scales (or biases)
-  static constexpr int kScaleArrays = F::kAffine ? 4 : 2; // K scales[, K biases], V scales[, V biases]
+  static constexpr int kScaleArrays = F::kHasBias ? 4 : 2; // K scales[, K biases], V scales[, V biases]
 
   // ---- K side ----
   // Scale after the MMA: where the codes' magic form M + code can go into

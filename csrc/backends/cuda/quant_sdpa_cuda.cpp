@@ -206,14 +206,11 @@ TestOverrides test_overrides() {
 
 } // namespace cuda
 
-bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& s) {
-  // One format for keys and values, of mx.quantize's modes: the kernels'
-  // instantiations (the codebook format and keys and values of different
-  // formats take the dequantize fallback here).
-  if (c.k != c.v || qsdpa::mode_code_kind(c.k.mode) == qsdpa::kCodeGaussian) {
-    return false;
-  }
-  // Every format (validated before this), head dims up to 256, any query
+bool gpu_kernel_supports(const QuantSDPAConfig&, const CallShape& s) {
+  // Every format (validated before this), keys and values each their own
+  // (the generic kernel decodes the values by their format at run time;
+  // the tensor-core kernel takes calls whose keys and values share one),
+  // head dims up to 256, any query
   // length from 1: the kernels tile the G * Lq rows of a kv head (decode
   // and speculative decode are what they are tuned for; longer Lq stays
   // correct and exact in float32, whereas the dequantize fallback's float32

@@ -38,7 +38,8 @@ enum Operand {
 constexpr int kNumStrided = kMask + 1; // q .. mask have 4-d strides
 
 // Order of the int32 `dims` array.
-enum Dim { kB, kHq, kHkv, kLq, kLk, kD, kBits, kGroupSize, kNumDims };
+// (kBits, kGroupSize: the keys' format; kVBits, kVGroupSize: the values'.)
+enum Dim { kB, kHq, kHkv, kLq, kLk, kD, kBits, kGroupSize, kVBits, kVGroupSize, kNumDims };
 
 // Order of the int64 `info` array.
 enum Info {
@@ -86,8 +87,8 @@ const char* qsim_cuda_error() {
   return g_error.c_str();
 }
 
-// Plans one call (run = 0) or plans and runs it (run = 1). mode: a mode name
-// of the format table; q_type, k_scale_type, v_scale_type: "f32", "f16",
+// Plans one call (run = 0) or plans and runs it (run = 1). k_mode, v_mode:
+// mode names of the format table (the keys' and the values'); q_type, k_scale_type, v_scale_type: "f32", "f16",
 // "bf16" or "u8"; mask: "", "causal", "bool" or "additive"; strides: 4 per
 // operand q .. mask; buffers / offsets: the buffer id (qsim_alloc, -1 where
 // absent) and byte offset of each operand; device: SM count and blocks per
@@ -96,7 +97,8 @@ const char* qsim_cuda_error() {
 // kernel_name the library kernel run (or to be run). Returns 0, 1 (the
 // launch failed: qsim_last_error) or 2 (qsim_cuda_error).
 int qsim_cuda_quant_sdpa(
-    const char* mode,
+    const char* k_mode,
+    const char* v_mode,
     const char* q_type,
     const char* k_scale_type,
     const char* v_scale_type,
@@ -121,14 +123,19 @@ int qsim_cuda_quant_sdpa(
   c.Lk = dims[kLk];
   c.D = dims[kD];
   c.G = c.Hq / c.Hkv;
-  for (mlx_qsdpa::QuantTensor* t : {&c.k, &c.v}) {
-    t->mode = qsim_cuda::mode_named(mode);
-    t->bits = dims[kBits];
-    t->group_size = dims[kGroupSize];
-  }
-  if (!qsdpa::format_supported(c.k.mode, c.k.bits, c.k.group_size)) {
-    return fail(std::string("no format ") + mode + " bits " + std::to_string(c.k.bits) + " group size " +
-                std::to_string(c.k.group_size));
+  const struct {
+    mlx_qsdpa::QuantTensor* t;
+    const char* mode;
+    int bits, group_size;
+  } formats[] = {{&c.k, k_mode, dims[kBits], dims[kGroupSize]}, {&c.v, v_mode, dims[kVBits], dims[kVGroupSize]}};
+  for (const auto& f : formats) {
+    f.t->mode = qsim_cuda::mode_named(f.mode);
+    f.t->bits = f.bits;
+    f.t->group_size = f.group_size;
+    if (!qsdpa::format_supported(f.t->mode, f.bits, f.group_size)) {
+      return fail(std::string("no format ") + f.mode + " bits " + std::to_string(f.bits) + " group size " +
+                  std::to_string(f.group_size));
+    }
   }
   c.scale = scale;
   c.scale_log2 = scale * qsdpa::log2e();
