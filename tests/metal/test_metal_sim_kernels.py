@@ -2,7 +2,8 @@
 through the host's dispatch plan, against the float64 oracle.
 
 Each case is small (the simulator runs every GPU thread on the CPU); the
-list covers every format, every head dim, 1-pass and 2-pass (up to 64 key
+list covers every format (turbo included), keys and values of different
+formats (MIXED_PAIRS: mode, bits and group size differ), every head dim, 1-pass and 2-pass (up to 64 key
 blocks, and the automatic split of a long context), GQA factors 1-8, query
 lengths 1-32 (and row counts beyond one threadgroup), each mask kind
 (broadcast and fully masked rows included), sinks, LSE, strided K/V views
