@@ -123,7 +123,7 @@ class QuantSDPASim:
         ]
         c.qsim_choose_key_split.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int32)]
         c.qsim_gpu_core_estimate.argtypes = [ctypes.c_char_p]
-        c.qsim_kernels_cover.argtypes = [ctypes.c_int] * 5
+        c.qsim_kernels_cover.argtypes = [ctypes.c_int] * 8
         c.qsim_decode_kernel_name.argtypes = [ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_int]
         c.qsim_quant_mode.argtypes = [ctypes.c_char_p]
         # The QuantMode of each mode of the format table, as the C++ table has it.
@@ -140,8 +140,11 @@ class QuantSDPASim:
     def gpu_core_estimate(self, arch: str) -> int:
         return self.lib.lib.qsim_gpu_core_estimate(arch.encode())
 
-    def kernels_cover(self, mode, bits, group_size, D, Lq) -> bool:
-        return bool(self.lib.lib.qsim_kernels_cover(self.modes[mode], bits, group_size, D, Lq))
+    def kernels_cover(self, mode, bits, group_size, D, Lq, vfmt=None) -> bool:
+        """Coverage of keys of (mode, bits, group_size) and values of vfmt
+        (mode, bits, group_size; None: the keys' format)."""
+        vmode, vbits, vgs = vfmt or (mode, bits, group_size)
+        return bool(self.lib.lib.qsim_kernels_cover(self.modes[mode], bits, group_size, self.modes[vmode], vbits, vgs, D, Lq))
 
     def decode_kernel_name(self, mode, bits, D) -> str:
         buf = ctypes.create_string_buffer(128)
@@ -149,14 +152,16 @@ class QuantSDPASim:
         return buf.value.decode()
 
     def _dims(self, shape, *, mode, bits, group_size, query_dtype, scale_dtype, mask_mode, sinks, return_lse, gpu_cores, force_blocks,
-              value_scale_dtype=None, sink_stride=1):  # fmt: skip
+              value_scale_dtype=None, sink_stride=1, vfmt=None):  # fmt: skip
         B, Hq, Hkv, Lq, Lk, D = shape
         value_scale_dtype = value_scale_dtype or scale_dtype
-        return (ctypes.c_int32 * 18)(
+        vmode, vbits, vgs = vfmt or (mode, bits, group_size)
+        return (ctypes.c_int32 * 21)(
             B, Hq, Hkv, Lq, Lk, D,
             self.modes[mode], bits, group_size,
             ELEM_TYPES[query_dtype], ELEM_TYPES.get(scale_dtype, 0), ELEM_TYPES.get(value_scale_dtype, 0),
             MASK_KINDS[mask_mode], int(sinks), int(return_lse), gpu_cores, force_blocks, sink_stride,
+            self.modes[vmode], vbits, vgs,
         )  # fmt: skip
 
     def describe_plan(self, shape, *, scale=1.0, strides=None, **kw) -> tuple[dict, list[dict]]:
@@ -194,8 +199,10 @@ class QuantSDPASim:
         return_lse: bool = False,
         gpu_cores: int = 16,
         force_blocks: int = 0,
+        vfmt=None,
     ):
-        """Runs the plan. k, v: (words, scales, biases-or-None) Views.
+        """Runs the plan. k, v: (words, scales, biases-or-None) Views; vfmt:
+        the values' (mode, bits, group_size), None: the keys' format.
         Returns (out as float32 [B, Hq, Lq, D], lse or None, (blocks,
         keys_per_block, launches)); self.bytes_read then holds the bytes the
         kernels loaded from each input operand."""
@@ -244,7 +251,7 @@ class QuantSDPASim:
             shape, mode=mode, bits=bits, group_size=group_size, query_dtype=q_dtype,
             scale_dtype=scale_dtype, value_scale_dtype=value_scale_dtype, mask_mode=mask_mode,
             sinks=sinks is not None, return_lse=return_lse, gpu_cores=gpu_cores, force_blocks=force_blocks,
-            sink_stride=sink_stride,
+            sink_stride=sink_stride, vfmt=vfmt,
         )  # fmt: skip
         info = (ctypes.c_int32 * 3)()
         try:

@@ -12,8 +12,8 @@ FC = {
     "query_type": 0,
     "key_scale_type": 1,
     "value_scale_type": 2,
-    "group_size": 3,
-    "has_biases": 4,
+    "key_group_size": 3,
+    "key_has_biases": 4,
     "causal": 5,
     "bool_mask": 6,
     "float_mask": 7,
@@ -21,6 +21,10 @@ FC = {
     "write_lse": 9,
     "write_final": 10,
     "write_partials": 11,
+    "value_mode": 12,
+    "value_bits": 13,
+    "value_group_size": 14,
+    "value_has_biases": 15,
 }
 TILE = {64: 32, 80: 25, 96: 21, 128: 16, 256: 8}  # keys_per_tile(D) = 2048 / D
 
@@ -92,6 +96,19 @@ def test_coverage(qsdpa_sim):
         assert qsdpa_sim.kernels_cover("affine", 4, 64, 128, Lq) == covered
 
 
+def test_coverage_of_mixed_formats(qsdpa_sim):
+    """Any values' format of the table pairs with any keys' kernel: the head
+    dim must be a multiple of both group sizes."""
+    for kfmt in FORMATS:
+        for vfmt in FORMATS:
+            for D in HEAD_DIMS:
+                expected = D in head_dims(*kfmt[:2]) and D % kfmt[2] == 0 and D % vfmt[2] == 0
+                assert qsdpa_sim.kernels_cover(*kfmt, D, 1, vfmt=vfmt) == expected, (kfmt, vfmt, D)
+    # Values' formats outside the table.
+    for vfmt in [("affine", 7, 64), ("mxfp4", 4, 64), ("turbo", 4, 16), ("turbo", 8, 64)]:
+        assert not qsdpa_sim.kernels_cover("affine", 4, 64, 128, 1, vfmt=vfmt), vfmt
+
+
 def test_every_planned_kernel_is_in_the_library_and_back(qsdpa_sim):
     """The names the host asks for are exactly the kernels of the .metal."""
     planned = {
@@ -113,7 +130,7 @@ def test_function_constant_types_match_the_kernels(qsdpa_sim):
         for item in launch["constants"].split(","):
             index = int(item.split(":")[0])
             assert index in declared
-    ints = {FC["query_type"], FC["key_scale_type"], FC["value_scale_type"], FC["group_size"]}
+    ints = {FC[n] for n in ("query_type", "key_scale_type", "value_scale_type", "key_group_size", "value_mode", "value_bits", "value_group_size")}
     assert {i for i, (t, _) in declared.items() if t == "int"} == ints
     assert {i for i, (t, _) in declared.items() if t == "bool"} == set(FC.values()) - ints
 
@@ -123,10 +140,12 @@ def test_function_constant_types_match_the_kernels(qsdpa_sim):
 # ---------------------------------------------------------------------------
 
 
-def describe(qsdpa_sim, shape=(1, 8, 2, 1, 4096, 128), *, mode="affine", bits=4, gs=64, dtype=mx.float16, mask=None, sinks=False, lse=True, blocks=0, cores=16):
+def describe(qsdpa_sim, shape=(1, 8, 2, 1, 4096, 128), *, mode="affine", bits=4, gs=64, dtype=mx.float16, mask=None, sinks=False, lse=True, blocks=0, cores=16,
+             vfmt=None, value_scale_dtype=None):  # fmt: skip
     return qsdpa_sim.describe_plan(
         shape, mode=mode, bits=bits, group_size=gs, query_dtype=dtype, scale_dtype=dtype, mask_mode=mask,
-        sinks=sinks, return_lse=lse, gpu_cores=cores, force_blocks=blocks,
+        sinks=sinks, return_lse=lse, gpu_cores=cores, force_blocks=blocks, vfmt=vfmt,
+        value_scale_dtype=value_scale_dtype,
     )  # fmt: skip
 
 
@@ -148,8 +167,10 @@ def test_one_pass_plan(qsdpa_sim):
     c = constants(l)
     assert c[FC["write_final"]] == 1 and c[FC["write_partials"]] == 0
     assert c[FC["bool_mask"]] == 1 and c[FC["float_mask"]] == 0 and c[FC["causal"]] == 0
-    assert c[FC["has_sinks"]] == 1 and c[FC["write_lse"]] == 1 and c[FC["has_biases"]] == 1
-    assert c[FC["query_type"]] == 1 and c[FC["group_size"]] == 64
+    assert c[FC["has_sinks"]] == 1 and c[FC["write_lse"]] == 1
+    assert c[FC["key_has_biases"]] == 1 and c[FC["value_has_biases"]] == 1
+    assert c[FC["query_type"]] == 1 and c[FC["key_group_size"]] == 64 and c[FC["value_group_size"]] == 64
+    assert c[FC["value_mode"]] == qsdpa_sim.modes["affine"] and c[FC["value_bits"]] == 4
     b = buffers(l)
     assert b[0] == ("queries", "r") and b[7] == ("mask", "r") and b[9] == ("sinks", "r")
     assert b[10] == ("out", "w") and b[11] == ("lse", "w")
@@ -167,7 +188,8 @@ def test_two_pass_plan(qsdpa_sim):
     c = constants(decode)
     assert c[FC["write_partials"]] == 1 and c[FC["write_final"]] == 0
     # The sink and lse belong to the merge.
-    assert c[FC["has_sinks"]] == 0 and c[FC["write_lse"]] == 0 and c[FC["has_biases"]] == 0
+    assert c[FC["has_sinks"]] == 0 and c[FC["write_lse"]] == 0
+    assert c[FC["key_has_biases"]] == 0 and c[FC["value_has_biases"]] == 0
     b = buffers(decode)
     assert b[8] == ("mask", "r")  # additive mask
     assert b[12] == ("partial_out", "w") and b[13] == ("partial_stats", "w")
@@ -206,9 +228,32 @@ def test_forced_blocks(qsdpa_sim):
 def test_pipeline_keys_name_every_constant(qsdpa_sim):
     keys = {
         describe(qsdpa_sim, shape=(1, 8, 2, 1, 100, 128), **kw)[1][0]["key"]
-        for kw in [{}, {"mask": "causal"}, {"mask": "bool"}, {"sinks": True}, {"lse": False}, {"dtype": mx.float32}, {"gs": 128}, {"blocks": 2}]
+        for kw in [{}, {"mask": "causal"}, {"mask": "bool"}, {"sinks": True}, {"lse": False}, {"dtype": mx.float32}, {"gs": 128}, {"blocks": 2},
+                   {"vfmt": ("affine", 4, 32)}, {"vfmt": ("affine", 8, 64)}, {"vfmt": ("turbo", 4, 64)}, {"vfmt": ("mxfp4", 4, 32)},
+                   {"value_scale_dtype": mx.float32}]  # fmt: skip
     }
-    assert len(keys) == 8
+    assert len(keys) == 13
+
+
+def test_mixed_format_plan(qsdpa_sim):
+    """The keys' format names the kernel; the values' format is constants,
+    and only the tensor whose mode has biases binds them."""
+    _, (l,) = describe(qsdpa_sim, shape=(1, 4, 2, 1, 100, 128), mode="turbo", bits=3, gs=32, vfmt=("affine", 8, 128),
+                       value_scale_dtype=mx.bfloat16)  # fmt: skip
+    assert l["kernel"] == f"qsdpa_decode_{KERNEL_TOKENS['turbo', 3]}_d128"
+    c = constants(l)
+    assert c[FC["key_group_size"]] == 32 and c[FC["key_has_biases"]] == 0
+    assert c[FC["key_scale_type"]] == 1  # turbo scales are floats of the cache's dtype
+    assert c[FC["value_mode"]] == qsdpa_sim.modes["affine"] and c[FC["value_bits"]] == 8
+    assert c[FC["value_group_size"]] == 128 and c[FC["value_has_biases"]] == 1 and c[FC["value_scale_type"]] == 2
+    b = buffers(l)
+    assert b[6] == ("value_biases", "r") and 3 not in b
+    _, (l,) = describe(qsdpa_sim, shape=(1, 4, 2, 1, 100, 128), mode="affine", bits=4, gs=64, vfmt=("nvfp4", 4, 16))
+    c = constants(l)
+    # 8-bit scale codes: no scale type, however the caller's dtype reads.
+    assert c[FC["value_scale_type"]] == 0 and c[FC["value_has_biases"]] == 0 and c[FC["key_has_biases"]] == 1
+    b = buffers(l)
+    assert b[3] == ("key_biases", "r") and 6 not in b
 
 
 def test_uncovered_calls_are_refused(qsdpa_sim):
@@ -216,3 +261,5 @@ def test_uncovered_calls_are_refused(qsdpa_sim):
         describe(qsdpa_sim, shape=(1, 2, 1, 33, 100, 64))
     with pytest.raises(ValueError, match="not covered"):
         describe(qsdpa_sim, shape=(1, 2, 1, 1, 100, 192))
+    with pytest.raises(ValueError, match="not covered"):  # 80 is a multiple of no values' group
+        describe(qsdpa_sim, shape=(1, 2, 1, 1, 100, 80), mode="nvfp4", bits=4, gs=16, vfmt=("affine", 4, 32))

@@ -2,7 +2,8 @@
 through the host's dispatch plan, against the float64 oracle.
 
 Each case is small (the simulator runs every GPU thread on the CPU); the
-list covers every format, every head dim, 1-pass and 2-pass (up to 64 key
+list covers every format (turbo included), keys and values of different
+formats (MIXED_PAIRS: mode, bits and group size differ), every head dim, 1-pass and 2-pass (up to 64 key
 blocks, and the automatic split of a long context), GQA factors 1-8, query
 lengths 1-32 (and row counts beyond one threadgroup), each mask kind
 (broadcast and fully masked rows included), sinks, LSE, strided K/V views
@@ -30,6 +31,20 @@ DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32"}
 # The format of the head dim that only 16-element groups quantize (80).
 FORMAT_D80 = next(f for f in FORMATS if 80 in head_dims(*f[:2]) and 80 % f[2] == 0)
 
+# Keys' and values' formats that differ in mode, width, group size or all
+# three (the kernel is the keys' format's; the values' decoder is chosen by
+# function constants).
+MIXED_PAIRS = [
+    (("affine", 4, 64), ("affine", 2, 32)),
+    (("affine", 8, 128), ("turbo", 3, 64)),
+    (("mxfp4", 4, 32), ("nvfp4", 4, 16)),
+    (("turbo", 4, 32), ("affine", 4, 64)),
+    (("nvfp4", 4, 16), ("mxfp8", 8, 32)),
+    (("turbo", 2, 128), ("turbo", 4, 32)),
+    (("affine", 3, 32), ("mxfp4", 4, 32)),
+    (("mxfp8", 8, 32), ("affine", 6, 128)),
+]
+
 
 @dataclass(frozen=True, eq=False)
 class Case:
@@ -42,6 +57,7 @@ class Case:
     mode: str = "affine"
     bits: int = 4
     gs: int = 64
+    vfmt: tuple | None = None  # the values' (mode, bits, gs); default: the keys' format
     dtype: object = F16  # queries and output
     # K/V before quantization (the affine scale dtype); default: dtype. Not
     # bfloat16 with other query dtypes: mx.dequantize (the oracle) rounds
@@ -95,6 +111,21 @@ def _cases() -> list[Case]:
     ]:
         for blocks in (0, 3):
             cases.append(Case(D=D, mode=mode, bits=bits, gs=gs, Lk=80, Lq=2, blocks=blocks))
+    # Keys and values of different formats, 1-pass and 2-pass, D = 128 and
+    # 256, each query dtype (and so each float scale dtype).
+    for i, (kfmt, vfmt) in enumerate(MIXED_PAIRS):
+        for j, (D, blocks) in enumerate(((128, 0), (256, 2))):
+            cases.append(
+                Case(
+                    mode=kfmt[0], bits=kfmt[1], gs=kfmt[2], vfmt=vfmt, D=D, Lq=1 + (i + j) % 3, Lk=70,
+                    blocks=blocks, dtype=(F16, BF16, F32)[(i + j) % 3], mask=(None, "causal", "additive")[(i + j) % 3],
+                    sinks=(i + j) % 2 == 1, seed=40 + i,
+                )
+            )  # fmt: skip
+    # Mixed formats in a strided cache, and with different scale dtypes.
+    cases.append(Case(mode="turbo", bits=3, gs=32, vfmt=("affine", 8, 64), layout="seq_major", Lq=2, Lk=50, blocks=3))
+    cases.append(Case(mode="affine", bits=4, gs=32, vfmt=("turbo", 4, 128), layout="offset", D=128, Lq=2, Lk=50, dtype=BF16))
+    cases.append(Case(mode="turbo", bits=4, gs=64, vfmt=("affine", 2, 64), dtype=F32, kv_dtype=F16, v_dtype=F32, Lq=2, Lk=60, blocks=2))
     # Query dtypes.
     for dtype in (F16, BF16, F32):
         for blocks in (0, 4):
@@ -177,16 +208,22 @@ def _make_mask(c: Case):
     return mx.array(m), broadcast(m, shape), "additive"
 
 
-def _quantized_kv(c: Case, x: mx.array, dtype):
-    """(oracle triple, simulator Views) of K or V in the case's layout."""
+def value_format(c: Case) -> tuple:
+    return c.vfmt or (c.mode, c.bits, c.gs)
+
+
+def _quantized_kv(c: Case, x: mx.array, dtype, fmt):
+    """(oracle triple, simulator Views) of K or V, quantized to fmt (mode,
+    bits, gs), in the case's layout."""
+    mode, bits, gs = fmt
     x = x.astype(dtype)
     if c.layout == "seq_major":
         # The cache is stored [B, L, H, D]; the op gets its [B, H, L, D] transpose.
-        stored = oracle.quantize(mx.swapaxes(x, 1, 2), c.gs, c.bits, c.mode)
+        stored = oracle.quantize(mx.swapaxes(x, 1, 2), gs, bits, mode)
         view = [None if a is None else mx.swapaxes(a, 1, 2) for a in stored]
         sim = tuple(None if a is None else derived(a, lambda n: np.swapaxes(n, 1, 2)) for a in stored)
         return tuple(view), sim
-    full = oracle.quantize(x, c.gs, c.bits, c.mode)
+    full = oracle.quantize(x, gs, bits, mode)
     if c.layout == "contiguous":
         return full, tuple(None if a is None else whole(a) for a in full)
     start = 0 if c.layout == "prefix" else 9
@@ -205,7 +242,8 @@ def shared_case(c: Case) -> qsdpa_case.Case:
     """The case as a qsdpa_case.Case (its poison helpers' view of it)."""
     return qsdpa_case.Case(
         B=c.B, Hq=c.Hq, Hkv=c.Hkv, Lq=c.Lq, Lk=c.Lk, D=c.D, fmt=(c.mode, c.bits, c.gs), dtype=c.dtype,
-        mask=SHARED_MASK[c.mask], sinks="f32" if c.sinks else None, lse=c.lse, seed=c.seed, poison=c.poison,
+        vfmt=c.vfmt, mask=SHARED_MASK[c.mask], sinks="f32" if c.sinks else None, lse=c.lse, seed=c.seed,
+        poison=c.poison,
     )  # fmt: skip
 
 
@@ -214,8 +252,8 @@ def run_case(qsdpa_sim, c: Case):
     q, _, _ = oracle.make_qkv(c.B, c.Hq, c.Hkv, c.Lq, 1, c.D, dtype=c.dtype, seed=c.seed)
     _, k, v = oracle.make_qkv(c.B, c.Hq, c.Hkv, 1, c.Lk + extra, c.D, dtype=F32, seed=c.seed + 1)
     k_dtype = c.kv_dtype or c.dtype
-    kq, k_sim = _quantized_kv(c, k, k_dtype)
-    vq, v_sim = _quantized_kv(c, v, c.v_dtype or k_dtype)
+    kq, k_sim = _quantized_kv(c, k, k_dtype, (c.mode, c.bits, c.gs))
+    vq, v_sim = _quantized_kv(c, v, c.v_dtype or k_dtype, value_format(c))
     if c.q_layout == "transposed":
         # Stored [B, Lq, Hq, D], seen as [B, Hq, Lq, D].
         stored = mx.contiguous(mx.swapaxes(q, 1, 2))
@@ -249,9 +287,9 @@ def run_case(qsdpa_sim, c: Case):
         shape=(c.B, c.Hq, c.Hkv, c.Lq, c.Lk, c.D), scale=scale,
         group_size=c.gs, bits=c.bits, mode=c.mode, scale_dtype=kq[1].dtype,
         value_scale_dtype=vq[1].dtype, mask_mode=mask_mode, mask=mask_sim, sinks=sinks_sim,
-        return_lse=c.lse, gpu_cores=c.cores, force_blocks=c.blocks,
+        return_lse=c.lse, gpu_cores=c.cores, force_blocks=c.blocks, vfmt=c.vfmt,
     )  # fmt: skip
-    ref, ref_lse = oracle.reference(q, kq, vq, scale, c.gs, c.bits, c.mode, mask=mask_ref, sinks=sinks)
+    ref, ref_lse = oracle.reference(q, kq, vq, scale, c.gs, c.bits, c.mode, mask=mask_ref, sinks=sinks, vfmt=c.vfmt)
     return out, lse, info, ref, ref_lse
 
 
@@ -265,10 +303,9 @@ def test_kernel_matches_oracle(qsdpa_sim, case):
     assert launches == (2 if blocks > 1 else 1), info
     # mx.dequantize rounds affine values to the scale dtype (see oracle):
     # the output is compared at the coarser of that and its own dtype.
-    cache_dtype = None
-    if case.mode == "affine":
-        k_dtype = case.kv_dtype or case.dtype
-        cache_dtype = max((k_dtype, case.v_dtype or k_dtype), key=lambda d: oracle.RTOL[d])
+    k_dtype = case.kv_dtype or case.dtype
+    affine_dtypes = [d for m, d in ((case.mode, k_dtype), (value_format(case)[0], case.v_dtype or k_dtype)) if m == "affine"]
+    cache_dtype = max(affine_dtypes, key=lambda d: oracle.RTOL[d]) if affine_dtypes else None
     tol_dtype = max((case.dtype, cache_dtype or F32), key=lambda d: oracle.RTOL[d])
     if case.poison:
         qsdpa_case.poison_premise(shared_case(case), ref, ref_lse)

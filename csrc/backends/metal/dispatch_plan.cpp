@@ -63,13 +63,18 @@ std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, 
   const bool final_output = merge || !two_pass;
   // Float scales (and biases) have an element type; the fp modes' 8-bit
   // scale codes are decoded by mode, and their constant stays 0.
-  const bool float_scales = qsdpa::mode_has_bias(c.k.mode);
+  const int key_scale_type = qsdpa::mode_float_scales(c.k.mode) ? c.k.scale_type : 0;
+  const int value_scale_type = qsdpa::mode_float_scales(c.v.mode) ? c.v.scale_type : 0;
   return {
       {qsdpa::kFcQueryType, false, c.q_type},
-      {qsdpa::kFcKeyScaleType, false, float_scales ? c.k.scale_type : 0},
-      {qsdpa::kFcValueScaleType, false, float_scales ? c.v.scale_type : 0},
-      {qsdpa::kFcGroupSize, false, c.k.group_size},
-      {qsdpa::kFcHasBiases, true, qsdpa::mode_has_bias(c.k.mode)},
+      {qsdpa::kFcKeyScaleType, false, key_scale_type},
+      {qsdpa::kFcValueScaleType, false, value_scale_type},
+      {qsdpa::kFcKeyGroupSize, false, c.k.group_size},
+      {qsdpa::kFcKeyHasBiases, true, qsdpa::mode_has_bias(c.k.mode)},
+      {qsdpa::kFcValueMode, false, c.v.mode},
+      {qsdpa::kFcValueBits, false, c.v.bits},
+      {qsdpa::kFcValueGroupSize, false, c.v.group_size},
+      {qsdpa::kFcValueHasBiases, true, qsdpa::mode_has_bias(c.v.mode)},
       {qsdpa::kFcCausal, true, c.mask == qsdpa::kMaskCausal},
       {qsdpa::kFcBoolMask, true, c.mask == qsdpa::kMaskBool},
       {qsdpa::kFcFloatMask, true, c.mask == qsdpa::kMaskAdditive},
@@ -82,6 +87,8 @@ std::vector<ConstantValue> constants_for(const DecodeProblem& p, bool two_pass, 
   };
 }
 
+// The name of a specialised pipeline: the kernel and the value of every
+// constant (constants_for lists them in one fixed order).
 std::string pipeline_key(const std::string& kernel, const std::vector<ConstantValue>& cs) {
   std::string key = kernel;
   for (const auto& c : cs) {
@@ -143,9 +150,10 @@ bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D) {
   return D == 80 && (group_sizes & qsdpa::kGroupSize16) != 0;
 }
 
-bool kernels_cover(qsdpa::QuantMode mode, int bits, int group_size, int D, int Lq) {
-  return decode_kernel_exists(mode, bits, D) && D % group_size == 0 && Lq >= 1 &&
-      Lq <= kMaxQueryRows;
+bool kernels_cover(const TensorFormat& k, const TensorFormat& v, int D, int Lq) {
+  return qsdpa::format_supported(k.mode, k.bits, k.group_size) &&
+      qsdpa::format_supported(v.mode, v.bits, v.group_size) && decode_kernel_exists(k.mode, k.bits, D) &&
+      D % k.group_size == 0 && D % v.group_size == 0 && Lq >= 1 && Lq <= kMaxQueryRows;
 }
 
 std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D) {
@@ -154,10 +162,10 @@ std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D) {
 
 DecodePlan plan_decode(const DecodeProblem& p) {
   const Call& c = p.call;
-  const auto mode = static_cast<qsdpa::QuantMode>(c.k.mode);
-  if (c.v.mode != c.k.mode || c.v.bits != c.k.bits || c.v.group_size != c.k.group_size ||
-      !kernels_cover(mode, c.k.bits, c.k.group_size, c.D, c.Lq) || c.Hkv <= 0 || c.G <= 0 ||
-      c.Hq != c.G * c.Hkv || c.B <= 0) {
+  const TensorFormat k_format = {static_cast<qsdpa::QuantMode>(c.k.mode), c.k.bits, c.k.group_size};
+  const TensorFormat v_format = {static_cast<qsdpa::QuantMode>(c.v.mode), c.v.bits, c.v.group_size};
+  if (!kernels_cover(k_format, v_format, c.D, c.Lq) || c.Hkv <= 0 || c.G <= 0 || c.Hq != c.G * c.Hkv ||
+      c.B <= 0) {
     throw std::invalid_argument("[quant_sdpa] plan_decode: call not covered by the Metal kernels");
   }
   const int rows = c.G * c.Lq;
@@ -194,7 +202,7 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   dp.sink_stride = static_cast<int>(c.sink_stride);
 
   KernelLaunch decode;
-  decode.kernel = decode_kernel_name(mode, c.k.bits, c.D);
+  decode.kernel = decode_kernel_name(k_format.mode, c.k.bits, c.D);
   decode.constants = constants_for(p, two_pass, /* merge= */ false);
   decode.pipeline_key = pipeline_key(decode.kernel, decode.constants);
   auto& db = decode.buffers;
@@ -205,6 +213,8 @@ DecodePlan plan_decode(const DecodeProblem& p) {
   db.push_back({qsdpa::kDecodeValueScales, Operand::ValueScales, false});
   if (qsdpa::mode_has_bias(c.k.mode)) {
     db.push_back({qsdpa::kDecodeKeyBiases, Operand::KeyBiases, false});
+  }
+  if (qsdpa::mode_has_bias(c.v.mode)) {
     db.push_back({qsdpa::kDecodeValueBiases, Operand::ValueBiases, false});
   }
   if (c.mask == qsdpa::kMaskBool) {

@@ -104,16 +104,27 @@ KeySplit choose_key_split(int threadgroups, int Lk, int D, int gpu_cores);
 // own kernels tune for. An estimate: it only moves the key split.
 int gpu_core_estimate(const std::string& architecture);
 
-// Whether the metallib has a decode kernel for this format and head dim:
-// every format of formats.h's table at head dims 64, 96, 128 and 256, and
-// the formats with 16-element groups also at 80 (quant_sdpa.metal).
+// The format of the keys or of the values: a row of formats.h's table and
+// one of its group sizes.
+struct TensorFormat {
+  qsdpa::QuantMode mode;
+  int bits;
+  int group_size;
+};
+
+// Whether the metallib has a decode kernel for this keys' format and head
+// dim: every format of formats.h's table at head dims 64, 96, 128 and 256,
+// and the formats with 16-element groups also at 80 (quant_sdpa.metal).
 bool decode_kernel_exists(qsdpa::QuantMode mode, int bits, int D);
 
-// Whether the kernels cover a call (the rest falls back to
-// dequantize + attention): a compiled (format, D) and 1..32 query rows.
-bool kernels_cover(qsdpa::QuantMode mode, int bits, int group_size, int D, int Lq);
+// Whether the kernels cover a call (the rest falls back to dequantize +
+// attention): a compiled (keys' format, D), any values' format of the
+// table (the kernels decode values by function constants), D a multiple of
+// both group sizes, and 1..32 query rows.
+bool kernels_cover(const TensorFormat& k, const TensorFormat& v, int D, int Lq);
 
-// Name of the decode kernel of a format and head dim (see quant_sdpa.metal).
+// Name of the decode kernel of a keys' format and head dim (see
+// quant_sdpa.metal).
 std::string decode_kernel_name(qsdpa::QuantMode mode, int bits, int D);
 
 // The launches of one call. Requires kernels_cover(...) and a non-empty

@@ -2,8 +2,8 @@
 //
 // The function constants of the quantized SDPA kernels. The host sets them
 // per pipeline (csrc/backends/metal/dispatch_plan.cpp lists them); the compiler folds
-// every branch on them, so one compiled kernel per (format, head dim) serves
-// all dtypes, masks, sinks and output modes.
+// every branch on them, so one compiled kernel per (keys' format, head dim)
+// serves all dtypes, masks, sinks, output modes and values' formats.
 #pragma once
 
 #include "quant_sdpa_params.h"
@@ -11,8 +11,12 @@
 constant int fc_query_type [[function_constant(qsdpa::kFcQueryType)]];
 constant int fc_key_scale_type [[function_constant(qsdpa::kFcKeyScaleType)]];
 constant int fc_value_scale_type [[function_constant(qsdpa::kFcValueScaleType)]];
-constant int fc_group_size [[function_constant(qsdpa::kFcGroupSize)]];
-constant bool fc_has_biases [[function_constant(qsdpa::kFcHasBiases)]];
+constant int fc_key_group_size [[function_constant(qsdpa::kFcKeyGroupSize)]];
+constant bool fc_key_has_biases [[function_constant(qsdpa::kFcKeyHasBiases)]];
+constant int fc_value_mode [[function_constant(qsdpa::kFcValueMode)]];
+constant int fc_value_bits [[function_constant(qsdpa::kFcValueBits)]];
+constant int fc_value_group_size [[function_constant(qsdpa::kFcValueGroupSize)]];
+constant bool fc_value_has_biases [[function_constant(qsdpa::kFcValueHasBiases)]];
 constant bool fc_causal [[function_constant(qsdpa::kFcCausal)]];
 constant bool fc_bool_mask [[function_constant(qsdpa::kFcBoolMask)]];
 constant bool fc_float_mask [[function_constant(qsdpa::kFcFloatMask)]];

@@ -1,9 +1,10 @@
 // Copyright © 2026 mlx-qsdpa contributors.
 //
-// The kernels of mlx_qsdpa.metallib: one decode kernel per (format, head
-// dim) and the 2-pass merge kernel. Everything else (query dtype, scale
-// dtype, group size, mask kind, sinks, lse, 1-pass or pass 1 of 2) is a
-// function constant, set per pipeline by the host.
+// The kernels of mlx_qsdpa.metallib: one decode kernel per (keys' format,
+// head dim) and the 2-pass merge kernel. Everything else (the values'
+// format, query dtype, scale dtypes, group sizes, mask kind, sinks, lse,
+// 1-pass or pass 1 of 2) is a function constant, set per pipeline by the
+// host.
 //
 // Kernel names: qsdpa_decode_<format>_d<D>, <format> the token of a row of
 // formats.h's table (affine4, mxfp4, ...; csrc/backends/metal/
@@ -21,11 +22,11 @@
       const device uint* keys [[buffer(qsdpa::kDecodeKeys)]],                           \
       const device uchar* key_scales [[buffer(qsdpa::kDecodeKeyScales)]],               \
       const device uchar* key_biases                                                    \
-      [[buffer(qsdpa::kDecodeKeyBiases), function_constant(fc_has_biases)]],            \
+      [[buffer(qsdpa::kDecodeKeyBiases), function_constant(fc_key_has_biases)]],        \
       const device uint* values [[buffer(qsdpa::kDecodeValues)]],                       \
       const device uchar* value_scales [[buffer(qsdpa::kDecodeValueScales)]],           \
       const device uchar* value_biases                                                  \
-      [[buffer(qsdpa::kDecodeValueBiases), function_constant(fc_has_biases)]],          \
+      [[buffer(qsdpa::kDecodeValueBiases), function_constant(fc_value_has_biases)]],    \
       const device bool* bool_mask                                                      \
       [[buffer(qsdpa::kDecodeBoolMask), function_constant(fc_bool_mask)]],              \
       const device float* float_mask                                                    \
@@ -47,10 +48,10 @@
     buf.queries = queries;                                                              \
     buf.keys = keys;                                                                    \
     buf.key_scales = key_scales;                                                        \
-    buf.key_biases = fc_has_biases ? key_biases : nullptr;                              \
+    buf.key_biases = fc_key_has_biases ? key_biases : nullptr;                          \
     buf.values = values;                                                                \
     buf.value_scales = value_scales;                                                    \
-    buf.value_biases = fc_has_biases ? value_biases : nullptr;                          \
+    buf.value_biases = fc_value_has_biases ? value_biases : nullptr;                    \
     buf.bool_mask = fc_bool_mask ? bool_mask : nullptr;                                 \
     buf.float_mask = fc_float_mask ? float_mask : nullptr;                              \
     buf.sinks = fc_has_sinks ? sinks : nullptr;                                         \
@@ -61,7 +62,7 @@
     qsdpa::quant_sdpa_decode<MODE, BITS, D>(buf, params, smem, tgid, tid, sgid, lane); \
   }
 
-// Head dims 64, 96, 128 and 256 for every format.
+// Head dims 64, 96, 128 and 256 for every keys' format.
 #define QSDPA_DECODE_KERNELS(fmt, MODE, BITS)                         \
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d64, MODE, BITS, 64)       \
   QSDPA_DECODE_KERNEL(qsdpa_decode_##fmt##_d96, MODE, BITS, 96)       \

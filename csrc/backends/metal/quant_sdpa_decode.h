@@ -22,6 +22,11 @@
 // normalised output (sink included) and lse. 2-pass (fc_write_partials):
 // it covers one block of keys and writes the unnormalised output, max and
 // sum for quant_sdpa_merge.
+//
+// Formats: the kernel is compiled for the keys' format (MODE, BITS, a row of
+// formats.h's table); the values' format is a set of function constants
+// (decode4_values), so keys and values may have different modes, widths and
+// group sizes.
 #pragma once
 
 #include "function_constants.h"
@@ -54,7 +59,9 @@ struct DecodeBuffers {
 // Elements e0 .. e0 + 3 of key/value row `key` (all in one quantization
 // group: every group size is a multiple of 4), decoded with formats.h. Their
 // 4 * BITS bits are loaded once, as one word or (3, 5 and 6 bits, when they
-// straddle) two, and taken apart like one of MLX's packs.
+// straddle) two, and taken apart like one of MLX's packs. `scale_type` (the
+// ElemType of float scales and biases) and `group_size` are function
+// constants at every call, so they fold like MODE and BITS.
 template <int MODE, int BITS>
 inline float4 decode4(
     const device uint* words,
@@ -64,6 +71,7 @@ inline float4 decode4(
     const constant int64_t* s_strides,
     const constant int64_t* b_strides,
     int scale_type,
+    int group_size,
     int b,
     int h,
     int key,
@@ -77,13 +85,13 @@ inline float4 decode4(
   }
   bits4 >>= shift;
 
-  const int g = e0 / fc_group_size;
+  const int g = e0 / group_size;
   const int64_t s_at = offset4(s_strides, b, h, key, g);
   float scale;
   float bias = 0.0f;
-  if (MODE == kAffine) {
+  if (mode_float_scales(MODE)) {
     scale = load_elem(scales, s_at, scale_type);
-    if (fc_has_biases) {
+    if (mode_has_bias(MODE)) {
       bias = load_elem(biases, offset4(b_strides, b, h, key, g), scale_type);
     }
   } else {
@@ -94,6 +102,33 @@ inline float4 decode4(
     v[k] = decode_code<MODE, BITS>(unpack_from_pack<BITS>(bits4, k)) * scale + bias;
   }
   return v;
+}
+
+// Elements e0 .. e0 + 3 of key row `key`: the kernel's own format.
+template <int MODE, int BITS>
+inline float4 decode4_keys(
+    thread const DecodeBuffers& buf, constant DecodeParams& p, int b, int h, int key, int e0) {
+  return decode4<MODE, BITS>(
+      buf.keys, buf.key_scales, buf.key_biases, p.k_strides, p.k_scale_strides, p.k_bias_strides,
+      fc_key_scale_type, fc_key_group_size, b, h, key, e0);
+}
+
+// Elements e0 .. e0 + 3 of value row `key`, in the values' format
+// (fc_value_mode, fc_value_bits): one case per row of the format table, of
+// which the compiler keeps only the one the constants name when it
+// specialises the pipeline. Kernels thus stay one per keys' format, and any
+// values' format of the table pairs with them.
+inline float4 decode4_values(
+    thread const DecodeBuffers& buf, constant DecodeParams& p, int b, int h, int key, int e0) {
+#define QSDPA_DECODE_VALUES_CASE(MODE, TOKEN, BITS, GROUP_SIZES)                                   \
+  if (fc_value_mode == MODE && fc_value_bits == BITS) {                                           \
+    return decode4<MODE, BITS>(                                                                   \
+        buf.values, buf.value_scales, buf.value_biases, p.v_strides, p.v_scale_strides,           \
+        p.v_bias_strides, fc_value_scale_type, fc_value_group_size, b, h, key, e0);               \
+  }
+  QSDPA_FORMATS(QSDPA_DECODE_VALUES_CASE)
+#undef QSDPA_DECODE_VALUES_CASE
+  return float4(0.0f); // not reached: the plan only sets formats of the table
 }
 
 template <int MODE, int BITS, int D>
@@ -174,12 +209,8 @@ inline void quant_sdpa_decode(
     for (int u = int(tid); u < nk * kQuads; u += kThreadsPerGroup) {
       const int j = u / kQuads;
       const int e0 = (u % kQuads) * 4;
-      *((threadgroup float4*)(k_tile + j * D + e0)) = decode4<MODE, BITS>(
-          buf.keys, buf.key_scales, buf.key_biases, p.k_strides, p.k_scale_strides,
-          p.k_bias_strides, fc_key_scale_type, b, kvh, t0 + j, e0);
-      *((threadgroup float4*)(v_tile + j * D + e0)) = decode4<MODE, BITS>(
-          buf.values, buf.value_scales, buf.value_biases, p.v_strides, p.v_scale_strides,
-          p.v_bias_strides, fc_value_scale_type, b, kvh, t0 + j, e0);
+      *((threadgroup float4*)(k_tile + j * D + e0)) = decode4_keys<MODE, BITS>(buf, p, b, kvh, t0 + j, e0);
+      *((threadgroup float4*)(v_tile + j * D + e0)) = decode4_values(buf, p, b, kvh, t0 + j, e0);
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 

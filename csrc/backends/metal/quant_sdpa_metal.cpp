@@ -69,10 +69,9 @@ void set_metal_test_key_blocks(int blocks) {
 }
 
 bool gpu_kernel_supports(const QuantSDPAConfig& c, const CallShape& shape) {
-  // One format for keys and values, of mx.quantize's modes (the codebook
-  // format and mixed formats take the dequantize fallback here).
-  return c.k == c.v && qsdpa::mode_code_kind(c.k.mode) != qsdpa::kCodeGaussian &&
-      plan::kernels_cover(c.k.mode, c.k.bits, c.k.group_size, shape.D, shape.Lq);
+  const plan::TensorFormat k = {c.k.mode, c.k.bits, c.k.group_size};
+  const plan::TensorFormat v = {c.v.mode, c.v.bits, c.v.group_size};
+  return plan::kernels_cover(k, v, shape.D, shape.Lq);
 }
 
 void eval_gpu_kernel(

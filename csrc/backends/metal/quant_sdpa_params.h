@@ -55,7 +55,7 @@ QSDPA_FUNC QSDPA_CONSTEXPR int decode_threadgroup_floats(int D) {
       : kMergeRows * (D + 2);
 }
 
-// Element types of queries/outputs and of affine scales/biases: formats.h's
+// Element types of queries/outputs and of float scales/biases: formats.h's
 // ElemType (kElemFloat32, kElemFloat16, kElemBFloat16).
 
 // ---------------------------------------------------------------------------
@@ -63,10 +63,10 @@ QSDPA_FUNC QSDPA_CONSTEXPR int decode_threadgroup_floats(int D) {
 // ---------------------------------------------------------------------------
 enum FunctionConstantIndex : int {
   kFcQueryType = 0, // int, ElemType of queries and output
-  kFcKeyScaleType = 1, // int, ElemType of the affine key scales and biases
-  kFcValueScaleType = 2, // int, ElemType of the affine value scales and biases
-  kFcGroupSize = 3, // int
-  kFcHasBiases = 4, // bool, affine mode
+  kFcKeyScaleType = 1, // int, ElemType of the float key scales and biases
+  kFcValueScaleType = 2, // int, ElemType of the float value scales and biases
+  kFcKeyGroupSize = 3, // int
+  kFcKeyHasBiases = 4, // bool, the keys' mode has biases (affine)
   kFcCausal = 5, // bool
   kFcBoolMask = 6, // bool
   kFcFloatMask = 7, // bool, additive float32 mask
@@ -74,6 +74,13 @@ enum FunctionConstantIndex : int {
   kFcWriteLse = 9, // bool, this launch writes lse
   kFcWriteFinal = 10, // bool, 1-pass: normalised output
   kFcWritePartials = 11, // bool, 2-pass pass 1: partial output, max, sum
+  // The values' format. A decode kernel is compiled for the keys' format
+  // (a row of formats.h's table); the values' decoder is picked by these
+  // constants, so mixed K/V formats need no kernel per pair.
+  kFcValueMode = 12, // int, QuantMode
+  kFcValueBits = 13, // int
+  kFcValueGroupSize = 14, // int
+  kFcValueHasBiases = 15, // bool, the values' mode has biases (affine)
 };
 
 // ---------------------------------------------------------------------------

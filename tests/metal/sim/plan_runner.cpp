@@ -38,6 +38,9 @@ enum Dim {
   kGpuCores,
   kForceBlocks,
   kSinkStride,
+  kValueMode, // the values' format
+  kValueBits,
+  kValueGroupSize,
   kNumDims,
 };
 
@@ -55,11 +58,12 @@ DecodeProblem problem_from(const int32_t* dims, float scale, const int64_t* stri
   c.Lk = dims[kLk];
   c.D = dims[kD];
   c.G = c.Hkv > 0 ? c.Hq / c.Hkv : 0;
-  for (mlx_qsdpa::QuantTensor* t : {&c.k, &c.v}) {
-    t->mode = dims[kMode];
-    t->bits = dims[kBits];
-    t->group_size = dims[kGroupSize];
-  }
+  c.k.mode = dims[kMode];
+  c.k.bits = dims[kBits];
+  c.k.group_size = dims[kGroupSize];
+  c.v.mode = dims[kValueMode];
+  c.v.bits = dims[kValueBits];
+  c.v.group_size = dims[kValueGroupSize];
   c.scale = scale;
   c.scale_log2 = scale * qsdpa::log2e();
   c.q_type = dims[kQueryType];
@@ -222,8 +226,12 @@ int qsim_gpu_core_estimate(const char* architecture) {
   return gpu_core_estimate(architecture);
 }
 
-int qsim_kernels_cover(int mode, int bits, int group_size, int D, int Lq) {
-  return kernels_cover(static_cast<qsdpa::QuantMode>(mode), bits, group_size, D, Lq) ? 1 : 0;
+// Coverage of keys of format (k_mode, k_bits, k_group_size) and values of
+// format (v_mode, v_bits, v_group_size).
+int qsim_kernels_cover(int k_mode, int k_bits, int k_group_size, int v_mode, int v_bits, int v_group_size, int D, int Lq) {
+  const TensorFormat k = {static_cast<qsdpa::QuantMode>(k_mode), k_bits, k_group_size};
+  const TensorFormat v = {static_cast<qsdpa::QuantMode>(v_mode), v_bits, v_group_size};
+  return kernels_cover(k, v, D, Lq) ? 1 : 0;
 }
 
 // The QuantMode of a mode name of formats.h's table ("affine", "mxfp4",
