@@ -23,8 +23,11 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__SSSE3__)
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #define QSDPA_FUNC static inline
@@ -192,18 +195,62 @@ inline vf gaussian_levels(std::integer_sequence<int, L...>) {
   return vf{qsdpa::gaussian_code_to_float(uint32_t(imin(FIRST + L, (1 << BITS) - 1)), BITS)...};
 }
 
-// The whole Gaussian codebook of BITS bits, indexed by code.
+// Levels [FIRST, FIRST + N) of the Gaussian codebook of BITS bits picked by
+// the low log2(N) bits of each code: a tree of N - 1 lane selects, one bit
+// per level of the tree, for targets without a variable register permute
+// (lane-by-lane table reads go through the stack).
+template <int BITS, int FIRST, int N>
+inline vf gaussian_select(vu c) {
+  if constexpr (N == 1) {
+    return splat(qsdpa::gaussian_code_to_float(uint32_t(FIRST), BITS));
+  } else {
+    const vi upper = vi((c & uint32_t(N / 2)) != 0u);
+    return vf(select(upper, vu(gaussian_select<BITS, FIRST + N / 2, N / 2>(c)),
+                     vu(gaussian_select<BITS, FIRST, N / 2>(c))));
+  }
+}
+
+#if (defined(__SSSE3__) || defined(__aarch64__)) && !defined(__AVX2__)
+// The same for 4-lane targets with a byte table lookup (pshufb, tbl): each
+// table register holds 4 levels; a code's low two bits pick its float's
+// bytes in every table, its higher bits the table (a blend per bit).
+template <int BITS, int FIRST>
+inline vu gaussian_table() {
+  return vu(vf{qsdpa::gaussian_code_to_float(uint32_t(FIRST), BITS),
+               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 1), BITS),
+               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 2), BITS),
+               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 3), BITS)});
+}
+
+inline vu byte_lookup(vu table, vu idx) {
+#if defined(__aarch64__)
+  return vu(vqtbl1q_u8(uint8x16_t(table), uint8x16_t(idx)));
+#else
+  return vu(_mm_shuffle_epi8(__m128i(table), __m128i(idx)));
+#endif
+}
+
 template <int BITS>
-struct GaussianCodebook {
-  float level[1 << BITS];
-  constexpr GaussianCodebook() : level() {
-    for (int c = 0; c < (1 << BITS); ++c) {
-      level[c] = qsdpa::gaussian_code_to_float(uint32_t(c), BITS);
+inline vf gaussian_bytes(vu c) {
+  // Byte indices 4 * (c & 3) + {0, 1, 2, 3} of each lane's float.
+  const vu low = (c & 3u) << 2u;
+  const vu idx = byte_lookup(low, vu{0x00000000u, 0x04040404u, 0x08080808u, 0x0c0c0c0cu}) + 0x03020100u;
+  const vu t0 = byte_lookup(gaussian_table<BITS, 0>(), idx);
+  if constexpr (BITS == 2) {
+    return vf(t0);
+  } else {
+    const vi b2 = vi((c & 4u) != 0u);
+    const vu t1 = select(b2, byte_lookup(gaussian_table<BITS, 4>(), idx), t0);
+    if constexpr (BITS == 3) {
+      return vf(t1);
+    } else {
+      const vu t2 = select(b2, byte_lookup(gaussian_table<BITS, 12>(), idx),
+                           byte_lookup(gaussian_table<BITS, 8>(), idx));
+      return vf(select(vi((c & 8u) != 0u), t2, t1));
     }
   }
-};
-template <int BITS>
-constexpr GaussianCodebook<BITS> kGaussianCodebook{};
+}
+#endif
 
 // Values of W element codes (before the scale), as formats.h's decode_code.
 template <int MODE, int BITS>
@@ -225,12 +272,10 @@ inline vf decode_codes(vu c) {
       const vf hi = vf(_mm256_permutevar8x32_ps(__m256(gaussian_levels<BITS, 8>(kLanes)), __m256i(c)));
       return vf(_mm256_blendv_ps(__m256(lo), __m256(hi), __m256(vu(c << 28))));
     }
+#elif defined(__SSSE3__) || defined(__aarch64__)
+    return gaussian_bytes<BITS>(c);
 #else
-    vf val;
-    for (int l = 0; l < W; ++l) {
-      val[l] = kGaussianCodebook<BITS>.level[c[l]];
-    }
-    return val;
+    return gaussian_select<BITS, 0, (1 << BITS)>(c);
 #endif
   } else if constexpr (qsdpa::mode_code_kind(MODE) == qsdpa::kCodeFp8E4M3) {
     // e4m3: exponent and mantissa moved into a float's fields with the bias
