@@ -195,6 +195,38 @@ mx::array dequantize_turbo(
   return mx::astype(mx::reshape(vals, codes.shape(), s), dtype, s);
 }
 
+// The codes of packed words [..., W] of a width that fills whole words (1,
+// 2, 4, 8 bits), as uint32 [..., W * 32 / bits]: element k of a word at bit
+// k * bits (formats.h's layout).
+mx::array unpack_word_codes(const mx::array& w, int bits, mx::StreamOrDevice s) {
+  const int per_word = 32 / bits;
+  std::vector<uint32_t> shifts(per_word);
+  for (int k = 0; k < per_word; ++k) {
+    shifts[k] = static_cast<uint32_t>(k * bits);
+  }
+  mx::array sh(shifts.begin(), mx::Shape{per_word}, mx::uint32);
+  mx::array codes = mx::bitwise_and(
+      mx::right_shift(mx::expand_dims(w, -1, s), sh, s), mx::array((1u << bits) - 1u), s);
+  mx::Shape shape = w.shape();
+  shape.back() *= per_word;
+  return mx::reshape(codes, shape, s);
+}
+
+// Affine values scale * code + bias from codes [..., D] (float32 math).
+mx::array affine_values(
+    const mx::array& codes, const mx::array& scales, const mx::array& biases, int group_size, mx::Dtype dtype,
+    mx::StreamOrDevice s) {
+  mx::Shape gshape = codes.shape();
+  const int D = gshape.back();
+  gshape.back() = D / group_size;
+  gshape.push_back(group_size);
+  auto per_group = [&](const mx::array& a) { return mx::expand_dims(mx::astype(a, mx::float32, s), -1, s); };
+  mx::array x = mx::add(
+      mx::multiply(mx::astype(mx::reshape(codes, gshape, s), mx::float32, s), per_group(scales), s),
+      per_group(biases), s);
+  return mx::astype(mx::reshape(x, codes.shape(), s), dtype, s);
+}
+
 } // namespace
 
 mx::array dequantize_tensor(
@@ -206,6 +238,11 @@ mx::array dequantize_tensor(
     mx::StreamOrDevice s) {
   if (qsdpa::mode_code_kind(f.mode) == qsdpa::kCodeGaussian) {
     return dequantize_turbo(w, scales, f.group_size, f.bits, dtype, s);
+  }
+  if (f.mode == qsdpa::kAffine && f.bits == 1 && biases) {
+    // MLX's CUDA backend has no 1-bit dequantize kernel: 1-bit affine
+    // unpacks with MLX ops on every device.
+    return affine_values(unpack_word_codes(w, 1, s), scales, *biases, f.group_size, dtype, s);
   }
   return mx::dequantize(w, scales, biases, f.group_size, f.bits, qsdpa::mode_name(f.mode), std::nullopt, dtype, s);
 }

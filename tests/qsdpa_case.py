@@ -374,10 +374,12 @@ def reference(c: Case, q, kq, vq, mask, sinks):
 
 def cache_dtype(c: Case):
     """mx.dequantize rounds affine values to the scales' dtype (that of the
-    data quantized): the oracle is only that precise (see oracle.py). With
-    a rotation the op rounds the rotated queries and the output before its
-    rotation back to the queries' dtype."""
-    if "affine" in (c.fmt[0], value_fmt(c)[0]) or c.rotation:
+    data quantized): the oracle is only that precise (see oracle.py). The
+    CUDA tensor-core kernel decodes codebook (turbo) values into the cache's
+    dtype as well. With a rotation the op rounds the rotated queries and the
+    output before its rotation back to the queries' dtype."""
+    float_scaled = ("affine", "turbo")
+    if c.fmt[0] in float_scaled or value_fmt(c)[0] in float_scaled or c.rotation:
         return c.dtype
     return None
 

@@ -35,7 +35,7 @@ build_tree() { # name, source folder
 for spec in "$@"; do
   name=${spec%%=*} file=${spec#*=}
   dir=/tmp/qsdpa-ab-$name
-  rm -rf "$dir" && mkdir -p "$dir" && tar xf "$file" -C "$dir" || { echo "ab_trees: cannot unpack $file"; continue; }
+  rm -rf "$dir" && mkdir -p "$dir/build" && tar xf "$file" -C "$dir" || { echo "ab_trees: cannot unpack $file"; continue; }
   build_tree "$name" "$dir"
 done
 build_tree tree "$root"
