@@ -452,9 +452,11 @@ std::vector<mx::array> quant_sdpa_impl(
       std::move(inputs));
 }
 
-// The call in rotated coordinates: queries rotated as the keys were, the
-// output rotated back (the lse is the same in both).
-std::vector<mx::array> quant_sdpa_rotated(
+} // namespace
+
+// With a rotation, the call runs in rotated coordinates: the queries rotated
+// as the keys were, the output rotated back (the lse is the same in both).
+std::vector<mx::array> quant_sdpa(
     const mx::array& queries,
     const mx::array& keys,
     const mx::array& key_scales,
@@ -465,37 +467,17 @@ std::vector<mx::array> quant_sdpa_rotated(
     float scale,
     const QuantSDPAOptions& o,
     mx::StreamOrDevice s) {
-  if (parse_rotation(o.rotation, kTag) == Rotation::kNone) {
-    return quant_sdpa_impl(
-        queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, o, s);
-  }
-  if (queries.ndim() != 4 || !is_float_type(queries.dtype())) {
-    // The unrotated call reports what is wrong with them.
-    return quant_sdpa_impl(
-        queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, o, s);
-  }
+  // Queries that are not [B, Hq, Lq, D] floats: the unrotated call reports
+  // what is wrong with them.
+  const bool rotated = parse_rotation(o.rotation, kTag) != Rotation::kNone && queries.ndim() == 4 &&
+      is_float_type(queries.dtype());
   auto outs = quant_sdpa_impl(
-      rotate(queries, o.rotation_seed, false, s), keys, key_scales, key_biases, values,
+      rotated ? rotate(queries, o.rotation_seed, false, s) : queries, keys, key_scales, key_biases, values,
       value_scales, value_biases, scale, o, s);
-  outs[0] = rotate(outs[0], o.rotation_seed, true, s);
+  if (rotated) {
+    outs[0] = rotate(outs[0], o.rotation_seed, true, s);
+  }
   return outs;
-}
-
-} // namespace
-
-std::vector<mx::array> quant_sdpa(
-    const mx::array& queries,
-    const mx::array& keys,
-    const mx::array& key_scales,
-    const std::optional<mx::array>& key_biases,
-    const mx::array& values,
-    const mx::array& value_scales,
-    const std::optional<mx::array>& value_biases,
-    float scale,
-    const QuantSDPAOptions& options,
-    mx::StreamOrDevice s) {
-  return quant_sdpa_rotated(
-      queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale, options, s);
 }
 
 namespace {
@@ -537,7 +519,7 @@ mx::array quant_sdpa(
     int bits,
     const std::string& mode,
     mx::StreamOrDevice s) {
-  return quant_sdpa_impl(
+  return quant_sdpa(
       queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale,
       options_of(mask_mode, mask_arr, sinks, group_size, bits, mode, false), s)[0];
 }
@@ -558,7 +540,7 @@ std::pair<mx::array, mx::array> quant_sdpa_with_lse(
     int bits,
     const std::string& mode,
     mx::StreamOrDevice s) {
-  auto outs = quant_sdpa_impl(
+  auto outs = quant_sdpa(
       queries, keys, key_scales, key_biases, values, value_scales, value_biases, scale,
       options_of(mask_mode, mask_arr, sinks, group_size, bits, mode, true), s);
   return {outs[0], outs[1]};

@@ -709,14 +709,33 @@ inline void decode_direct_step(const uint32_t* row, int e, vf s, vf bias, float*
 // where l = word in the chunk and k = element in the word. The outputs are
 // accumulated in the same order and put back in place once per item
 // (unpermute_rows).
+//
+// With AVX2, 3-bit rows whose D is a multiple of 64 take the same order
+// with MLX's 3-byte packs of 8 elements in place of words: a byte shuffle
+// puts pack l of a chunk of 8 packs in lane l, and element k of every pack
+// is one shift and mask (decode_pack_chunk).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kPackedThreeBit = true;
+#else
+constexpr bool kPackedThreeBit = false;
+#endif
+
+// Elements per lane of the value order: a word's, or a 3-bit pack's.
+inline int permuted_elems(int bits) {
+  return bits == 3 ? 8 : 32 / bits;
+}
+
 inline bool values_permuted(const Problem& p) {
   const int bits = p.v.bits;
   const int words = p.D * bits / 32;
+  if (bits == 3) {
+    return kPackedThreeBit && p.D % (8 * W) == 0;
+  }
   return (bits == 1 || bits == 2 || bits == 4 || bits == 8) && words % W == 0;
 }
 
 inline void unpermute_rows(const float* src, int rows, int D, int bits, float* dst) {
-  const int e = 32 / bits, chunk = W * e;
+  const int e = permuted_elems(bits), chunk = W * e;
   for (int r = 0; r < rows; ++r) {
     const float* s = src + static_cast<int64_t>(r) * D;
     float* d = dst + static_cast<int64_t>(r) * D;
@@ -738,6 +757,32 @@ inline void decode_value_chunk(vu words, vf s, vf bias, float* out, std::integer
                            : decode_codes<MODE, BITS>((words >> uint32_t(K * BITS)) & kMask) * s)),
    ...);
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The 8 packs of 3 bytes (24 bits, 8 elements each) of a chunk of 64
+// elements, pack l in lane l, from 32 bytes loaded at the chunk's start
+// (SKIP = 0) or 8 bytes before it (SKIP = 2 words, for a chunk that ends
+// its row: the load then stays inside the row).
+template <int SKIP>
+inline vu three_bit_packs(const unsigned char* load_at) {
+  __m256i raw;
+  std::memcpy(&raw, load_at, sizeof(raw));
+  // Words SKIP..SKIP+3 in the low half, SKIP+3..SKIP+6 in the high half:
+  // each half then holds its 4 packs in its first 12 bytes.
+  raw = _mm256_permutevar8x32_epi32(
+      raw, _mm256_setr_epi32(SKIP, SKIP + 1, SKIP + 2, SKIP + 3, SKIP + 3, SKIP + 4, SKIP + 5, imin(SKIP + 6, 7)));
+  const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  return vu(_mm256_shuffle_epi8(raw, spread));
+}
+
+template <int MODE, int... K>
+inline void decode_pack_chunk(vu packs, vf s, vf bias, float* out, std::integer_sequence<int, K...>) {
+  ((store(out + K * W, qsdpa::mode_has_bias(MODE) ? decode_codes<MODE, 3>((packs >> uint32_t(3 * K)) & 7u) * s + bias
+                                                  : decode_codes<MODE, 3>((packs >> uint32_t(3 * K)) & 7u) * s)),
+   ...);
+}
+#endif
 
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
@@ -775,6 +820,41 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
       vb[g] = qsdpa::mode_has_bias(MODE) ? scale_at<SK>(qv.biases, b0 + g * qv.bs[3]) : 0.0f;
     }
     float* out = vf_rows + static_cast<int64_t>(j) * D;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (BITS == 3) {
+      if (permuted) {
+        const unsigned char* bytes = reinterpret_cast<const unsigned char*>(row);
+        const int row_bytes = words * 4;
+        for (int e0 = 0; e0 < D; e0 += 64) {
+          const int at = e0 * 3 / 8; // the chunk's first byte
+          vu packs;
+          if (at + 32 <= row_bytes) {
+            packs = three_bit_packs<0>(bytes + at);
+          } else if (at >= 8) {
+            packs = three_bit_packs<2>(bytes + at - 8);
+          } else {
+            // A row of one chunk (D = 64): its 24 bytes, zero-padded.
+            unsigned char pad[32] = {};
+            std::memcpy(pad, bytes, 24);
+            packs = three_bit_packs<0>(pad);
+          }
+          vf sv, bv;
+          if (64 <= gs) {
+            sv = splat(vs[e0 >> gshift]);
+            bv = splat(vb[e0 >> gshift]);
+          } else {
+            // Groups of 32: packs 0-3 in one, 4-7 in the next.
+            for (int l = 0; l < W; ++l) {
+              sv[l] = vs[(e0 + 8 * l) >> gshift];
+              bv[l] = vb[(e0 + 8 * l) >> gshift];
+            }
+          }
+          decode_pack_chunk<MODE>(packs, sv, bv, out + e0, std::make_integer_sequence<int, 8>());
+        }
+        continue;
+      }
+    }
+#endif
     if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
       if (permuted) {
         constexpr int E = 32 / BITS;
