@@ -173,3 +173,18 @@ def test_rotation_seed_must_match():
     ea = float(mx.abs(a.astype(mx.float32) - ref).max())
     eb = float(mx.abs(b.astype(mx.float32) - ref).max())
     assert ea < 0.1 < eb, (ea, eb)
+
+
+def test_quantize_positional_and_dequantize_of_its_parts():
+    """quantize(x, group_size, bits, mode, rotation, rotation_seed) by
+    position, and dequantize(*quantize(...), group_size=..., ...) for the
+    3-part (affine) and 2-part (turbo, fp) results alike."""
+    x = mx.random.normal((2, 4, 128), key=mx.random.key(5))
+    for mode, bits, gs in (("affine", 4, 64), ("turbo", 3, 32), ("mxfp4", 4, 32)):
+        parts = mlx_qsdpa.quantize(x, gs, bits, mode, "hadamard", 9)
+        by_name = mlx_qsdpa.quantize(x, group_size=gs, bits=bits, mode=mode, rotation="hadamard", rotation_seed=9)
+        assert all(mx.array_equal(a, b) for a, b in zip(parts, by_name))
+        y = mlx_qsdpa.dequantize(*parts, group_size=gs, bits=bits, mode=mode, rotation="hadamard", rotation_seed=9,
+                                 dtype=mx.float32)
+        assert y.shape == x.shape
+        assert float(mx.mean((y - x) ** 2)) < 0.05, mode

@@ -220,9 +220,9 @@ def quantize(
     group_size: int = 64,
     bits: int = 4,
     mode: str = "affine",
-    *,
     rotation: Optional[str] = None,
     rotation_seed: int = 0,
+    *,
     stream: Union[None, mx.Stream, mx.Device] = None,
 ) -> Tuple[mx.array, ...]:
     """Quantizes ``x [..., D]`` in any format of :func:`format_table`.
@@ -255,10 +255,10 @@ def dequantize(
     group_size: int = 64,
     bits: int = 4,
     mode: str = "affine",
-    *,
     rotation: Optional[str] = None,
     rotation_seed: int = 0,
     dtype: Optional[mx.Dtype] = None,
+    *,
     stream: Union[None, mx.Stream, mx.Device] = None,
 ) -> mx.array:
     """Inverts :func:`quantize`: the values, rotated back if ``rotation`` is given.
