@@ -45,6 +45,18 @@ from mlx_qsdpa import format_table
 MODES = tuple(dict.fromkeys(f.mode for f in format_table()))
 AFFINE_BITS = tuple(f.bits for f in format_table() if f.mode == "affine")
 AFFINE_GROUP_SIZES = next(f.group_sizes for f in format_table() if f.mode == "affine")
+# Keys' and values' formats that differ in mode, width, group size or all
+# three: the pairs the backends' mixed-format tests run.
+MIXED_FORMATS = (
+    (("affine", 4, 64), ("affine", 2, 32)),
+    (("affine", 8, 128), ("turbo", 3, 64)),
+    (("mxfp4", 4, 32), ("nvfp4", 4, 16)),
+    (("turbo", 4, 32), ("affine", 4, 64)),
+    (("nvfp4", 4, 16), ("mxfp8", 8, 32)),
+    (("turbo", 2, 128), ("turbo", 4, 32)),
+    (("affine", 3, 32), ("mxfp4", 4, 32)),
+    (("mxfp8", 8, 32), ("affine", 6, 128)),
+)
 # (mode, bits, group_size) of the formats whose scales are 8-bit codes (no biases).
 SCALE_CODE_FORMATS = tuple((f.mode, f.bits, g) for f in format_table() if not f.float_scales for g in f.group_sizes)
 from mlx_qsdpa import _ext, quant_sdpa

@@ -14,19 +14,12 @@ import pytest
 import oracle
 import mlx_qsdpa
 from mlx_qsdpa import format_table
-from qsdpa_case import DTYPES, Case, check_case, dtype_id, fmt_id
+from qsdpa_case import DTYPES, MIXED_FORMATS, Case, check_case, dtype_id, fmt_id
 
 TURBO = tuple(("turbo", r.bits, g) for r in format_table() if r.mode == "turbo" for g in r.group_sizes)
 ROTATED = (("affine", 4, 64), ("affine", 2, 32), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16), ("turbo", 3, 64))
 # Keys and values in different formats: different modes, bits and group sizes.
-MIXED = (
-    (("affine", 4, 64), ("affine", 2, 32)),
-    (("affine", 8, 128), ("turbo", 3, 64)),
-    (("turbo", 4, 32), ("affine", 4, 64)),
-    (("mxfp4", 4, 32), ("nvfp4", 4, 16)),
-    (("nvfp4", 4, 16), ("affine", 3, 128)),
-    (("turbo", 2, 128), ("mxfp8", 8, 32)),
-)
+MIXED = MIXED_FORMATS
 
 
 def test_codebook_is_the_normal_lloyd_max():

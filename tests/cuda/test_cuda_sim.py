@@ -35,7 +35,6 @@ from mlx_qsdpa import SUPPORTED_FORMATS, format_table  # noqa: E402
 import cuda_simulator as sim  # noqa: E402
 from sim_quant_sdpa import call_of, run_case, variant_of  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # (case, forced split count: 0 = the host's plan for the simulated GPU). Splits
 # hold a multiple of 64 keys, so more than 8 need Lk > 512.
@@ -68,20 +67,10 @@ CASES = [
 ]
 
 
-def _require_clang():
-    if sim.find_clang() is None:
-        reason = "clang++ not found: the CUDA simulator needs clang (apt-get install clang)"
-        if IN_CI:
-            pytest.fail(reason + " (required on CI)")
-        pytest.skip(reason)
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the simulator's runtime runs on Linux")
-
-
 @pytest.fixture(scope="module")
 def lib():
     """Every tensor-core instantiation the cases use, in one library (built once)."""
-    _require_clang()
+    sim.require_clang()
     return sim.Library(sim.build_library([variant_of(c) for c, _ in CASES + POISON_CASES]))
 
 
@@ -131,7 +120,7 @@ def test_plan_takes_generic_kernel_for_unaligned_rows():
     """Packed K/V rows 4 bytes apart from 16-byte boundaries: the host's
     plan (launch_plan.cpp's mma_layout_ok) sends the call to the generic
     kernel, which the tensor-core case's library does not hold."""
-    _require_clang()
+    sim.require_clang()
     c = CASES[0][0]
     inputs = qsdpa_case.build(c)
     assert sim.kernel_for(call_of(c, inputs)) == variant_of(c)
@@ -229,7 +218,7 @@ SIMT_CASES = [
 
 @pytest.fixture(scope="module")
 def lib_simt():
-    _require_clang()
+    sim.require_clang()
     return sim.Library(sim.build_library([variant_of(c, simt=True) for c, _ in SIMT_CASES + SIMT_POISON_CASES], tag="simt"))
 
 
@@ -253,7 +242,7 @@ TABLE_CASES = [
 
 @pytest.fixture(scope="module")
 def lib_table():
-    _require_clang()
+    sim.require_clang()
     return sim.Library(sim.build_library([variant_of(c, simt=True) for c in TABLE_CASES], tag="table"))
 
 
@@ -462,7 +451,7 @@ SIM_ALL = os.environ.get("QSDPA_CUDA_SIM_ALL", "") not in ("", "0")
 
 @pytest.fixture(scope="module")
 def lib_all():
-    _require_clang()
+    sim.require_clang()
     return sim.Library(sim.build_library([variant_of(c) for c in ALL_CASES], tag="all"))
 
 

@@ -27,7 +27,6 @@ from qsdpa_case import BF16, F16, Case  # noqa: E402
 import cuda_simulator as sim  # noqa: E402
 from sim_quant_sdpa import call_of, run_case, variant_of  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 G4 = dict(B=1, Hq=8, Hkv=2)
 
 # (case, forced split count). Lk a multiple of 8 (16-byte aligned scale
@@ -59,16 +58,6 @@ MIXED_CASES = [
 ]
 
 
-def _require_clang():
-    if sim.find_clang() is None:
-        reason = "clang++ not found: the CUDA simulator needs clang (apt-get install clang)"
-        if IN_CI:
-            pytest.fail(reason + " (required on CI)")
-        pytest.skip(reason)
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the simulator's runtime runs on Linux")
-
-
 def _id(entry):
     c, splits = entry
     return f"{c}-splits{splits}"
@@ -76,7 +65,7 @@ def _id(entry):
 
 @pytest.fixture(scope="module")
 def lib_formats():
-    _require_clang()
+    sim.require_clang()
     variants = [variant_of(c) for c, _ in TURBO_MMA_CASES + MIXED_CASES]
     variants += [variant_of(c, simt=True) for c, _ in TURBO_MMA_CASES[:1]]
     return sim.Library(sim.build_library(variants, tag="formats"))

@@ -31,19 +31,9 @@ DTYPE_NAMES = {F16: "f16", BF16: "bf16", F32: "f32"}
 # The format of the head dim that only 16-element groups quantize (80).
 FORMAT_D80 = next(f for f in FORMATS if 80 in head_dims(*f[:2]) and 80 % f[2] == 0)
 
-# Keys' and values' formats that differ in mode, width, group size or all
-# three (the kernel is the keys' format's; the values' decoder is chosen by
-# function constants).
-MIXED_PAIRS = [
-    (("affine", 4, 64), ("affine", 2, 32)),
-    (("affine", 8, 128), ("turbo", 3, 64)),
-    (("mxfp4", 4, 32), ("nvfp4", 4, 16)),
-    (("turbo", 4, 32), ("affine", 4, 64)),
-    (("nvfp4", 4, 16), ("mxfp8", 8, 32)),
-    (("turbo", 2, 128), ("turbo", 4, 32)),
-    (("affine", 3, 32), ("mxfp4", 4, 32)),
-    (("mxfp8", 8, 32), ("affine", 6, 128)),
-]
+# Keys and values in different formats (qsdpa_case.MIXED_FORMATS): the kernel
+# is the keys' format's, the values' decoder is chosen by function constants.
+MIXED_PAIRS = qsdpa_case.MIXED_FORMATS
 
 
 @dataclass(frozen=True, eq=False)
