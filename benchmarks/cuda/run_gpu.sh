@@ -149,6 +149,16 @@ step_bench() {
   summary+=("bench: $out/bench_all.txt")
 }
 
+step_formats() { # issue 22's formats against affine 4-bit, in one process each
+  local a
+  for a in "" "--mode turbo --bits 3" "--mode turbo --bits 4" "--rotation hadamard" \
+      "--mode turbo --bits 3 --rotation hadamard" "--mode turbo --bits 3 --value-mode affine --value-bits 4"; do
+    # shellcheck disable=SC2086
+    bench "formats${a// /_}" --ctx 4096,32768,131072 --methods quant_sdpa,fp16_sdpa $a
+  done
+  summary+=("formats: $out/bench_all.txt")
+}
+
 step_quickbench() {
   : > "$out/bench_all.txt"
   bench quick --ctx 256,4096,32768,131072 --methods quant_sdpa,fp16_sdpa
