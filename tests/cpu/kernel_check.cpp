@@ -63,7 +63,7 @@ uint16_t random_bf16(std::mt19937& rng) {
 }
 
 double decode_scale(const Format& f, const Tensor& t, size_t i, bool bias) {
-  if (f.mode != qsdpa::kAffine) {
+  if (!qsdpa::mode_float_scales(f.mode)) {
     return f.mode == qsdpa::kNvfp4 ? qsdpa::fp8_e4m3_to_float(t.s8[i]) : qsdpa::e8m0_to_float(t.s8[i]);
   }
   switch (f.scale_type) {
@@ -114,7 +114,7 @@ Tensor make_tensor(const Format& f, const Shape& s, std::mt19937& rng) {
     }
   }
   const size_t ns = rows * groups;
-  if (f.mode != qsdpa::kAffine) {
+  if (!qsdpa::mode_float_scales(f.mode)) {
     t.s8.resize(ns);
     for (auto& c : t.s8) {
       c = f.mode == qsdpa::kNvfp4 ? uint8_t(0x28 + rng() % 24) : uint8_t(120 + rng() % 10);
@@ -163,16 +163,17 @@ QuantTensor view(const Format& f, const Shape& s, const Tensor& t) {
   for (int i = 0; i < 4; ++i) {
     v.bs[i] = v.ss[i];
   }
-  if (f.mode != qsdpa::kAffine) {
+  const bool biased = qsdpa::mode_has_bias(f.mode);
+  if (!qsdpa::mode_float_scales(f.mode)) {
     v.scales = t.s8.data();
   } else if (f.scale_type == qsdpa::kElemFloat32) {
     v.scales = t.s32.data();
-    v.biases = t.b32.data();
+    v.biases = biased ? t.b32.data() : nullptr;
   } else {
     v.scales = t.s16.data();
-    v.biases = t.b16.data();
+    v.biases = biased ? t.b16.data() : nullptr;
   }
-  v.scale_type = f.mode == qsdpa::kAffine ? f.scale_type : qsdpa::kElemUint8;
+  v.scale_type = qsdpa::mode_float_scales(f.mode) ? f.scale_type : qsdpa::kElemUint8;
   return v;
 }
 
@@ -280,6 +281,8 @@ int main() {
       {qsdpa::kAffine, 5, 64, qsdpa::kElemFloat32}, {qsdpa::kAffine, 6, 64, qsdpa::kElemBFloat16},
       {qsdpa::kAffine, 8, 32, qsdpa::kElemFloat16}, {qsdpa::kAffine, 8, 128, qsdpa::kElemBFloat16},
       {qsdpa::kMxfp4, 4, 32, 0}, {qsdpa::kMxfp8, 8, 32, 0}, {qsdpa::kNvfp4, 4, 16, 0},
+      {qsdpa::kTurbo, 2, 32, qsdpa::kElemFloat16}, {qsdpa::kTurbo, 3, 32, qsdpa::kElemFloat16},
+      {qsdpa::kTurbo, 3, 64, qsdpa::kElemBFloat16}, {qsdpa::kTurbo, 4, 128, qsdpa::kElemFloat32},
   };
   const std::vector<Shape> shapes = {
       {1, 4, 1, 1, 200, 128, qsdpa::kMaskNone, 1},
