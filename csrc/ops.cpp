@@ -81,9 +81,6 @@ std::string dtype_str(mx::Dtype t) {
   throw type_error(kTag + msg);
 }
 
-bool is_float_type(mx::Dtype t) {
-  return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
-}
 
 // The mode string's QuantMode (formats.h's table); false for an unknown one.
 bool find_mode(const std::string& name, qsdpa::QuantMode& mode) {
@@ -122,7 +119,7 @@ std::vector<std::string> mode_names() {
   return names;
 }
 
-qsdpa::QuantMode parse_mode(const std::string& mode, const std::string& arg) {
+qsdpa::QuantMode parse_mode(const char* tag, const std::string& mode, const std::string& arg) {
   qsdpa::QuantMode m;
   if (find_mode(mode, m)) {
     return m;
@@ -131,7 +128,7 @@ qsdpa::QuantMode parse_mode(const std::string& mode, const std::string& arg) {
   for (const auto& name : mode_names()) {
     allowed += (allowed.empty() ? "'" : ", '") + name + "'";
   }
-  fail(arg + " must be one of " + allowed + "; got '" + mode + "'.");
+  throw std::invalid_argument(tag + arg + " must be one of " + allowed + "; got '" + mode + "'.");
 }
 
 // "allowed: mode='affine' with bits in {1, 2, ...} and group_size in {32,
@@ -281,24 +278,27 @@ const char* mlx_build_version() {
   return MLX_QSDPA_MLX_VERSION;
 }
 
-namespace {
+bool is_float_type(mx::Dtype t) {
+  return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
+}
 
-// The format (mode, bits, group_size) named by the call's arguments, or an
-// error naming them (`prefix` is "" for the keys, "value_" for the values).
-QuantFormat parse_format(const std::string& prefix, const std::string& mode, int bits, int group_size) {
+QuantFormat parse_format(
+    const char* tag, const std::string& prefix, const std::string& mode, int bits, int group_size) {
   QuantFormat f{};
-  f.mode = parse_mode(mode, prefix + "mode");
+  f.mode = parse_mode(tag, mode, prefix + "mode");
   f.bits = bits;
   f.group_size = group_size;
   if (!qsdpa::format_supported(f.mode, bits, group_size)) {
     const std::string what = prefix.empty() ? "format" : "value format";
-    fail(
-        "unsupported " + what + " (" + prefix + "mode='" + mode + "', " + prefix +
+    throw std::invalid_argument(
+        tag + std::string("unsupported ") + what + " (" + prefix + "mode='" + mode + "', " + prefix +
         "bits=" + std::to_string(bits) + ", " + prefix + "group_size=" +
         std::to_string(group_size) + "); " + allowed_formats() + ".");
   }
   return f;
 }
+
+namespace {
 
 std::vector<mx::array> quant_sdpa_impl(
     const mx::array& queries,
@@ -316,9 +316,9 @@ std::vector<mx::array> quant_sdpa_impl(
   const std::optional<mx::array>& sinks = o.sinks;
   QuantSDPAConfig c;
   c.scale = scale;
-  c.k = parse_format("", o.mode, o.bits, o.group_size);
+  c.k = parse_format(kTag, "", o.mode, o.bits, o.group_size);
   c.v = o.value_mode || o.value_bits || o.value_group_size
-      ? parse_format("value_", o.value_mode.value_or(o.mode), o.value_bits.value_or(o.bits),
+      ? parse_format(kTag, "value_", o.value_mode.value_or(o.mode), o.value_bits.value_or(o.bits),
                      o.value_group_size.value_or(o.group_size))
       : c.k;
   c.has_sinks = sinks.has_value();

@@ -247,32 +247,6 @@ mx::array dequantize_tensor(
   return mx::dequantize(w, scales, biases, f.group_size, f.bits, qsdpa::mode_name(f.mode), std::nullopt, dtype, s);
 }
 
-namespace {
-
-bool float_dtype(mx::Dtype t) {
-  return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
-}
-
-QuantFormat checked_format(int group_size, int bits, const std::string& mode, const char* tag) {
-  QuantFormat f{};
-  const qsdpa::FormatRow* row = nullptr;
-  for (const qsdpa::FormatRow& r : qsdpa::kFormatTable) {
-    if (mode == r.mode_name && r.bits == bits) {
-      row = &r;
-    }
-  }
-  if (!row || !qsdpa::format_supported(row->mode, bits, group_size)) {
-    fail(tag, "unsupported format (mode='" + mode + "', bits=" + std::to_string(bits) + ", group_size=" +
-             std::to_string(group_size) + "); mlx_qsdpa.format_table() lists the formats.");
-  }
-  f.mode = static_cast<qsdpa::QuantMode>(row->mode);
-  f.bits = bits;
-  f.group_size = group_size;
-  return f;
-}
-
-} // namespace
-
 std::vector<mx::array> quantize(
     const mx::array& x,
     int group_size,
@@ -281,9 +255,9 @@ std::vector<mx::array> quantize(
     const std::optional<std::string>& rotation,
     int rotation_seed,
     mx::StreamOrDevice s) {
-  const QuantFormat f = checked_format(group_size, bits, mode, kTag);
+  const QuantFormat f = parse_format(kTag, "", mode, bits, group_size);
   const Rotation rot = parse_rotation(rotation, kTag);
-  if (!float_dtype(x.dtype())) {
+  if (!is_float_type(x.dtype())) {
     throw type_error(std::string(kTag) + "x must be float16, bfloat16 or float32.");
   }
   if (x.ndim() < 1 || x.shape(-1) % group_size != 0) {
@@ -308,7 +282,7 @@ mx::array dequantize(
     std::optional<mx::Dtype> dtype,
     mx::StreamOrDevice s) {
   const char* tag = "[dequantize] ";
-  const QuantFormat f = checked_format(group_size, bits, mode, tag);
+  const QuantFormat f = parse_format(tag, "", mode, bits, group_size);
   const Rotation rot = parse_rotation(rotation, tag);
   if (w.dtype() != mx::uint32) {
     throw type_error(std::string(tag) + "w must be uint32 (packed words).");

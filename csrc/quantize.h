@@ -15,6 +15,16 @@
 
 namespace mlx_qsdpa {
 
+// Validation that quant_sdpa and quantize / dequantize share (ops.cpp).
+bool is_float_type(mx::Dtype t);
+
+// The format (mode, bits, group_size) the arguments name, or a
+// std::invalid_argument prefixed with `tag` that names them (`prefix`: ""
+// for the keys or a tensor, "value_" for quant_sdpa's values) and lists the
+// table's formats.
+QuantFormat parse_format(
+    const char* tag, const std::string& prefix, const std::string& mode, int bits, int group_size);
+
 enum class Rotation { kNone, kHadamard };
 
 // The rotation argument (None, "" or "hadamard"); std::invalid_argument

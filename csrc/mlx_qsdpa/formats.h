@@ -390,30 +390,39 @@ QSDPA_FUNC QSDPA_CONSTEXPR bool format_supported(int mode, int bits, int group_s
 // Element and scale decoding, by the table's kinds
 // ---------------------------------------------------------------------------
 
-// Decoded value of an element code `q` of format (MODE, BITS), without the
-// scale.
-template <int MODE, int BITS>
-QSDPA_FUNC float decode_code(u32_t q) {
-  if (mode_code_kind(MODE) == kCodeUnsigned) {
+// Decoded value of an element code `q` of a CodeKind and width, without the
+// scale: the form for code that knows the format at run time only.
+QSDPA_FUNC float decode_code_of_kind(int kind, int bits, u32_t q) {
+  if (kind == kCodeUnsigned) {
     return float(q);
-  } else if (mode_code_kind(MODE) == kCodeFp8E4M3) {
+  } else if (kind == kCodeFp8E4M3) {
     return fp8_e4m3_to_float(q);
-  } else if (mode_code_kind(MODE) == kCodeGaussian) {
-    return gaussian_code_to_float(q, BITS);
+  } else if (kind == kCodeGaussian) {
+    return gaussian_code_to_float(q, bits);
   } else {
     return fp4_e2m1_to_float(q);
   }
 }
 
+// The same for format (MODE, BITS) known at compile time (the branches fold).
+template <int MODE, int BITS>
+QSDPA_FUNC float decode_code(u32_t q) {
+  return decode_code_of_kind(mode_code_kind(MODE), BITS, q);
+}
+
 // Decoded scale of the 8-bit-scale modes from its raw uint8 code (the
 // float scales are read as floats of their dtype).
-template <int MODE>
-QSDPA_FUNC float decode_fp_scale(u32_t s) {
-  if (mode_scale_kind(MODE) == kScaleFp8E4M3) {
+QSDPA_FUNC float decode_scale_code_of_kind(int kind, u32_t s) {
+  if (kind == kScaleFp8E4M3) {
     return fp8_e4m3_to_float(s);
   } else {
     return e8m0_to_float(s);
   }
+}
+
+template <int MODE>
+QSDPA_FUNC float decode_fp_scale(u32_t s) {
+  return decode_scale_code_of_kind(mode_scale_kind(MODE), s);
 }
 
 #if !defined(__METAL_VERSION__)

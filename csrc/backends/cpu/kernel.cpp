@@ -216,10 +216,7 @@ inline vf gaussian_select(vu c) {
 // bytes in every table, its higher bits the table (a blend per bit).
 template <int BITS, int FIRST>
 inline vu gaussian_table() {
-  return vu(vf{qsdpa::gaussian_code_to_float(uint32_t(FIRST), BITS),
-               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 1), BITS),
-               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 2), BITS),
-               qsdpa::gaussian_code_to_float(uint32_t(FIRST + 3), BITS)});
+  return vu(gaussian_levels<BITS, FIRST>(std::make_integer_sequence<int, W>()));
 }
 
 inline vu byte_lookup(vu table, vu idx) {

@@ -106,23 +106,13 @@ __device__ __forceinline__ float decode_scale(int mode, uint32_t raw, int type) 
   if (qsdpa::mode_float_scales(mode)) {
     return raw_to_float(raw, type);
   }
-  return qsdpa::mode_scale_kind(mode) == qsdpa::kScaleFp8E4M3 ? qsdpa::fp8_e4m3_to_float(raw)
-                                                               : qsdpa::e8m0_to_float(raw);
+  return qsdpa::decode_scale_code_of_kind(qsdpa::mode_scale_kind(mode), raw);
 }
 
 // Code q of format (mode, bits), without its scale, for a format known at
-// run time only: formats.h's decode_code by the table's CodeKind.
+// run time only.
 __device__ __forceinline__ float decode_code(int mode, int bits, uint32_t q) {
-  switch (qsdpa::mode_code_kind(mode)) {
-    case qsdpa::kCodeUnsigned:
-      return float(q);
-    case qsdpa::kCodeFp4E2M1:
-      return qsdpa::fp4_e2m1_to_float(q);
-    case qsdpa::kCodeFp8E4M3:
-      return qsdpa::fp8_e4m3_to_float(q);
-    default:
-      return qsdpa::gaussian_code_to_float(q, bits);
-  }
+  return qsdpa::decode_code_of_kind(qsdpa::mode_code_kind(mode), bits, q);
 }
 
 // The block's (kv head, first row) from blockIdx.y = row tile * Hkv + kv head.

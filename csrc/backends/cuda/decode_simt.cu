@@ -98,11 +98,10 @@ __device__ __forceinline__ float decode_element_any(
     const float* codes,
     int d) {
   const int bits = t.bits;
-  const int bit = d * bits;
-  const int sh = bit & 31;
-  uint32_t code = row[bit >> 5] >> sh;
+  const int w = qsdpa::element_word(d, bits), sh = qsdpa::element_shift(d, bits);
+  uint32_t code = row[w] >> sh;
   if (sh + bits > 32) {
-    code |= row[(bit >> 5) + 1] << (32 - sh);
+    code |= row[w + 1] << (32 - sh);
   }
   code &= (1u << bits) - 1u;
   const int g = d / t.group_size;
