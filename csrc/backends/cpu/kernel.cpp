@@ -64,8 +64,33 @@ constexpr int W = 4;
 constexpr int kQkVecs = 2;
 constexpr int kPvVecs = 2;
 #endif
-constexpr int kRowTile = 4; // query rows per tile
+constexpr int kRowTile = 4; // query rows per tile of the float-tile path
 constexpr int kMaxKeyBlock = 64;
+// The fused path (items of at most kFusedMaxRows rows: decoding) runs on
+// targets with FMA and three-operand arithmetic (AVX2, AVX-512, NEON): with
+// SSE's two-operand code the compiler keeps more codes live than its 16
+// registers hold. Its tiles have up to kFusedRows rows and kChains
+// accumulators (rows x vectors): enough independent FMA chains to cover the
+// FMA latency.
+#if defined(__AVX2__) || defined(__aarch64__)
+constexpr int kFusedMaxRows = 16;
+#else
+constexpr int kFusedMaxRows = 0;
+#endif
+constexpr int kChains = 8;
+constexpr int kFusedRows = 8;
+// The fused path's key block: kChains vectors of keys, whatever D (it keeps
+// no decoded tile); a constant, so that the offsets of its loops are too.
+constexpr int kFusedKb = kChains * W;
+// Whether the fused loops read their query and probability operands as
+// vectors stored already broadcast: AVX2 has no broadcast operand in its
+// FMAs, and a separate broadcast costs an instruction per FMA pair.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kSplatOperands = true;
+#else
+constexpr bool kSplatOperands = false;
+#endif
+constexpr int kOperandFloats = kSplatOperands ? W : 1; // floats per operand
 
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
@@ -359,37 +384,68 @@ inline size_t round64(size_t n) {
   return (n + 63) / 64 * 64;
 }
 
+// Elements per lane of the value order: a word's, or a 3-bit pack's.
+inline int permuted_elems(int bits) {
+  return bits == 3 ? 8 : 32 / bits;
+}
+
+// Whether an item of `rows` query rows takes the fused path: few rows per
+// decoded key, so decoding each code vector straight into the FMAs costs
+// less than a float tile's round trip through memory.
+inline bool fused_item(int rows) {
+  return rows <= kFusedMaxRows;
+}
+
 struct Layout {
   int kb;
-  size_t q, o, refs, kt, vf, s, st, bt, wt, row, tail, vs, vb, total; // byte offsets
+  size_t q, qf, o, refs, qsum, kt, vtile, s, st, bt, stmp, wt, row, tail, vs, vb, vw, vst, vbt, svec, ps, psv, bs,
+      total; // byte offsets
 };
 
-Layout layout(const Problem& p, int max_rows) {
+Layout layout(const Problem& p, int max_rows, bool fused) {
   Layout L;
   const size_t D = p.D;
   const size_t ng = p.D / imin(p.k.group_size, p.v.group_size); // groups of the finer format
   const int bits = imax(p.k.bits, p.v.bits); // the wider row
-  L.kb = key_block(p.D);
+  // The fused path reads kChains vectors of keys at once and keeps no
+  // decoded tile, so its block is kChains * W keys whatever D.
+  L.kb = fused ? kFusedKb : key_block(p.D);
   const size_t kb = L.kb;
+  // Rows padded to whole fused tiles (the padding rows hold zeros).
+  const size_t rows = (max_rows + kFusedRows - 1) / kFusedRows * kFusedRows;
+  const size_t tile_rows = imax(kRowTile, kFusedRows);
+  const size_t chunks = p.D / (W * permuted_elems(p.v.bits));
   size_t at = 0;
   auto take = [&](size_t bytes) {
     size_t o = at;
     at += round64(bytes);
     return o;
   };
-  L.q = take(sizeof(float) * max_rows * D);
-  L.o = take(sizeof(float) * max_rows * D);
+  auto fused_only = [&](size_t bytes) { return take(fused ? bytes : 0); };
+  auto tiles_only = [&](size_t bytes) { return take(fused ? 0 : bytes); };
+  L.q = take(sizeof(float) * rows * D);
+  L.qf = fused_only(sizeof(float) * kOperandFloats * rows * D);
+  L.o = take(sizeof(float) * rows * D);
   L.refs = take(sizeof(RowRef) * max_rows);
-  L.kt = take(sizeof(float) * D * kb);
-  L.vf = take(sizeof(float) * kb * D);
-  L.s = take(sizeof(float) * kRowTile * kb);
+  L.qsum = fused_only(sizeof(float) * rows * ng);
+  L.kt = tiles_only(sizeof(float) * D * kb);
+  L.vtile = take(sizeof(float) * kb * D); // the fused path's values outside the value order
+  L.s = take(sizeof(float) * tile_rows * kb);
   L.st = take(sizeof(float) * ng * kb);
   L.bt = take(sizeof(float) * ng * kb);
+  L.stmp = take(sizeof(float) * ng * kb);
   L.wt = take(sizeof(uint32_t) * (p.D * p.k.bits / 32) * kb);
   L.row = take(sizeof(uint32_t) * (D * bits / 32 + 8)); // + room for 8-byte reads
   L.tail = take(sizeof(uint32_t) * 40); // < 2 loads of kRunLoadWords, + padding
   L.vs = take(sizeof(float) * ng);
   L.vb = take(sizeof(float) * ng);
+  L.vw = fused_only(sizeof(vu) * kb * chunks);
+  L.vst = fused_only(sizeof(float) * ng * kb);
+  L.vbt = fused_only(sizeof(float) * ng * kb);
+  L.svec = fused_only(sizeof(vf) * kb * chunks);
+  L.ps = fused_only(sizeof(float) * kOperandFloats * kFusedRows * ng * kb);
+  L.psv = fused_only(sizeof(vf) * kFusedRows * chunks * kb);
+  L.bs = fused_only(sizeof(float) * kFusedRows * ng);
   L.total = at;
   return L;
 }
@@ -399,16 +455,26 @@ struct Scratch {
   float* q;
   float* o; // the rows' outputs in value order (values_permuted)
   RowRef* refs; // where each row of the item lives
+  float* qf; // [tile][d][row of the tile]: the queries as the fused path reads them
+  float* qsum; // [tile][key group][row of the tile]: sums of the queries
   float* kt;
-  float* vf;
+  float* vtile; // [key][d]: the decoded values (float-tile path)
   float* s;
   float* st;
   float* bt;
+  float* stmp; // a block's scales before their transpose (stage_scales)
   uint32_t* wt;
   uint32_t* row;
   uint32_t* tail; // a value row's last runs, zero-padded
   float* vs;
   float* vb;
+  vu* vw; // [key][chunk]: the value rows' chunks of packed words (value order)
+  float* vst; // [value group][key]: the value scales
+  float* vbt; // [value group][key]: the value biases
+  vf* svec; // [key][chunk]: per-lane value scales of chunks that span groups
+  float* ps; // [value group][row][key]: probability times value scale
+  vf* psv; // [chunk][row][key]: the same per lane, for chunks that span groups
+  float* bs; // [row][value group]: the block's sum of probability times bias
 };
 
 Scratch carve(const Layout& L, void* base) {
@@ -418,16 +484,26 @@ Scratch carve(const Layout& L, void* base) {
   s.q = reinterpret_cast<float*>(c + L.q);
   s.o = reinterpret_cast<float*>(c + L.o);
   s.refs = reinterpret_cast<RowRef*>(c + L.refs);
+  s.qf = reinterpret_cast<float*>(c + L.qf);
+  s.qsum = reinterpret_cast<float*>(c + L.qsum);
   s.kt = reinterpret_cast<float*>(c + L.kt);
-  s.vf = reinterpret_cast<float*>(c + L.vf);
+  s.vtile = reinterpret_cast<float*>(c + L.vtile);
   s.s = reinterpret_cast<float*>(c + L.s);
   s.st = reinterpret_cast<float*>(c + L.st);
   s.bt = reinterpret_cast<float*>(c + L.bt);
+  s.stmp = reinterpret_cast<float*>(c + L.stmp);
   s.wt = reinterpret_cast<uint32_t*>(c + L.wt);
   s.row = reinterpret_cast<uint32_t*>(c + L.row);
   s.tail = reinterpret_cast<uint32_t*>(c + L.tail);
   s.vs = reinterpret_cast<float*>(c + L.vs);
   s.vb = reinterpret_cast<float*>(c + L.vb);
+  s.vw = reinterpret_cast<vu*>(c + L.vw);
+  s.vst = reinterpret_cast<float*>(c + L.vst);
+  s.vbt = reinterpret_cast<float*>(c + L.vbt);
+  s.svec = reinterpret_cast<vf*>(c + L.svec);
+  s.ps = reinterpret_cast<float*>(c + L.ps);
+  s.psv = reinterpret_cast<vf*>(c + L.psv);
+  s.bs = reinterpret_cast<float*>(c + L.bs);
   return s;
 }
 
@@ -514,45 +590,94 @@ inline void decode_key_run(const vu* w, vf s, vf bias, float* kt, int kb, std::i
    ...);
 }
 
+// Dst[g * kb + j] = the scale (or bias) of group g of key j for the nk keys
+// of a block, from element `at` of `base` (key 0's group 0; keys ks apart,
+// groups gst apart), and 0 for keys nk..kb. A block laid out [key][group]
+// is converted as one run (float16 with vector instructions) and then
+// transposed.
+template <int SK>
+void stage_scales(const void* base, int64_t at, int64_t ks, int64_t gst, int nk, int ng, int kb, float* tmp,
+                  float* dst) {
+  int j = 0; // keys staged
+#if defined(__F16C__)
+  if constexpr (SK == kScaleF16) {
+    if (gst == 1 && ks == ng && ng <= 2) {
+      // One or two groups: converted and de-interleaved in registers.
+      const uint16_t* h = static_cast<const uint16_t*>(base) + at;
+      for (; j + 8 <= nk; j += 8) {
+        __m128i x[2];
+        std::memcpy(x, h + j * ng, sizeof(x[0]) * ng);
+        const __m256 a = _mm256_cvtph_ps(x[0]);
+        if (ng == 1) {
+          std::memcpy(dst + j, &a, sizeof(a));
+          continue;
+        }
+        const __m256 b = _mm256_cvtph_ps(x[1]);
+        // a = s0 t0 s1 t1 s2 t2 s3 t3, b = s4 t4 ... (s: group 0, t: group 1).
+        const __m256 lo = _mm256_shuffle_ps(a, b, 0x88); // s0 s1 s4 s5 | s2 s3 s6 s7
+        const __m256 hi = _mm256_shuffle_ps(a, b, 0xdd);
+        const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(lo), 0xd8));
+        const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(hi), 0xd8));
+        std::memcpy(dst + j, &g0, sizeof(g0));
+        std::memcpy(dst + kb + j, &g1, sizeof(g1));
+      }
+    } else if (gst == 1 && ks == ng) {
+      // Converted as one run, then transposed.
+      const uint16_t* h = static_cast<const uint16_t*>(base) + at;
+      const int n = nk * ng;
+      int i = 0;
+      for (; i + 8 <= n; i += 8) {
+        __m128i x;
+        std::memcpy(&x, h + i, sizeof(x));
+        const __m256 f = _mm256_cvtph_ps(x);
+        std::memcpy(tmp + i, &f, sizeof(f));
+      }
+      for (; i < n; ++i) {
+        tmp[i] = half_to_float(h[i]);
+      }
+      for (int g = 0; g < ng; ++g) {
+        for (int jj = 0; jj < nk; ++jj) {
+          dst[g * kb + jj] = tmp[jj * ng + g];
+        }
+      }
+      j = nk;
+    }
+  }
+#endif
+  (void)tmp;
+  for (; j < nk; ++j) {
+    for (int g = 0; g < ng; ++g) {
+      dst[g * kb + j] = scale_at<SK>(base, at + j * ks + g * gst);
+    }
+  }
+  for (int g = 0; g < ng; ++g) {
+    for (int jj = nk; jj < kb; ++jj) {
+      dst[g * kb + jj] = 0.0f;
+    }
+  }
+}
+
+// The block's key scales and biases, transposed to St[g * kb + j] and
+// Bt[g * kb + j] (0 for padding keys, so that their decoded values are 0),
+// and its packed words, transposed to Wt[u * kb + j] (word u of key j0 + j).
 template <int MODE, int BITS, int SK>
-void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
-  constexpr int E = 32 / BITS; // elements per word
-  // 1, 2, 4, 8 bits: each word holds whole elements; 3, 5, 6 bits: runs of
-  // 32 elements in BITS words, some elements straddling two words.
-  constexpr bool kWholeWords = E * BITS == 32;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
+void stage_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantTensor& qv = p.k;
   const int D = p.D, gs = qv.group_size, ng = D / gs, kb = sc.kb;
-  const int gshift = __builtin_ctz(gs); // group sizes are powers of two
   const int words = D * BITS / 32;
   // Local copies: the stores below (memcpy, char-typed) may alias anything,
   // and would make every use of sc's fields a reload.
-  float* const kt = sc.kt;
   float* const st = sc.st;
   float* const bt = sc.bt;
   uint32_t* const wt = sc.wt;
 
-  // Scales and biases, transposed to [group][key]; padding keys get 0 so
-  // that their decoded values are 0.
-  {
-    const int64_t ss2 = qv.ss[2], ss3 = qv.ss[3], bs2 = qv.bs[2], bs3 = qv.bs[3];
-    const char* sp = static_cast<const char*>(qv.scales) +
-        scale_bytes<SK>() * (b * qv.ss[0] + h * qv.ss[1] + j0 * ss2);
-    const char* bp = qsdpa::mode_has_bias(MODE) ? static_cast<const char*>(qv.biases) +
-            scale_bytes<SK>() * (b * qv.bs[0] + h * qv.bs[1] + j0 * bs2)
-                                            : nullptr;
-    for (int j = 0; j < nk; ++j) {
-      for (int g = 0; g < ng; ++g) {
-        st[g * kb + j] = scale_at<SK>(sp, j * ss2 + g * ss3);
-        bt[g * kb + j] = qsdpa::mode_has_bias(MODE) ? scale_at<SK>(bp, j * bs2 + g * bs3) : 0.0f;
-      }
-    }
-    for (int g = 0; g < ng; ++g) {
-      for (int j = nk; j < kb; ++j) {
-        st[g * kb + j] = 0.0f;
-        bt[g * kb + j] = 0.0f;
-      }
-    }
+  const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + j0 * qv.ss[2];
+  stage_scales<SK>(qv.scales, s0, qv.ss[2], qv.ss[3], nk, ng, kb, sc.stmp, st);
+  if constexpr (qsdpa::mode_has_bias(MODE)) {
+    const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + j0 * qv.bs[2];
+    stage_scales<SK>(qv.biases, b0, qv.bs[2], qv.bs[3], nk, ng, kb, sc.stmp, bt);
+  } else {
+    std::memset(bt, 0, sizeof(float) * ng * kb);
   }
 
   // The block's packed words, transposed to [word][key]: W x W blocks of W
@@ -584,6 +709,24 @@ void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& 
       wt[u * kb + j] = row[u];
     }
   }
+}
+
+template <int MODE, int BITS, int SK>
+void decode_keys(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
+  constexpr int E = 32 / BITS; // elements per word
+  // 1, 2, 4, 8 bits: each word holds whole elements; 3, 5, 6 bits: runs of
+  // 32 elements in BITS words, some elements straddling two words.
+  constexpr bool kWholeWords = E * BITS == 32;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int D = p.D, gs = p.k.group_size, kb = sc.kb;
+  const int gshift = __builtin_ctz(gs); // group sizes are powers of two
+  const int words = D * BITS / 32;
+  // Local copies (see stage_keys).
+  float* const kt = sc.kt;
+  const float* const st = sc.st;
+  const float* const bt = sc.bt;
+  const uint32_t* const wt = sc.wt;
+  stage_keys<MODE, BITS, SK>(p, b, h, j0, nk, sc);
 
   if constexpr (kWholeWords) {
     // Each word vector (one word of W keys) yields E element vectors, all of
@@ -717,11 +860,6 @@ constexpr bool kPackedThreeBit = true;
 constexpr bool kPackedThreeBit = false;
 #endif
 
-// Elements per lane of the value order: a word's, or a 3-bit pack's.
-inline int permuted_elems(int bits) {
-  return bits == 3 ? 8 : 32 / bits;
-}
-
 inline bool values_permuted(const Problem& p) {
   const int bits = p.v.bits;
   const int words = p.D * bits / 32;
@@ -781,12 +919,36 @@ inline void decode_pack_chunk(vu packs, vf s, vf bias, float* out, std::integer_
 }
 #endif
 
+// Chunk c of a value row in the value order: lane l holds word c * W + l,
+// or (3-bit rows with AVX2) pack c * W + l of 3 bytes.
+template <int BITS>
+inline vu value_chunk(const uint32_t* row, int words, int c) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (BITS == 3) {
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(row);
+    const int at = c * 24; // the chunk's first byte
+    if (at + 32 <= words * 4) {
+      return three_bit_packs<0>(bytes + at);
+    }
+    if (at >= 8) {
+      return three_bit_packs<2>(bytes + at - 8);
+    }
+    // A row of one chunk (D = 64): its 24 bytes, zero-padded.
+    unsigned char pad[32] = {};
+    std::memcpy(pad, bytes, 24);
+    return three_bit_packs<0>(pad);
+  }
+#endif
+  (void)words;
+  return loadu(row + c * W);
+}
+
 template <int MODE, int BITS, int SK>
 void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   const QuantTensor& qv = p.v;
   const int D = p.D, gs = qv.group_size, ng = D / gs, gshift = __builtin_ctz(gs);
   // Local copies (see decode_keys).
-  float* const vf_rows = sc.vf;
+  float* const vf_rows = sc.vtile;
   float* const vs = sc.vs;
   float* const vb = sc.vb;
   uint32_t* const tail = sc.tail;
@@ -820,21 +982,8 @@ void decode_values(const Problem& p, int b, int h, int j0, int nk, const Scratch
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if constexpr (BITS == 3) {
       if (permuted) {
-        const unsigned char* bytes = reinterpret_cast<const unsigned char*>(row);
-        const int row_bytes = words * 4;
         for (int e0 = 0; e0 < D; e0 += 64) {
-          const int at = e0 * 3 / 8; // the chunk's first byte
-          vu packs;
-          if (at + 32 <= row_bytes) {
-            packs = three_bit_packs<0>(bytes + at);
-          } else if (at >= 8) {
-            packs = three_bit_packs<2>(bytes + at - 8);
-          } else {
-            // A row of one chunk (D = 64): its 24 bytes, zero-padded.
-            unsigned char pad[32] = {};
-            std::memcpy(pad, bytes, 24);
-            packs = three_bit_packs<0>(pad);
-          }
+          const vu packs = value_chunk<3>(row, words, e0 / 64);
           vf sv, bv;
           if (64 <= gs) {
             sv = splat(vs[e0 >> gshift]);
@@ -982,6 +1131,326 @@ constexpr ScoreFn kScoreTiles[kRowTile + 1] = {
 constexpr OutputFn kOutputTiles[kRowTile + 1] = {
     nullptr, output_tile<1>, output_tile<2>, output_tile<3>, output_tile<4>};
 
+// ---------------------------------------------------------------------------
+// The fused path: scores and outputs straight from the codes.
+// ---------------------------------------------------------------------------
+//
+// With few query rows per decoded key (decoding), writing the decoded K and V
+// to float tiles and reading them back costs more than the FMAs that use
+// them. Here each vector of codes goes from the packed words to the FMAs in
+// registers, and a group's scale and bias are applied once per group:
+//   score_j = sum_g s_jg * (sum_{d in g} q_d c_jd) + b_jg * (sum_{d in g} q_d)
+//   o_d    += sum_j (p_j s_jg) c_jd + sum_j p_j b_jg       (g: the group of d)
+// where c is an element's code value before its scale (decode_codes). A tile
+// is NR query rows times kChains / NR vectors of keys (scores) or of value
+// elements (outputs): enough independent accumulators to hide the FMA
+// latency, with every accumulator, code and operand in registers.
+
+// Rows of the fused tile that holds n rows: 1, 2, 4 or 8 (rows past n are
+// zero queries with zero probabilities), and its index in the kernel tables.
+inline int fused_tile_rows(int n) {
+  return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;
+}
+inline int fused_tile_index(int rows) {
+  return rows == 1 ? 0 : rows == 2 ? 1 : rows == 4 ? 2 : 3;
+}
+
+// Elements per unit of a key row: a word where elements fill words, else a
+// run of 32 elements (BITS words). A unit lies in one group.
+template <int BITS>
+constexpr int kKeyUnit = 32 % BITS == 0 ? 32 / BITS : 32;
+
+// Element E of a unit into the NR rows' accumulators, for KV vectors of W
+// keys (wt: the unit's first transposed word, word rows kb apart).
+template <int MODE, int BITS, int NR, int KV, int E>
+inline vf key_codes(const uint32_t* wt, int kb, int v) {
+  constexpr int word = qsdpa::element_word(E, BITS), sh = qsdpa::element_shift(E, BITS);
+  vu c = loadu(wt + word * kb + v * W) >> uint32_t(sh);
+  if constexpr (sh + BITS > 32) {
+    c |= loadu(wt + (word + 1) * kb + v * W) << uint32_t(32 - sh);
+  }
+  if constexpr (sh + BITS != 32) {
+    c &= (1u << BITS) - 1u;
+  }
+  return decode_codes<MODE, BITS>(c);
+}
+
+// Element E of a unit into the NR rows' accumulators, for KV vectors of W
+// keys (wt: the unit's first transposed word, word rows kb apart). Few rows:
+// their queries stay in registers and one code vector is live at a time;
+// many rows: the KV codes stay, and one query at a time (either way a
+// handful of registers beside the accumulators).
+template <int MODE, int BITS, int NR, int KV, int E>
+inline void score_element(const uint32_t* wt, int kb, const float* q, vf (&acc)[NR][KV]) {
+  auto query = [&](int r) {
+    return kSplatOperands ? load(q + (E * kFusedRows + r) * W) : splat(q[E * kFusedRows + r]);
+  };
+  if constexpr (NR < KV) {
+    vf qb[NR];
+    for (int r = 0; r < NR; ++r) {
+      qb[r] = query(r);
+    }
+    for (int v = 0; v < KV; ++v) {
+      const vf code = key_codes<MODE, BITS, NR, KV, E>(wt, kb, v);
+      for (int r = 0; r < NR; ++r) {
+        acc[r][v] += qb[r] * code;
+      }
+    }
+  } else {
+    vf code[KV];
+    for (int v = 0; v < KV; ++v) {
+      code[v] = key_codes<MODE, BITS, NR, KV, E>(wt, kb, v);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const vf qb = query(r);
+      for (int v = 0; v < KV; ++v) {
+        acc[r][v] += qb * code[v];
+      }
+    }
+  }
+}
+
+template <int MODE, int BITS, int NR, int KV, int... E>
+inline void score_unit(const uint32_t* wt, int kb, const float* q, vf (&acc)[NR][KV],
+                       std::integer_sequence<int, E...>) {
+  (score_element<MODE, BITS, NR, KV, E>(wt, kb, q, acc), ...);
+}
+
+// Accumulators of a fused tile for a format: kChains where the decode of a
+// code vector takes a shift, a mask and a conversion (affine 4 and 8 bits:
+// their words hold whole elements in few units), half as many where it
+// takes more registers (tables, straddling elements, long units), so that
+// every accumulator, code and operand still fits the registers.
+template <int MODE, int BITS>
+constexpr int kFormatChains =
+    qsdpa::mode_code_kind(MODE) == qsdpa::kCodeUnsigned && (BITS == 4 || BITS == 8) ? kChains : kChains / 2;
+
+template <int MODE, int BITS, int NR>
+constexpr int kTileVectors = imax(1, kFormatChains<MODE, BITS> / NR);
+
+// S[r * kb + j] = the score of row r and key j of the block stage_keys
+// left, for NR rows and all kb keys. The tile's queries are Q[d *
+// kFusedRows + r], their group sums qsum[g * kFusedRows + r] (every offset
+// of the unrolled loops is then a constant).
+template <int MODE, int BITS, int NR>
+void fused_scores(const float* Q, const float* qsum, int D, int gs, const Scratch& sc, float* S) {
+  constexpr int KV = kTileVectors<MODE, BITS, NR>;
+  constexpr int kUnit = kKeyUnit<BITS>, kUnitWords = kUnit * BITS / 32;
+  constexpr int kb = kFusedKb;
+  const int ng = D / gs, units = gs / kUnit;
+  const uint32_t* const wt = sc.wt;
+  const float* const st = sc.st;
+  const float* const bt = sc.bt;
+  for (int j = 0; j < kb; j += KV * W) {
+    for (int g = 0; g < ng; ++g) {
+      vf acc[NR][KV] = {};
+      for (int u = g * units; u < (g + 1) * units; ++u) {
+        score_unit<MODE, BITS, NR, KV>(wt + u * kUnitWords * kb + j, kb, Q + u * kUnit * kFusedRows * kOperandFloats, acc,
+                                       std::make_integer_sequence<int, kUnit>());
+      }
+      // Unrolled: a loop indexing acc would keep it in memory.
+#pragma GCC unroll 8
+      for (int v = 0; v < KV; ++v) {
+        const vf s = load(st + g * kb + j + v * W);
+        const vf b = load(bt + g * kb + j + v * W);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) {
+          float* out = S + r * kb + j + v * W;
+          vf x = acc[r][v] * s;
+          if constexpr (qsdpa::mode_has_bias(MODE)) {
+            x += splat(qsum[g * kFusedRows + r]) * b;
+          }
+          store(out, g == 0 ? x : load(out) + x);
+        }
+      }
+    }
+  }
+}
+
+// Elements per lane of the value order (values_permuted) for BITS-bit rows.
+template <int BITS>
+constexpr int kLaneElems = BITS == 3 ? 8 : 32 / BITS;
+
+// Whether fused_output exists for BITS-bit values: the widths of the value
+// order, where the target has the fused path.
+template <int BITS>
+constexpr bool kFusedValues =
+    kFusedMaxRows > 0 && (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8 || (BITS == 3 && kPackedThreeBit));
+
+// A block's values for fused_output: each row's chunks (value_chunk) to
+// Vw[j * chunks + c], the scales and biases transposed to Vst / Vbt[g * kb +
+// j] (0 for padding keys), and where a chunk spans groups, its per-lane
+// scales to Svec[j * chunks + c].
+template <int MODE, int BITS, int SK>
+void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
+  constexpr int E = kLaneElems<BITS>;
+  const QuantTensor& qv = p.v;
+  const int D = p.D, gs = qv.group_size, ng = D / gs, gshift = __builtin_ctz(gs), kb = sc.kb;
+  const int words = D * BITS / 32, chunks = D / (W * E);
+  const bool one_group = W * E <= gs;
+  // Local copies (see stage_keys).
+  vu* const vw = sc.vw;
+  float* const vst = sc.vst;
+  float* const vbt = sc.vbt;
+  vf* const svec = sc.svec;
+  for (int j = 0; j < nk; ++j) {
+    const int64_t key = j0 + j;
+    const uint32_t* row = packed_row(qv, b, h, key, words, sc.row);
+    for (int c = 0; c < chunks; ++c) {
+      vw[j * chunks + c] = value_chunk<BITS>(row, words, c);
+    }
+  }
+  const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + j0 * qv.ss[2];
+  stage_scales<SK>(qv.scales, s0, qv.ss[2], qv.ss[3], nk, ng, kb, sc.stmp, vst);
+  if constexpr (qsdpa::mode_has_bias(MODE)) {
+    const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + j0 * qv.bs[2];
+    stage_scales<SK>(qv.biases, b0, qv.bs[2], qv.bs[3], nk, ng, kb, sc.stmp, vbt);
+  }
+  for (int j = 0; j < nk && !one_group; ++j) {
+    for (int c = 0; c < chunks; ++c) {
+      vf sv;
+      for (int l = 0; l < W; ++l) {
+        sv[l] = vst[(((c * W + l) * E) >> gshift) * kb + j];
+      }
+      svec[j * chunks + c] = sv;
+    }
+  }
+}
+
+// O[r * D + i] (value order) += the block's values weighted by the NR rows'
+// probabilities times scales: elements K0, K0 + 1, ... of every lane of chunk
+// c (of group g), kChains / NR elements at a time.
+template <int MODE, int BITS, int NR, bool ONE_GROUP, int K0>
+inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int nk, int D, float* O) {
+  constexpr int E = kLaneElems<BITS>;
+  constexpr int KK = imin(kTileVectors<MODE, BITS, NR>, E);
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  constexpr int kb = kFusedKb;
+  float* const out = O + c * W * E + K0 * W;
+  const vu* const vw = sc.vw + c;
+  const float* const ps = sc.ps + g * kFusedRows * kb * kOperandFloats;
+  const vf* const psv = sc.psv + c * kFusedRows * kb;
+  vf acc[NR][KK];
+  for (int r = 0; r < NR; ++r) {
+    for (int k = 0; k < KK; ++k) {
+      acc[r][k] = load(out + r * D + k * W);
+    }
+  }
+  // As in score_element: few rows hold their operands, many rows the codes.
+  auto code = [&](vu w, int k) {
+    vu x = w >> uint32_t((K0 + k) * BITS);
+    if ((K0 + k + 1) * BITS != 32) {
+      x &= kMask;
+    }
+    return decode_codes<MODE, BITS>(x);
+  };
+  auto operand = [&](int r, int j) {
+    return !ONE_GROUP ? psv[r * kb + j] : kSplatOperands ? load(ps + (r * kb + j) * W) : splat(ps[r * kb + j]);
+  };
+  for (int j = 0; j < nk; ++j) {
+    const vu w = vw[j * chunks];
+    if constexpr (NR < KK) {
+      vf pv[NR];
+      for (int r = 0; r < NR; ++r) {
+        pv[r] = operand(r, j);
+      }
+      for (int k = 0; k < KK; ++k) {
+        const vf c = code(w, k);
+        for (int r = 0; r < NR; ++r) {
+          acc[r][k] += pv[r] * c;
+        }
+      }
+    } else {
+      vf c[KK];
+      for (int k = 0; k < KK; ++k) {
+        c[k] = code(w, k);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const vf pv = operand(r, j);
+        for (int k = 0; k < KK; ++k) {
+          acc[r][k] += pv * c[k];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int k = 0; k < KK; ++k) {
+      store(out + r * D + k * W, acc[r][k]);
+    }
+  }
+  if constexpr (K0 + KK < E) {
+    output_lane_elems<MODE, BITS, NR, ONE_GROUP, K0 + KK>(sc, chunks, c, g, nk, D, O);
+  }
+}
+
+// O[r * D + i] (value order) += sum_j P[r * kb + j] * value j, element i,
+// for NR rows over the nk keys of the block stage_values left. ONE_GROUP:
+// every chunk lies in one group.
+template <int MODE, int BITS, int NR, bool ONE_GROUP>
+void fused_output(const float* P, int nk, int D, int gs, const Scratch& sc, float* O) {
+  constexpr int E = kLaneElems<BITS>;
+  constexpr int kb = kFusedKb;
+  const int ng = D / gs, gshift = __builtin_ctz(gs), chunks = D / (W * E);
+  float* const ps = sc.ps;
+  vf* const psv = sc.psv;
+  const float* const vst = sc.vst;
+  const float* const vbt = sc.vbt;
+  // The probabilities times the value scales: per group, or per lane of
+  // each chunk.
+  for (int r = 0; r < NR; ++r) {
+    if constexpr (ONE_GROUP) {
+      for (int g = 0; g < ng; ++g) {
+        for (int j = 0; j < kb; j += W) {
+          const vf x = load(P + r * kb + j) * load(vst + g * kb + j);
+          if constexpr (kSplatOperands) {
+            for (int l = 0; l < W; ++l) {
+              store(ps + ((g * kFusedRows + r) * kb + j + l) * W, splat(x[l]));
+            }
+          } else {
+            store(ps + (g * kFusedRows + r) * kb + j, x);
+          }
+        }
+      }
+    } else {
+      for (int c = 0; c < chunks; ++c) {
+        for (int j = 0; j < nk; ++j) {
+          psv[(c * kFusedRows + r) * kb + j] = splat(P[r * kb + j]) * sc.svec[j * chunks + c];
+        }
+      }
+    }
+  }
+  for (int c = 0; c < chunks; ++c) {
+    output_lane_elems<MODE, BITS, NR, ONE_GROUP, 0>(sc, chunks, c, (c * W * E) >> gshift, nk, D, O);
+  }
+  if constexpr (qsdpa::mode_has_bias(MODE)) {
+    // sum_j p_j b_jg per row and group, then added to the group's elements.
+    float* const bs = sc.bs;
+    for (int r = 0; r < NR; ++r) {
+      for (int g = 0; g < ng; ++g) {
+        vf acc = {};
+        for (int j = 0; j < kb; j += W) {
+          acc += load(P + r * kb + j) * load(vbt + g * kb + j);
+        }
+        bs[r * ng + g] = hsum(acc);
+      }
+      for (int c = 0; c < chunks; ++c) {
+        vf bv;
+        for (int l = 0; l < W; ++l) {
+          bv[l] = bs[r * ng + (((c * W + l) * E) >> gshift)];
+        }
+        float* out = O + r * D + c * W * E;
+        for (int k = 0; k < E; ++k) {
+          store(out + k * W, load(out + k * W) + bv);
+        }
+      }
+    }
+  }
+}
+
+using DecodeFn = void (*)(const Problem&, int, int, int, int, const Scratch&);
+using FusedScoreFn = void (*)(const float*, const float*, int, int, const Scratch&, float*);
+using FusedOutputFn = void (*)(const float*, int, int, int, const Scratch&, float*);
+
 // The masks of one row's kb scores: keys at or past `visible` (the causal
 // limit or the block's end, relative to j0) and the mask array's entries.
 void mask_row(const Problem& p, int b, const RowRef& ref, int j0, int visible, int kb, float* s) {
@@ -1067,11 +1536,122 @@ inline float load_query(const void* q, int64_t i, int type) {
   }
 }
 
-using DecodeFn = void (*)(const Problem&, int, int, int, int, const Scratch&);
+// The functions of a call's key and value formats (chosen per call: keys and
+// values of different formats cost no more kernels than the table's rows).
+struct Kernels {
+  DecodeFn decode_keys, decode_values, stage_keys, stage_values;
+  FusedScoreFn scores[4]; // per fused tile (fused_tile_index)
+  FusedOutputFn outputs[4][2]; // [tile][one group]; null outside the value order
+};
 
-void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemResult& out,
-                   DecodeFn decode_k, DecodeFn decode_v) {
-  const Scratch sc = carve(layout(p, it.nr), scratch);
+// The masks and the online softmax of rows [t0, t0 + nt) over the block's
+// scores in sc.s (row t at sc.s + t * kb), which become probabilities.
+// Returns whether any row takes something from the block.
+bool softmax_rows(const Problem& p, const Item& it, const Scratch& sc, const ItemResult& out, float* o,
+                  int t0, int nt, int j0, int nk) {
+  bool any = false;
+  for (int t = 0; t < nt; ++t) {
+    const int r = t0 + t;
+    float* st = sc.s + t * sc.kb;
+    const RowRef& ref = sc.refs[r];
+    mask_row(p, it.b, ref, j0, imin(nk, ref.limit - j0), sc.kb, st);
+    any |= softmax_row(st, sc.kb, out.m[r], out.l[r], o + static_cast<int64_t>(r) * p.D, p.D);
+  }
+  return any;
+}
+
+// Whether rows [t0, t0 + nt) need the block at j0: some row sees a key of
+// it and is not NaN already.
+bool tile_live(const Scratch& sc, const ItemResult& out, int t0, int nt, int j0) {
+  bool live = false;
+  for (int t = 0; t < nt; ++t) {
+    live |= sc.refs[t0 + t].limit > j0 && out.m[t0 + t] == out.m[t0 + t];
+  }
+  return live;
+}
+
+// One block of keys through float tiles: K and V decoded once, then every
+// tile of kRowTile rows.
+void tile_block(const Problem& p, const Item& it, const Scratch& sc, const ItemResult& out, float* o,
+                const Kernels& kn, int j0, int nk) {
+  const int D = p.D, kb = sc.kb;
+  kn.decode_keys(p, it.b, it.kvh, j0, nk, sc);
+  kn.decode_values(p, it.b, it.kvh, j0, nk, sc);
+  for (int t0 = 0; t0 < it.nr; t0 += kRowTile) {
+    const int nt = imin(kRowTile, it.nr - t0);
+    if (!tile_live(sc, out, t0, nt, j0)) {
+      continue; // every row of the tile is masked here, or already NaN
+    }
+    kScoreTiles[nt](sc.q + static_cast<int64_t>(t0) * D, D, sc.kt, kb, sc.s);
+    if (softmax_rows(p, it, sc, out, o, t0, nt, j0, nk)) {
+      kOutputTiles[nt](sc.s, kb, sc.vtile, nk, D, o + static_cast<int64_t>(t0) * D);
+    }
+  }
+}
+
+// One block of keys through the fused path: the keys' words and the values'
+// chunks staged once, then every tile of up to kFusedRows rows decodes them
+// straight into its FMAs. Values outside the value order are decoded to a
+// float tile once.
+void fused_block(const Problem& p, const Item& it, const Scratch& sc, const ItemResult& out, float* o,
+                 const Kernels& kn, int j0, int nk, bool permuted) {
+  const int D = p.D, kb = sc.kb, ngk = D / p.k.group_size;
+  const bool one_group = W * permuted_elems(p.v.bits) <= p.v.group_size;
+  kn.stage_keys(p, it.b, it.kvh, j0, nk, sc);
+  (permuted ? kn.stage_values : kn.decode_values)(p, it.b, it.kvh, j0, nk, sc);
+  for (int t0 = 0; t0 < it.nr; t0 += kFusedRows) {
+    const int nt = imin(kFusedRows, it.nr - t0), rows = fused_tile_rows(nt);
+    if (!tile_live(sc, out, t0, nt, j0)) {
+      continue;
+    }
+    const int tile = fused_tile_index(rows);
+    kn.scores[tile](sc.qf + static_cast<int64_t>(t0) * D * kOperandFloats, sc.qsum + t0 * ngk, D, p.k.group_size,
+                    sc, sc.s);
+    const bool any = softmax_rows(p, it, sc, out, o, t0, nt, j0, nk);
+    std::memset(sc.s + nt * kb, 0, sizeof(float) * (rows - nt) * kb); // the padding rows
+    if (!any) {
+      continue;
+    }
+    if (permuted) {
+      kn.outputs[tile][one_group](sc.s, nk, D, p.v.group_size, sc, o + static_cast<int64_t>(t0) * D);
+    } else {
+      for (int t = 0; t < nt; t += kRowTile) {
+        kOutputTiles[imin(kRowTile, nt - t)](sc.s + t * kb, kb, sc.vtile, nk, D, o + static_cast<int64_t>(t0 + t) * D);
+      }
+    }
+  }
+}
+
+// The queries of `rows` rows (Q[r * D + d]) as fused_scores reads them:
+// Qf[((tile * D + d) * kFusedRows + r % kFusedRows) * kOperandFloats] (as
+// many copies as kOperandFloats), and their sums per key group at
+// qsum[(tile * ng + g) * kFusedRows + r % kFusedRows].
+void fused_queries(const float* Q, int rows, int D, int gs, const Scratch& sc) {
+  const int ng = D / gs;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t tile = r / kFusedRows, t = r % kFusedRows;
+    const float* qr = Q + static_cast<int64_t>(r) * D;
+    for (int d = 0; d < D; ++d) {
+      float* at = sc.qf + ((tile * D + d) * kFusedRows + t) * kOperandFloats;
+      if constexpr (kSplatOperands) {
+        store(at, splat(qr[d]));
+      } else {
+        *at = qr[d];
+      }
+    }
+    for (int g = 0; g < ng; ++g) {
+      float sum = 0.0f;
+      for (int d = g * gs; d < (g + 1) * gs; ++d) {
+        sum += qr[d];
+      }
+      sc.qsum[(tile * ng + g) * kFusedRows + t] = sum;
+    }
+  }
+}
+
+void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemResult& out, const Kernels& kn) {
+  const bool fused = fused_item(it.nr);
+  const Scratch sc = carve(layout(p, it.nr, fused), scratch);
   const int D = p.D, kb = sc.kb, nr = it.nr;
   const bool permuted = values_permuted(p);
   float* const o = permuted ? sc.o : out.o; // the outputs, in value order
@@ -1095,33 +1675,24 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
     out.m[r] = finite || ref.limit <= it.k0 ? -kInf : __builtin_nanf("");
     out.l[r] = finite || ref.limit <= it.k0 ? 0.0f : __builtin_nanf("");
   }
+  if (fused) {
+    // Padding rows of the last tile: zero queries; zero outputs where the
+    // outputs are the scratch's.
+    const int padded = (nr + kFusedRows - 1) / kFusedRows * kFusedRows;
+    std::memset(sc.q + static_cast<int64_t>(nr) * D, 0, sizeof(float) * (padded - nr) * D);
+    if (permuted) {
+      std::memset(o + static_cast<int64_t>(nr) * D, 0, sizeof(float) * (padded - nr) * D);
+    }
+    fused_queries(sc.q, padded, D, p.k.group_size, sc);
+  }
 
   const int kend = imin(it.k1, key_end);
   for (int j0 = it.k0; j0 < kend; j0 += kb) {
     const int nk = imin(kb, kend - j0);
-    decode_k(p, it.b, it.kvh, j0, nk, sc);
-    decode_v(p, it.b, it.kvh, j0, nk, sc);
-    for (int t0 = 0; t0 < nr; t0 += kRowTile) {
-      const int nt = imin(kRowTile, nr - t0);
-      bool live = false;
-      for (int t = 0; t < nt; ++t) {
-        live |= sc.refs[t0 + t].limit > j0 && out.m[t0 + t] == out.m[t0 + t];
-      }
-      if (!live) {
-        continue; // every row of the tile is masked here, or already NaN
-      }
-      kScoreTiles[nt](sc.q + static_cast<int64_t>(t0) * D, D, sc.kt, kb, sc.s);
-      bool any = false;
-      for (int t = 0; t < nt; ++t) {
-        const int r = t0 + t;
-        float* st = sc.s + t * kb;
-        const RowRef& ref = sc.refs[r];
-        mask_row(p, it.b, ref, j0, imin(nk, ref.limit - j0), kb, st);
-        any |= softmax_row(st, kb, out.m[r], out.l[r], o + static_cast<int64_t>(r) * D, D);
-      }
-      if (any) {
-        kOutputTiles[nt](sc.s, kb, sc.vf, nk, D, o + static_cast<int64_t>(t0) * D);
-      }
+    if (fused) {
+      fused_block(p, it, sc, out, o, kn, j0, nk, permuted);
+    } else {
+      tile_block(p, it, sc, out, o, kn, j0, nk);
     }
   }
   if (permuted) {
@@ -1130,51 +1701,86 @@ void run_item_with(const Problem& p, const Item& it, void* scratch, const ItemRe
 }
 
 // ---------------------------------------------------------------------------
-// The decoders of each format, and the variant's entry points.
+// The kernels of each format, and the variant's entry points.
 // ---------------------------------------------------------------------------
 
-struct Decoders {
-  DecodeFn keys, values;
-};
-
-template <int MODE, int BITS>
-DecodeFn pick(bool keys, int scale_type) {
+// The scale kind of a tensor of mode MODE whose float scales (if any) have
+// dtype scale_type, as a template argument of F.
+template <int MODE, typename F>
+void with_scale_kind(int scale_type, F&& f) {
   constexpr int kScales = qsdpa::mode_scale_kind(MODE);
   if constexpr (kScales == qsdpa::kScaleFloat || kScales == qsdpa::kScaleNorm) {
     switch (scale_type) {
       case qsdpa::kElemFloat32:
-        return keys ? decode_keys<MODE, BITS, kScaleF32> : decode_values<MODE, BITS, kScaleF32>;
+        return f(std::integral_constant<int, kScaleF32>());
       case qsdpa::kElemFloat16:
-        return keys ? decode_keys<MODE, BITS, kScaleF16> : decode_values<MODE, BITS, kScaleF16>;
+        return f(std::integral_constant<int, kScaleF16>());
       default:
-        return keys ? decode_keys<MODE, BITS, kScaleBF16> : decode_values<MODE, BITS, kScaleBF16>;
+        return f(std::integral_constant<int, kScaleBF16>());
     }
   } else if constexpr (kScales == qsdpa::kScaleFp8E4M3) {
-    return keys ? decode_keys<MODE, BITS, kScaleE4M3> : decode_values<MODE, BITS, kScaleE4M3>;
+    return f(std::integral_constant<int, kScaleE4M3>());
   } else {
     static_assert(kScales == qsdpa::kScaleE8M0);
-    return keys ? decode_keys<MODE, BITS, kScaleE8M0> : decode_values<MODE, BITS, kScaleE8M0>;
+    return f(std::integral_constant<int, kScaleE8M0>());
   }
 }
 
-// The decoder of the keys' or the values' format (the op validated each
-// against the table): chosen per call, so that keys and values of different
-// formats cost no more kernels than the table's rows.
-DecodeFn pick_decoder(const Problem& p, bool keys) {
-  const QuantTensor& t = keys ? p.k : p.v;
-  DecodeFn fn = nullptr;
-  qsdpa::dispatch_format(t.mode, t.bits, [&](auto fmt) {
-    fn = pick<decltype(fmt)::mode, decltype(fmt)::bits>(keys, t.scale_type);
+template <int MODE, int BITS>
+void pick_keys(int scale_type, Kernels& kn) {
+  with_scale_kind<MODE>(scale_type, [&](auto sk) {
+    kn.decode_keys = decode_keys<MODE, BITS, decltype(sk)::value>;
+    kn.stage_keys = stage_keys<MODE, BITS, decltype(sk)::value>;
   });
-  return fn;
+  if constexpr (kFusedMaxRows > 0) {
+    kn.scores[0] = fused_scores<MODE, BITS, 1>;
+    kn.scores[1] = fused_scores<MODE, BITS, 2>;
+    kn.scores[2] = fused_scores<MODE, BITS, 4>;
+    kn.scores[3] = fused_scores<MODE, BITS, 8>;
+  }
+}
+
+template <int MODE, int BITS>
+void pick_values(int scale_type, Kernels& kn) {
+  with_scale_kind<MODE>(scale_type, [&](auto sk) {
+    kn.decode_values = decode_values<MODE, BITS, decltype(sk)::value>;
+    if constexpr (kFusedValues<BITS>) {
+      kn.stage_values = stage_values<MODE, BITS, decltype(sk)::value>;
+    }
+  });
+  if constexpr (kFusedValues<BITS>) {
+    kn.outputs[0][0] = fused_output<MODE, BITS, 1, false>;
+    kn.outputs[1][0] = fused_output<MODE, BITS, 2, false>;
+    kn.outputs[2][0] = fused_output<MODE, BITS, 4, false>;
+    kn.outputs[3][0] = fused_output<MODE, BITS, 8, false>;
+    kn.outputs[0][1] = fused_output<MODE, BITS, 1, true>;
+    kn.outputs[1][1] = fused_output<MODE, BITS, 2, true>;
+    kn.outputs[2][1] = fused_output<MODE, BITS, 4, true>;
+    kn.outputs[3][1] = fused_output<MODE, BITS, 8, true>;
+  }
+}
+
+// The kernels of the keys' and the values' formats (the op validated each
+// against the table).
+Kernels pick_kernels(const Problem& p) {
+  Kernels kn{};
+  qsdpa::dispatch_format(p.k.mode, p.k.bits, [&](auto fmt) {
+    pick_keys<decltype(fmt)::mode, decltype(fmt)::bits>(p.k.scale_type, kn);
+  });
+  qsdpa::dispatch_format(p.v.mode, p.v.bits, [&](auto fmt) {
+    pick_values<decltype(fmt)::mode, decltype(fmt)::bits>(p.v.scale_type, kn);
+  });
+  return kn;
 }
 
 size_t scratch_bytes(const Problem& p, int max_rows) {
-  return layout(p, max_rows).total;
+  const size_t tiles = layout(p, max_rows, false).total;
+  const size_t fused = layout(p, imin(max_rows, kFusedMaxRows), true).total;
+  return tiles > fused ? tiles : fused;
 }
 
 void run_item(const Problem& p, const Item& it, void* scratch, const ItemResult& out) {
-  run_item_with(p, it, scratch, out, pick_decoder(p, true), pick_decoder(p, false));
+  run_item_with(p, it, scratch, out, pick_kernels(p));
 }
 
 } // namespace
