@@ -99,9 +99,9 @@ def test_rotation_lowers_the_attention_error_on_offset_keys_only():
     # size, seeds 0-5: key error ratio 0.58-0.69, K-only attention error
     # ratio 0.46-0.55); turbo without the rotation (its codebook assumes
     # near-normal coordinates) is far worse than with it (0.56-0.76). On
-    # zero-mean outlier channels, which carry the logits and whose extremes
-    # affine quantization keeps, rotation does not lower the attention error
-    # as much.
+    # zero-mean outlier channels, which carry the logits and set their
+    # group's range (affine keeps its end of larger magnitude exactly),
+    # rotation does not lower the attention error as much.
     formats = [Q.Fmt("affine", 4, 64), Q.Fmt("affine", 4, 64, "hadamard"),
                Q.Fmt("turbo", 3, 64), Q.Fmt("turbo", 3, 64, "hadamard")]
     ratios = {}
