@@ -48,6 +48,7 @@ from simcore import (  # noqa: E402
     hash_inputs,
     load_runtime,
     runtime_inputs,
+    scheduled,
     symbolize,
 )
 BUILD = ROOT / "build" / "cuda-sim"
@@ -65,6 +66,10 @@ KERNEL_FLAGS = [
     "-fno-slp-vectorize",
     "-fno-vectorize",
     "-gline-tables-only",
+    # DWARF 4: binutils' addr2line (simcore.symbolize) gives some rows of
+    # clang's DWARF 5 line tables the file of the compile unit instead of
+    # the kernel source's.
+    "-gdwarf-4",
     "-fno-strict-aliasing",  # the kernels reinterpret registers (as CUDA allows)
     "-DQSDPA_CUDA_SIM=1",
     "-Wall",
@@ -387,6 +392,11 @@ class Library:
             ctypes.c_char_p,  # kernel_name
             ctypes.c_int,
         ]
+
+    def schedule(self, schedule: str):
+        """A context: launches under `schedule` ("descending", "random:SEED";
+        tests/metal/README.md) inside it, ascending after."""
+        return scheduled(self.lib, schedule)
 
     def alloc(self, nbytes: int, name: str, contents: np.ndarray | None = None) -> int:
         """A buffer; with contents it starts written, else unwritten (reads

@@ -88,6 +88,21 @@ def test_decode_mma_matches_oracle(lib, entry):
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 
+# Merge trees of two and three levels, the 16-row kernel: also with the
+# warps and lanes taking turns in descending and random order (the runtime's
+# schedules; the race detector on shared memory is on in every test).
+OTHER_SCHEDULES = [CASES[0], CASES[2], CASES[7]]
+
+
+@pytest.mark.parametrize("schedule", ["descending", "random:5"])
+@pytest.mark.parametrize("entry", OTHER_SCHEDULES, ids=[_id(e) for e in OTHER_SCHEDULES])
+def test_decode_mma_under_other_schedules(lib, entry, schedule):
+    c, splits = entry
+    with lib.schedule(schedule):
+        out, lse, ref, ref_lse, _ = run_case(lib, c, forced_splits=splits)
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
 @pytest.mark.parametrize("entry", CASES[:3], ids=[_id(e) for e in CASES[:3]])
 def test_strided_rows(lib, entry):
     """Packed K/V rows 16 bytes apart (not adjacent, as in a slice of a wider
@@ -227,6 +242,15 @@ def test_decode_simt_matches_oracle(lib_simt, entry):
     c, splits = entry
     out, lse, ref, ref_lse, plan = run_case(lib_simt, c, forced_splits=splits, simt=True)
     assert plan.n_splits == splits, plan
+    qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("schedule", ["descending", "random:5"])
+@pytest.mark.parametrize("entry", SIMT_CASES[:2], ids=[_id(e) for e in SIMT_CASES[:2]])
+def test_decode_simt_under_other_schedules(lib_simt, entry, schedule):
+    c, splits = entry
+    with lib_simt.schedule(schedule):
+        out, lse, ref, ref_lse, _ = run_case(lib_simt, c, forced_splits=splits, simt=True)
     qsdpa_case.assert_matches(c, out, lse, ref, ref_lse)
 
 

@@ -38,6 +38,8 @@ from simcore import (  # noqa: E402
     hash_inputs,
     load_runtime,
     runtime_inputs,
+    scheduled,
+    set_schedule,
     symbolize,
 )
 
@@ -57,6 +59,10 @@ KERNEL_FLAGS = [
     "-fno-slp-vectorize",
     "-fno-vectorize",
     "-gline-tables-only",
+    # DWARF 4: binutils' addr2line (simcore.symbolize) gives some rows of
+    # clang's DWARF 5 line tables the file of the compile unit instead of
+    # the kernel source's.
+    "-gdwarf-4",
     "-fms-extensions",  # `threadgroup` is the __unaligned qualifier (qsim_metal/compat.h)
     "-D__METAL_VERSION__=310",
     "-Wall",
@@ -342,6 +348,21 @@ class Library:
 
     def error(self) -> str:
         return symbolize(self.lib.qsim_last_error().decode())
+
+    # Schedules and the race detector ------------------------------------
+
+    def set_schedule(self, schedule: str) -> None:
+        """The order of the threads' turns in the launches that follow:
+        "ascending" (the default), "descending" or "random:SEED"."""
+        set_schedule(self.lib, schedule)
+
+    def schedule(self, schedule: str):
+        """A context: launches under `schedule` inside it, ascending after."""
+        return scheduled(self.lib, schedule)
+
+    def set_race_detector(self, on: bool) -> None:
+        """The race detector on threadgroup memory (on by default)."""
+        self.lib.qsim_set_race_detector(int(on))
 
     # Buffers -------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The Metal simulator itself, against what Metal specifies: SIMD-group
 functions with 32-lane simdgroups (and a partial last simdgroup), built-in
-thread positions, function constants, half/bfloat conversions
+thread positions, function constants, half/bfloat conversions; and the
+schedules, which order the threads' turns within what Metal allows
 (probe_kernels/probe_kernels.metal)."""
 
 import mlx.core as mx
@@ -96,3 +97,48 @@ def test_half_and_bfloat_conversions(lib):
     np.testing.assert_array_equal(lib.download(bf_back, np.float32, n), bf_expect)
     for b in (inp, as_half, half_back, bf_back):
         lib.free(b)
+
+
+def _turn_order(lib, schedule: str, threads: int = 64) -> np.ndarray:
+    """The thread indices in the order of their two turns (turn_order)."""
+    log = lib.upload(np.zeros(1 + 2 * threads, np.uint32), "log")
+    with lib.schedule(schedule):
+        lib.launch("turn_order", constants={}, buffers={0: log}, grid=(1, 1, 1), threads=(threads, 1, 1))
+    r = lib.download(log, np.uint32, 1 + 2 * threads)
+    lib.free(log)
+    assert r[0] == 2 * threads
+    return r[1:]
+
+
+def test_ascending_and_descending_schedules(lib):
+    """Each simdgroup runs as far as it can before the next; lanes in order."""
+    up = np.arange(32)
+    np.testing.assert_array_equal(_turn_order(lib, "ascending"), np.concatenate([up, up, up + 32, up + 32]))
+    down = up[::-1]
+    np.testing.assert_array_equal(_turn_order(lib, "descending"), np.concatenate([down + 32, down + 32, down, down]))
+
+
+def test_random_schedule(lib):
+    """Seeded: the same seed gives the same order; lanes take their turns
+    in a shuffled order, and simdgroups interleave at SIMD-group functions,
+    yet no lane starts its second turn before every lane of its simdgroup
+    has finished the first (the simdgroup_barrier between them)."""
+    orders = {seed: _turn_order(lib, f"random:{seed}") for seed in range(1, 5)}
+    np.testing.assert_array_equal(orders[1], _turn_order(lib, "random:1"))
+    interleaved = 0
+    for seed, order in orders.items():
+        assert sorted(order) == sorted(list(range(64)) * 2), seed
+        for sg in (0, 1):
+            turns = np.flatnonzero(order // 32 == sg)  # positions of this simdgroup's 64 turns
+            first, second = order[turns[:32]], order[turns[32:]]
+            assert sorted(first) == sorted(second) == list(range(32 * sg, 32 * sg + 32)), seed
+            assert not np.array_equal(first, np.sort(first)) and not np.array_equal(first, np.sort(first)[::-1]), seed
+        sg_of_turn = order // 32
+        interleaved += np.count_nonzero(np.diff(sg_of_turn)) > 1  # more than one switch of simdgroup
+    assert interleaved > 0, orders
+
+
+def test_unknown_schedule_is_refused(lib):
+    for bad in ("sideways", "random", "ascending:3", "random:x"):
+        with pytest.raises(ValueError, match="schedule"):
+            lib.set_schedule(bad)

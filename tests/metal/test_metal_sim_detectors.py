@@ -1,6 +1,9 @@
 """Each detector of the Metal simulator, fed a deliberately broken kernel
 (broken_kernels/broken_kernels.metal), reports that specific defect; the
-well-formed control kernel runs clean."""
+well-formed control kernel runs clean. The race detector reports each race
+under every schedule, naming both accesses' lines."""
+
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +16,10 @@ SOURCE = "broken_kernels/broken_kernels.metal"
 @pytest.fixture(scope="module")
 def lib(sim_library):
     return sim_library(SOURCE)
+
+
+SCHEDULES = ("ascending", "descending", "random:3")
+HERE = __import__("pathlib").Path(__file__).resolve().parent
 
 
 def launch(lib, kernel, *, threads=64, grid=1, tg_bytes=0, inputs=(), out_index=None, n_out=64, constants=None, init_out=False):
@@ -117,3 +124,89 @@ def test_misaligned_vector_store(lib):
 def test_misaligned_scalar_store(lib):
     with pytest.raises(SimulatorError, match=r"write of 4 bytes at byte offset 2 of buffer 'out': not 4-byte aligned"):
         launch(lib, "misaligned_float_store", init_out=True)
+
+
+def _marked_lines(kernel: str) -> dict[str, int]:
+    """{"read": line, "write": line} of a kernel's accesses marked `// the
+    read` and `// the write` in broken_kernels.metal."""
+    lines = (HERE / SOURCE).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if f"void {kernel}(" in line)
+    marks = {}
+    for i in range(start, len(lines)):
+        m = re.search(r"// the (read|write)$", lines[i])
+        if m:
+            marks[m.group(1)] = i + 1
+        if lines[i] == "}":
+            return marks
+    raise AssertionError(f"{kernel}: no end")
+
+
+def _race(earlier: str, later: str, earlier_line, later_line, *, lanes: bool = False) -> str:
+    barrier = "threadgroup barrier or SIMD-group barrier" if lanes else "threadgroup barrier"
+    return (
+        rf"data race on threadgroup memory of threadgroup \(0,0,0\) at byte offset \d+: {earlier} of 4 bytes by thread "
+        rf"\(\d+,0,0\) \[simdgroup \d, lane \d+\] at broken_kernels\.metal:{earlier_line}, then {later} of 4 bytes by "
+        rf"thread \(\d+,0,0\) \[simdgroup \d, lane \d+\] at broken_kernels\.metal:{later_line}, with no {barrier} "
+        r"ordering threadgroup memory between them"
+    )
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_write_after_read_is_a_race(lib, schedule):
+    lines = _marked_lines("write_after_read")
+    expected = (
+        _race("read", "write", lines["read"], lines["write"])
+        if schedule == "ascending"  # simdgroup 0 reads first
+        else rf"{_race('read', 'write', lines['read'], lines['write'])}|{_race('write', 'read', lines['write'], lines['read'])}"
+    )
+    with lib.schedule(schedule), pytest.raises(SimulatorError, match=expected):
+        launch(lib, "write_after_read", tg_bytes=256)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_read_after_write_is_a_race(lib, schedule):
+    """Ascending, simdgroup 0 writes before the others read, so every value
+    read is the one meant: only the detector sees the race."""
+    lines = _marked_lines("read_after_write")
+    either = rf"{_race('write', 'read', lines['write'], lines['read'])}|{_race('read', 'write', lines['read'], lines['write'])}"
+    with lib.schedule(schedule), pytest.raises(SimulatorError, match=either):
+        launch(lib, "read_after_write", tg_bytes=256)
+    lib.set_race_detector(False)
+    try:
+        out = launch(lib, "read_after_write", tg_bytes=256)
+    finally:
+        lib.set_race_detector(True)
+    np.testing.assert_array_equal(out, np.arange(64) % 32 + 1.0)
+
+
+def test_write_after_write_is_a_race(lib):
+    with pytest.raises(SimulatorError, match=r"data race on threadgroup memory .*: write of 4 bytes by thread \(0,0,0\) .*, then "
+                       r"write of 4 bytes by thread \(32,0,0\) \[simdgroup 1, lane 0\]"):  # fmt: skip
+        launch(lib, "write_after_write", tg_bytes=256)
+
+
+def test_barrier_without_mem_threadgroup_orders_no_threadgroup_memory(lib):
+    with pytest.raises(SimulatorError, match=r"data race on threadgroup memory .*: write of 4 bytes by thread \(32,0,0\) "
+                       r".*, then read of 4 bytes by thread \(0,0,0\)"):  # fmt: skip
+        launch(lib, "barrier_without_threadgroup_flag", tg_bytes=256)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_lanes_are_ordered_by_simdgroup_barrier_only(lib, schedule):
+    """simd_sum exchanges values, simdgroup_barrier(mem_none) synchronises
+    execution: neither orders lane 0's write before the other lanes' read.
+    simdgroup_barrier(mem_threadgroup) does."""
+    lines = _marked_lines("lanes_share_threadgroup_memory")
+    race = rf"{_race('write', 'read', lines['write'], lines['read'], lanes=True)}|{_race('read', 'write', lines['read'], lines['write'], lanes=True)}"
+    with lib.schedule(schedule):
+        for execution_only in (False, True):
+            with pytest.raises(SimulatorError, match=race):
+                launch(lib, "lanes_share_threadgroup_memory", tg_bytes=256, constants={3: False, 4: execution_only})
+        out = launch(lib, "lanes_share_threadgroup_memory", tg_bytes=256, constants={3: True, 4: False})
+    np.testing.assert_array_equal(out, np.arange(64) // 32 + 1.0 + 496.0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_well_formed_kernel_is_race_free_under_each_schedule(lib, schedule):
+    with lib.schedule(schedule):
+        test_well_formed_kernel_runs_clean(lib)

@@ -11,6 +11,13 @@ lengths 1-32 (and row counts beyond one threadgroup), each mask kind
 three query dtypes; and non-finite inputs (qsdpa_case.POISONS: NaN/inf
 queries, NaN scales and mask entries, fully masked rows), whose rows the
 oracle expects NaN or zero, 1-pass and through the merge kernel.
+
+Schedules (the order of the simulated threads' turns, tests/metal/README.md):
+every case runs in the default ascending order; the sweep of every format at
+every head dim (every kernel, 1-pass and 2-pass) also in descending and a
+seeded random order; each case of the feature list in one of the two as
+well, alternately, which keeps the suite's time. The race detector is on
+throughout.
 """
 
 from __future__ import annotations
@@ -178,6 +185,18 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
+def scheduled(cases: list[Case], every_schedule: bool) -> list:
+    """(case, schedule) parameters: each case ascending, then descending and
+    random (every_schedule) or one of them (alternately); random seeded by
+    the case's index."""
+    params = []
+    for i, c in enumerate(cases):
+        others = ["descending", f"random:{i}"]
+        for schedule in ["ascending", *(others if every_schedule else [others[i % 2]])]:
+            params.append(pytest.param(c, schedule, id=str(c) if schedule == "ascending" else f"{c}@{schedule}"))
+    return params
+
+
 def _make_mask(c: Case):
     """(mask for the oracle, simulator View, simulator mask mode)."""
     shape = (c.B, c.Hq, c.Lq, c.Lk)
@@ -283,8 +302,13 @@ def run_case(qsdpa_sim, c: Case):
     return out, lse, info, ref, ref_lse
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_kernel_matches_oracle(qsdpa_sim, case):
+@pytest.mark.parametrize("case,schedule", scheduled(CASES, every_schedule=False))
+def test_kernel_matches_oracle(qsdpa_sim, case, schedule):
+    with qsdpa_sim.lib.schedule(schedule):
+        check_case(qsdpa_sim, case)
+
+
+def check_case(qsdpa_sim, case):
     out, lse, info, ref, ref_lse = run_case(qsdpa_sim, case)
     blocks, _, launches = info
     if case.blocks:
@@ -351,9 +375,10 @@ def _sweep() -> list[Case]:
     return cases
 
 
-@pytest.mark.parametrize("case", _sweep(), ids=str)
-def test_every_format_at_every_head_dim(qsdpa_sim, case):
-    test_kernel_matches_oracle(qsdpa_sim, case)
+@pytest.mark.parametrize("case,schedule", scheduled(_sweep(), every_schedule=True))
+def test_every_format_at_every_head_dim(qsdpa_sim, case, schedule):
+    with qsdpa_sim.lib.schedule(schedule):
+        check_case(qsdpa_sim, case)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -16,6 +16,29 @@
 //   barrier, which then opens. Anything else is reported: a barrier that
 //   not every thread reaches (a deadlock on the GPU), threads waiting at
 //   different barriers, a SIMD-group function called by only some lanes.
+// * Schedules (qsim_set_schedule): the order in which simdgroups and lanes
+//   take their turns. A lane runs from one sync point (barrier or
+//   SIMD-group function) to the next without interruption: fibers switch
+//   only there, so the schedule decides the order of these stretches, never
+//   an interleaving inside one. Ascending (the default) and descending run
+//   each simdgroup from one barrier to the next before the next simdgroup,
+//   in simdgroup order, and its lanes in lane order at every step. Random
+//   (seeded) takes one step (every lane to its next sync point) of a
+//   simdgroup picked at random among those that can go on, so simdgroups
+//   interleave at SIMD-group functions, and orders the lanes of each step
+//   by a fresh random permutation.
+// * Race detector (qsim_set_race_detector, on by default): shadow state on
+//   threadgroup memory records, per byte, the last write and the reads
+//   that a later write must be checked against, each with the thread, its
+//   barrier interval and the code address. A byte touched by two threads in
+//   the same barrier interval, at least one of them writing, is reported
+//   with both accesses' source lines, whatever the schedule. A barrier
+//   interval ends where a threadgroup barrier with mem_threadgroup opens
+//   (CUDA: __syncthreads). Lanes of one simdgroup are ordered, within an
+//   interval, only by a SIMD-group barrier that orders threadgroup memory
+//   (simdgroup_barrier(mem_threadgroup); CUDA: __syncwarp): MSL gives other
+//   SIMD-group functions (simd_sum, shuffles, ...) no memory ordering, nor
+//   does CUDA give it to shuffles, so they do not order the lanes' accesses.
 // * Memory: every buffer lives alone in a 1 GiB slot of a reserved address
 //   range, surrounded by inaccessible pages. The kernel translation unit is
 //   compiled with -fsanitize-coverage=trace-loads,trace-stores, so each of
@@ -220,6 +243,7 @@ struct Fiber {
   const char* op = nullptr;
   const char* file = nullptr;
   int line = 0;
+  bool orders_memory = false; // the sync point it waits at orders threadgroup memory
   unsigned simd_seq = 0; // SIMD-group functions completed
   unsigned sg = 0, lane = 0;
   ThreadContext ctx_values;
@@ -242,6 +266,53 @@ struct Launch {
 };
 Launch g_launch;
 int64_t g_threadgroup_limit = 32768; // Apple GPUs; qsim_set_threadgroup_limit
+
+// ---------------------------------------------------------------------------
+// The schedules
+// ---------------------------------------------------------------------------
+
+enum class Schedule : int { Ascending = 0, Descending = 1, Random = 2 };
+Schedule g_schedule = Schedule::Ascending;
+uint64_t g_rng = 0; // the random schedule's state (splitmix64)
+
+uint64_t next_random() {
+  uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The order in which items 0 .. n - 1 (simdgroups or lanes) take a turn.
+void turn_order(unsigned* order, unsigned n) {
+  for (unsigned i = 0; i < n; ++i) {
+    order[i] = g_schedule == Schedule::Descending ? n - 1 - i : i;
+  }
+  if (g_schedule == Schedule::Random) {
+    for (unsigned i = n; i > 1; --i) {
+      std::swap(order[i - 1], order[next_random() % i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Barrier intervals (the race detector's clock)
+// ---------------------------------------------------------------------------
+
+// The running threadgroup's barrier interval: it changes at the start of a
+// threadgroup and where a barrier that orders threadgroup memory opens.
+// Numbered through the launch, so that shadow entries of an earlier
+// interval or threadgroup never match (0: no access).
+uint32_t g_interval = 0;
+const char* g_interval_file = nullptr; // the barrier that opened it (nullptr: the threadgroup's start)
+int g_interval_line = 0;
+// Per simdgroup: SIMD-group barriers that ordered threadgroup memory.
+uint32_t g_simd_interval[kMaxThreads / kSimd];
+
+void begin_interval(const char* file, int line) {
+  ++g_interval;
+  g_interval_file = file;
+  g_interval_line = line;
+}
 
 void fiber_main();
 
@@ -348,28 +419,61 @@ bool same_site(const Fiber& a, const Fiber& b) {
       (a.file == b.file || (a.file && b.file && strcmp(a.file, b.file) == 0));
 }
 
-// Runs the lanes of simdgroup sg until none can go on; completes every
-// SIMD-group function that all its lanes wait at.
-void run_simdgroup(unsigned sg) {
+// One step of simdgroup sg: runs each of its lanes that can go on (in the
+// schedule's lane order) until it waits or returns. Returns true when every
+// lane then waits at the same SIMD-group function, which completes (the
+// lanes can go on); false when the simdgroup cannot go on before a barrier
+// opens (or never: finished, or a misuse the scheduler reports).
+bool step_simdgroup(unsigned sg) {
   const unsigned first = sg * kSimd;
   const unsigned last = std::min(g_launch.n_threads, first + kSimd);
-  for (;;) {
-    for (unsigned t = first; t < last; ++t) {
-      if (g_fibers[t].state == State::Runnable) {
-        resume(g_fibers[t]);
+  unsigned order[kSimd];
+  turn_order(order, last - first);
+  for (unsigned i = 0; i < last - first; ++i) {
+    Fiber& f = g_fibers[first + order[i]];
+    if (f.state == State::Runnable) {
+      resume(f);
+    }
+  }
+  const Fiber& lead = g_fibers[first];
+  bool complete = lead.state == State::AtSimd;
+  bool orders_memory = true;
+  for (unsigned t = first; complete && t < last; ++t) {
+    complete = g_fibers[t].state == State::AtSimd && same_site(g_fibers[t], lead) &&
+        g_fibers[t].simd_seq == lead.simd_seq;
+    orders_memory = orders_memory && g_fibers[t].orders_memory;
+  }
+  if (!complete) {
+    return false;
+  }
+  if (orders_memory) {
+    ++g_simd_interval[sg];
+  }
+  for (unsigned t = first; t < last; ++t) {
+    g_fibers[t].state = State::Runnable;
+  }
+  return true;
+}
+
+// Runs the threadgroup's simdgroups until none can go on before a barrier
+// opens, in the schedule's order: ascending and descending take the
+// simdgroups one after another, each as far as it goes; random interleaves
+// them, one step of a simdgroup picked at random at a time.
+void run_simdgroups(unsigned n_sg) {
+  unsigned order[kMaxThreads / kSimd];
+  turn_order(order, n_sg);
+  if (g_schedule != Schedule::Random) {
+    for (unsigned i = 0; i < n_sg; ++i) {
+      while (step_simdgroup(order[i])) {
       }
     }
-    const Fiber& lead = g_fibers[first];
-    bool complete = lead.state == State::AtSimd;
-    for (unsigned t = first + 1; complete && t < last; ++t) {
-      complete = g_fibers[t].state == State::AtSimd && same_site(g_fibers[t], lead) &&
-          g_fibers[t].simd_seq == lead.simd_seq;
-    }
-    if (!complete) {
-      return;
-    }
-    for (unsigned t = first; t < last; ++t) {
-      g_fibers[t].state = State::Runnable;
+    return;
+  }
+  unsigned n_live = n_sg;
+  while (n_live > 0) {
+    const unsigned k = static_cast<unsigned>(next_random() % n_live);
+    if (!step_simdgroup(order[k])) {
+      order[k] = order[--n_live];
     }
   }
 }
@@ -455,10 +559,10 @@ void run_threadgroup() {
     c.threadgroup_memory = g_regions[kThreadgroupSlot].data;
     c.threadgroup_memory_length = g_launch.tg_length;
   }
+  begin_interval(nullptr, 0);
+  std::fill(g_simd_interval, g_simd_interval + n_sg, 0u);
   for (;;) {
-    for (unsigned sg = 0; sg < n_sg; ++sg) {
-      run_simdgroup(sg);
-    }
+    run_simdgroups(n_sg);
     // No thread can go on: all finished, or all wait at one barrier.
     unsigned done = 0, at_barrier = 0;
     const Fiber* first_barrier = nullptr;
@@ -502,8 +606,13 @@ void run_threadgroup() {
             site(g_fibers[t]).c_str()));
       }
     }
+    bool orders_memory = true;
     for (unsigned t = 0; t < n; ++t) {
+      orders_memory = orders_memory && g_fibers[t].orders_memory;
       g_fibers[t].state = State::Runnable;
+    }
+    if (orders_memory) {
+      begin_interval(first_barrier->file, first_barrier->line);
     }
   }
 }
@@ -531,6 +640,116 @@ std::string who(const void* pc) {
       "%s of %u bytes through [[buffer(%lld)]], an argument absent from this "
       "pipeline because its function constant is false%s",
       kind_name(write), n, static_cast<long long>(index), who(pc).c_str()));
+}
+
+// ---------------------------------------------------------------------------
+// The race detector (threadgroup memory)
+// ---------------------------------------------------------------------------
+
+struct Access {
+  uint32_t interval = 0; // barrier interval (0: none)
+  uint32_t simd_interval = 0; // of the thread's simdgroup, then
+  uint16_t thread = 0; // index in the threadgroup
+  uint16_t bytes = 0; // size of the access
+  const void* pc = nullptr;
+};
+
+// What a byte's next access is checked against. A read races with the last
+// write alone: an earlier write of the interval by another thread either
+// raced with the last one (and was reported) or is ordered before the last
+// one, and so before the read whenever the last one is. A write races with
+// any read of the interval by another thread that is not ordered before it;
+// three reads decide whether one exists:
+// * the last read, and the last read by a simdgroup other than the last
+//   reader's: when both exist, one of them is of another simdgroup than the
+//   writer's, and races with it;
+// * the last read by a lane of the last reader's simdgroup other than the
+//   last reader: for a writer of that simdgroup (reads of its earlier SIMD
+//   intervals are ordered before it, and the last reads are the latest),
+//   the last read races with it unless the writer is the last reader, and
+//   then this one decides.
+struct ByteShadow {
+  Access write;
+  Access read;
+  Access read_other_simdgroup;
+  Access read_other_lane;
+};
+
+bool g_race_detector = true;
+std::vector<ByteShadow> g_shadow; // one per byte of threadgroup memory
+
+// Whether two accesses by different threads are unordered: the same barrier
+// interval, and for lanes of one simdgroup the same SIMD interval too.
+bool unordered(const Access& a, const Access& b) {
+  return a.interval != 0 && a.interval == b.interval && a.thread != b.thread &&
+      (a.thread / kSimd != b.thread / kSimd || a.simd_interval == b.simd_interval);
+}
+
+std::string thread_in_group(unsigned t) {
+  const Fiber& f = g_fibers[t];
+  const auto* p = f.ctx_values.values[int(Builtin::thread_position_in_threadgroup)];
+  return format("thread (%u,%u,%u) [simdgroup %u, lane %u]", p[0], p[1], p[2], f.sg, f.lane);
+}
+
+[[noreturn]] void fail_race(int64_t byte, const Access& earlier, bool earlier_write, const Access& later, bool later_write) {
+  const bool same_sg = earlier.thread / kSimd == later.thread / kSimd;
+  const char* base = g_interval_file ? strrchr(g_interval_file, '/') : nullptr;
+  const std::string since = g_interval_file
+      ? format("threadgroup_barrier at %s:%d", base ? base + 1 : g_interval_file, g_interval_line)
+      : std::string("the threadgroup's start");
+  fail(format(
+      "data race on threadgroup memory of %s at byte offset %lld: %s of %u bytes by %s%s, then "
+      "%s of %u bytes by %s%s, with no %s between them (both since %s)",
+      group_name().c_str(), static_cast<long long>(byte), kind_name(earlier_write), earlier.bytes,
+      thread_in_group(earlier.thread).c_str(), describe_pc(earlier.pc).c_str(), kind_name(later_write),
+      later.bytes, thread_in_group(later.thread).c_str(), describe_pc(later.pc).c_str(),
+      same_sg ? "threadgroup barrier or SIMD-group barrier ordering threadgroup memory"
+              : "threadgroup barrier ordering threadgroup memory",
+      since.c_str()));
+}
+
+void record_read(ByteShadow& b, const Access& me) {
+  if (b.read.interval != me.interval) {
+    b.read = me;
+    b.read_other_simdgroup = Access();
+    b.read_other_lane = Access();
+  } else if (b.read.thread / kSimd == me.thread / kSimd) {
+    if (b.read.thread != me.thread) {
+      b.read_other_lane = b.read;
+    }
+    b.read = me;
+  } else {
+    b.read_other_simdgroup = b.read;
+    b.read_other_lane = Access();
+    b.read = me;
+  }
+}
+
+// An access of n bytes at byte offset off of threadgroup memory by the
+// running thread.
+void check_race(int64_t off, unsigned n, bool write, const void* pc) {
+  Access me;
+  me.thread = static_cast<uint16_t>(g_current - g_fibers);
+  me.interval = g_interval;
+  me.simd_interval = g_simd_interval[me.thread / kSimd];
+  me.bytes = static_cast<uint16_t>(n);
+  me.pc = pc;
+  for (unsigned i = 0; i < n; ++i) {
+    ByteShadow& b = g_shadow[off + i];
+    if (unordered(b.write, me)) {
+      fail_race(off + i, b.write, true, me, write);
+    }
+    if (!write) {
+      record_read(b, me);
+      continue;
+    }
+    for (const Access* r : {&b.read, &b.read_other_simdgroup, &b.read_other_lane}) {
+      if (unordered(*r, me)) {
+        fail_race(off + i, *r, false, me, true);
+      }
+    }
+    b.write = me;
+  }
 }
 
 void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
@@ -571,6 +790,9 @@ void check_arena(uintptr_t a, unsigned n, bool write, const void* pc) {
         "%s of %u bytes at byte offset %lld of %s: not %u-byte aligned%s",
         kind_name(write), n, static_cast<long long>(off),
         tg ? "threadgroup memory" : ("buffer '" + r.name + "'").c_str(), n, who(pc).c_str()));
+  }
+  if (tg && g_race_detector && g_current) {
+    check_race(off, n, write, pc);
   }
   uint8_t* sh = r.written.data() + off;
   if (!write) {
@@ -650,12 +872,14 @@ const unsigned char* simd_exchange(
     const char* file,
     int line,
     unsigned* lanes,
-    unsigned* lane) {
+    unsigned* lane,
+    bool orders_threadgroup_memory) {
   Fiber* f = g_current;
   const unsigned sg = f->sg;
   uint8_t* slots = g_launch.simd_slots.data() + (sg * 2 + (f->simd_seq & 1)) * kSimd * 16;
   std::memcpy(slots + f->lane * 16, value, size);
   f->state = State::AtSimd;
+  f->orders_memory = orders_threadgroup_memory;
   f->op = op;
   f->file = file;
   f->line = line;
@@ -666,9 +890,10 @@ const unsigned char* simd_exchange(
   return slots;
 }
 
-void threadgroup_barrier(const char* file, int line) {
+void threadgroup_barrier(const char* file, int line, bool orders_threadgroup_memory) {
   Fiber* f = g_current;
   f->state = State::AtBarrier;
+  f->orders_memory = orders_threadgroup_memory;
   f->op = "threadgroup_barrier";
   f->file = file;
   f->line = line;
@@ -746,6 +971,20 @@ extern "C" {
 
 void qsim_set_threadgroup_limit(int64_t bytes) {
   qsim::g_threadgroup_limit = bytes;
+}
+
+int qsim_set_schedule(int schedule, uint64_t seed) {
+  using qsim::Schedule;
+  if (schedule < int(Schedule::Ascending) || schedule > int(Schedule::Random)) {
+    return 1;
+  }
+  qsim::g_schedule = Schedule(schedule);
+  qsim::g_rng = seed;
+  return 0;
+}
+
+void qsim_set_race_detector(int on) {
+  qsim::g_race_detector = on != 0;
 }
 
 const char* qsim_last_error() {
@@ -959,6 +1198,8 @@ int qsim_launch(
     return 1;
   }
   Region& tg = g_regions[kThreadgroupSlot];
+  g_interval = 0;
+  g_shadow.assign(g_race_detector ? tg.size : 0, ByteShadow());
 
   // Faults that escape the checks end the launch with a report too.
   stack_t ss{};

@@ -10,6 +10,7 @@ by putting tests/sim on sys.path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -23,6 +24,38 @@ ROOT = Path(__file__).resolve().parents[2]
 SIM = Path(__file__).resolve().parent
 RUNTIME_SOURCE = SIM / "runtime.cpp"
 RUNTIME_INCLUDE = SIM / "include"
+
+
+# The runtime's schedules (qsim_set_schedule): how the threads of a
+# threadgroup take turns. A schedule is named "ascending", "descending" or
+# "random:SEED".
+SCHEDULE_CODES = {"ascending": 0, "descending": 1, "random": 2}
+
+
+def schedule_code(schedule: str) -> tuple[int, int]:
+    """(code, seed) of a schedule name, for qsim_set_schedule."""
+    name, _, seed = schedule.partition(":")
+    if name not in SCHEDULE_CODES or bool(seed) != (name == "random") or (seed and not seed.isdigit()):
+        raise ValueError(f"schedule {schedule!r}: expected 'ascending', 'descending' or 'random:SEED'")
+    return SCHEDULE_CODES[name], int(seed or 0)
+
+
+def set_schedule(lib: ctypes.CDLL, schedule: str) -> None:
+    """Runs the launches that follow on a library under `schedule`."""
+    code, seed = schedule_code(schedule)
+    if lib.qsim_set_schedule(code, seed):
+        raise ValueError(f"the runtime refused schedule {schedule!r}")
+
+
+@contextlib.contextmanager
+def scheduled(lib: ctypes.CDLL, schedule: str):
+    """A library's launches under `schedule` inside the block, ascending
+    after it."""
+    set_schedule(lib, schedule)
+    try:
+        yield
+    finally:
+        set_schedule(lib, "ascending")
 
 
 class SimulatorError(RuntimeError):
@@ -136,6 +169,8 @@ def load_runtime(path: Path) -> ctypes.CDLL:
     lib.qsim_kernel_names.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.qsim_function_constants.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.qsim_set_threadgroup_limit.argtypes = [ctypes.c_int64]
+    lib.qsim_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    lib.qsim_set_race_detector.argtypes = [ctypes.c_int]
     lib.qsim_launch.argtypes = [
         ctypes.c_char_p,
         ctypes.c_int,

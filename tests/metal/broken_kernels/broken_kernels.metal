@@ -146,3 +146,86 @@ constant bool fc_never_set [[function_constant(7)]];
     *((device float*)((device uchar*)out + 2)) = 1.0f;
   }
 }
+
+// Races on threadgroup memory (the race detector). Each touches a byte from
+// two threads in one barrier interval, at least one of them writing.
+
+// Simdgroup 0 reads what simdgroup 1 then overwrites, with no barrier
+// between (write-after-read).
+[[kernel]] void write_after_read(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sgid [[simdgroup_index_in_threadgroup]]) {
+  tg[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sgid == 0) {
+    out[tid] = tg[tid + 32]; // the read
+  } else {
+    tg[tid] = 0.0f; // the write
+  }
+}
+
+// Simdgroup 0 writes what the other simdgroups read, with no barrier
+// between (read-after-write). The bytes hold an earlier value, so no read
+// is of an unwritten byte; simdgroup 0 reads only its own lanes' writes.
+[[kernel]] void read_after_write(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sgid [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  tg[tid] = 0.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sgid == 0) {
+    tg[lane] = float(lane + 1); // the write
+  }
+  out[tid] = tg[lane]; // the read
+}
+
+// Two simdgroups write the same bytes in one interval.
+[[kernel]] void write_after_write(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  tg[lane] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tg[lane];
+}
+
+// A barrier without mem_threadgroup between a write and another
+// simdgroup's read: it orders device memory only.
+[[kernel]] void barrier_without_threadgroup_flag(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint3 tpg [[threads_per_threadgroup]]) {
+  tg[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_device);
+  out[tid] = tg[(tid + 32) % tpg.x];
+}
+
+// Lane 0 writes, the other lanes of its simdgroup read after a simd_sum,
+// which exchanges values but orders no memory. With `ordered` set, a
+// simdgroup_barrier(mem_threadgroup) orders them instead (clean);
+// `execution_only` uses simdgroup_barrier(mem_none) (a race).
+constant bool fc_ordered [[function_constant(3)]];
+constant bool fc_execution_only [[function_constant(4)]];
+[[kernel]] void lanes_share_threadgroup_memory(
+    device float* out [[buffer(0)]],
+    threadgroup float* tg [[threadgroup(0)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sgid [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  if (lane == 0) {
+    tg[sgid] = float(sgid + 1); // the write
+  }
+  if (fc_ordered) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  } else if (fc_execution_only) {
+    simdgroup_barrier(mem_flags::mem_none);
+  }
+  const float s = simd_sum(float(lane));
+  out[tid] = tg[sgid] + s; // the read
+}

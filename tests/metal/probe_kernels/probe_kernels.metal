@@ -97,3 +97,20 @@ constant int fc_scale [[function_constant(0)]];
     out[0] = total;
   }
 }
+
+// The order in which the simulator runs threads: each thread appends its
+// index to a log in device memory (log[0] counts the entries) twice, with
+// a SIMD-group function between, where the scheduler may switch
+// simdgroups. Device memory is not race-checked, and the simulator runs one
+// fiber at a time, so the log is the order of the threads' turns.
+[[kernel]] void turn_order(
+    device uint* log [[buffer(0)]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  uint at = log[0];
+  log[0] = at + 1;
+  log[1 + at] = tid;
+  simdgroup_barrier(mem_flags::mem_none);
+  at = log[0];
+  log[0] = at + 1;
+  log[1 + at] = tid;
+}

@@ -30,4 +30,11 @@ int qsim_launch(
 // The largest threadgroup memory a launch may ask for: 32768 bytes (Apple
 // GPUs) unless changed; the CUDA front end raises it to its per-block limit.
 void qsim_set_threadgroup_limit(int64_t bytes);
+// The order in which the threads of a threadgroup run (runtime.cpp, "The
+// schedules"): 0 ascending (the default), 1 descending, 2 random from
+// `seed`. Applies to the launches that follow; returns 0, or 1 for an
+// unknown schedule.
+int qsim_set_schedule(int schedule, uint64_t seed);
+// The race detector on threadgroup memory: on (1, the default) or off (0).
+void qsim_set_race_detector(int on);
 }

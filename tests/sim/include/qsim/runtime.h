@@ -69,6 +69,11 @@ struct FunctionConstantInfo {
 // waits until every lane of the simdgroup called the same function at the
 // same place. Returns the 32 lanes' values, 16 bytes apart; `lanes` receives
 // the number of lanes of this simdgroup and `lane` the caller's index.
+// `orders_threadgroup_memory`: the function is a SIMD-group barrier that
+// orders the lanes' threadgroup memory accesses (Metal's
+// simdgroup_barrier(mem_threadgroup), CUDA's __syncwarp); other SIMD-group
+// functions exchange values only, and the race detector treats the lanes'
+// accesses on either side of them as unordered.
 const unsigned char* simd_exchange(
     const void* value,
     unsigned size,
@@ -76,11 +81,14 @@ const unsigned char* simd_exchange(
     const char* file,
     int line,
     unsigned* lanes,
-    unsigned* lane);
+    unsigned* lane,
+    bool orders_threadgroup_memory = false);
 
 // threadgroup_barrier: waits until every thread of the threadgroup reached
-// this same barrier.
-void threadgroup_barrier(const char* file, int line);
+// this same barrier. `orders_threadgroup_memory` is false for a barrier
+// without mem_threadgroup (Metal's mem_none, mem_device): it synchronises
+// execution but does not end the race detector's barrier interval.
+void threadgroup_barrier(const char* file, int line, bool orders_threadgroup_memory = true);
 
 // The running thread's launch values (for front ends whose kernels read
 // them through globals, as CUDA's threadIdx: tests/cuda/sim).

@@ -154,14 +154,17 @@ namespace qsim_cuda {
 
 // Every lane's `value` (<= 16 bytes); `mask` must name the whole warp (the
 // kernels' collectives all do).
+// orders_memory: the collective orders the lanes' shared memory accesses
+// (__syncwarp does; shuffles and votes do not), for the race detector.
 template <typename T>
-const unsigned char* exchange(unsigned mask, const T& value, const char* op, const char* file, int line) {
+const unsigned char* exchange(
+    unsigned mask, const T& value, const char* op, const char* file, int line, bool orders_memory = false) {
   static_assert(sizeof(T) <= 16, "one exchange carries 16 bytes per lane");
   if (mask != 0xffffffffu) {
     qsim::kernel_fault("warp collective with a partial lane mask (not modelled)");
   }
   unsigned lanes = 0, lane = 0;
-  const unsigned char* all = qsim::simd_exchange(&value, sizeof(T), op, file, line, &lanes, &lane);
+  const unsigned char* all = qsim::simd_exchange(&value, sizeof(T), op, file, line, &lanes, &lane, orders_memory);
   if (lanes != 32) {
     qsim::kernel_fault("warp collective in a partial warp");
   }
@@ -207,7 +210,7 @@ T __shfl_sync(
 // their memory accesses (the fibers of a warp run one after another between
 // collectives).
 inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  qsim_cuda::exchange(mask, 0, "__syncwarp", file, line);
+  qsim_cuda::exchange(mask, 0, "__syncwarp", file, line, true);
 }
 
 inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {

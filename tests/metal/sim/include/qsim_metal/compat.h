@@ -27,7 +27,8 @@
 //   `float4(a, b, c, d)` is not C++: build vectors by component instead.
 // * SIMD-group functions and barriers call the runtime (runtime.h), which
 //   runs each threadgroup's threads as cooperative fibers with 32-lane
-//   simdgroups and reports misuse.
+//   simdgroups, in the order of the launch's schedule, and reports misuse
+//   and races on threadgroup memory.
 #pragma once
 
 #include <cmath>
@@ -247,17 +248,25 @@ inline mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags(int(a) | int(b));
 }
 
+inline bool orders_threadgroup_memory(mem_flags flags) {
+  return (int(flags) & int(mem_flags::mem_threadgroup)) != 0;
+}
+
+// Every thread of the threadgroup must reach the same barrier (checked).
 // The simulator runs threads one after another, so every write is visible
-// at once: the flags only document intent. What is checked is that every
-// thread of the threadgroup reaches the same barrier.
-inline void threadgroup_barrier(mem_flags, QSIM_SITE_PARAMS) {
-  qsim::threadgroup_barrier(QSIM_SITE_ARGS);
+// at once; the flags matter to the race detector: only a barrier with
+// mem_threadgroup orders threadgroup memory accesses across it.
+inline void threadgroup_barrier(mem_flags flags, QSIM_SITE_PARAMS) {
+  qsim::threadgroup_barrier(QSIM_SITE_ARGS, orders_threadgroup_memory(flags));
 }
 
 // ---------------------------------------------------------------------------
 // SIMD-group functions. Each one waits for all 32 lanes (the lanes that
 // exist in a partial last simdgroup) to call it at the same source line,
-// then every lane computes its result from all lanes' values.
+// then every lane computes its result from all lanes' values. Only
+// simdgroup_barrier with mem_threadgroup orders the lanes' threadgroup
+// memory accesses for the race detector: MSL gives the others no memory
+// ordering.
 // ---------------------------------------------------------------------------
 namespace detail {
 
@@ -269,10 +278,10 @@ struct Lanes {
 };
 
 template <typename T>
-inline Lanes<T> exchange(T x, const char* op, const char* file, int line) {
+inline Lanes<T> exchange(T x, const char* op, const char* file, int line, bool orders_memory = false) {
   static_assert(sizeof(T) <= 16, "SIMD-group values are at most 16 bytes");
   Lanes<T> r;
-  const unsigned char* all = qsim::simd_exchange(&x, sizeof(T), op, file, line, &r.n, &r.me);
+  const unsigned char* all = qsim::simd_exchange(&x, sizeof(T), op, file, line, &r.n, &r.me, orders_memory);
   for (unsigned i = 0; i < r.n; ++i) {
     std::memcpy(&r.v[i], all + 16 * i, sizeof(T));
   }
@@ -281,8 +290,8 @@ inline Lanes<T> exchange(T x, const char* op, const char* file, int line) {
 
 } // namespace detail
 
-inline void simdgroup_barrier(mem_flags, QSIM_SITE_PARAMS) {
-  detail::exchange(0, "simdgroup_barrier", QSIM_SITE_ARGS);
+inline void simdgroup_barrier(mem_flags flags, QSIM_SITE_PARAMS) {
+  detail::exchange(0, "simdgroup_barrier", QSIM_SITE_ARGS, orders_threadgroup_memory(flags));
 }
 
 template <typename T>
