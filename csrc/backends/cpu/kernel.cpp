@@ -7,18 +7,26 @@
 // width follows from the target: 16 floats with AVX-512, 8 with AVX2, 4 with
 // SSE4 or NEON.
 //
-// Per block of kb keys, an item
-//  1. decodes the keys into Kt[D][kb], keys along the vector lanes: the
-//     packed words of the block are transposed first (one 32-bit word holds
-//     4 to 32 elements, so this moves little), then each word vector yields
-//     its elements for W keys at once, scaled by per-key scale vectors;
-//  2. decodes the values into Vf[kb][D], head dim along the lanes;
-//  3. per tile of up to 4 query rows: S = Q Kt, register-blocked with the
-//     scores of W keys per accumulator (no horizontal sums), the masks, the
-//     online softmax on S, then O += P Vf, register-blocked over D.
+// Per block of keys, an item takes one of two paths.
+//
+// Items of few query rows (decoding: the rows of a GQA group at one or a few
+// positions) take the fused path: the block's key words are transposed
+// (keys along the vector lanes; one 32-bit word holds 4 to 32 elements, so
+// this moves little) and its value rows kept in "value order"; then, per
+// tile of up to 8 query rows, each vector of codes goes from the words to
+// the FMAs in registers, and a group's scale and bias are applied once per
+// group (the scores as s * (q . c) + b * sum(q), the outputs as (p * s) . c
+// plus sum(p * b)), with the masks and the online softmax between the two.
+//
+// Items of many rows (prefill) decode each block once into float tiles,
+// Kt[D][kb] (keys along the lanes) and Vf[kb][D], which every tile of 4 rows
+// then reads: S = Q Kt register-blocked with the scores of W keys per
+// accumulator (no horizontal sums), the masks, the online softmax, then
+// O += P Vf, register-blocked over D.
+//
 // Scores are in base-2 units (queries are pre-multiplied by scale * log2 e),
-// so the exponentials are exp2. A block's decoded K and V serve every query
-// row of the item: the G heads of a GQA group and every query position.
+// so the exponentials are exp2. A block's staged or decoded K and V serve
+// every query row of the item.
 #include <cstdint>
 #include <cstring>
 #include <utility>
