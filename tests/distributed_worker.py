@@ -1,7 +1,7 @@
-"""One rank of tests/test_distributed.py's launched run (mlx.launch, ring backend).
+"""One rank of tests/test_distributed_launch.py's run (mlx.launch, ring backend).
 
-``python distributed_worker.py OUTDIR`` under ``mlx.launch -n 2``: every rank
-computes
+``python distributed_worker.py OUTDIR [MODEL_DIR]`` under ``mlx.launch -n 2``:
+every rank computes
 
 * ``sharded_quant_sdpa`` of each case of ``OP_CASES`` over its shard of the
   case's cache (the inputs are the seeded ones of qsdpa_case.build, the same
@@ -10,6 +10,8 @@ computes
   context-parallel cache of ``mlx_qsdpa.distributed.make_cache``, and with a
   tensor-parallel model (``model.shard(group)``) over mlx-lm's
   ``QuantizedKVCache`` under ``mlx_qsdpa.mlx_lm.patch()``;
+* ``python -m mlx_qsdpa.distributed`` (its function, in this process) on the
+  saved model of MODEL_DIR with the prompt of MODEL_DIR/prompt.txt;
 
 and writes what it got to ``OUTDIR/rank<r>.npz``. The test compares that
 with the single-process results and the float64 oracle.
@@ -130,7 +132,7 @@ def generate_tensor_parallel(group, bits: int = 4):
     return np.array(toks), np.array(lps), np.array([s["routed"], s["fallback"]])
 
 
-def main(outdir: str) -> None:
+def main(outdir: str, model_dir: Optional[str]) -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     assert group.size() == 2, group.size()
@@ -148,19 +150,41 @@ def main(outdir: str) -> None:
         results[f"cp_{name}_rank_lengths"] = lengths
     toks, lps, stats = generate_tensor_parallel(group)
     results["tp_tokens"], results["tp_logprobs"], results["tp_stats"] = toks, lps, stats
+    finish()
+    if model_dir is not None:
+        with open(os.path.join(model_dir, "prompt.txt")) as f:
+            results["command_stdout"], results["command_stderr"] = map(np.array, run_generate_command(model_dir, f.read()))
     np.savez(os.path.join(outdir, f"rank{rank}.npz"), **results)
-    finish(group)
 
 
-def finish(group) -> None:
-    """Waits for the other ranks before exiting. mlx-lm's generate_step
-    leaves the step after its last token evaluating on its stream; a rank
-    that exits meanwhile cuts the others' collectives of that step short."""
+def finish() -> None:
+    """Waits for the last step before exiting. mlx-lm's generate_step leaves
+    the step after its last token evaluating on its stream; a rank that
+    exits meanwhile cuts the other's collectives of that step short."""
     from mlx_lm.generate import generation_stream
 
     mx.synchronize(generation_stream)
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
+def run_generate_command(model_dir: str, prompt: str) -> Tuple[str, str]:
+    """``python -m mlx_qsdpa.distributed`` run in this rank: (stdout, stderr)."""
+    import contextlib
+    import io
+
+    import mlx_qsdpa.distributed as dist
+
+    argv, sys.argv = sys.argv, ["mlx_qsdpa.distributed", *GENERATE_ARGS, "--model", model_dir, "--prompt", prompt]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            dist._generate_command()
+    finally:
+        sys.argv = argv
+    return out.getvalue(), err.getvalue()
+
+
+GENERATE_ARGS = ("--kv-bits", "4", "--max-tokens", "24", "--ignore-chat-template", "--prefill-step-size", "64")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -12,6 +12,7 @@ instead of blocking the suite.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,6 +74,12 @@ def ranks(tmp_path_factory):
         _launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()),
         "--python", sys.executable, "--", WORKER, str(outdir),
     ]  # fmt: skip
+    if HAVE_MLX_LM:
+        import test_mlx_lm as t
+
+        model_dir = tmp_path_factory.mktemp("model")
+        (model_dir / "prompt.txt").write_text(t._saved_model(model_dir))
+        cmd.append(str(model_dir))
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -98,6 +105,8 @@ def test_ranks_get_the_same_results(ranks):
     # (what keeps their generations in step).
     assert ranks[0].keys() == ranks[1].keys()
     for k in ranks[0]:
+        if k.startswith("command_"):  # rank 0 prints, the others do not
+            continue
         assert np.array_equal(ranks[0][k], ranks[1][k], equal_nan=True), k
 
 
@@ -218,3 +227,25 @@ def test_patch_under_tensor_parallel_model_two_ranks(ranks):
     routed, fallback = ranks[0]["tp_stats"]
     assert routed > 0 and fallback == 0
     t.assert_same_generation(ref, (list(ranks[0]["tp_tokens"]), mx.array(ranks[0]["tp_logprobs"])))
+
+
+@needs_mlx_lm
+def test_generate_command_two_ranks(ranks, tmp_path, monkeypatch, capsys):
+    """``mlx.launch -n 2 ... -m mlx_qsdpa.distributed``: rank 0 prints the
+    text a single process prints (a group of one), rank 1 nothing; both
+    ranks hold tokens."""
+    import mlx_qsdpa.distributed as dist
+    import test_mlx_lm as t
+    from distributed_worker import GENERATE_ARGS
+
+    prompt = t._saved_model(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mlx_qsdpa.distributed", *GENERATE_ARGS, "--model", str(tmp_path), "--prompt", prompt])
+    assert dist._generate_command() == 0
+    single = capsys.readouterr()
+    assert "context-parallel over 1 rank(s)" in single.err
+    text = single.out.split("==========")[1].strip()
+    assert len(set(text.split())) > 8
+    assert str(ranks[0]["command_stdout"]).split("==========")[1].strip() == text
+    assert str(ranks[1]["command_stdout"]) == ""
+    held = re.search(r"context-parallel over 2 rank\(s\): tokens held per rank \[(\d+), (\d+)\]", str(ranks[0]["command_stderr"]))
+    assert held and min(int(held[1]), int(held[2])) > 0, str(ranks[0]["command_stderr"])

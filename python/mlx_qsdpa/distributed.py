@@ -428,19 +428,22 @@ def _generate_command() -> int:
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             generate.main()
+        # generate_step leaves the step after the last token evaluating: a
+        # rank that exits before it ends cuts the other ranks' all_gathers short.
+        mx.synchronize(generate.generation_stream)
     finally:
         for name, fn in saved.items():
             setattr(generate, name, fn)
         if quiet:
             quiet.close()
-    if group.rank() == 0 and caches:
-        sharded = [c for c in caches[-1] if isinstance(c, ContextParallelKVCache)]
-        if sharded:
-            print(
-                f"mlx_qsdpa: context-parallel over {group.size()} ranks: "
-                f"tokens held per rank {sharded[0].rank_lengths} (of {sharded[0].offset})",
-                file=sys.stderr,
-            )
+    sharded = [c for c in caches[-1] if isinstance(c, ContextParallelKVCache)] if caches else []
+    if group.rank() == 0 and sharded:
+        sys.stdout.flush()
+        print(
+            f"mlx_qsdpa: context-parallel over {group.size()} rank(s): "
+            f"tokens held per rank {sharded[0].rank_lengths} (of {sharded[0].offset})",
+            file=sys.stderr,
+        )
     return 0
 
 
