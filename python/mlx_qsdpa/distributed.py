@@ -7,7 +7,7 @@ per call, 16.5 KB for a decode step of 32 heads of 128 -- gives every rank
 the exact merge (:func:`mlx_qsdpa.merge_attention`). Nothing else crosses
 the network: the cache never moves. ::
 
-    # mlx.launch -n 2 --hosts ... script.py; every rank runs:
+    # mlx.launch --hostfile hosts.json --python PYTHON -- script.py; every rank runs:
     import mlx.core as mx
     from mlx_qsdpa.distributed import sharded_quant_sdpa
 
@@ -20,13 +20,14 @@ the network: the cache never moves. ::
     cache = mlx_qsdpa.distributed.make_cache(model, bits=4)
     mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
 
-    mlx.launch -n 2 --hosts ... -m mlx_qsdpa.distributed --model ... --kv-bits 4 --prompt ...
-                                     # mlx-lm's generate command, context-parallel
+    # mlx-lm's generate command, context-parallel:
+    mlx.launch --hostfile hosts.json --python PYTHON -- -m mlx_qsdpa.distributed --model ... --kv-bits 4 --prompt ...
 
 Each rank needs the queries: the model (its weights) is on every rank, and
-every rank computes every token; only attention is split. The ranks must
-compute the same logits bit for bit (the same MLX, the same CPU kernel
-variant or GPU) so that they sample the same tokens.
+every rank computes every token; only attention is split. Every rank merges
+the same gathered values, so attention agrees to the bit; the rest of the
+model must too (the same MLX on the same kind of machine), so that the ranks
+sample the same tokens.
 """
 
 from __future__ import annotations
