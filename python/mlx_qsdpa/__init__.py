@@ -25,6 +25,7 @@ __version__ = _build_info.version
 
 __all__ = [
     "quant_sdpa",
+    "merge_attention",
     "quantize",
     "dequantize",
     "rotation_matrix",
@@ -84,6 +85,7 @@ else:
         dequantize,
         rotation_matrix,
     )
+    from ._merge import merge_attention
     from . import fast
 
 
