@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds benchmarks/cpu/kernel_bench.cpp with the x86-64-v3 variant of the
 # CPU kernel (the flags of cmake/cpu_variants.cmake) and runs it:
-#   bash benchmarks/cpu/kernel_bench.sh [Lk [bits [Lq [affine|turbo]]]]
+#   bash benchmarks/cpu/kernel_bench.sh [Lk [bits [Lq [MODE [group_size]]]]]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=build/kernel-bench

@@ -406,7 +406,7 @@ inline bool fused_item(int rows) {
 
 struct Layout {
   int kb;
-  size_t q, qf, o, refs, qsum, kt, vtile, s, st, bt, stmp, wt, row, tail, vs, vb, vw, vst, vbt, svec, ps, psv, bs,
+  size_t q, qf, o, refs, qsum, kt, vtile, s, st, bt, stmp, wt, row, tail, vs, vb, vw, vst, vbt, ps,
       total; // byte offsets
 };
 
@@ -450,10 +450,7 @@ Layout layout(const Problem& p, int max_rows, bool fused) {
   L.vw = fused_only(sizeof(vu) * kb * chunks);
   L.vst = fused_only(sizeof(float) * ng * kb);
   L.vbt = fused_only(sizeof(float) * ng * kb);
-  L.svec = fused_only(sizeof(vf) * kb * chunks);
   L.ps = fused_only(sizeof(float) * kOperandFloats * kFusedRows * ng * kb);
-  L.psv = fused_only(sizeof(vf) * kFusedRows * chunks * kb);
-  L.bs = fused_only(sizeof(float) * kFusedRows * ng);
   L.total = at;
   return L;
 }
@@ -479,10 +476,7 @@ struct Scratch {
   vu* vw; // [key][chunk]: the value rows' chunks of packed words (value order)
   float* vst; // [value group][key]: the value scales
   float* vbt; // [value group][key]: the value biases
-  vf* svec; // [key][chunk]: per-lane value scales of chunks that span groups
   float* ps; // [value group][row][key]: probability times value scale
-  vf* psv; // [chunk][row][key]: the same per lane, for chunks that span groups
-  float* bs; // [row][value group]: the block's sum of probability times bias
 };
 
 Scratch carve(const Layout& L, void* base) {
@@ -508,10 +502,7 @@ Scratch carve(const Layout& L, void* base) {
   s.vw = reinterpret_cast<vu*>(c + L.vw);
   s.vst = reinterpret_cast<float*>(c + L.vst);
   s.vbt = reinterpret_cast<float*>(c + L.vbt);
-  s.svec = reinterpret_cast<vf*>(c + L.svec);
   s.ps = reinterpret_cast<float*>(c + L.ps);
-  s.psv = reinterpret_cast<vf*>(c + L.psv);
-  s.bs = reinterpret_cast<float*>(c + L.bs);
   return s;
 }
 
@@ -1286,49 +1277,33 @@ constexpr bool kFusedValues =
     kFusedMaxRows > 0 && (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8 || (BITS == 3 && kPackedThreeBit));
 
 // A block's values for fused_output: each row's chunks (value_chunk) to
-// Vw[j * chunks + c], the scales and biases transposed to Vst / Vbt[g * kb +
-// j] (0 for padding keys), and where a chunk spans groups, its per-lane
-// scales to Svec[j * chunks + c].
+// Vw[j * chunks + c], and the scales and biases transposed to Vst / Vbt[g *
+// kb + j] (0 for padding keys).
 template <int MODE, int BITS, int SK>
 void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   constexpr int E = kLaneElems<BITS>;
   const QuantTensor& qv = p.v;
-  const int D = p.D, gs = qv.group_size, ng = D / gs, gshift = __builtin_ctz(gs), kb = sc.kb;
+  const int D = p.D, ng = D / qv.group_size, kb = sc.kb;
   const int words = D * BITS / 32, chunks = D / (W * E);
-  const bool one_group = W * E <= gs;
-  // Local copies (see stage_keys).
-  vu* const vw = sc.vw;
-  float* const vst = sc.vst;
-  float* const vbt = sc.vbt;
-  vf* const svec = sc.svec;
+  vu* const vw = sc.vw; // a local copy (see stage_keys)
   for (int j = 0; j < nk; ++j) {
-    const int64_t key = j0 + j;
-    const uint32_t* row = packed_row(qv, b, h, key, words, sc.row);
+    const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
     for (int c = 0; c < chunks; ++c) {
       vw[j * chunks + c] = value_chunk<BITS>(row, words, c);
     }
   }
   const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + j0 * qv.ss[2];
-  stage_scales<SK>(qv.scales, s0, qv.ss[2], qv.ss[3], nk, ng, kb, sc.stmp, vst);
+  stage_scales<SK>(qv.scales, s0, qv.ss[2], qv.ss[3], nk, ng, kb, sc.stmp, sc.vst);
   if constexpr (qsdpa::mode_has_bias(MODE)) {
     const int64_t b0 = b * qv.bs[0] + h * qv.bs[1] + j0 * qv.bs[2];
-    stage_scales<SK>(qv.biases, b0, qv.bs[2], qv.bs[3], nk, ng, kb, sc.stmp, vbt);
-  }
-  for (int j = 0; j < nk && !one_group; ++j) {
-    for (int c = 0; c < chunks; ++c) {
-      vf sv;
-      for (int l = 0; l < W; ++l) {
-        sv[l] = vst[(((c * W + l) * E) >> gshift) * kb + j];
-      }
-      svec[j * chunks + c] = sv;
-    }
+    stage_scales<SK>(qv.biases, b0, qv.bs[2], qv.bs[3], nk, ng, kb, sc.stmp, sc.vbt);
   }
 }
 
 // O[r * D + i] (value order) += the block's values weighted by the NR rows'
 // probabilities times scales: elements K0, K0 + 1, ... of every lane of chunk
-// c (of group g), kChains / NR elements at a time.
-template <int MODE, int BITS, int NR, bool ONE_GROUP, int K0>
+// c (of group g), kTileVectors / NR elements at a time.
+template <int MODE, int BITS, int NR, int K0>
 inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int nk, int D, float* O) {
   constexpr int E = kLaneElems<BITS>;
   constexpr int KK = imin(kTileVectors<MODE, BITS, NR>, E);
@@ -1337,7 +1312,6 @@ inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int n
   float* const out = O + c * W * E + K0 * W;
   const vu* const vw = sc.vw + c;
   const float* const ps = sc.ps + g * kFusedRows * kb * kOperandFloats;
-  const vf* const psv = sc.psv + c * kFusedRows * kb;
   vf acc[NR][KK];
   for (int r = 0; r < NR; ++r) {
     for (int k = 0; k < KK; ++k) {
@@ -1353,7 +1327,7 @@ inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int n
     return decode_codes<MODE, BITS>(x);
   };
   auto operand = [&](int r, int j) {
-    return !ONE_GROUP ? psv[r * kb + j] : kSplatOperands ? load(ps + (r * kb + j) * W) : splat(ps[r * kb + j]);
+    return kSplatOperands ? load(ps + (r * kb + j) * W) : splat(ps[r * kb + j]);
   };
   for (int j = 0; j < nk; ++j) {
     const vu w = vw[j * chunks];
@@ -1387,68 +1361,50 @@ inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int n
     }
   }
   if constexpr (K0 + KK < E) {
-    output_lane_elems<MODE, BITS, NR, ONE_GROUP, K0 + KK>(sc, chunks, c, g, nk, D, O);
+    output_lane_elems<MODE, BITS, NR, K0 + KK>(sc, chunks, c, g, nk, D, O);
   }
 }
 
 // O[r * D + i] (value order) += sum_j P[r * kb + j] * value j, element i,
-// for NR rows over the nk keys of the block stage_values left. ONE_GROUP:
-// every chunk lies in one group.
-template <int MODE, int BITS, int NR, bool ONE_GROUP>
+// for NR rows over the nk keys of the block stage_values left, whose chunks
+// each lie in one group.
+template <int MODE, int BITS, int NR>
 void fused_output(const float* P, int nk, int D, int gs, const Scratch& sc, float* O) {
   constexpr int E = kLaneElems<BITS>;
   constexpr int kb = kFusedKb;
   const int ng = D / gs, gshift = __builtin_ctz(gs), chunks = D / (W * E);
   float* const ps = sc.ps;
-  vf* const psv = sc.psv;
   const float* const vst = sc.vst;
   const float* const vbt = sc.vbt;
-  // The probabilities times the value scales: per group, or per lane of
-  // each chunk.
+  // The probabilities times the value scales, per group.
   for (int r = 0; r < NR; ++r) {
-    if constexpr (ONE_GROUP) {
-      for (int g = 0; g < ng; ++g) {
-        for (int j = 0; j < kb; j += W) {
-          const vf x = load(P + r * kb + j) * load(vst + g * kb + j);
-          if constexpr (kSplatOperands) {
-            for (int l = 0; l < W; ++l) {
-              store(ps + ((g * kFusedRows + r) * kb + j + l) * W, splat(x[l]));
-            }
-          } else {
-            store(ps + (g * kFusedRows + r) * kb + j, x);
+    for (int g = 0; g < ng; ++g) {
+      for (int j = 0; j < kb; j += W) {
+        const vf x = load(P + r * kb + j) * load(vst + g * kb + j);
+        if constexpr (kSplatOperands) {
+          for (int l = 0; l < W; ++l) {
+            store(ps + ((g * kFusedRows + r) * kb + j + l) * W, splat(x[l]));
           }
-        }
-      }
-    } else {
-      for (int c = 0; c < chunks; ++c) {
-        for (int j = 0; j < nk; ++j) {
-          psv[(c * kFusedRows + r) * kb + j] = splat(P[r * kb + j]) * sc.svec[j * chunks + c];
+        } else {
+          store(ps + (g * kFusedRows + r) * kb + j, x);
         }
       }
     }
   }
   for (int c = 0; c < chunks; ++c) {
-    output_lane_elems<MODE, BITS, NR, ONE_GROUP, 0>(sc, chunks, c, (c * W * E) >> gshift, nk, D, O);
+    output_lane_elems<MODE, BITS, NR, 0>(sc, chunks, c, (c * W * E) >> gshift, nk, D, O);
   }
   if constexpr (qsdpa::mode_has_bias(MODE)) {
-    // sum_j p_j b_jg per row and group, then added to the group's elements.
-    float* const bs = sc.bs;
+    // sum_j p_j b_jg per row and group, added to the group's elements.
     for (int r = 0; r < NR; ++r) {
       for (int g = 0; g < ng; ++g) {
         vf acc = {};
         for (int j = 0; j < kb; j += W) {
           acc += load(P + r * kb + j) * load(vbt + g * kb + j);
         }
-        bs[r * ng + g] = hsum(acc);
-      }
-      for (int c = 0; c < chunks; ++c) {
-        vf bv;
-        for (int l = 0; l < W; ++l) {
-          bv[l] = bs[r * ng + (((c * W + l) * E) >> gshift)];
-        }
-        float* out = O + r * D + c * W * E;
-        for (int k = 0; k < E; ++k) {
-          store(out + k * W, load(out + k * W) + bv);
+        const vf bias = splat(hsum(acc));
+        for (int i = g * gs; i < (g + 1) * gs; i += W) {
+          store(O + r * D + i, load(O + r * D + i) + bias);
         }
       }
     }
@@ -1549,7 +1505,7 @@ inline float load_query(const void* q, int64_t i, int type) {
 struct Kernels {
   DecodeFn decode_keys, decode_values, stage_keys, stage_values;
   FusedScoreFn scores[4]; // per fused tile (fused_tile_index)
-  FusedOutputFn outputs[4][2]; // [tile][one group]; null outside the value order
+  FusedOutputFn outputs[4]; // per fused tile; null outside the value order
 };
 
 // The masks and the online softmax of rows [t0, t0 + nt) over the block's
@@ -1604,9 +1560,12 @@ void tile_block(const Problem& p, const Item& it, const Scratch& sc, const ItemR
 void fused_block(const Problem& p, const Item& it, const Scratch& sc, const ItemResult& out, float* o,
                  const Kernels& kn, int j0, int nk, bool permuted) {
   const int D = p.D, kb = sc.kb, ngk = D / p.k.group_size;
-  const bool one_group = W * permuted_elems(p.v.bits) <= p.v.group_size;
+  // Values in the value order whose chunks each lie in one group take the
+  // fused loop; the others (chunks across groups would need per-lane
+  // scales per key and row) a float tile decoded once.
+  const bool fused_values = permuted && W * permuted_elems(p.v.bits) <= p.v.group_size && kn.stage_values;
   kn.stage_keys(p, it.b, it.kvh, j0, nk, sc);
-  (permuted ? kn.stage_values : kn.decode_values)(p, it.b, it.kvh, j0, nk, sc);
+  (fused_values ? kn.stage_values : kn.decode_values)(p, it.b, it.kvh, j0, nk, sc);
   for (int t0 = 0; t0 < it.nr; t0 += kFusedRows) {
     const int nt = imin(kFusedRows, it.nr - t0), rows = fused_tile_rows(nt);
     if (!tile_live(sc, out, t0, nt, j0)) {
@@ -1620,8 +1579,8 @@ void fused_block(const Problem& p, const Item& it, const Scratch& sc, const Item
     if (!any) {
       continue;
     }
-    if (permuted) {
-      kn.outputs[tile][one_group](sc.s, nk, D, p.v.group_size, sc, o + static_cast<int64_t>(t0) * D);
+    if (fused_values) {
+      kn.outputs[tile](sc.s, nk, D, p.v.group_size, sc, o + static_cast<int64_t>(t0) * D);
     } else {
       for (int t = 0; t < nt; t += kRowTile) {
         kOutputTiles[imin(kRowTile, nt - t)](sc.s + t * kb, kb, sc.vtile, nk, D, o + static_cast<int64_t>(t0 + t) * D);
@@ -1757,14 +1716,10 @@ void pick_values(int scale_type, Kernels& kn) {
     }
   });
   if constexpr (kFusedValues<BITS>) {
-    kn.outputs[0][0] = fused_output<MODE, BITS, 1, false>;
-    kn.outputs[1][0] = fused_output<MODE, BITS, 2, false>;
-    kn.outputs[2][0] = fused_output<MODE, BITS, 4, false>;
-    kn.outputs[3][0] = fused_output<MODE, BITS, 8, false>;
-    kn.outputs[0][1] = fused_output<MODE, BITS, 1, true>;
-    kn.outputs[1][1] = fused_output<MODE, BITS, 2, true>;
-    kn.outputs[2][1] = fused_output<MODE, BITS, 4, true>;
-    kn.outputs[3][1] = fused_output<MODE, BITS, 8, true>;
+    kn.outputs[0] = fused_output<MODE, BITS, 1>;
+    kn.outputs[1] = fused_output<MODE, BITS, 2>;
+    kn.outputs[2] = fused_output<MODE, BITS, 4>;
+    kn.outputs[3] = fused_output<MODE, BITS, 8>;
   }
 }
 
