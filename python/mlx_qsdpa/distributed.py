@@ -42,7 +42,7 @@ from typing import Any, List, Optional, Tuple, Union
 # _api first: it checks the installed MLX before anything loads libmlx.
 from ._api import quant_sdpa
 from ._merge import _merge_stacked, _on
-from .mlx_lm import QuantSDPAKVCache, _add_cache_arguments, _split, patch
+from .mlx_lm import QuantSDPAKVCache, _command_parser, _split, patch
 
 import mlx.core as mx  # noqa: E402
 
@@ -389,15 +389,9 @@ def _generate_command() -> int:
     generate = importlib.import_module("mlx_lm.generate")
     group = mx.distributed.init()
 
-    setup_arg_parser = generate.setup_arg_parser
-
-    def our_arg_parser():
-        parser = setup_arg_parser()
-        parser.prog = "python -m mlx_qsdpa.distributed"
-        parser.description = _COMMAND_DESCRIPTION
-        parser.epilog = _COMMAND_EPILOG
-        _add_cache_arguments(parser)
-        return parser
+    our_arg_parser = _command_parser(
+        generate.setup_arg_parser, "python -m mlx_qsdpa.distributed", _COMMAND_DESCRIPTION, _COMMAND_EPILOG
+    )
 
     args, _ = our_arg_parser().parse_known_args()
     if args.kv_bits is None:

@@ -672,6 +672,24 @@ def _why_none_routed(kv_bits: Optional[int], quantized_kv_start: int, fallback: 
     return "mlx-lm made no attention call over a quantized cache (a model without attention layers?)."
 
 
+def _command_parser(setup_arg_parser, prog, description, epilog, made=None):
+    """A stand-in for mlx-lm's ``setup_arg_parser``: its parser under our
+    command's name and help, with the cache flags added (every parser made is
+    appended to ``made`` when given)."""
+
+    def our_arg_parser():
+        parser = setup_arg_parser()
+        parser.prog = prog
+        parser.description = description
+        parser.epilog = epilog
+        _add_cache_arguments(parser)
+        if made is not None:
+            made.append(parser)
+        return parser
+
+    return our_arg_parser
+
+
 def _generate_command() -> int:
     """``python -m mlx_qsdpa.mlx_lm``: mlx-lm's generate command with the patch on.
 
@@ -684,15 +702,9 @@ def _generate_command() -> int:
 
     setup_arg_parser = generate.setup_arg_parser
     parsers = []
-
-    def our_arg_parser():
-        parser = setup_arg_parser()
-        parser.prog = "python -m mlx_qsdpa.mlx_lm"
-        parser.description = _COMMAND_DESCRIPTION
-        parser.epilog = _COMMAND_EPILOG
-        _add_cache_arguments(parser)
-        parsers.append(parser)
-        return parser
+    our_arg_parser = _command_parser(
+        setup_arg_parser, "python -m mlx_qsdpa.mlx_lm", _COMMAND_DESCRIPTION, _COMMAND_EPILOG, parsers
+    )
 
     converter = _cache_converter(our_arg_parser().parse_known_args()[0])
     maybe_quantize = generate.maybe_quantize_kv_cache
