@@ -1276,9 +1276,16 @@ template <int BITS>
 constexpr bool kFusedValues =
     kFusedMaxRows > 0 && (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8 || (BITS == 3 && kPackedThreeBit));
 
-// A block's values for fused_output: each row's chunks (value_chunk) to
-// Vw[j * chunks + c], and the scales and biases transposed to Vst / Vbt[g *
-// kb + j] (0 for padding keys).
+// Whether fused_output reads the value rows in place: rows whose words are
+// contiguous, and whose chunks are W words (3-bit packs are shuffled into
+// their lanes first).
+inline bool values_in_place(const Problem& p) {
+  return p.v.ws[3] == 1 && p.v.bits != 3;
+}
+
+// A block's values for fused_output: unless values_in_place, each row's
+// chunks (value_chunk) to Vw[j * chunks + c]; the scales and biases
+// transposed to Vst / Vbt[g * kb + j] (0 for padding keys).
 template <int MODE, int BITS, int SK>
 void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
   constexpr int E = kLaneElems<BITS>;
@@ -1286,7 +1293,7 @@ void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch&
   const int D = p.D, ng = D / qv.group_size, kb = sc.kb;
   const int words = D * BITS / 32, chunks = D / (W * E);
   vu* const vw = sc.vw; // a local copy (see stage_keys)
-  for (int j = 0; j < nk; ++j) {
+  for (int j = 0; j < nk && !values_in_place(p); ++j) {
     const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
     for (int c = 0; c < chunks; ++c) {
       vw[j * chunks + c] = value_chunk<BITS>(row, words, c);
@@ -1304,13 +1311,14 @@ void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch&
 // probabilities times scales: elements K0, K0 + 1, ... of every lane of chunk
 // c (of group g), kTileVectors / NR elements at a time.
 template <int MODE, int BITS, int NR, int K0>
-inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int nk, int D, float* O) {
+inline void output_lane_elems(const Scratch& sc, const uint32_t* rows, int64_t stride, int c, int g, int nk, int D,
+                              float* O) {
   constexpr int E = kLaneElems<BITS>;
   constexpr int KK = imin(kTileVectors<MODE, BITS, NR>, E);
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int kb = kFusedKb;
   float* const out = O + c * W * E + K0 * W;
-  const vu* const vw = sc.vw + c;
+  const uint32_t* const chunk = rows + c * W;
   const float* const ps = sc.ps + g * kFusedRows * kb * kOperandFloats;
   vf acc[NR][KK];
   for (int r = 0; r < NR; ++r) {
@@ -1330,7 +1338,7 @@ inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int n
     return kSplatOperands ? load(ps + (r * kb + j) * W) : splat(ps[r * kb + j]);
   };
   for (int j = 0; j < nk; ++j) {
-    const vu w = vw[j * chunks];
+    const vu w = loadu(chunk + j * stride);
     if constexpr (NR < KK) {
       vf pv[NR];
       for (int r = 0; r < NR; ++r) {
@@ -1361,15 +1369,16 @@ inline void output_lane_elems(const Scratch& sc, int chunks, int c, int g, int n
     }
   }
   if constexpr (K0 + KK < E) {
-    output_lane_elems<MODE, BITS, NR, K0 + KK>(sc, chunks, c, g, nk, D, O);
+    output_lane_elems<MODE, BITS, NR, K0 + KK>(sc, rows, stride, c, g, nk, D, O);
   }
 }
 
 // O[r * D + i] (value order) += sum_j P[r * kb + j] * value j, element i,
 // for NR rows over the nk keys of the block stage_values left, whose chunks
-// each lie in one group.
+// each lie in one group. Value row j's words start at rows + j * stride.
 template <int MODE, int BITS, int NR>
-void fused_output(const float* P, int nk, int D, int gs, const Scratch& sc, float* O) {
+void fused_output(const float* P, const uint32_t* rows, int64_t stride, int nk, int D, int gs, const Scratch& sc,
+                  float* O) {
   constexpr int E = kLaneElems<BITS>;
   constexpr int kb = kFusedKb;
   const int ng = D / gs, gshift = __builtin_ctz(gs), chunks = D / (W * E);
@@ -1392,7 +1401,7 @@ void fused_output(const float* P, int nk, int D, int gs, const Scratch& sc, floa
     }
   }
   for (int c = 0; c < chunks; ++c) {
-    output_lane_elems<MODE, BITS, NR, 0>(sc, chunks, c, (c * W * E) >> gshift, nk, D, O);
+    output_lane_elems<MODE, BITS, NR, 0>(sc, rows, stride, c, (c * W * E) >> gshift, nk, D, O);
   }
   if constexpr (qsdpa::mode_has_bias(MODE)) {
     // sum_j p_j b_jg per row and group, added to the group's elements.
@@ -1413,7 +1422,7 @@ void fused_output(const float* P, int nk, int D, int gs, const Scratch& sc, floa
 
 using DecodeFn = void (*)(const Problem&, int, int, int, int, const Scratch&);
 using FusedScoreFn = void (*)(const float*, const float*, int, int, const Scratch&, float*);
-using FusedOutputFn = void (*)(const float*, int, int, int, const Scratch&, float*);
+using FusedOutputFn = void (*)(const float*, const uint32_t*, int64_t, int, int, int, const Scratch&, float*);
 
 // The masks of one row's kb scores: keys at or past `visible` (the causal
 // limit or the block's end, relative to j0) and the mask array's entries.
@@ -1566,6 +1575,12 @@ void fused_block(const Problem& p, const Item& it, const Scratch& sc, const Item
   const bool fused_values = permuted && W * permuted_elems(p.v.bits) <= p.v.group_size && kn.stage_values;
   kn.stage_keys(p, it.b, it.kvh, j0, nk, sc);
   (fused_values ? kn.stage_values : kn.decode_values)(p, it.b, it.kvh, j0, nk, sc);
+  // The value rows: in the cache, or staged (stage_values).
+  const QuantTensor& qv = p.v;
+  const bool in_place = values_in_place(p);
+  const uint32_t* const vrows = in_place ? qv.w + it.b * qv.ws[0] + it.kvh * qv.ws[1] + j0 * qv.ws[2]
+                                         : reinterpret_cast<const uint32_t*>(sc.vw);
+  const int64_t vstride = in_place ? qv.ws[2] : D / permuted_elems(qv.bits);
   for (int t0 = 0; t0 < it.nr; t0 += kFusedRows) {
     const int nt = imin(kFusedRows, it.nr - t0), rows = fused_tile_rows(nt);
     if (!tile_live(sc, out, t0, nt, j0)) {
@@ -1580,7 +1595,7 @@ void fused_block(const Problem& p, const Item& it, const Scratch& sc, const Item
       continue;
     }
     if (fused_values) {
-      kn.outputs[tile](sc.s, nk, D, p.v.group_size, sc, o + static_cast<int64_t>(t0) * D);
+      kn.outputs[tile](sc.s, vrows, vstride, nk, D, p.v.group_size, sc, o + static_cast<int64_t>(t0) * D);
     } else {
       for (int t = 0; t < nt; t += kRowTile) {
         kOutputTiles[imin(kRowTile, nt - t)](sc.s + t * kb, kb, sc.vtile, nk, D, o + static_cast<int64_t>(t0 + t) * D);
