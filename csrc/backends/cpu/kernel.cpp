@@ -393,7 +393,7 @@ inline size_t round64(size_t n) {
 }
 
 // Elements per lane of the value order: a word's, or a 3-bit pack's.
-inline int permuted_elems(int bits) {
+constexpr int permuted_elems(int bits) {
   return bits == 3 ? 8 : 32 / bits;
 }
 
@@ -1266,10 +1266,6 @@ void fused_scores(const float* Q, const float* qsum, int D, int gs, const Scratc
   }
 }
 
-// Elements per lane of the value order (values_permuted) for BITS-bit rows.
-template <int BITS>
-constexpr int kLaneElems = BITS == 3 ? 8 : 32 / BITS;
-
 // Whether fused_output exists for BITS-bit values: the widths of the value
 // order, where the target has the fused path.
 template <int BITS>
@@ -1288,15 +1284,17 @@ inline bool values_in_place(const Problem& p) {
 // transposed to Vst / Vbt[g * kb + j] (0 for padding keys).
 template <int MODE, int BITS, int SK>
 void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch& sc) {
-  constexpr int E = kLaneElems<BITS>;
+  constexpr int E = permuted_elems(BITS);
   const QuantTensor& qv = p.v;
   const int D = p.D, ng = D / qv.group_size, kb = sc.kb;
   const int words = D * BITS / 32, chunks = D / (W * E);
   vu* const vw = sc.vw; // a local copy (see stage_keys)
-  for (int j = 0; j < nk && !values_in_place(p); ++j) {
-    const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
-    for (int c = 0; c < chunks; ++c) {
-      vw[j * chunks + c] = value_chunk<BITS>(row, words, c);
+  if (!values_in_place(p)) {
+    for (int j = 0; j < nk; ++j) {
+      const uint32_t* row = packed_row(qv, b, h, j0 + j, words, sc.row);
+      for (int c = 0; c < chunks; ++c) {
+        vw[j * chunks + c] = value_chunk<BITS>(row, words, c);
+      }
     }
   }
   const int64_t s0 = b * qv.ss[0] + h * qv.ss[1] + j0 * qv.ss[2];
@@ -1313,7 +1311,7 @@ void stage_values(const Problem& p, int b, int h, int j0, int nk, const Scratch&
 template <int MODE, int BITS, int NR, int K0>
 inline void output_lane_elems(const Scratch& sc, const uint32_t* rows, int64_t stride, int c, int g, int nk, int D,
                               float* O) {
-  constexpr int E = kLaneElems<BITS>;
+  constexpr int E = permuted_elems(BITS);
   constexpr int KK = imin(kTileVectors<MODE, BITS, NR>, E);
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   constexpr int kb = kFusedKb;
@@ -1379,7 +1377,7 @@ inline void output_lane_elems(const Scratch& sc, const uint32_t* rows, int64_t s
 template <int MODE, int BITS, int NR>
 void fused_output(const float* P, const uint32_t* rows, int64_t stride, int nk, int D, int gs, const Scratch& sc,
                   float* O) {
-  constexpr int E = kLaneElems<BITS>;
+  constexpr int E = permuted_elems(BITS);
   constexpr int kb = kFusedKb;
   const int ng = D / gs, gshift = __builtin_ctz(gs), chunks = D / (W * E);
   float* const ps = sc.ps;
